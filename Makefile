@@ -1,0 +1,47 @@
+# The project's commands. `make run` and `make test` install what they need first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-sqlite test-postgres proto lint bench clean
+
+install: $(STAMP)
+
+# Reinstall when the dependency list or the protos change.
+$(STAMP): pyproject.toml $(wildcard protos/conveyor/v1/*.proto)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(MAKE) proto
+	touch $(STAMP)
+
+# Generated stubs come from this one command; they are not committed.
+proto:
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
+		--python_out=src --pyi_out=src --grpc_python_out=src protos/conveyor/v1/*.proto
+
+run: install
+	$(BIN)/conveyor serve
+
+# The whole suite on SQLite, then again on PostgreSQL (a fresh database per run).
+test: install
+	$(BIN)/buf lint
+	$(BIN)/ruff check
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/pytest
+	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only"
+
+lint: install
+	$(BIN)/buf lint
+	$(BIN)/ruff check
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: install
+	$(BIN)/python bench/trigger.py
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .conveyor

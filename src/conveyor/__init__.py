@@ -1,0 +1,1 @@
+"""Conveyor: a durable workflow-run engine served over gRPC, with REST through Envoy."""

@@ -1,0 +1,1 @@
+"""The gRPC API: servicers, conversion between protos and records, error mapping."""

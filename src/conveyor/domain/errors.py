@@ -1,0 +1,65 @@
+"""Domain errors: every failure a caller can see, with a stable UPPER_SNAKE reason.
+
+Only `api/` maps these kinds to gRPC codes; everything below raises them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of the wire (api/errors.py maps it to a gRPC code)."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    ABORTED = "aborted"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One problem with one field of a request (google.rpc.BadRequest.FieldViolation)."""
+
+    field: str
+    description: str
+
+
+@dataclass
+class ConveyorError(Exception):
+    """A failure with a kind, a stable reason and a message safe to show to clients."""
+
+    kind: ErrorKind
+    reason: str
+    message: str
+    violations: list[FieldViolation] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+def invalid(message: str, violations: list[FieldViolation] | None = None,
+            reason: str = "INVALID_ARGUMENT") -> ConveyorError:
+    """An INVALID_ARGUMENT error, optionally with one field violation per problem."""
+    return ConveyorError(ErrorKind.INVALID_ARGUMENT, reason, message, violations or [])
+
+
+def not_found(what: str, ident: str) -> ConveyorError:
+    """A NOT_FOUND error with reason `<WHAT>_NOT_FOUND`, e.g. RUN_NOT_FOUND."""
+    label = what.lower().replace("_", " ")
+    return ConveyorError(ErrorKind.NOT_FOUND, f"{what.upper()}_NOT_FOUND", f"{label} {ident!r} not found")
+
+
+def invalid_transition(message: str) -> ConveyorError:
+    """The operation is not allowed in the current state (AIP-216)."""
+    return ConveyorError(ErrorKind.FAILED_PRECONDITION, "INVALID_TRANSITION", message)

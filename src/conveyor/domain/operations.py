@@ -1,0 +1,162 @@
+"""Operator actions on runs and steps (SPEC §3 table), as pure functions over Changes.
+
+Each checks the state table first and changes nothing when the action is not allowed
+(INVALID_TRANSITION); the engine loads the run under its lock, calls one of these and saves.
+Actions that leave work for the engine set the run's wake_at to now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConveyorError, ErrorKind, invalid_transition, not_found
+from conveyor.domain.planner import CONDITION_FALSE, finish_run
+from conveyor.domain.records import StepRecord
+from conveyor.domain.spec import StepKind, WorkflowSpec
+from conveyor.domain.states import (
+    FINAL_RUN,
+    RunOp,
+    RunStatus,
+    StepOp,
+    StepStatus,
+    check_run_op,
+    check_step_op,
+)
+
+
+def _follow_up(c: Changes) -> None:
+    """Ask the engine to look at the run at once."""
+    c.run.wake_at = c.now
+    c.touch_run()
+
+
+def cancel_run(c: Changes, steps: list[StepRecord]) -> None:
+    """Run → canceled; unfinished steps → canceled (their leases revoked)."""
+    check_run_op(RunOp.CANCEL, c.run.status)
+    finish_run(c, steps, RunStatus.CANCELED, f"canceled by {c.actor}", "")
+
+
+def pause_run(c: Changes) -> None:
+    """Run → paused: the engine starts no new step until it is resumed."""
+    check_run_op(RunOp.PAUSE, c.run.status)
+    c.run_to(RunStatus.PAUSED, f"paused by {c.actor}")
+
+
+def resume_run(c: Changes, capped: bool) -> None:
+    """Run → running, or → pending when its workflow caps concurrent runs (the engine then
+    starts it when a slot is free)."""
+    check_run_op(RunOp.RESUME, c.run.status)
+    c.run_to(RunStatus.PENDING if capped else RunStatus.RUNNING, f"resumed by {c.actor}")
+    _follow_up(c)
+
+
+def find_step(steps: list[StepRecord], ref: str) -> StepRecord:
+    for s in steps:
+        if s.step_ref == ref:
+            return s
+    raise not_found("step", ref)
+
+
+def _reopen(c: Changes) -> None:
+    if c.run.status in FINAL_RUN:
+        c.run_to(RunStatus.RUNNING, f"reopened by {c.actor}")
+
+
+def _check_kind(step: StepRecord, kind: StepKind, op: StepOp) -> None:
+    if step.kind != kind:
+        raise invalid_transition(f"cannot {op} step {step.step_ref!r}: it is a {step.kind} step, not {kind}")
+
+
+def approve_step(c: Changes, steps: list[StepRecord], ref: str, comment: str) -> None:
+    step = find_step(steps, ref)
+    check_step_op(StepOp.APPROVE, step.status, c.run.status)
+    _check_kind(step, StepKind.APPROVAL, StepOp.APPROVE)
+    step.approved_by = c.actor
+    step.output = {"approved_by": c.actor, "comment": comment}
+    c.step_to(step, StepStatus.COMPLETED, f"approved by {c.actor}", data={"comment": comment})
+    _follow_up(c)
+
+
+def submit_input(c: Changes, steps: list[StepRecord], ref: str, data: dict[str, Any]) -> None:
+    step = find_step(steps, ref)
+    check_step_op(StepOp.INPUT, step.status, c.run.status)
+    _check_kind(step, StepKind.INPUT, StepOp.INPUT)
+    step.output = data
+    c.step_to(step, StepStatus.COMPLETED, f"input from {c.actor}", data={"output": data})
+    _follow_up(c)
+
+
+def skip_step(c: Changes, steps: list[StepRecord], ref: str, reason: str) -> None:
+    """An operator skip: the step counts as done and its dependents run normally."""
+    step = find_step(steps, ref)
+    check_step_op(StepOp.SKIP, step.status, c.run.status)
+    _reopen(c)
+    step.skip_reason = reason or f"skipped by {c.actor}"
+    if step.skip_reason == CONDITION_FALSE:
+        # That reason is reserved for `when` skips, which propagate to dependents.
+        step.skip_reason = f"{CONDITION_FALSE} (skipped by {c.actor})"
+    c.step_to(step, StepStatus.SKIPPED, step.skip_reason)
+    _follow_up(c)
+
+
+def force_complete_step(c: Changes, steps: list[StepRecord], ref: str, result: dict[str, Any]) -> None:
+    step = find_step(steps, ref)
+    check_step_op(StepOp.FORCE_COMPLETE, step.status, c.run.status)
+    _reopen(c)
+    step.output = result
+    c.step_to(step, StepStatus.COMPLETED, f"force-completed by {c.actor}", data={"output": result})
+    _follow_up(c)
+
+
+def retry_step(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref: str) -> StepRecord:
+    """The same step runs again with attempt+1. Downstream steps that were canceled or skipped
+    because of it (they never ran) are reset, so a reopened run can finish."""
+    step = find_step(steps, ref)
+    check_step_op(StepOp.RETRY, step.status, c.run.status)
+    _reopen(c)
+    step.ready_at = None
+    c.step_to(step, StepStatus.QUEUED, f"retried by {c.actor}")
+    by_ref = {s.step_ref: s for s in steps}
+    for child_ref in spec.descendants(ref)[1:]:
+        child = by_ref[child_ref]
+        if child.status == StepStatus.CANCELED or (
+                child.status == StepStatus.SKIPPED and child.skip_reason == CONDITION_FALSE):
+            _reset(c, child)
+    _follow_up(c)
+    return step
+
+
+def replay_subtree(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref: str) -> int:
+    """Reset the step and all its descendants to pending; returns how many were reset."""
+    find_step(steps, ref)
+    if c.run.status == RunStatus.PENDING:
+        raise invalid_transition("cannot replay a subtree of a run that is pending")
+    _reopen(c)
+    by_ref = {s.step_ref: s for s in steps}
+    refs = spec.descendants(ref)
+    for r in refs:
+        _reset(c, by_ref[r])
+    _follow_up(c)
+    return len(refs)
+
+
+def _reset(c: Changes, step: StepRecord) -> None:
+    step.output = None
+    step.error = ""
+    step.skip_reason = ""
+    step.ready_at = step.due_at = None
+    step.deps_completed = 0
+    if step.status == StepStatus.PENDING:
+        c.touch_step(step)
+    else:
+        c.step_to(step, StepStatus.PENDING, f"reset by {c.actor}")
+
+
+def check_retryable_run(status: RunStatus) -> None:
+    check_run_op(RunOp.RETRY, status)
+
+
+def workflow_archived(name: str) -> ConveyorError:
+    return ConveyorError(ErrorKind.FAILED_PRECONDITION, "WORKFLOW_ARCHIVED",
+                         f"workflow {name!r} is archived: it takes no new runs")

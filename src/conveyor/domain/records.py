@@ -1,0 +1,166 @@
+"""Plain records of runs, steps, events and workflows as the engine and API see them.
+
+Storage turns rows into these and back; the API turns them into protos. They carry no
+behaviour beyond small derived properties, so every layer can share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from conveyor.domain.spec import WorkflowSpec
+from conveyor.domain.states import RunStatus, StepStatus
+
+
+@dataclass
+class WorkflowRecord:
+    """A workflow at its current version."""
+
+    id: str
+    project_id: str
+    name: str
+    version: int
+    version_id: str
+    spec: WorkflowSpec
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    archived_at: datetime | None = None
+
+    @property
+    def archived(self) -> bool:
+        return self.archived_at is not None
+
+
+@dataclass
+class RunRecord:
+    """A workflow run. The engine mutates loaded records and saves what changed."""
+
+    id: str
+    project_id: str
+    workflow_id: str
+    workflow_name: str
+    workflow_version: int
+    workflow_version_id: str
+    status: RunStatus
+    created_at: datetime
+    updated_at: datetime
+    payload: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    status_message: str = ""
+    triggered_by: str = ""
+    created_by: str = ""
+    max_parallel_steps: int = 0
+    output: dict[str, Any] | None = None
+    error: str = ""
+    entity_id: str = ""
+    idempotency_key: str = ""
+    retry_of_run_id: str = ""
+    parent_workflow_run_id: str = ""
+    parent_step_run_id: str = ""
+    depth: int = 0
+    last_seq: int = 0
+    wake_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass
+class StepRecord:
+    """One step of a run."""
+
+    id: str
+    workflow_run_id: str
+    project_id: str
+    position: int
+    step_ref: str
+    workflow_step_id: str
+    kind: str
+    status: StepStatus
+    created_at: datetime
+    updated_at: datetime
+    queue: str = ""
+    attempt: int = 0
+    deps_required: int = 0
+    deps_completed: int = 0
+    input: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    error: str = ""
+    skip_reason: str = ""
+    approved_by: str = ""
+    worker_id: str = ""
+    job_run_id: str = ""
+    ready_at: datetime | None = None
+    due_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass
+class EventRecord:
+    """One entry of a run's history."""
+
+    workflow_run_id: str
+    seq: int
+    project_id: str
+    type: str
+    at: datetime
+    step_ref: str = ""
+    status: str = ""
+    message: str = ""
+    data: dict[str, Any] | None = None
+    actor: str = ""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Page(Generic[T]):
+    """One page of a list and the token of the next one ("" on the last page)."""
+
+    items: list[T]
+    next_token: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the API key's name, its project (None = every project) and role."""
+
+    name: str
+    project: str | None = None
+    role: str = "admin"
+
+
+@dataclass
+class TriggerRequest:
+    """What a trigger asks for (SPEC §3), already decoded from the wire."""
+
+    workflow_id: str
+    project_id: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+    entity_id: str = ""
+    run_as: str = ""
+    max_parallel_steps: int = 0
+    timeout_seconds: int = 0
+    check_conditions: bool = False
+    immediate: bool = False
+
+
+@dataclass
+class RunQuery:
+    """Filters of ListWorkflowRuns, decoded and validated by the API."""
+
+    project_id: str = ""
+    statuses: list[RunStatus] = field(default_factory=list)
+    workflow_ids: list[str] = field(default_factory=list)
+    triggered_by: str = ""
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    tags: list[tuple[str, str]] = field(default_factory=list)

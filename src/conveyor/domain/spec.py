@@ -1,0 +1,767 @@
+"""Workflow definitions: the immutable spec, its DAG queries, its validation and its payload rules.
+
+Owns what a workflow definition means (SPEC §2): `parse_workflow` turns the JSON shape of the
+`Workflow` proto message into a `WorkflowSpec`, reporting every problem at once as field
+violations; `WorkflowSpec` answers the DAG questions the engine asks on its hot path (step by
+ref, direct dependents, descendants, topological order) from indexes built once per spec;
+`to_dict`/`from_dict` are the storage form; `apply_variables` checks a trigger's payload.
+Retry math lives on `RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import enum
+import functools
+import heapq
+import math
+import re
+import uuid
+import zoneinfo
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from croniter import croniter
+
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
+from conveyor.domain.expressions import ExpressionError, compile_expression, find_templates
+
+__all__ = [
+    "RetryPolicy",
+    "Schedule",
+    "StepKind",
+    "StepSpec",
+    "Variable",
+    "WorkflowSpec",
+    "apply_variables",
+    "parse_workflow",
+]
+
+
+class StepKind(enum.StrEnum):
+    """What a step does (SPEC §2 step kinds)."""
+
+    TASK = "task"
+    HTTP = "http"
+    APPROVAL = "approval"
+    INPUT = "input"
+    DELAY = "delay"
+    CONDITION = "condition"
+    WORKFLOW = "workflow"
+    NOOP = "noop"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failed step is tried again (Temporal's shape and defaults)."""
+
+    max_attempts: int = 1
+    initial_interval_seconds: float = 1.0
+    backoff_coefficient: float = 2.0
+    # 0 means 100 times the initial interval.
+    max_interval_seconds: float = 0.0
+
+    @property
+    def effective_max_interval_seconds(self) -> float:
+        """The cap on a single wait."""
+        return self.max_interval_seconds or 100 * self.initial_interval_seconds
+
+    def backoff_seconds(self, failed_attempt: int) -> float:
+        """The wait after attempt `failed_attempt` (1-based) failed, before the next attempt."""
+        if failed_attempt < 1:
+            raise ValueError("attempts are numbered from 1")
+        cap = self.effective_max_interval_seconds
+        try:
+            wait = self.initial_interval_seconds * self.backoff_coefficient ** (failed_attempt - 1)
+        except OverflowError:  # the exponential outgrew floats long after it passed the cap
+            return cap
+        return min(wait, cap)
+
+    def has_attempts_left(self, attempt: int) -> bool:
+        """True when the 1-based `attempt` that just failed may be followed by another."""
+        return attempt < self.max_attempts
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One node of a workflow's DAG."""
+
+    ref: str
+    kind: StepKind
+    depends_on: tuple[str, ...] = ()
+    queue: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    retry: RetryPolicy = RetryPolicy()
+    timeout_seconds: int = 0
+    when: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A payload key that runs of a workflow accept."""
+
+    name: str
+    required: bool = False
+    default: Any = None
+    # Separate from `default` because null is a legitimate default value.
+    has_default: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A cron schedule that triggers runs, read in an IANA time zone."""
+
+    cron: str
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """A validated workflow definition; the DAG indexes are built once, on first use."""
+
+    name: str
+    description: str = ""
+    max_parallel_steps: int = 0
+    max_concurrent_runs: int = 0
+    timeout_seconds: int = 0
+    condition: str = ""
+    schedule: Schedule | None = None
+    variables: tuple[Variable, ...] = ()
+    steps: tuple[StepSpec, ...] = ()
+
+    # cached_property stores into the instance __dict__ directly, so it works on a frozen
+    # dataclass and stays out of the fields (equality, repr, to_dict).
+    @functools.cached_property
+    def _by_ref(self) -> dict[str, StepSpec]:
+        return {s.ref: s for s in self.steps}
+
+    @functools.cached_property
+    def _children(self) -> dict[str, tuple[str, ...]]:
+        children: dict[str, list[str]] = {s.ref: [] for s in self.steps}
+        for s in self.steps:
+            for parent in s.depends_on:
+                children[parent].append(s.ref)
+        return {ref: tuple(refs) for ref, refs in children.items()}
+
+    @functools.cached_property
+    def _order(self) -> tuple[str, ...]:
+        return tuple(_topological_order(self.steps))
+
+    @functools.cached_property
+    def _position(self) -> dict[str, int]:
+        return {ref: i for i, ref in enumerate(self._order)}
+
+    def step(self, ref: str) -> StepSpec:
+        """The step with this ref; KeyError if there is none."""
+        return self._by_ref[ref]
+
+    def dependents(self, ref: str) -> tuple[str, ...]:
+        """The steps that depend directly on `ref`, in definition order; KeyError if unknown."""
+        return self._children[ref]
+
+    def descendants(self, ref: str) -> list[str]:
+        """`ref` and every step downstream of it, in topological order; KeyError if unknown."""
+        seen = {ref}
+        stack = [ref]
+        while stack:
+            for child in self._children[stack.pop()]:
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+        return sorted(seen, key=self._position.__getitem__)
+
+    def topological_order(self) -> list[str]:
+        """Every ref, dependencies first; ties keep definition order (deterministic)."""
+        return list(self._order)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-serialisable storage form; also a valid `parse_workflow` input."""
+        data: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "max_parallel_steps": self.max_parallel_steps,
+            "max_concurrent_runs": self.max_concurrent_runs,
+            "timeout_seconds": self.timeout_seconds,
+            "condition": self.condition,
+            "variables": [_variable_to_dict(v) for v in self.variables],
+            "steps": [_step_to_dict(s) for s in self.steps],
+        }
+        if self.schedule is not None:
+            data["schedule"] = {"cron": self.schedule.cron, "timezone": self.schedule.timezone}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorkflowSpec:
+        """The inverse of `to_dict`, for trusted (already validated) stored data."""
+        schedule = data.get("schedule")
+        return cls(
+            name=data["name"],
+            description=data.get("description", ""),
+            max_parallel_steps=data.get("max_parallel_steps", 0),
+            max_concurrent_runs=data.get("max_concurrent_runs", 0),
+            timeout_seconds=data.get("timeout_seconds", 0),
+            condition=data.get("condition", ""),
+            schedule=Schedule(schedule["cron"], schedule.get("timezone", "UTC")) if schedule else None,
+            variables=tuple(
+                Variable(name=v["name"], required=v.get("required", False), default=v.get("default"),
+                         has_default="default" in v, description=v.get("description", ""))
+                for v in data.get("variables", ())),
+            steps=tuple(
+                StepSpec(
+                    ref=s["ref"], kind=StepKind(s["kind"]), depends_on=tuple(s.get("depends_on", ())),
+                    queue=s.get("queue", ""), config=copy.deepcopy(s.get("config", {})),
+                    retry=RetryPolicy(**s["retry"]) if "retry" in s else RetryPolicy(),
+                    timeout_seconds=s.get("timeout_seconds", 0), when=s.get("when", ""),
+                    description=s.get("description", ""))
+                for s in data.get("steps", ())),
+        )
+
+
+def _variable_to_dict(v: Variable) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": v.name, "required": v.required, "description": v.description}
+    if v.has_default:
+        data["default"] = copy.deepcopy(v.default)
+    return data
+
+
+def _step_to_dict(s: StepSpec) -> dict[str, Any]:
+    return {
+        "ref": s.ref,
+        "kind": str(s.kind),
+        "depends_on": list(s.depends_on),
+        "queue": s.queue,
+        "config": copy.deepcopy(s.config),
+        "retry": {
+            "max_attempts": s.retry.max_attempts,
+            "initial_interval_seconds": s.retry.initial_interval_seconds,
+            "backoff_coefficient": s.retry.backoff_coefficient,
+            "max_interval_seconds": s.retry.max_interval_seconds,
+        },
+        "timeout_seconds": s.timeout_seconds,
+        "when": s.when,
+        "description": s.description,
+    }
+
+
+def _topological_order(steps: tuple[StepSpec, ...]) -> list[str]:
+    """Kahn's algorithm over an acyclic DAG; among ready steps the earliest defined goes first."""
+    index = {s.ref: i for i, s in enumerate(steps)}
+    waiting = {s.ref: len(set(s.depends_on)) for s in steps}
+    children: dict[str, list[str]] = {s.ref: [] for s in steps}
+    for s in steps:
+        for parent in set(s.depends_on):
+            children[parent].append(s.ref)
+    ready = [index[ref] for ref, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        ref = steps[heapq.heappop(ready)].ref
+        order.append(ref)
+        for child in children[ref]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, index[child])
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+# Refs appear in CEL as steps.<ref>, so they must be CEL identifiers.
+_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+
+_STEP_KEYS = frozenset({"ref", "kind", "depends_on", "queue", "config", "retry", "timeout_seconds",
+                        "when", "description"})
+_RETRY_KEYS = frozenset({"max_attempts", "initial_interval_seconds", "backoff_coefficient",
+                         "max_interval_seconds"})
+_VARIABLE_KEYS = frozenset({"name", "required", "default", "description"})
+_SCHEDULE_KEYS = frozenset({"cron", "timezone"})
+# Config keys each kind accepts; task config is free-form (it is the worker's input).
+_CONFIG_KEYS: dict[StepKind, frozenset[str]] = {
+    StepKind.HTTP: frozenset({"url", "method", "headers", "body", "timeout_seconds"}),
+    StepKind.APPROVAL: frozenset({"message"}),
+    StepKind.INPUT: frozenset({"message", "schema"}),
+    StepKind.DELAY: frozenset({"seconds", "until"}),
+    StepKind.CONDITION: frozenset({"expression"}),
+    StepKind.WORKFLOW: frozenset({"workflow_id", "payload"}),
+    StepKind.NOOP: frozenset({"output"}),
+}
+
+
+class _Problems:
+    """Collects one FieldViolation per problem, so a client sees everything wrong at once."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def add(self, path: str, description: str) -> None:
+        self.violations.append(FieldViolation(path, description))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _has_template(value: Any) -> bool:
+    return isinstance(value, str) and bool(find_templates(value))
+
+
+def _string(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        problems.add(path, "must be a string")
+        return ""
+    return value
+
+
+def _integer(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> int:
+    """A non-negative whole number (JSON may spell it 5.0)."""
+    value = data.get(key, 0)
+    if not _is_number(value) or not float(value).is_integer():
+        problems.add(path, "must be a whole number")
+        return 0
+    if value < 0:
+        problems.add(path, "must not be negative")
+        return 0
+    return int(value)
+
+
+def _number(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> float:
+    value = data.get(key, 0)
+    if not _is_number(value):
+        problems.add(path, "must be a number")
+        return 0.0
+    return float(value)
+
+
+def _mapping(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> Mapping[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add(path, "must be an object")
+        return {}
+    return value
+
+
+def _unknown_keys(data: Mapping[str, Any], known: frozenset[str], path: str,
+                  problems: _Problems) -> None:
+    for key in data:
+        if key not in known:
+            problems.add(f"{path}.{key}", "unknown field")
+
+
+def _check_expression(expr: str, path: str, problems: _Problems) -> None:
+    try:
+        compile_expression(expr)
+    except ExpressionError as exc:
+        problems.add(path, exc.message)
+
+
+def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Every string inside `value` with its field path (`config.body.items[0]`)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+
+
+def _check_templates(config: Mapping[str, Any], path: str, problems: _Problems) -> None:
+    for leaf_path, text in _leaves(config, path):
+        for expr in find_templates(text):
+            try:
+                compile_expression(expr)
+            except ExpressionError as exc:
+                problems.add(leaf_path, f"invalid template: {exc.message}")
+
+
+def _check_rfc3339(text: str) -> bool:
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    # RFC 3339 requires an offset; a naive time would be read in the server's zone.
+    return "T" in text.upper() and moment.tzinfo is not None
+
+
+def _parse_config(kind: StepKind, data: Any, path: str, problems: _Problems) -> dict[str, Any]:
+    """Check a step's config for its kind; returns a private, normalised copy."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.add(path, "must be an object")
+        return {}
+    config = copy.deepcopy(dict(data))
+    if kind in _CONFIG_KEYS:
+        _unknown_keys(config, _CONFIG_KEYS[kind], path, problems)
+    _check_templates(config, path, problems)
+
+    def optional_string(key: str) -> None:
+        if key in config and not isinstance(config[key], str):
+            problems.add(f"{path}.{key}", "must be a string")
+
+    def optional_object(key: str) -> None:
+        if key in config and not isinstance(config[key], Mapping):
+            problems.add(f"{path}.{key}", "must be an object")
+
+    def required_string(key: str) -> str | None:
+        value = config.get(key)
+        if not isinstance(value, str) or not value.strip():
+            problems.add(f"{path}.{key}", "required (a non-empty string)")
+            return None
+        return value
+
+    if kind == StepKind.HTTP:
+        url = required_string("url")
+        if url is not None and not _has_template(url):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                problems.add(f"{path}.url", "must be an absolute http or https URL")
+        method = config.get("method", "GET")
+        if not isinstance(method, str):
+            problems.add(f"{path}.method", "must be a string")
+        elif not _has_template(method):
+            if method.upper() not in _HTTP_METHODS:
+                problems.add(f"{path}.method", f"must be one of {', '.join(sorted(_HTTP_METHODS))}")
+            else:
+                config["method"] = method.upper()
+        headers = config.get("headers")
+        if headers is not None:
+            if not isinstance(headers, Mapping):
+                problems.add(f"{path}.headers", "must be an object of strings")
+            else:
+                for name, value in headers.items():
+                    if not isinstance(value, str):
+                        problems.add(f"{path}.headers.{name}", "must be a string")
+        if "timeout_seconds" in config:
+            timeout = config["timeout_seconds"]
+            if not _is_number(timeout) or timeout <= 0:
+                problems.add(f"{path}.timeout_seconds", "must be a number > 0")
+    elif kind == StepKind.APPROVAL:
+        optional_string("message")
+    elif kind == StepKind.INPUT:
+        optional_string("message")
+        optional_object("schema")
+    elif kind == StepKind.DELAY:
+        present = [key for key in ("seconds", "until") if key in config]
+        if len(present) != 1:
+            problems.add(path, "exactly one of seconds or until is required")
+        if "seconds" in config:
+            seconds = config["seconds"]
+            if _has_template(seconds):
+                pass
+            elif not _is_number(seconds):
+                problems.add(f"{path}.seconds", "must be a number or a {{ }} template")
+            elif seconds < 0:
+                problems.add(f"{path}.seconds", "must not be negative")
+        if "until" in config:
+            until = config["until"]
+            if not isinstance(until, str) or not (_has_template(until) or _check_rfc3339(until)):
+                problems.add(f"{path}.until", "must be an RFC 3339 timestamp or a {{ }} template")
+    elif kind == StepKind.CONDITION:
+        expression = required_string("expression")
+        if expression is not None:
+            _check_expression(expression, f"{path}.expression", problems)
+    elif kind == StepKind.WORKFLOW:
+        required_string("workflow_id")
+        optional_object("payload")
+    return config
+
+
+def _parse_retry(data: Any, path: str, problems: _Problems) -> RetryPolicy:
+    if data is None:
+        return RetryPolicy()
+    if not isinstance(data, Mapping):
+        problems.add(path, "must be an object")
+        return RetryPolicy()
+    _unknown_keys(data, _RETRY_KEYS, path, problems)
+    attempts = data.get("max_attempts", 0)
+    if not _is_number(attempts) or not float(attempts).is_integer() or attempts < 0:
+        problems.add(f"{path}.max_attempts", "must be a whole number >= 1")
+        attempts = 1
+    initial = _number(data, "initial_interval_seconds", f"{path}.initial_interval_seconds", problems)
+    coefficient = _number(data, "backoff_coefficient", f"{path}.backoff_coefficient", problems)
+    maximum = _number(data, "max_interval_seconds", f"{path}.max_interval_seconds", problems)
+    if initial < 0:
+        problems.add(f"{path}.initial_interval_seconds", "must not be negative")
+    if coefficient != 0 and coefficient < 1:
+        problems.add(f"{path}.backoff_coefficient", "must be >= 1")
+    if maximum < 0:
+        problems.add(f"{path}.max_interval_seconds", "must not be negative")
+    # proto3 cannot tell 0 from unset, so 0 takes the documented default.
+    policy = RetryPolicy(
+        max_attempts=int(attempts) or 1,
+        initial_interval_seconds=initial if initial > 0 else 1.0,
+        backoff_coefficient=coefficient if coefficient >= 1 else 2.0,
+        max_interval_seconds=max(maximum, 0.0),
+    )
+    if 0 < policy.max_interval_seconds < policy.initial_interval_seconds:
+        problems.add(f"{path}.max_interval_seconds", "must not be less than initial_interval_seconds")
+    return policy
+
+
+def _parse_step(data: Any, path: str, problems: _Problems) -> StepSpec | None:
+    """One step, with the checks that need no other step; None if it is not an object."""
+    if not isinstance(data, Mapping):
+        problems.add(path, "must be an object")
+        return None
+    _unknown_keys(data, _STEP_KEYS, path, problems)
+    ref = _string(data, "ref", f"{path}.ref", problems)
+    if not _REF.fullmatch(ref):
+        problems.add(f"{path}.ref", "required; a letter or _ then up to 63 letters, digits or _")
+    raw_kind = data.get("kind", "")
+    kind: StepKind | None
+    try:
+        kind = StepKind(raw_kind)
+    except ValueError:
+        kind = None
+        problems.add(f"{path}.kind", f"must be one of {', '.join(k.value for k in StepKind)}")
+    depends_on = data.get("depends_on", [])
+    if not isinstance(depends_on, list | tuple) or not all(isinstance(d, str) for d in depends_on):
+        problems.add(f"{path}.depends_on", "must be a list of step refs")
+        depends_on = []
+    queue = _string(data, "queue", f"{path}.queue", problems)
+    if kind == StepKind.TASK and not queue.strip():
+        problems.add(f"{path}.queue", "required for task steps")
+    elif kind is not None and kind != StepKind.TASK and queue:
+        problems.add(f"{path}.queue", "only task steps have a queue")
+    config = (_parse_config(kind, data.get("config"), f"{path}.config", problems)
+              if kind is not None else {})
+    retry = _parse_retry(data.get("retry"), f"{path}.retry", problems)
+    timeout = _integer(data, "timeout_seconds", f"{path}.timeout_seconds", problems)
+    when = _string(data, "when", f"{path}.when", problems)
+    if when:
+        _check_expression(when, f"{path}.when", problems)
+    # An unknown kind has been reported; the placeholder never leaves parse_workflow.
+    return StepSpec(
+        ref=ref, kind=kind or StepKind.NOOP, depends_on=tuple(depends_on), queue=queue,
+        config=config, retry=retry, timeout_seconds=timeout, when=when,
+        description=_string(data, "description", f"{path}.description", problems),
+    )
+
+
+def _check_dependencies(steps: list[tuple[int, StepSpec]], problems: _Problems) -> dict[str, list[str]]:
+    """Unique refs; known, non-self, non-duplicate dependencies. Returns the graph of valid edges.
+
+    A malformed ref still counts as known here: its own violation already says what is wrong,
+    and its dependents should not each add an "unknown step" for the same problem.
+    """
+    first_index: dict[str, int] = {}
+    for i, step in steps:
+        if step.ref in first_index:
+            problems.add(f"steps[{i}].ref",
+                         f"duplicate ref {step.ref!r} (already used by steps[{first_index[step.ref]}])")
+        elif step.ref:
+            first_index[step.ref] = i
+    graph: dict[str, list[str]] = {ref: [] for ref in first_index}
+    for i, step in steps:
+        seen: set[str] = set()
+        for j, dep in enumerate(step.depends_on):
+            path = f"steps[{i}].depends_on[{j}]"
+            if dep == step.ref:
+                problems.add(path, "a step cannot depend on itself")
+            elif dep in seen:
+                problems.add(path, f"duplicate dependency {dep!r}")
+            elif dep not in first_index:
+                problems.add(path, f"unknown step {dep!r}")
+            elif first_index.get(step.ref) == i:
+                graph[step.ref].append(dep)
+            seen.add(dep)
+    return graph
+
+
+def _check_cycles(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]],
+                  problems: _Problems) -> None:
+    """Report each dependency cycle once, with its path, at the edge that closes it."""
+    index: dict[str, int] = {}
+    for i, step in steps:
+        index.setdefault(step.ref, i)
+    state: dict[str, int] = {}  # 1: on the current DFS path, 2: fully explored
+    path: list[str] = []
+
+    # Iterative DFS: a definition may be deep enough to exhaust Python's recursion limit.
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        path.append(root)
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            ref, j = stack[-1]
+            deps = graph[ref]
+            if j == len(deps):
+                stack.pop()
+                path.pop()
+                state[ref] = 2
+                continue
+            stack[-1] = (ref, j + 1)
+            dep = deps[j]
+            if state.get(dep) == 1:
+                cycle = [*path[path.index(dep):], dep]
+                position = list(_step_by_ref(steps, ref).depends_on).index(dep)
+                problems.add(f"steps[{index[ref]}].depends_on[{position}]",
+                             f"dependency cycle: {' -> '.join(cycle)} (each step depends on the next)")
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                stack.append((dep, 0))
+
+
+def _step_by_ref(steps: list[tuple[int, StepSpec]], ref: str) -> StepSpec:
+    return next(step for _, step in steps if step.ref == ref)
+
+
+def _parse_variables(data: Any, problems: _Problems) -> tuple[Variable, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list | tuple):
+        problems.add("variables", "must be a list")
+        return ()
+    variables: list[Variable] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data):
+        path = f"variables[{i}]"
+        if not isinstance(item, Mapping):
+            problems.add(path, "must be an object")
+            continue
+        _unknown_keys(item, _VARIABLE_KEYS, path, problems)
+        name = _string(item, "name", f"{path}.name", problems)
+        if not name.strip():
+            problems.add(f"{path}.name", "required")
+        elif name in seen:
+            problems.add(f"{path}.name", f"duplicate variable {name!r} (already variables[{seen[name]}])")
+        else:
+            seen[name] = i
+        required = item.get("required", False)
+        if not isinstance(required, bool):
+            problems.add(f"{path}.required", "must be a boolean")
+            required = False
+        has_default = "default" in item
+        if required and has_default:
+            problems.add(f"{path}.default", "a required variable cannot have a default")
+        variables.append(Variable(
+            name=name, required=required, default=copy.deepcopy(item.get("default")),
+            has_default=has_default,
+            description=_string(item, "description", f"{path}.description", problems)))
+    return tuple(variables)
+
+
+def _parse_schedule(data: Any, problems: _Problems) -> Schedule | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        problems.add("schedule", "must be an object")
+        return None
+    _unknown_keys(data, _SCHEDULE_KEYS, "schedule", problems)
+    cron = _string(data, "cron", "schedule.cron", problems).strip()
+    # Five fields (or an @alias): croniter would also take a sixth field, read as seconds.
+    if not cron or not (len(cron.split()) == 5 or cron.startswith("@")) or not croniter.is_valid(cron):
+        problems.add("schedule.cron", "must be a valid five-field cron expression")
+    timezone = _string(data, "timezone", "schedule.timezone", problems) or "UTC"
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.add("schedule.timezone", f"unknown time zone {timezone!r}")
+    return Schedule(cron=cron, timezone=timezone)
+
+
+def _looks_like_uuid(name: str) -> bool:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_workflow(data: Mapping[str, Any]) -> WorkflowSpec:
+    """Validate a workflow definition (the `Workflow` message as JSON) and build its spec.
+
+    Every problem is collected; if there is any, raises INVALID_ARGUMENT with reason
+    INVALID_WORKFLOW and one field violation per problem.
+    """
+    problems = _Problems()
+    name = _string(data, "name", "name", problems)
+    if not name:
+        problems.add("name", "required")
+    elif not _NAME.fullmatch(name):
+        problems.add("name", "must start with a letter or digit and hold at most 200 letters, "
+                             "digits, '_', '.' or '-'")
+    elif _looks_like_uuid(name):
+        problems.add("name", "must not look like a UUID (names and ids share the same paths)")
+    limits = {key: _integer(data, key, key, problems)
+              for key in ("max_parallel_steps", "max_concurrent_runs", "timeout_seconds")}
+    description = _string(data, "description", "description", problems)
+    condition = _string(data, "condition", "condition", problems)
+    if condition:
+        _check_expression(condition, "condition", problems)
+    schedule = _parse_schedule(data.get("schedule"), problems)
+    variables = _parse_variables(data.get("variables"), problems)
+
+    raw_steps = data.get("steps") or []
+    steps: list[tuple[int, StepSpec]] = []
+    if not isinstance(raw_steps, list | tuple):
+        problems.add("steps", "must be a list")
+    elif not raw_steps:
+        problems.add("steps", "at least one step is required")
+    else:
+        for i, raw in enumerate(raw_steps):
+            step = _parse_step(raw, f"steps[{i}]", problems)
+            if step is not None:
+                steps.append((i, step))
+    graph = _check_dependencies(steps, problems)
+    _check_cycles(steps, graph, problems)
+
+    if problems.violations:
+        first = problems.violations[0]
+        more = len(problems.violations) - 1
+        summary = f"invalid workflow definition: {first.field}: {first.description}"
+        if more:
+            summary += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_WORKFLOW", summary,
+                            violations=problems.violations)
+    return WorkflowSpec(
+        name=name,
+        description=description,
+        condition=condition,
+        schedule=schedule,
+        variables=variables,
+        steps=tuple(step for _, step in steps),
+        **limits,
+    )
+
+
+def apply_variables(spec: WorkflowSpec, payload: dict[str, Any]) -> dict[str, Any]:
+    """A trigger's payload checked against the declared variables, with defaults filled in.
+
+    With no variables declared any payload is accepted and returned as is.
+    """
+    if not spec.variables:
+        return payload
+    problems = _Problems()
+    declared = {v.name for v in spec.variables}
+    for v in spec.variables:
+        if v.required and v.name not in payload:
+            problems.add(f"payload.{v.name}", "required variable missing")
+    for key in payload:
+        if key not in declared:
+            problems.add(f"payload.{key}", "undeclared variable")
+    if problems.violations:
+        raise invalid(f"payload does not match the workflow's variables ({len(problems.violations)} "
+                      f"problem{'s' if len(problems.violations) > 1 else ''})",
+                      problems.violations, reason="INVALID_PAYLOAD")
+    result = dict(payload)
+    for v in spec.variables:
+        if v.name not in result and v.has_default:
+            result[v.name] = copy.deepcopy(v.default)
+    return result

@@ -1,0 +1,58 @@
+"""The one settings object: read once at start (flags, then environment), passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(".conveyor")
+
+
+def default_db_url(data_dir: Path = DEFAULT_DATA_DIR) -> str:
+    """The embedded default: a SQLite file under the data directory."""
+    return f"sqlite+aiosqlite:///{data_dir / 'conveyor.db'}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know to start; no module reads the environment itself."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    db_url: str = field(default_factory=default_db_url)
+    data_dir: Path = DEFAULT_DATA_DIR
+    envoy_enabled: bool = True
+    envoy_admin_port: int = 0
+    # REST request bodies above this size are answered 413 by Envoy; gRPC messages above it
+    # RESOURCE_EXHAUSTED by grpc.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Engine: how many runs one engine pass advances in one transaction.
+    engine_batch_size: int = 256
+    # Engine: longest wait between sweeps when nothing signals new work.
+    engine_idle_seconds: float = 1.0
+    # Trigger group commit: most requests written in one transaction.
+    trigger_batch_size: int = 256
+    # Idempotency keys are kept this long (SPEC §3: 24 h).
+    idempotency_ttl_seconds: int = 24 * 3600
+    # Child workflow nesting cap (SPEC §3).
+    max_nesting_depth: int = 10
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then CONVEYOR_* environment variables, then explicit overrides (flags)."""
+        env: dict[str, object] = {}
+        if "CONVEYOR_DB_URL" in os.environ:
+            env["db_url"] = os.environ["CONVEYOR_DB_URL"]
+        if "CONVEYOR_GRPC_PORT" in os.environ:
+            env["grpc_port"] = int(os.environ["CONVEYOR_GRPC_PORT"])
+        if "CONVEYOR_HTTP_PORT" in os.environ:
+            env["http_port"] = int(os.environ["CONVEYOR_HTTP_PORT"])
+        if "CONVEYOR_DATA_DIR" in os.environ:
+            env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        if "db_url" not in env and "data_dir" in env:
+            env["db_url"] = default_db_url(Path(str(env["data_dir"])))
+        return cls(**env)  # type: ignore[arg-type]

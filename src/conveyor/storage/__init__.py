@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models, the database engine (SQLite/PostgreSQL), migrations, repositories."""

@@ -1,0 +1,208 @@
+"""The database handle: URL normalisation, the engines and their pools, connection setup
+(SQLite PRAGMAs), the JSON codec, and the transaction modes of `write()`, `read()` and
+`schema_change()`. Every unit of work runs inside exactly one of these blocks; this module is the
+one place that knows how opening a transaction differs between SQLite and PostgreSQL.
+
+Rules for callers: never nest `write()` blocks (on SQLite the single writer connection would wait
+for itself), keep `read()` blocks short (an open SQLite reader stops WAL checkpoints), and write
+only through `write()` (`read()` transactions are read-only on both backends).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+
+Backend = Literal["sqlite", "postgresql"]
+
+# Compact JSON (no spaces, non-ASCII kept as UTF-8). NaN/Infinity are refused because
+# PostgreSQL's JSONB rejects them: a value that fails on one backend fails on both, in Python.
+_json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _json_serializer(value: object) -> str:
+    return _json_encoder.encode(value)
+
+
+# PRAGMAs run, in this order, on every new SQLite connection (most are per connection).
+_SQLITE_PRAGMAS: tuple[tuple[str, object], ...] = (
+    # Another process holding the lock (e.g. `conveyor keys create` beside a running server) is
+    # waited for up to 5 s; set first so that the journal_mode switch below waits too.
+    ("busy_timeout", 5000),
+    # WAL: readers never block the writer nor each other (persistent in the file).
+    ("journal_mode", "WAL"),
+    # In WAL mode NORMAL fsyncs only at checkpoints: commits survive a process crash; an OS crash
+    # or power loss can lose the last commits (the file itself stays consistent).
+    ("synchronous", "NORMAL"),
+    # SQLite ignores FOREIGN KEY clauses unless this is on, per connection.
+    ("foreign_keys", "ON"),
+    # A 32 MiB page cache per connection (negative = KiB; default 2 MiB) keeps hot indexes in memory.
+    ("cache_size", -32000),
+    # Temporary b-trees of sorts and GROUP BYs stay in memory instead of temp files.
+    ("temp_store", "MEMORY"),
+    # After a checkpoint the WAL file is truncated back to 64 MiB instead of keeping its peak size.
+    ("journal_size_limit", 64 * 1024 * 1024),
+)
+# Reader connections only: a write there would be a deferred-lock upgrade that can fail with
+# SQLITE_BUSY under load; refuse it at once instead.
+_SQLITE_READER_PRAGMAS: tuple[tuple[str, object], ...] = (("query_only", "ON"),)
+
+# Readers run concurrently in WAL; each aiosqlite connection is a thread, so a few suffice.
+_SQLITE_READERS = 4
+# Connections per process on PostgreSQL; several replicas share the server's max_connections.
+_PG_POOL_SIZE = 10
+_PG_MAX_OVERFLOW = 5
+# Seconds a unit of work waits for a pooled connection before failing.
+_POOL_TIMEOUT = 30
+
+
+def normalize_url(url: str | URL) -> URL:
+    """The URL with its async driver: sqlite[+aiosqlite]:///path -> sqlite+aiosqlite,
+    postgresql[+asyncpg]://... -> postgresql+asyncpg. Anything else is a ValueError."""
+    parsed = make_url(url)
+    if parsed.drivername in ("sqlite", "sqlite+aiosqlite"):
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            # The writer and the readers are separate connections: they must share a file.
+            raise ValueError("an in-memory SQLite database is not supported; give a file path")
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if parsed.drivername in ("postgresql", "postgresql+asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ValueError(f"unsupported database URL {parsed!r}: use sqlite:///path or postgresql://...")
+
+
+class Database:
+    """One per process: the engines of one database and its transaction blocks."""
+
+    def __init__(self, url: str) -> None:
+        self._url = normalize_url(url)
+        codec: dict[str, Any] = {"json_serializer": _json_serializer, "json_deserializer": json.loads}
+        if self._url.get_backend_name() == "sqlite":
+            Path(self._url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            # One writer connection: SQLite serializes writers anyway, and in-process writers
+            # then queue on the pool instead of spinning on busy_timeout.
+            self._writer = create_async_engine(
+                self._url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
+                pool_timeout=_POOL_TIMEOUT, **codec,
+            )
+            self._reader = create_async_engine(
+                self._url, poolclass=AsyncAdaptedQueuePool, pool_size=_SQLITE_READERS,
+                max_overflow=0, pool_timeout=_POOL_TIMEOUT, **codec,
+            )
+            # The write lock is taken at BEGIN, so a read-then-write unit never fails upgrading it.
+            _setup_sqlite(self._writer, _SQLITE_PRAGMAS, begin="BEGIN IMMEDIATE")
+            # Readers take a snapshot at their first read and hold no lock against the writer.
+            _setup_sqlite(self._reader, _SQLITE_PRAGMAS + _SQLITE_READER_PRAGMAS, begin="BEGIN")
+            self._engines = [self._writer, self._reader]
+        else:
+            self._writer = create_async_engine(
+                self._url,
+                pool_size=_PG_POOL_SIZE,
+                max_overflow=_PG_MAX_OVERFLOW,
+                pool_timeout=_POOL_TIMEOUT,
+                # No pre-ping: it costs a round trip per checkout; a connection found dead on use
+                # fails that one unit of work and invalidates the whole pool, which reconnects.
+                pool_pre_ping=False,
+                # READ COMMITTED, named explicitly so a changed server default cannot alter it:
+                # the engine's correctness comes from row locks and compare-and-set updates.
+                isolation_level="READ COMMITTED",
+                connect_args={"server_settings": {"application_name": "conveyor"}},
+                **codec,
+            )
+            # Same pool; BEGIN ... READ ONLY, so a write through read() fails as it does on SQLite.
+            self._reader = self._writer.execution_options(postgresql_readonly=True)
+            self._engines = [self._writer]
+
+    @property
+    def url(self) -> str:
+        """The normalised URL (async driver), password included."""
+        return self._url.render_as_string(hide_password=False)
+
+    @property
+    def dialect(self) -> Backend:
+        """"sqlite" or "postgresql"."""
+        return "sqlite" if self._url.get_backend_name() == "sqlite" else "postgresql"
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction: commits when the block ends, rolls back if it raises.
+        SQLite: BEGIN IMMEDIATE on the one writer connection. PostgreSQL: READ COMMITTED."""
+        async with self._writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction. SQLite: deferred BEGIN on a reader connection (one snapshot
+        for the whole block). PostgreSQL: READ COMMITTED, READ ONLY."""
+        async with self._reader.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def schema_change(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction for migrations. SQLite: foreign keys are off while it runs (the
+        table rebuilds of batch migrations would otherwise cascade or fail), checked with
+        foreign_key_check before commit, and on again after. PostgreSQL: write() plus a
+        transaction-scoped advisory lock."""
+        if self.dialect == "postgresql":
+            async with self.write() as conn:
+                # Replicas starting together: one migrates, the others wait here and then find
+                # the schema already at head.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate'))"))
+                yield conn
+            return
+        async with self._writer.connect() as conn:
+            # foreign_keys cannot change inside a transaction, and any statement through `conn`
+            # would begin one, so it is switched on the driver connection (autocommit) itself.
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA foreign_keys = OFF")
+            try:
+                async with conn.begin():
+                    yield conn
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(f"schema change leaves broken foreign keys: {broken[:5]}")
+            finally:
+                await driver.execute("PRAGMA foreign_keys = ON")
+
+    async def pragmas(self) -> dict[str, object]:
+        """The writer connection's PRAGMAs as SQLite reports them (briefly takes the write lock);
+        empty on PostgreSQL, which has none."""
+        if self.dialect == "postgresql":
+            return {}
+        async with self.write() as conn:
+            return {
+                name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
+                for name, _ in _SQLITE_PRAGMAS
+            }
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        for engine in self._engines:
+            await engine.dispose()
+
+
+def _setup_sqlite(engine: AsyncEngine, pragmas: tuple[tuple[str, object], ...], begin: str) -> None:
+    """Apply `pragmas` to each new connection of `engine` and open its transactions with `begin`."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # The driver's own implicit BEGIN (deferred, and only before DML) is turned off: every
+        # transaction is begun by the "begin" hook below, and PRAGMAs here run outside one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for name, value in pragmas:
+            cursor.execute(f"PRAGMA {name} = {value}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)

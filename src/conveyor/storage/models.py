@@ -1,0 +1,237 @@
+"""SQLAlchemy models of every table. Alembic migrations (storage/migrations) create the schema;
+these classes only describe it for queries. Work is rows: timers, ready steps and leases are
+indexed timestamp columns swept in bounded batches.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both dialects (SQLite stores naive ISO strings)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as strings: store them naive so every row has one format.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# JSON documents: JSONB on PostgreSQL (indexable, compact), JSON text on SQLite. Python None is
+# SQL NULL (not the JSON text 'null'), so `IS NULL` finds every row without a document.
+JSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+# Deterministic names for unnamed constraints: SQLite batch migrations can only drop or alter a
+# constraint that has a name, and both dialects then share the names migrations refer to.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of all Conveyor tables."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONDoc}
+
+
+class WorkflowRow(Base):
+    """A workflow definition's identity; its versions hold the specs."""
+
+    __tablename__ = "workflows"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    current_version: Mapped[int] = mapped_column(Integer)
+    current_version_id: Mapped[str] = mapped_column(String(36))
+    max_concurrent_runs: Mapped[int] = mapped_column(Integer, default=0)
+    cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cron_timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    next_fire_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    archived_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ux_workflows_project_name", "project_id", "name", unique=True),
+        Index("ix_workflows_project_created", "project_id", "created_at", "id"),
+        Index("ix_workflows_next_fire", "next_fire_at"),
+    )
+
+
+class WorkflowVersionRow(Base):
+    """One immutable version of a workflow: the validated spec as JSON."""
+
+    __tablename__ = "workflow_versions"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id"))
+    project_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+    __table_args__ = (Index("ux_workflow_versions_wf_version", "workflow_id", "version", unique=True),)
+
+
+class RunRow(Base):
+    """A workflow run. `wake_at` is the run's next timer: the engine advances runs whose
+    wake_at has passed (new runs, finished steps, due delays/retries, deadlines)."""
+
+    __tablename__ = "workflow_runs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(128))
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id"))
+    workflow_name: Mapped[str] = mapped_column(String(200))
+    workflow_version: Mapped[int] = mapped_column(Integer)
+    workflow_version_id: Mapped[str] = mapped_column(ForeignKey("workflow_versions.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    triggered_by: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    max_parallel_steps: Mapped[int] = mapped_column(Integer, default=0)
+    payload: Mapped[dict[str, Any]]
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    tags: Mapped[dict[str, Any]]
+    entity_id: Mapped[str] = mapped_column(String(200), default="")
+    idempotency_key: Mapped[str] = mapped_column(String(200), default="")
+    retry_of_run_id: Mapped[str] = mapped_column(String(36), default="")
+    parent_workflow_run_id: Mapped[str] = mapped_column(String(36), default="")
+    parent_step_run_id: Mapped[str] = mapped_column(String(36), default="")
+    depth: Mapped[int] = mapped_column(Integer, default=0)
+    # Last RunEvent seq written for this run; events take last_seq+1 under the run's row lock.
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    wake_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ix_runs_project_created", "project_id", "created_at", "id"),
+        Index("ix_runs_wake", "wake_at"),
+        Index("ix_runs_workflow_status", "workflow_id", "status", "created_at"),
+        Index("ix_runs_parent", "parent_workflow_run_id"),
+    )
+
+
+class RunTagRow(Base):
+    """One tag of a run, kept beside the run's `tags` JSON so filters are plain indexed SQL."""
+
+    __tablename__ = "run_tags"
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500))
+
+    __table_args__ = (Index("ix_run_tags_kv", "key", "value"),)
+
+
+class StepRunRow(Base):
+    """A step of a run. `ready_at` (queued steps: retry backoff), `due_at` (waiting steps:
+    delays and step timeouts) and `lease_expires_at` (leased tasks) are the step's timers."""
+
+    __tablename__ = "step_runs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    workflow_run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id"))
+    project_id: Mapped[str] = mapped_column(String(128))
+    position: Mapped[int] = mapped_column(Integer)
+    step_ref: Mapped[str] = mapped_column(String(200))
+    workflow_step_id: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(16))
+    queue: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    deps_required: Mapped[int] = mapped_column(Integer, default=0)
+    deps_completed: Mapped[int] = mapped_column(Integer, default=0)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    skip_reason: Mapped[str] = mapped_column(Text, default="")
+    approved_by: Mapped[str] = mapped_column(String(200), default="")
+    worker_id: Mapped[str] = mapped_column(String(200), default="")
+    job_run_id: Mapped[str] = mapped_column(String(36), default="")
+    ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    due_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ux_step_runs_run_ref", "workflow_run_id", "step_ref", unique=True),
+        Index("ix_step_runs_run_position", "workflow_run_id", "position"),
+        # Workers claim queued tasks of a queue oldest-first.
+        Index("ix_step_runs_queue", "project_id", "queue", "status", "ready_at"),
+        Index("ix_step_runs_lease", "lease_expires_at"),
+        # The timer sweep finds waiting steps whose delay or timeout is due.
+        Index("ix_step_runs_due", "due_at"),
+    )
+
+
+class RunEventRow(Base):
+    """The append-only history of a run: seq 1, 2, 3… per run, written in the same
+    transaction as the change it records."""
+
+    __tablename__ = "run_events"
+    workflow_run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    step_ref: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    at: Mapped[datetime]
+
+
+class IdempotencyRow(Base):
+    """An Idempotency-Key seen on a trigger, scoped to (project, workflow), kept 24 h."""
+
+    __tablename__ = "idempotency_keys"
+    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(36))
+    expires_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_idempotency_expires", "expires_at"),)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its hash is stored (SPEC §6)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    project_id: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)

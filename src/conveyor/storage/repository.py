@@ -1,0 +1,406 @@
+"""Repository: every SQL statement the engine and API need, on one AsyncConnection inside a
+transaction opened by `Database.read()` / `Database.write()`.
+
+Rows become domain records here and records become rows here; nothing above sees SQLAlchemy.
+Every query that a client can reach is scoped by project (`project` = None means the caller
+may see all projects). Dialect differences live here and in db.py only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Select, Table, and_, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConveyorError, ErrorKind, invalid, not_found
+from conveyor.domain.records import EventRecord, Page, RunRecord, StepRecord, WorkflowRecord
+from conveyor.domain.spec import WorkflowSpec
+from conveyor.domain.states import RunStatus, StepStatus
+from conveyor.storage.models import (
+    IdempotencyRow,
+    RunEventRow,
+    RunRow,
+    RunTagRow,
+    StepRunRow,
+    WorkflowRow,
+    WorkflowVersionRow,
+)
+
+# Declarative __table__ is typed as a FromClause; these are Tables.
+runs_t = cast(Table, RunRow.__table__)
+steps_t = cast(Table, StepRunRow.__table__)
+events_t = cast(Table, RunEventRow.__table__)
+tags_t = cast(Table, RunTagRow.__table__)
+wf_t = cast(Table, WorkflowRow.__table__)
+ver_t = cast(Table, WorkflowVersionRow.__table__)
+idem_t = cast(Table, IdempotencyRow.__table__)
+
+_RUN_FIELDS = [f.name for f in fields(RunRecord)]
+_STEP_FIELDS = [f.name for f in fields(StepRecord)]
+_EVENT_FIELDS = [f.name for f in fields(EventRecord)]
+# Columns a unit of work may change on existing rows (everything else is fixed at insert).
+_RUN_MUTABLE = ["status", "status_message", "error", "output", "wake_at", "last_seq",
+                "started_at", "finished_at", "updated_at", "max_parallel_steps"]
+_STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "error", "skip_reason",
+                 "approved_by", "worker_id", "job_run_id", "ready_at", "due_at", "lease_expires_at",
+                 "started_at", "finished_at", "updated_at"]
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+class ConcurrentChange(Exception):
+    """A compare-and-set matched no row: another writer changed the record first."""
+
+
+def run_from_row(m: Any) -> RunRecord:
+    rec = RunRecord(**{k: m[k] for k in _RUN_FIELDS})
+    rec.status = RunStatus(rec.status)
+    return rec
+
+
+def step_from_row(m: Any) -> StepRecord:
+    rec = StepRecord(**{k: m[k] for k in _STEP_FIELDS})
+    rec.status = StepStatus(rec.status)
+    return rec
+
+
+def event_from_row(m: Any) -> EventRecord:
+    return EventRecord(**{k: m[k] for k in _EVENT_FIELDS})
+
+
+def _row(rec: object, names: Iterable[str]) -> dict[str, Any]:
+    return {k: getattr(rec, k) for k in names}
+
+
+# -- pagination ---------------------------------------------------------------------------------
+
+def page_size(limit: int) -> int:
+    """The page size for a request's `limit` (default 50, at most 1000)."""
+    if limit < 0:
+        raise invalid("limit must not be negative", reason="INVALID_PAGE_SIZE")
+    return min(limit or DEFAULT_PAGE, MAX_PAGE)
+
+
+def encode_cursor(*parts: Any) -> str:
+    """An opaque page token for a keyset position."""
+    raw = json.dumps([p.isoformat() if isinstance(p, datetime) else p for p in parts])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, n: int) -> list[Any]:
+    """The keyset position in a page token; INVALID_ARGUMENT when it is not one of ours."""
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(parts, list) or len(parts) != n:
+            raise ValueError(token)
+        return parts
+    except (ValueError, TypeError) as e:
+        raise invalid("page_token is not valid", reason="INVALID_PAGE_TOKEN") from e
+
+
+Q = TypeVar("Q", bound=Select[Any])
+
+
+@dataclass
+class RunFilter:
+    """Filters of ListWorkflowRuns (already validated)."""
+
+    project: str | None
+    statuses: Sequence[RunStatus] = ()
+    workflow_ids: Sequence[str] = ()
+    triggered_by: str = ""
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    tags: Sequence[tuple[str, str]] = ()
+
+
+class Repository:
+    """Statements over one connection; the caller owns the transaction."""
+
+    def __init__(self, conn: AsyncConnection, dialect: str) -> None:
+        self.conn = conn
+        self.dialect = dialect
+
+    def _lock(self, stmt: Q, skip_locked: bool = False) -> Q:
+        # Row locks serialize writers of one run across replicas on PostgreSQL; SQLite writers
+        # already hold the database lock (BEGIN IMMEDIATE), and SQLAlchemy would drop the clause.
+        if self.dialect == "postgresql":
+            return stmt.with_for_update(skip_locked=skip_locked)
+        return stmt
+
+    # -- workflows --------------------------------------------------------------------------
+
+    async def insert_workflow(self, wf: WorkflowRecord, max_concurrent_runs: int) -> None:
+        try:
+            await self.conn.execute(insert(wf_t).values(
+                id=wf.id, project_id=wf.project_id, name=wf.name, description=wf.spec.description,
+                current_version=wf.version, current_version_id=wf.version_id,
+                max_concurrent_runs=max_concurrent_runs, created_by=wf.created_by,
+                created_at=wf.created_at, updated_at=wf.updated_at,
+                cron=wf.spec.schedule.cron if wf.spec.schedule else None,
+                cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None))
+        except IntegrityError as e:
+            raise ConveyorError(ErrorKind.ALREADY_EXISTS, "WORKFLOW_ALREADY_EXISTS",
+                                f"workflow {wf.name!r} already exists in project {wf.project_id!r}") from e
+        await self.insert_version(wf)
+
+    async def insert_version(self, wf: WorkflowRecord) -> None:
+        await self.conn.execute(insert(ver_t).values(
+            id=wf.version_id, workflow_id=wf.id, project_id=wf.project_id, version=wf.version,
+            spec=wf.spec.to_dict(), created_at=wf.updated_at))
+
+    async def set_current_version(self, wf: WorkflowRecord) -> None:
+        await self.conn.execute(update(wf_t).where(wf_t.c.id == wf.id).values(
+            current_version=wf.version, current_version_id=wf.version_id,
+            description=wf.spec.description, max_concurrent_runs=wf.spec.max_concurrent_runs,
+            cron=wf.spec.schedule.cron if wf.spec.schedule else None,
+            cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
+            updated_at=wf.updated_at))
+
+    async def archive_workflow(self, workflow_id: str, now: datetime) -> None:
+        await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id, wf_t.c.archived_at.is_(None))
+                                .values(archived_at=now, updated_at=now))
+
+    def _workflow_select(self) -> Select[Any]:
+        return select(wf_t, ver_t.c.spec).join(ver_t, ver_t.c.id == wf_t.c.current_version_id)
+
+    @staticmethod
+    def _workflow_from_row(m: Any) -> WorkflowRecord:
+        return WorkflowRecord(
+            id=m["id"], project_id=m["project_id"], name=m["name"], version=m["current_version"],
+            version_id=m["current_version_id"], spec=WorkflowSpec.from_dict(m["spec"]),
+            created_by=m["created_by"], created_at=m["created_at"], updated_at=m["updated_at"],
+            archived_at=m["archived_at"])
+
+    async def find_workflow(self, ident: str, project: str | None, lock: bool = False) -> WorkflowRecord:
+        """A workflow by id, or by name within `project` (NOT_FOUND outside the caller's scope)."""
+        cond = wf_t.c.id == ident
+        if project is not None:
+            cond = and_(wf_t.c.project_id == project, or_(cond, wf_t.c.name == ident))
+        stmt = self._workflow_select().where(cond)
+        if lock:
+            stmt = self._lock(stmt)
+        m = (await self.conn.execute(stmt)).mappings().first()
+        if m is None:
+            raise not_found("workflow", ident)
+        return self._workflow_from_row(m)
+
+    async def list_workflows(self, project: str | None, limit: int, token: str,
+                             include_archived: bool) -> Page[WorkflowRecord]:
+        n = page_size(limit)
+        stmt = self._workflow_select()
+        if project is not None:
+            stmt = stmt.where(wf_t.c.project_id == project)
+        if not include_archived:
+            stmt = stmt.where(wf_t.c.archived_at.is_(None))
+        if token:
+            at, ident = decode_cursor(token, 2)
+            stmt = stmt.where(_before(wf_t.c.created_at, wf_t.c.id, at, ident))
+        stmt = stmt.order_by(wf_t.c.created_at.desc(), wf_t.c.id.desc()).limit(n + 1)
+        rows = (await self.conn.execute(stmt)).mappings().all()
+        items = [self._workflow_from_row(m) for m in rows[:n]]
+        nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > n else ""
+        return Page(items, nxt)
+
+    async def specs(self, version_ids: Iterable[str]) -> dict[str, WorkflowSpec]:
+        rows = await self.conn.execute(
+            select(ver_t.c.id, ver_t.c.spec).where(ver_t.c.id.in_(set(version_ids))))
+        return {r.id: WorkflowSpec.from_dict(r.spec) for r in rows}
+
+    async def workflow_limits(self, workflow_ids: Iterable[str]) -> dict[str, int]:
+        rows = await self.conn.execute(
+            select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(set(workflow_ids))))
+        return {r.id: r.max_concurrent_runs for r in rows}
+
+    # -- triggering ---------------------------------------------------------------------------
+
+    async def idempotency_hits(self, project_id: str, workflow_id: str, keys: Iterable[str],
+                               now: datetime) -> dict[str, tuple[str, str]]:
+        """Live idempotency records of these keys: key -> (request_hash, run_id)."""
+        rows = await self.conn.execute(select(idem_t.c.key, idem_t.c.request_hash, idem_t.c.run_id).where(
+            idem_t.c.project_id == project_id, idem_t.c.workflow_id == workflow_id,
+            idem_t.c.key.in_(set(keys)), idem_t.c.expires_at > now))
+        return {r.key: (r.request_hash, r.run_id) for r in rows}
+
+    async def insert_runs(self, runs: list[RunRecord], steps: list[StepRecord], events: list[EventRecord],
+                          idempotency: list[dict[str, Any]]) -> None:
+        """Write new runs with all their steps, tags, first events and idempotency records."""
+        if idempotency:
+            # An expired record of the same key is replaced by the new one.
+            for rec in idempotency:
+                await self.conn.execute(delete(idem_t).where(
+                    idem_t.c.project_id == rec["project_id"], idem_t.c.workflow_id == rec["workflow_id"],
+                    idem_t.c.key == rec["key"]))
+        await self.conn.execute(insert(runs_t), [_row(r, _RUN_FIELDS) for r in runs])
+        tag_rows = [{"run_id": r.id, "key": k, "value": v} for r in runs for k, v in r.tags.items()]
+        if tag_rows:
+            await self.conn.execute(insert(tags_t), tag_rows)
+        if steps:
+            await self.conn.execute(insert(steps_t), [_row(s, _STEP_FIELDS) for s in steps])
+        if events:
+            await self.conn.execute(insert(events_t), [_row(e, _EVENT_FIELDS) for e in events])
+        if idempotency:
+            await self.conn.execute(insert(idem_t), idempotency)
+
+    async def purge_idempotency(self, now: datetime) -> int:
+        res = await self.conn.execute(delete(idem_t).where(idem_t.c.expires_at <= now))
+        return res.rowcount or 0
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str, project: str | None, lock: bool = False) -> RunRecord:
+        stmt = select(runs_t).where(runs_t.c.id == run_id)
+        if project is not None:
+            stmt = stmt.where(runs_t.c.project_id == project)
+        if lock:
+            stmt = self._lock(stmt)
+        m = (await self.conn.execute(stmt)).mappings().first()
+        if m is None:
+            raise not_found("run", run_id)
+        return run_from_row(m)
+
+    async def get_runs(self, run_ids: Sequence[str], project: str | None,
+                       lock: bool = False) -> list[RunRecord]:
+        stmt = select(runs_t).where(runs_t.c.id.in_(run_ids))
+        if project is not None:
+            stmt = stmt.where(runs_t.c.project_id == project)
+        if lock:
+            stmt = self._lock(stmt.order_by(runs_t.c.id))
+        return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
+
+    async def list_runs(self, flt: RunFilter, limit: int, token: str) -> Page[RunRecord]:
+        n = page_size(limit)
+        stmt = select(runs_t)
+        if flt.project is not None:
+            stmt = stmt.where(runs_t.c.project_id == flt.project)
+        if flt.statuses:
+            stmt = stmt.where(runs_t.c.status.in_([str(s) for s in flt.statuses]))
+        if flt.workflow_ids:
+            ids = select(wf_t.c.id).where(
+                or_(wf_t.c.id.in_(flt.workflow_ids), wf_t.c.name.in_(flt.workflow_ids)))
+            if flt.project is not None:
+                ids = ids.where(wf_t.c.project_id == flt.project)
+            stmt = stmt.where(runs_t.c.workflow_id.in_(ids))
+        if flt.triggered_by:
+            stmt = stmt.where(runs_t.c.triggered_by == flt.triggered_by)
+        if flt.started_after is not None:
+            stmt = stmt.where(runs_t.c.started_at >= flt.started_after)
+        if flt.started_before is not None:
+            stmt = stmt.where(runs_t.c.started_at < flt.started_before)
+        for key, value in flt.tags:
+            stmt = stmt.where(exists().where(tags_t.c.run_id == runs_t.c.id, tags_t.c.key == key,
+                                             tags_t.c.value == value))
+        if token:
+            at, ident = decode_cursor(token, 2)
+            stmt = stmt.where(_before(runs_t.c.created_at, runs_t.c.id, at, ident))
+        stmt = stmt.order_by(runs_t.c.created_at.desc(), runs_t.c.id.desc()).limit(n + 1)
+        rows = (await self.conn.execute(stmt)).mappings().all()
+        items = [run_from_row(m) for m in rows[:n]]
+        nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > n else ""
+        return Page(items, nxt)
+
+    async def claim_due_runs(self, now: datetime, limit: int) -> list[RunRecord]:
+        """Runs whose wake_at has passed, oldest first. On PostgreSQL they are locked and rows
+        another replica holds are skipped, so replicas never advance the same run at once."""
+        stmt = (select(runs_t).where(runs_t.c.wake_at <= now)
+                .order_by(runs_t.c.wake_at).limit(limit))
+        stmt = self._lock(stmt, skip_locked=True)
+        return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
+
+    async def next_wake(self) -> datetime | None:
+        return (await self.conn.execute(select(func.min(runs_t.c.wake_at)))).scalar()
+
+    async def running_counts(self, workflow_ids: Iterable[str]) -> dict[str, int]:
+        rows = await self.conn.execute(
+            select(runs_t.c.workflow_id, func.count()).where(
+                runs_t.c.workflow_id.in_(set(workflow_ids)), runs_t.c.status == RunStatus.RUNNING)
+            .group_by(runs_t.c.workflow_id))
+        return {r[0]: r[1] for r in rows}
+
+    async def oldest_pending(self, workflow_id: str, n: int) -> list[str]:
+        """Ids of the `n` oldest pending runs of a workflow (FIFO for concurrency slots)."""
+        rows = await self.conn.execute(
+            select(runs_t.c.id)
+            .where(runs_t.c.workflow_id == workflow_id, runs_t.c.status == RunStatus.PENDING)
+            .order_by(runs_t.c.created_at, runs_t.c.id).limit(n))
+        return [r.id for r in rows]
+
+    async def wake(self, run_ids: Sequence[str], at: datetime) -> None:
+        if run_ids:
+            await self.conn.execute(update(runs_t).where(runs_t.c.id.in_(run_ids)).values(wake_at=at))
+
+    # -- steps and events ---------------------------------------------------------------------
+
+    async def steps_of(self, run_ids: Sequence[str]) -> dict[str, list[StepRecord]]:
+        out: dict[str, list[StepRecord]] = {r: [] for r in run_ids}
+        rows = await self.conn.execute(
+            select(steps_t).where(steps_t.c.workflow_run_id.in_(run_ids))
+            .order_by(steps_t.c.workflow_run_id, steps_t.c.position))
+        for m in rows.mappings():
+            out[m["workflow_run_id"]].append(step_from_row(m))
+        return out
+
+    async def list_steps(self, run_id: str, limit: int, token: str) -> Page[StepRecord]:
+        n = page_size(limit)
+        stmt = select(steps_t).where(steps_t.c.workflow_run_id == run_id)
+        if token:
+            (pos,) = decode_cursor(token, 1)
+            stmt = stmt.where(steps_t.c.position > int(pos))
+        rows = (await self.conn.execute(stmt.order_by(steps_t.c.position).limit(n + 1))).mappings().all()
+        items = [step_from_row(m) for m in rows[:n]]
+        return Page(items, encode_cursor(items[-1].position) if len(rows) > n else "")
+
+    async def list_events(self, run_id: str, after_seq: int, limit: int, token: str) -> Page[EventRecord]:
+        n = page_size(limit)
+        if token:
+            (after_seq,) = decode_cursor(token, 1)
+        stmt = (select(events_t).where(events_t.c.workflow_run_id == run_id, events_t.c.seq > int(after_seq))
+                .order_by(events_t.c.seq).limit(n + 1))
+        rows = (await self.conn.execute(stmt)).mappings().all()
+        items = [event_from_row(m) for m in rows[:n]]
+        return Page(items, encode_cursor(items[-1].seq) if len(rows) > n else "")
+
+    # -- saving a unit of work ----------------------------------------------------------------
+
+    async def save(self, units: Sequence[Changes]) -> None:
+        """Apply the changes of several runs: compare-and-set updates of runs and steps, and
+        their events, in the caller's transaction. Raises ConcurrentChange when a row moved."""
+        units = [u for u in units if u.dirty]
+        if not units:
+            return
+        run_params = [{"b_id": u.run.id, "b_loaded": str(u.run_loaded_status),
+                       **{f"v_{k}": getattr(u.run, k) for k in _RUN_MUTABLE}}
+                      for u in units if u.run_loaded_status is not None]
+        step_params = [{"b_id": s.id, "b_loaded": str(u.step_loaded_status[s.id]),
+                        **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
+                       for u in units for s in u.steps.values()]
+        await self._cas(runs_t, _RUN_MUTABLE, run_params)
+        await self._cas(steps_t, _STEP_MUTABLE, step_params)
+        events = [_row(e, _EVENT_FIELDS) for u in units for e in u.events]
+        if events:
+            await self.conn.execute(insert(events_t), events)
+
+    async def _cas(self, table: Any, cols: list[str], params: list[dict[str, Any]]) -> None:
+        if not params:
+            return
+        stmt = (update(table)
+                .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_loaded"))
+                .values({k: bindparam(f"v_{k}") for k in cols}))
+        res = await self.conn.execute(stmt, params)
+        if self.conn.dialect.supports_sane_multi_rowcount and res.rowcount != len(params):
+            raise ConcurrentChange(f"{table.name}: {len(params) - res.rowcount} rows changed concurrently")
+
+
+def _before(col_at: Any, col_id: Any, at: str, ident: str) -> Any:
+    """Keyset condition for newest-first pages: rows strictly after the cursor position."""
+    ts = datetime.fromisoformat(at)
+    return or_(col_at < ts, and_(col_at == ts, col_id < ident))
