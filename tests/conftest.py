@@ -12,13 +12,18 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from conveyor.engine.clock import ManualClock
+from conveyor.engine.facade import Engine
+from conveyor.settings import Settings
 from conveyor.storage.db import Database
 from conveyor.storage.migrate import migrate
+from conveyor.storage.store import SqlStore
 
 BACKEND = os.environ.get("CONVEYOR_TEST_DB", "sqlite")
 # The server the PostgreSQL run uses (trust auth); test databases are created from `postgres`.
@@ -82,3 +87,20 @@ async def database(db_url: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.dispose()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The engine's clock in tests: time moves only when a test advances it."""
+    return ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def engine(database: Database, clock: ManualClock) -> AsyncIterator[Engine]:
+    """An Engine over the test database with a ManualClock and no background loop: tests
+    advance runs with `await engine.tick()`."""
+    eng = Engine(SqlStore(database), Settings(db_url=str(database.url)), clock)
+    try:
+        yield eng
+    finally:
+        await eng.stop()

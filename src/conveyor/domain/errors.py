@@ -63,3 +63,11 @@ def not_found(what: str, ident: str) -> ConveyorError:
 def invalid_transition(message: str) -> ConveyorError:
     """The operation is not allowed in the current state (AIP-216)."""
     return ConveyorError(ErrorKind.FAILED_PRECONDITION, "INVALID_TRANSITION", message)
+
+
+class ConcurrentChange(Exception):
+    """A compare-and-set matched no row: another writer changed the record first."""
+
+
+class DuplicateKey(Exception):
+    """An insert hit a unique key that another writer inserted first (e.g. an idempotency key)."""

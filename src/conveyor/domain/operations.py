@@ -141,6 +141,16 @@ def replay_subtree(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref:
     return len(refs)
 
 
+def replay_run(c: Changes, steps: list[StepRecord]) -> None:
+    """A finished run runs again in place: every step reset to pending, the run reopened."""
+    check_run_op(RunOp.REPLAY, c.run.status)
+    _reopen(c)
+    c.run.output = None
+    for step in steps:
+        _reset(c, step)
+    _follow_up(c)
+
+
 def _reset(c: Changes, step: StepRecord) -> None:
     step.output = None
     step.error = ""

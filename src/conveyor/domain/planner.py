@@ -62,6 +62,7 @@ class _Pass:
     def advance(self, may_start: bool) -> None:
         run = self.run
         if run.status in FINAL_RUN:
+            self.set_wake(None)  # nothing left to do: stop waking it
             return
         if run.expires_at is not None and self.now >= run.expires_at:
             self.finish_run(RunStatus.TIMED_OUT, "run timed out", "run deadline passed")

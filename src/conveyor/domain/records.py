@@ -116,6 +116,9 @@ class EventRecord:
     actor: str = ""
 
 
+# The project of requests that name none (authentication and per-key projects come later).
+DEFAULT_PROJECT = "default"
+
 T = TypeVar("T")
 
 

@@ -89,6 +89,7 @@ class RunOp(enum.StrEnum):
     PAUSE = "pause"
     RESUME = "resume"
     RETRY = "retry"
+    REPLAY = "replay"
 
 
 class StepOp(enum.StrEnum):
@@ -107,6 +108,8 @@ RUN_OP_ALLOWED: dict[RunOp, frozenset[RunStatus]] = {
     RunOp.PAUSE: frozenset({R.PENDING, R.RUNNING}),
     RunOp.RESUME: frozenset({R.PAUSED}),
     RunOp.RETRY: frozenset({R.FAILED, R.TIMED_OUT, R.CANCELED}),
+    # Bulk replay re-runs a finished run in place, every step from the start.
+    RunOp.REPLAY: FINAL_RUN,
 }
 
 # The step states in which each step operation is allowed, and the state it leads to.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -20,8 +20,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConveyorError, ErrorKind, invalid, not_found
-from conveyor.domain.records import EventRecord, Page, RunRecord, StepRecord, WorkflowRecord
+from conveyor.domain.errors import (
+    ConcurrentChange,
+    ConveyorError,
+    DuplicateKey,
+    ErrorKind,
+    invalid,
+    not_found,
+)
+from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.storage.models import (
@@ -55,10 +62,6 @@ _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "erro
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
-
-
-class ConcurrentChange(Exception):
-    """A compare-and-set matched no row: another writer changed the record first."""
 
 
 def run_from_row(m: Any) -> RunRecord:
@@ -108,19 +111,6 @@ def decode_cursor(token: str, n: int) -> list[Any]:
 
 
 Q = TypeVar("Q", bound=Select[Any])
-
-
-@dataclass
-class RunFilter:
-    """Filters of ListWorkflowRuns (already validated)."""
-
-    project: str | None
-    statuses: Sequence[RunStatus] = ()
-    workflow_ids: Sequence[str] = ()
-    triggered_by: str = ""
-    started_after: datetime | None = None
-    started_before: datetime | None = None
-    tags: Sequence[tuple[str, str]] = ()
 
 
 class Repository:
@@ -181,11 +171,12 @@ class Repository:
             created_by=m["created_by"], created_at=m["created_at"], updated_at=m["updated_at"],
             archived_at=m["archived_at"])
 
-    async def find_workflow(self, ident: str, project: str | None, lock: bool = False) -> WorkflowRecord:
-        """A workflow by id, or by name within `project` (NOT_FOUND outside the caller's scope)."""
-        cond = wf_t.c.id == ident
-        if project is not None:
-            cond = and_(wf_t.c.project_id == project, or_(cond, wf_t.c.name == ident))
+    async def find_workflow(self, ident: str, scope: str | None, project: str,
+                            lock: bool = False) -> WorkflowRecord:
+        """A workflow by id, or by name within `project`; NOT_FOUND outside the caller's `scope`."""
+        cond = or_(wf_t.c.id == ident, and_(wf_t.c.project_id == project, wf_t.c.name == ident))
+        if scope is not None:
+            cond = and_(wf_t.c.project_id == scope, cond)
         stmt = self._workflow_select().where(cond)
         if lock:
             stmt = self._lock(stmt)
@@ -216,10 +207,13 @@ class Repository:
             select(ver_t.c.id, ver_t.c.spec).where(ver_t.c.id.in_(set(version_ids))))
         return {r.id: WorkflowSpec.from_dict(r.spec) for r in rows}
 
-    async def workflow_limits(self, workflow_ids: Iterable[str]) -> dict[str, int]:
-        rows = await self.conn.execute(
-            select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(set(workflow_ids))))
-        return {r.id: r.max_concurrent_runs for r in rows}
+    async def workflow_limits(self, workflow_ids: Iterable[str], lock: bool = False) -> dict[str, int]:
+        """max_concurrent_runs per workflow; `lock` holds the workflow rows so that replicas
+        hand out a capped workflow's run slots one at a time."""
+        stmt = select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(sorted(set(workflow_ids))))
+        if lock:
+            stmt = self._lock(stmt.order_by(wf_t.c.id))
+        return {r.id: r.max_concurrent_runs for r in await self.conn.execute(stmt)}
 
     # -- triggering ---------------------------------------------------------------------------
 
@@ -232,14 +226,19 @@ class Repository:
         return {r.key: (r.request_hash, r.run_id) for r in rows}
 
     async def insert_runs(self, runs: list[RunRecord], steps: list[StepRecord], events: list[EventRecord],
-                          idempotency: list[dict[str, Any]]) -> None:
-        """Write new runs with all their steps, tags, first events and idempotency records."""
-        if idempotency:
+                          idempotency: list[dict[str, Any]], now: datetime) -> None:
+        """Write new runs with all their steps, tags, first events and idempotency records.
+        Raises DuplicateKey when another writer recorded one of the idempotency keys first."""
+        for rec in idempotency:
             # An expired record of the same key is replaced by the new one.
-            for rec in idempotency:
-                await self.conn.execute(delete(idem_t).where(
-                    idem_t.c.project_id == rec["project_id"], idem_t.c.workflow_id == rec["workflow_id"],
-                    idem_t.c.key == rec["key"]))
+            await self.conn.execute(delete(idem_t).where(
+                idem_t.c.project_id == rec["project_id"], idem_t.c.workflow_id == rec["workflow_id"],
+                idem_t.c.key == rec["key"], idem_t.c.expires_at <= now))
+        if idempotency:
+            try:
+                await self.conn.execute(insert(idem_t), idempotency)
+            except IntegrityError as e:
+                raise DuplicateKey("idempotency key recorded concurrently") from e
         await self.conn.execute(insert(runs_t), [_row(r, _RUN_FIELDS) for r in runs])
         tag_rows = [{"run_id": r.id, "key": k, "value": v} for r in runs for k, v in r.tags.items()]
         if tag_rows:
@@ -248,8 +247,6 @@ class Repository:
             await self.conn.execute(insert(steps_t), [_row(s, _STEP_FIELDS) for s in steps])
         if events:
             await self.conn.execute(insert(events_t), [_row(e, _EVENT_FIELDS) for e in events])
-        if idempotency:
-            await self.conn.execute(insert(idem_t), idempotency)
 
     async def purge_idempotency(self, now: datetime) -> int:
         res = await self.conn.execute(delete(idem_t).where(idem_t.c.expires_at <= now))
@@ -277,18 +274,21 @@ class Repository:
             stmt = self._lock(stmt.order_by(runs_t.c.id))
         return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
 
-    async def list_runs(self, flt: RunFilter, limit: int, token: str) -> Page[RunRecord]:
+    async def list_runs(self, flt: RunQuery, project: str | None, limit: int, token: str) -> Page[RunRecord]:
+        """Runs newest first. `project` is the caller's scope; `flt.project_id` a filter within it."""
         n = page_size(limit)
         stmt = select(runs_t)
-        if flt.project is not None:
-            stmt = stmt.where(runs_t.c.project_id == flt.project)
+        if project is not None:
+            stmt = stmt.where(runs_t.c.project_id == project)
+        if flt.project_id:
+            stmt = stmt.where(runs_t.c.project_id == flt.project_id)
         if flt.statuses:
             stmt = stmt.where(runs_t.c.status.in_([str(s) for s in flt.statuses]))
         if flt.workflow_ids:
             ids = select(wf_t.c.id).where(
                 or_(wf_t.c.id.in_(flt.workflow_ids), wf_t.c.name.in_(flt.workflow_ids)))
-            if flt.project is not None:
-                ids = ids.where(wf_t.c.project_id == flt.project)
+            if project is not None:
+                ids = ids.where(wf_t.c.project_id == project)
             stmt = stmt.where(runs_t.c.workflow_id.in_(ids))
         if flt.triggered_by:
             stmt = stmt.where(runs_t.c.triggered_by == flt.triggered_by)

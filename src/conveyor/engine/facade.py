@@ -1,0 +1,44 @@
+"""Engine: the one object the API and the CLI talk to.
+
+It assembles the use cases (`workflows`, `runs`, `steps`) over one store and one clock, and
+owns the background loop that advances runs. Every method takes the `Caller` whose project
+scopes what it may see; a resource outside that scope is NOT_FOUND, as if absent.
+"""
+
+from __future__ import annotations
+
+from conveyor.engine.clock import Clock, SystemClock
+from conveyor.engine.ports import Store
+from conveyor.engine.runner import Runner
+from conveyor.engine.runs import RunService
+from conveyor.engine.steps import StepService
+from conveyor.engine.triggers import Triggers
+from conveyor.engine.workflows import WorkflowService
+from conveyor.settings import Settings
+
+
+class Engine:
+    """Use cases plus the run-advancing loop."""
+
+    def __init__(self, store: Store, settings: Settings, clock: Clock | None = None) -> None:
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.runner = Runner(store, self.clock, batch_size=settings.engine_batch_size,
+                             idle_seconds=settings.engine_idle_seconds)
+        self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
+                                 idempotency_ttl=settings.idempotency_ttl_seconds)
+        self.workflows = WorkflowService(store, self.clock)
+        self.runs = RunService(store, self.clock, self.runner, self.triggers)
+        self.steps = StepService(store, self.clock, self.runner)
+
+    async def start(self) -> None:
+        """Start advancing runs in the background (not used by tests that tick by hand)."""
+        self.runner.start()
+
+    async def stop(self) -> None:
+        await self.triggers.close()
+        await self.runner.stop()
+
+    async def tick(self) -> int:
+        """Advance every run that is due now; returns how many runs were looked at."""
+        return await self.runner.run_until_idle()

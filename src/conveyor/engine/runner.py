@@ -1,0 +1,176 @@
+"""Runner: advances runs from the database.
+
+A run is due when its `wake_at` has passed (a trigger, an operator action, a timer, a retry
+backoff or a freed concurrency slot set it). `tick` claims a batch of due runs in one write
+transaction, plans each with the pure planner and saves every change with its events as
+compare-and-set updates. Nothing lives only in memory: after a crash, `wake_at` in the database
+says what is still due, so a restarted server continues exactly where the last commit left off.
+
+The background loop sleeps until the next `wake_at` or until `notify()` says new work was
+committed; tests call `tick()` / `run_until_idle()` with a ManualClock instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConcurrentChange
+from conveyor.domain.planner import advance
+from conveyor.domain.records import RunRecord
+from conveyor.domain.spec import WorkflowSpec
+from conveyor.domain.states import RunStatus
+from conveyor.engine.clock import Clock
+from conveyor.engine.ports import Repo, Store
+
+log = logging.getLogger(__name__)
+
+# Specs are immutable per version id, so a small LRU spares re-parsing them on every pass.
+_SPEC_CACHE_SIZE = 256
+
+
+class Runner:
+    """Claims due runs in batches and advances them."""
+
+    def __init__(self, store: Store, clock: Clock, batch_size: int = 256, idle_seconds: float = 1.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.batch_size = batch_size
+        self.idle_seconds = idle_seconds
+        self._specs: OrderedDict[str, WorkflowSpec] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- planning over loaded state ---------------------------------------------------------
+
+    async def specs(self, repo: Repo, version_ids: set[str]) -> dict[str, WorkflowSpec]:
+        """Specs by version id, from the cache or the database."""
+        missing = version_ids - self._specs.keys()
+        if missing:
+            for vid, spec in (await repo.specs(missing)).items():
+                self._specs[vid] = spec
+        out = {}
+        for vid in version_ids:
+            self._specs.move_to_end(vid)
+            out[vid] = self._specs[vid]
+        while len(self._specs) > _SPEC_CACHE_SIZE:
+            self._specs.popitem(last=False)
+        return out
+
+    async def advance_loaded(self, repo: Repo, runs: Sequence[RunRecord], now: datetime) -> list[Changes]:
+        """Plan and save every change the engine can make to `runs` (locked by the caller)."""
+        if not runs:
+            return []
+        steps = await repo.steps_of([r.id for r in runs])
+        specs = await self.specs(repo, {r.workflow_version_id for r in runs})
+        may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING])
+        units: list[Changes] = []
+        freed: dict[str, int] = {}
+        for run in runs:
+            c = advance(run, steps[run.id], specs[run.workflow_version_id], now,
+                        may_start=run.id in may_start)
+            if c.left_running:
+                freed[run.workflow_id] = freed.get(run.workflow_id, 0) + 1
+            units.append(c)
+        await repo.save(units)
+        await self.wake_waiting(repo, freed, now)
+        return units
+
+    async def _slots(self, repo: Repo, pending: list[RunRecord]) -> set[str]:
+        """Ids of the pending runs that may start now. A workflow with max_concurrent_runs
+        hands its free slots to its oldest pending runs first (FIFO, SPEC §3)."""
+        if not pending:
+            return set()
+        # Locking the workflow rows makes replicas count and fill a workflow's slots one at a time.
+        limits = await repo.workflow_limits({r.workflow_id for r in pending}, lock=True)
+        capped = {wf for wf, n in limits.items() if n > 0}
+        allowed = {r.id for r in pending if r.workflow_id not in capped}
+        if capped:
+            running = await repo.running_counts(capped)
+            heads: list[str] = []
+            for wf in capped:
+                free = limits[wf] - running.get(wf, 0)
+                if free > 0:
+                    heads += await repo.oldest_pending(wf, free)
+            allowed.update(heads)
+            # An older pending run outside this batch is owed the slot: make it due now.
+            in_batch = {r.id for r in pending}
+            await repo.wake([h for h in heads if h not in in_batch], self.clock.now())
+        return allowed
+
+    async def wake_waiting(self, repo: Repo, freed: dict[str, int], now: datetime) -> None:
+        """Runs that left `running` freed slots: wake the oldest pending runs of those workflows."""
+        for wf, n in freed.items():
+            await repo.wake(await repo.oldest_pending(wf, n), now)
+
+    # -- passes -------------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """One pass: advance up to `batch_size` due runs in one transaction; returns how many."""
+        now = self.clock.now()
+        for _ in range(3):
+            try:
+                async with self.store.write() as repo:
+                    runs = await repo.claim_due_runs(now, self.batch_size)
+                    await self.advance_loaded(repo, runs, now)
+                    return len(runs)
+            except ConcurrentChange:
+                # Another writer changed one of these runs between our read and our write (only
+                # possible across PostgreSQL replicas); the transaction rolled back, plan again.
+                log.info("runner: concurrent change, retrying the pass")
+        return 0
+
+    async def run_until_idle(self) -> int:
+        """Tick until nothing is due at the clock's current time; returns runs looked at."""
+        total = 0
+        while (n := await self.tick()) > 0:
+            total += n
+        return total
+
+    async def advance_now(self, run_ids: Sequence[str]) -> None:
+        """Advance these runs at once, in the caller's stead (trigger with `immediate`)."""
+        now = self.clock.now()
+        async with self.store.write() as repo:
+            runs = await repo.get_runs(list(run_ids), None, lock=True)
+            await self.advance_loaded(repo, runs, now)
+
+    # -- background loop ----------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """New work was committed: wake the loop now instead of at its next timer."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="conveyor-runner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.run_until_idle()
+                async with self.store.read() as repo:
+                    nxt = await repo.next_wake()
+            except Exception:
+                # A failing pass (database briefly unavailable…) must not kill the loop: log it
+                # and try again after the idle wait; the work is still due in the database.
+                log.exception("runner: pass failed")
+                nxt = None
+            wait = self.idle_seconds
+            if nxt is not None:
+                wait = max(0.0, min(wait, (nxt - self.clock.now()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+

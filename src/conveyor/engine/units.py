@@ -1,0 +1,47 @@
+"""The unit of work every run and step operation goes through.
+
+`RunUnits.mutate` locks the run (row lock on PostgreSQL; SQLite's single writer already
+serializes), loads its steps and spec, lets a pure domain operation change them through
+`Changes`, saves the changes with their events in the same transaction, hands a freed
+concurrency slot to the next pending run, and then nudges the runner. If the operation raises,
+the transaction rolls back: nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.records import Caller, StepRecord
+from conveyor.domain.spec import WorkflowSpec
+from conveyor.engine.clock import Clock
+from conveyor.engine.ports import Store
+from conveyor.engine.runner import Runner
+
+T = TypeVar("T")
+Operation = Callable[[Changes, list[StepRecord], WorkflowSpec], T]
+
+
+class RunUnits:
+    """Runs one operation on one run inside one write transaction."""
+
+    def __init__(self, store: Store, clock: Clock, runner: Runner) -> None:
+        self.store = store
+        self.clock = clock
+        self.runner = runner
+
+    async def mutate(self, run_id: str, caller: Caller, op: Operation[T]) -> T:
+        """Apply `op` to the run and save what it changed; returns what `op` returned."""
+        now = self.clock.now()
+        async with self.store.write() as repo:
+            run = await repo.get_run(run_id, caller.project, lock=True)
+            steps = (await repo.steps_of([run.id]))[run.id]
+            spec = (await self.runner.specs(repo, {run.workflow_version_id}))[run.workflow_version_id]
+            c = Changes(run, now, caller.name)
+            result = op(c, steps, spec)
+            await repo.save([c])
+            if c.left_running:
+                await self.runner.wake_waiting(repo, {run.workflow_id: 1}, now)
+        self.runner.notify()
+        return result

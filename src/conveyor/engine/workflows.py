@@ -1,0 +1,96 @@
+"""Workflow definitions: create, read, list, new versions, archive.
+
+A definition is validated by the domain's `parse_workflow` (every problem reported at once) and
+stored as an immutable version; updating writes the next version and points the workflow at it,
+so runs keep the version they started on. Archiving stops new runs; existing runs continue.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.operations import workflow_archived
+from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecord
+from conveyor.domain.spec import parse_workflow
+from conveyor.engine.clock import Clock
+from conveyor.engine.ids import new_id
+from conveyor.engine.ports import Store
+
+# Project ids travel in paths and filters: keep them to a safe, boring alphabet.
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def project_of(requested: str, caller: Caller) -> str:
+    """The project a new resource goes into: the request's, else the caller's, else the default."""
+    project = requested or caller.project or DEFAULT_PROJECT
+    if not _PROJECT.fullmatch(project):
+        raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_PROJECT_ID",
+                            "project_id must be 1-128 letters, digits, '_', '.' or '-'")
+    if caller.project is not None and project != caller.project:
+        raise ConveyorError(ErrorKind.PERMISSION_DENIED, "PROJECT_FORBIDDEN",
+                            f"this key may not act in project {project!r}")
+    return project
+
+
+def name_scope(project_id: str, caller: Caller) -> str:
+    """The project in which a workflow name is looked up (ids are global)."""
+    return project_id or caller.project or DEFAULT_PROJECT
+
+
+class WorkflowService:
+    """Use cases on workflow definitions."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def create(self, data: dict[str, Any], caller: Caller) -> WorkflowRecord:
+        project = project_of(str(data.get("project_id") or ""), caller)
+        spec = parse_workflow(data)
+        now = self.clock.now()
+        wf = WorkflowRecord(id=new_id(), project_id=project, name=spec.name, version=1, version_id=new_id(),
+                            spec=spec, created_by=caller.name, created_at=now, updated_at=now)
+        async with self.store.write() as repo:
+            await repo.insert_workflow(wf, spec.max_concurrent_runs)
+        return wf
+
+    async def get(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
+        async with self.store.read() as repo:
+            return await repo.find_workflow(ident, caller.project, name_scope(project_id, caller))
+
+    async def list(self, project_id: str, limit: int, token: str, include_archived: bool,
+                   caller: Caller) -> Page[WorkflowRecord]:
+        scope = caller.project
+        if project_id:
+            if scope is not None and project_id != scope:
+                return Page([], "")
+            scope = project_id
+        async with self.store.read() as repo:
+            return await repo.list_workflows(scope, limit, token, include_archived)
+
+    async def update(self, ident: str, data: dict[str, Any], caller: Caller) -> WorkflowRecord:
+        """Write the next version. The name is the workflow's identity and cannot change."""
+        spec = parse_workflow(data)
+        project = name_scope(str(data.get("project_id") or ""), caller)
+        async with self.store.write() as repo:
+            wf = await repo.find_workflow(ident, caller.project, project, lock=True)
+            if spec.name != wf.name:
+                raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "WORKFLOW_NAME_IMMUTABLE",
+                                    f"a workflow's name cannot change (it is {wf.name!r})")
+            if wf.archived:
+                raise workflow_archived(wf.name)
+            wf.version += 1
+            wf.version_id = new_id()
+            wf.spec = spec
+            wf.updated_at = self.clock.now()
+            await repo.insert_version(wf)
+            await repo.set_current_version(wf)
+        return wf
+
+    async def archive(self, ident: str, project_id: str, caller: Caller) -> None:
+        """Archive: no new runs. Archiving an archived workflow is a no-op (DELETE is idempotent)."""
+        async with self.store.write() as repo:
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
+            await repo.archive_workflow(wf.id, self.clock.now())
