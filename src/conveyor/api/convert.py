@@ -1,0 +1,270 @@
+"""Conversion between the wire (generated protos) and the engine's records.
+
+Owns both directions: records -> `WorkflowRun`, `StepRun`, `RunEvent`, `Workflow` messages;
+request messages -> the plain values and records the engine takes (JSON dicts, `TriggerRequest`,
+`RunQuery`); and how a list stream announces its next page's cursor. Decoding
+problems a client can fix are raised as INVALID_ARGUMENT `ConveyorError`s with a field
+violation, like any other domain error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from conveyor.domain.errors import FieldViolation, invalid
+from conveyor.domain.records import (
+    EventRecord,
+    RunQuery,
+    RunRecord,
+    StepRecord,
+    TriggerRequest,
+    WorkflowRecord,
+)
+from conveyor.domain.states import RunStatus
+from conveyor.v1 import resources_pb2 as pb
+from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
+
+# The gRPC metadata key Envoy forwards the `Idempotency-Key` HTTP header as.
+IDEMPOTENCY_METADATA_KEY = "idempotency-key"
+
+# Workflow fields the server assigns; a client's values for them are ignored on create/update.
+_WORKFLOW_OUTPUT_ONLY = frozenset(
+    {"id", "version", "workflow_version_id", "archived", "created_by", "created_at", "updated_at"})
+
+
+# --- records -> protos ---------------------------------------------------------------------------
+
+def _set_time(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
+    # Unset Timestamps are omitted from JSON; a zero Timestamp would print as 1970.
+    if value is not None:
+        target.FromDatetime(value)
+
+
+def _set_struct(target: struct_pb2.Struct, value: Mapping[str, Any] | None) -> None:
+    if value is not None:
+        # SetInParent marks the field present even for {}, so it prints as {} rather than vanishing.
+        target.SetInParent()
+        target.update(value)
+
+
+def run_to_proto(run: RunRecord, now: datetime) -> pb.WorkflowRun:
+    """A run as the wire shows it; `now` (the engine's clock) ends the duration of a live run."""
+    msg = pb.WorkflowRun(
+        id=run.id,
+        workflow_id=run.workflow_id,
+        project_id=run.project_id,
+        status=pb.RunStatus.Value.Value(str(run.status)),
+        triggered_by=run.triggered_by,
+        workflow_version=run.workflow_version,
+        max_parallel_steps=run.max_parallel_steps,
+        error=run.error,
+        retry_of_run_id=run.retry_of_run_id,
+        parent_workflow_run_id=run.parent_workflow_run_id,
+        parent_step_run_id=run.parent_step_run_id,
+        tags=run.tags,
+        workflow_version_id=run.workflow_version_id,
+        created_by=run.created_by,
+        workflow_name=run.workflow_name,
+        status_message=run.status_message,
+        entity_id=run.entity_id,
+        idempotency_key=run.idempotency_key,
+        duration_in_seconds=duration_seconds(run, now),
+    )
+    _set_struct(msg.payload, run.payload)
+    _set_struct(msg.output, run.output)
+    _set_time(msg.started_at, run.started_at)
+    _set_time(msg.finished_at, run.finished_at)
+    _set_time(msg.expires_at, run.expires_at)
+    _set_time(msg.created_at, run.created_at)
+    _set_time(msg.updated_at, run.updated_at)
+    return msg
+
+
+def duration_seconds(run: RunRecord, now: datetime) -> float:
+    """Seconds from started_at to finished_at, or to `now` while the run goes on; 0 before it starts."""
+    if run.started_at is None:
+        return 0.0
+    end = run.finished_at or now
+    return max(0.0, (end - run.started_at).total_seconds())
+
+
+def step_to_proto(step: StepRecord) -> pb.StepRun:
+    """A step run as the wire shows it."""
+    msg = pb.StepRun(
+        id=step.id,
+        workflow_run_id=step.workflow_run_id,
+        workflow_step_id=step.workflow_step_id,
+        step_ref=step.step_ref,
+        job_run_id=step.job_run_id,
+        attempt=step.attempt,
+        status=pb.StepStatus.Value.Value(str(step.status)),
+        deps_completed=step.deps_completed,
+        deps_required=step.deps_required,
+        error=step.error,
+        kind=step.kind,
+        queue=step.queue,
+        skip_reason=step.skip_reason,
+        approved_by=step.approved_by,
+        worker_id=step.worker_id,
+    )
+    _set_struct(msg.output, step.output)
+    _set_time(msg.started_at, step.started_at)
+    _set_time(msg.finished_at, step.finished_at)
+    _set_time(msg.created_at, step.created_at)
+    return msg
+
+
+def event_to_proto(event: EventRecord) -> pb.RunEvent:
+    """A run event as the wire shows it."""
+    msg = pb.RunEvent(
+        seq=event.seq,
+        workflow_run_id=event.workflow_run_id,
+        type=event.type,
+        step_ref=event.step_ref,
+        status=event.status,
+        message=event.message,
+        actor=event.actor,
+    )
+    _set_struct(msg.data, event.data)
+    _set_time(msg.at, event.at)
+    return msg
+
+
+def workflow_to_proto(wf: WorkflowRecord) -> pb.Workflow:
+    """A workflow at its current version: the spec's definition fields plus the server's own."""
+    # The spec's dict form is the Workflow message's JSON shape; parsing it strictly makes a
+    # drift between the two fail loudly instead of dropping a field.
+    msg = json_format.ParseDict(wf.spec.to_dict(), pb.Workflow(), ignore_unknown_fields=False)
+    msg.id = wf.id
+    msg.project_id = wf.project_id
+    msg.version = wf.version
+    msg.workflow_version_id = wf.version_id
+    msg.archived = wf.archived
+    msg.created_by = wf.created_by
+    _set_time(msg.created_at, wf.created_at)
+    _set_time(msg.updated_at, wf.updated_at)
+    return msg
+
+
+# --- requests -> engine values -------------------------------------------------------------------
+
+def struct_to_dict(msg: Any, field: str) -> dict[str, Any]:
+    """The JSON object in Struct field `field` of `msg`; {} when the field is absent."""
+    if not msg.HasField(field):
+        return {}
+    return json_format.MessageToDict(getattr(msg, field))
+
+
+def workflow_data(msg: pb.Workflow) -> dict[str, Any]:
+    """A Workflow message as the JSON dict the engine validates, without output-only fields."""
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    for key in _WORKFLOW_OUTPUT_ONLY:
+        data.pop(key, None)
+    # Always present, so the engine need not know that JSON printing omits empty strings.
+    data["project_id"] = msg.project_id
+    return data
+
+
+def idempotency_key(body_key: str, metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The trigger's idempotency key: the `Idempotency-Key` header wins over an empty body field;
+    both given and different is INVALID_ARGUMENT (IDEMPOTENCY_KEY_MISMATCH)."""
+    header = ""
+    for key, value in metadata or ():
+        if key == IDEMPOTENCY_METADATA_KEY:
+            header = value if isinstance(value, str) else value.decode()
+            break
+    if header and body_key and header != body_key:
+        raise invalid("the Idempotency-Key header and the idempotency_key field differ",
+                      [FieldViolation("idempotency_key", "differs from the Idempotency-Key header")],
+                      reason="IDEMPOTENCY_KEY_MISMATCH")
+    return header or body_key
+
+
+def trigger_request(request: runs_pb.TriggerWorkflowRunRequest,
+                    metadata: Sequence[tuple[str, Any]] | None) -> TriggerRequest:
+    """A TriggerWorkflowRunRequest (plus the call's metadata) as the engine's TriggerRequest."""
+    return TriggerRequest(
+        workflow_id=request.workflow_id,
+        project_id=request.project_id,
+        payload=struct_to_dict(request, "payload"),
+        tags=dict(request.tags),
+        idempotency_key=idempotency_key(request.idempotency_key, metadata),
+        entity_id=request.entity_id,
+        run_as=request.run_as,
+        max_parallel_steps=request.max_parallel_steps,
+        timeout_seconds=request.timeout_seconds,
+        check_conditions=request.check_conditions,
+        immediate=request.immediate,
+    )
+
+
+def run_statuses(values: Sequence[int]) -> list[RunStatus] | None:
+    """A status filter as RunStatus values; None when the filter can match no run (every value
+    given is `unspecified`, which matches nothing)."""
+    statuses: list[RunStatus] = []
+    for i, value in enumerate(values):
+        if value not in pb.RunStatus.Value.values():
+            raise invalid(f"unknown run status {value}",
+                          [FieldViolation(f"status[{i}]", f"unknown run status {value}")],
+                          reason="INVALID_STATUS_FILTER")
+        if value != pb.RunStatus.unspecified:
+            statuses.append(RunStatus(pb.RunStatus.Value.Name(value)))
+    if values and not statuses:
+        return None
+    return statuses
+
+
+def tag_filters(values: Sequence[str]) -> list[tuple[str, str]]:
+    """`key:value` tag filters as (key, value) pairs; the value may itself hold colons."""
+    pairs: list[tuple[str, str]] = []
+    for i, text in enumerate(values):
+        key, colon, value = text.partition(":")
+        if not colon or not key:
+            raise invalid(f"tag filter {text!r} is not written key:value",
+                          [FieldViolation(f"tag[{i}]", "must be written key:value")],
+                          reason="INVALID_TAG_FILTER")
+        pairs.append((key, value))
+    return pairs
+
+
+def _time_or_none(msg: Any, field: str) -> datetime | None:
+    if not msg.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(msg, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def run_query(request: runs_pb.ListWorkflowRunsRequest) -> RunQuery | None:
+    """The filters of a ListWorkflowRunsRequest; None when they can match no run."""
+    # Every filter is decoded (and so validated) before deciding nothing can match.
+    statuses = run_statuses(request.status)
+    tags = tag_filters(request.tag)
+    if statuses is None:
+        return None
+    return RunQuery(
+        project_id=request.project_id,
+        statuses=statuses,
+        workflow_ids=list(request.workflow_id),
+        triggered_by=request.triggered_by,
+        started_after=_time_or_none(request, "started_after"),
+        started_before=_time_or_none(request, "started_before"),
+        tags=tags,
+    )
+
+
+# --- pages ---------------------------------------------------------------------------------------
+
+# The initial-metadata key (and, through Envoy, the REST response header) of the next page's cursor.
+NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
+
+
+async def send_next_page_token(context: grpc.aio.ServicerContext, token: str) -> None:
+    """Announce the next page's cursor before the first item of a list stream; the last page
+    sends nothing, so the REST header is absent there (SPEC §1.1)."""
+    if token:
+        await context.send_initial_metadata([(NEXT_PAGE_TOKEN_KEY, token)])

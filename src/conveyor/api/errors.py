@@ -1,0 +1,156 @@
+"""The one place where failures become gRPC statuses.
+
+Owns the mapping from the domain's `ErrorKind` to `grpc.StatusCode`, the rich status every
+error carries (a `google.rpc.Status` in the `grpc-status-details-bin` trailer, holding a
+`google.rpc.ErrorInfo` with the stable reason and, for field problems, a `google.rpc.BadRequest`),
+and the server interceptor that applies it to every unary and server-streaming handler. Anything
+that is not a `ConveyorError` becomes INTERNAL with a generic message; its traceback goes to the
+server log only, never to the client (SPEC §1.1).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+
+logger = logging.getLogger(__name__)
+
+# The domain of every ErrorInfo we send (AIP-193: the service's name).
+ERROR_DOMAIN = "conveyor.dev"
+
+STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+INTERNAL_MESSAGE = "internal error"
+
+
+def rich_status(code: grpc.StatusCode, reason: str, message: str,
+                metadata: Mapping[str, str] | None = None,
+                violations: Sequence[FieldViolation] = ()) -> grpc.Status:
+    """A grpc.Status whose trailer carries ErrorInfo (and BadRequest when there are violations)."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=dict(metadata or {}))
+    details = [_pack(info)]
+    if violations:
+        bad_request = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations])
+        details.append(_pack(bad_request))
+    # code.value is (int, name); the Status message wants the int.
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_of(error: ConveyorError) -> grpc.Status:
+    """The wire status of a domain error."""
+    return rich_status(STATUS_CODES[error.kind], error.reason, error.message, error.metadata,
+                       error.violations)
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str,
+                message: str) -> NoReturn:
+    """End the RPC with `code` and an ErrorInfo carrying `reason` (for errors raised by the API
+    itself rather than the engine, e.g. UNIMPLEMENTED)."""
+    await context.abort_with_status(rich_status(code, reason, message))
+    # abort_with_status always raises; this line only tells type checkers so.
+    raise AssertionError("unreachable")
+
+
+# The status every unexpected exception becomes; built once, it never varies.
+_INTERNAL = rich_status(grpc.StatusCode.INTERNAL, "INTERNAL", INTERNAL_MESSAGE)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into statuses: ConveyorError -> its mapped status,
+    anything else -> INTERNAL "internal error" (traceback logged). Aborts already in flight
+    and cancellations pass through untouched."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            # Streaming handlers come in two styles: async generators (ours) and coroutines
+            # that write with context.write (grpc's health Watch).
+            if inspect.isasyncgenfunction(behavior):
+                wrapped: Any = _guard_stream(behavior, method)
+            elif inspect.iscoroutinefunction(behavior):
+                wrapped = _guard_unary(behavior, method)
+            else:
+                return handler
+            return grpc.unary_stream_rpc_method_handler(
+                wrapped,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        # Client-streaming handlers (only reflection's) are left alone.
+        return handler
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> NoReturn:
+    if isinstance(exc, ConveyorError):
+        await context.abort_with_status(status_of(exc))
+    else:
+        logger.exception("unexpected error in %s", method, exc_info=exc)
+        await context.abort_with_status(_INTERNAL)
+    raise AssertionError("unreachable")
+
+
+def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+                 method: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, exc, method)
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+                  method: str) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, exc, method)
+
+    return guarded

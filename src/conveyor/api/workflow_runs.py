@@ -1,0 +1,107 @@
+"""WorkflowRunsService: trigger, inspect and steer runs (SPEC §3) over the engine's `runs`.
+
+The two watch methods are not served yet (they arrive with the watch streams) and answer
+UNIMPLEMENTED; `conveyor.api.server.PENDING_RPCS` lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from conveyor.api import convert
+from conveyor.api.caller import caller_from
+from conveyor.api.errors import abort
+from conveyor.domain.records import RunRecord
+from conveyor.engine.facade import Engine
+from conveyor.v1 import resources_pb2 as pb
+from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
+from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
+
+
+class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
+    """Run-level use cases: one engine call per RPC, converted both ways."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _run(self, run: RunRecord) -> pb.WorkflowRun:
+        # The engine's clock, not the wall clock, ends a live run's duration (tests inject it).
+        return convert.run_to_proto(run, self._engine.clock.now())
+
+    async def TriggerWorkflowRun(self, request: runs_pb.TriggerWorkflowRunRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.WorkflowRun:
+        req = convert.trigger_request(request, context.invocation_metadata())
+        run = await self._engine.runs.trigger(req, caller=caller_from(context))
+        return self._run(run)
+
+    async def GetWorkflowRun(self, request: runs_pb.GetWorkflowRunRequest,
+                             context: grpc.aio.ServicerContext) -> pb.WorkflowRun:
+        run = await self._engine.runs.get(request.workflow_run_id, caller=caller_from(context))
+        return self._run(run)
+
+    async def ListWorkflowRuns(self, request: runs_pb.ListWorkflowRunsRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WorkflowRun]:
+        query = convert.run_query(request)
+        if query is None:  # a filter of only `unspecified` statuses: nothing can match
+            return
+        page = await self._engine.runs.list(query, request.limit, request.page_token,
+                                            caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
+        for run in page.items:
+            yield self._run(run)
+
+    async def CancelWorkflowRun(self, request: runs_pb.CancelWorkflowRunRequest,
+                                context: grpc.aio.ServicerContext) -> runs_pb.CancelWorkflowRunResponse:
+        await self._engine.runs.cancel(request.workflow_run_id, caller=caller_from(context))
+        return runs_pb.CancelWorkflowRunResponse()
+
+    async def PauseWorkflowRun(self, request: runs_pb.PauseWorkflowRunRequest,
+                               context: grpc.aio.ServicerContext) -> runs_pb.PauseWorkflowRunResponse:
+        await self._engine.runs.pause(request.workflow_run_id, caller=caller_from(context))
+        return runs_pb.PauseWorkflowRunResponse()
+
+    async def ResumeWorkflowRun(self, request: runs_pb.ResumeWorkflowRunRequest,
+                                context: grpc.aio.ServicerContext) -> runs_pb.ResumeWorkflowRunResponse:
+        await self._engine.runs.resume(request.workflow_run_id, caller=caller_from(context))
+        return runs_pb.ResumeWorkflowRunResponse()
+
+    async def RetryWorkflowRun(self, request: runs_pb.RetryWorkflowRunRequest,
+                               context: grpc.aio.ServicerContext) -> pb.WorkflowRun:
+        run = await self._engine.runs.retry(request.workflow_run_id, caller=caller_from(context))
+        return self._run(run)
+
+    async def BulkCancelWorkflowRuns(
+            self, request: runs_pb.BulkCancelWorkflowRunsRequest,
+            context: grpc.aio.ServicerContext) -> runs_pb.BulkCancelWorkflowRunsResponse:
+        canceled, failed = await self._engine.runs.bulk_cancel(list(request.workflow_run_ids),
+                                                               caller=caller_from(context))
+        return runs_pb.BulkCancelWorkflowRunsResponse(canceled=canceled, failed=failed)
+
+    async def BulkReplayWorkflowRuns(
+            self, request: runs_pb.BulkReplayWorkflowRunsRequest,
+            context: grpc.aio.ServicerContext) -> runs_pb.BulkReplayWorkflowRunsResponse:
+        replayed, failed = await self._engine.runs.bulk_replay(list(request.workflow_run_ids),
+                                                               caller=caller_from(context))
+        return runs_pb.BulkReplayWorkflowRunsResponse(replayed=replayed, failed=failed)
+
+    async def ListRunEvents(self, request: runs_pb.ListRunEventsRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunEvent]:
+        page = await self._engine.runs.events(request.workflow_run_id, request.after_seq,
+                                              request.limit, request.page_token,
+                                              caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
+        for event in page.items:
+            yield convert.event_to_proto(event)
+
+    async def WatchWorkflowRun(self, request: runs_pb.WatchWorkflowRunRequest,
+                               context: grpc.aio.ServicerContext) -> NoReturn:
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
+                    "WatchWorkflowRun arrives with the watch streams")
+
+    async def WatchProjectRuns(self, request: runs_pb.WatchProjectRunsRequest,
+                               context: grpc.aio.ServicerContext) -> NoReturn:
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
+                    "WatchProjectRuns arrives with the watch streams")

@@ -1,0 +1,54 @@
+"""WorkflowsService: versioned workflow definitions (SPEC §2) over the engine's `workflows`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from conveyor.api import convert
+from conveyor.api.caller import caller_from
+from conveyor.engine.facade import Engine
+from conveyor.v1 import resources_pb2 as pb
+from conveyor.v1 import workflows_service_pb2 as wf_pb
+from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
+
+
+class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
+    """Create, read, list, version and archive workflow definitions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def CreateWorkflow(self, request: wf_pb.CreateWorkflowRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.create(convert.workflow_data(request.workflow),
+                                                 caller=caller_from(context))
+        return convert.workflow_to_proto(wf)
+
+    async def GetWorkflow(self, request: wf_pb.GetWorkflowRequest,
+                          context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.get(request.workflow_id, request.project_id,
+                                              caller=caller_from(context))
+        return convert.workflow_to_proto(wf)
+
+    async def ListWorkflows(self, request: wf_pb.ListWorkflowsRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Workflow]:
+        page = await self._engine.workflows.list(
+            request.project_id, request.limit, request.page_token,
+            request.include_archived, caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
+        for wf in page.items:
+            yield convert.workflow_to_proto(wf)
+
+    async def UpdateWorkflow(self, request: wf_pb.UpdateWorkflowRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.update(request.workflow_id, convert.workflow_data(request.workflow),
+                                                 caller=caller_from(context))
+        return convert.workflow_to_proto(wf)
+
+    async def ArchiveWorkflow(self, request: wf_pb.ArchiveWorkflowRequest,
+                              context: grpc.aio.ServicerContext) -> wf_pb.ArchiveWorkflowResponse:
+        await self._engine.workflows.archive(request.workflow_id, request.project_id,
+                                             caller=caller_from(context))
+        return wf_pb.ArchiveWorkflowResponse()

@@ -1,0 +1,79 @@
+"""Fixtures for system tests: `conveyor serve` as a real child process.
+
+`spawn` starts the server on free ports over a given database and yields where it listens
+(read from the lines it prints); tests may SIGKILL it and spawn another on the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# A cold start (migrations, Envoy) takes about a second; leave room for a loaded CI machine.
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class Served:
+    """A running `conveyor serve` process and its addresses."""
+
+    proc: asyncio.subprocess.Process
+    grpc_target: str
+    rest_url: str
+
+    def kill(self) -> None:
+        """SIGKILL the server at once, mid-whatever-it-is-doing."""
+        self.proc.kill()
+
+
+SpawnFactory = Callable[..., AbstractAsyncContextManager[Served]]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> SpawnFactory:
+    """``async with spawn(db_url, envoy=False) as served``: a real server process."""
+
+    @asynccontextmanager
+    async def start(db_url: str, envoy: bool = False) -> AsyncIterator[Served]:
+        data_dir = tmp_path / "data"
+        args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
+                "--db-url", db_url, "--data-dir", str(data_dir)]
+        if not envoy:
+            args.append("--no-envoy")
+        log = (tmp_path / "server.log").open("ab")
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
+                                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        grpc_target = rest_url = ""
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(START_TIMEOUT):
+                while not grpc_target or (envoy and not rest_url):
+                    line = (await proc.stdout.readline()).decode()
+                    if not line:
+                        raise RuntimeError(f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                    if m := re.search(r"gRPC on (\S+)", line):
+                        grpc_target = m.group(1)
+                    if m := re.search(r"REST on (\S+)", line):
+                        rest_url = m.group(1)
+            yield Served(proc, grpc_target, rest_url)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(15):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+            log.close()
+
+    return start
