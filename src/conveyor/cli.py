@@ -49,6 +49,8 @@ async def serve(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO; the gateway's readiness polls are not news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         settings = Settings.from_env(grpc_port=args.grpc_port, http_port=args.http_port, db_url=args.db_url,
                                      data_dir=Path(args.data_dir) if args.data_dir else None,

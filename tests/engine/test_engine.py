@@ -324,3 +324,18 @@ async def test_workflow_versions_and_archive(engine: Engine) -> None:
     with pytest.raises(ConveyorError) as e:
         await engine.workflows.create(wf("ver", [noop("a")]), ME)
     assert e.value.reason == "WORKFLOW_ALREADY_EXISTS"
+
+
+async def test_idempotency_key_expires_after_ttl(engine: Engine, clock: ManualClock) -> None:
+    await engine.workflows.create(wf("ttl", [noop("a")]), ME)
+    first = await trigger(engine, "ttl", idempotency_key="k", payload={"n": 1})
+    clock.advance(24 * 3600 - 1)
+    assert await engine.triggers.purge_expired() == 0
+    assert await trigger(engine, "ttl", idempotency_key="k", payload={"n": 1}) == first
+    clock.advance(1)
+    # Expired: the key is free again, for any body, before and after the purge.
+    second = await trigger(engine, "ttl", idempotency_key="k", payload={"n": 2})
+    assert second != first
+    assert await engine.triggers.purge_expired() == 0  # the expired record was replaced
+    clock.advance(24 * 3600)
+    assert await engine.triggers.purge_expired() == 1

@@ -7,6 +7,10 @@ scopes what it may see; a resource outside that scope is NOT_FOUND, as if absent
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from conveyor.engine.clock import Clock, SystemClock
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
@@ -15,6 +19,11 @@ from conveyor.engine.steps import StepService
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.workflows import WorkflowService
 from conveyor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Expired idempotency records are deleted this often (they are already ignored once expired).
+PURGE_INTERVAL_SECONDS = 600.0
 
 
 class Engine:
@@ -30,14 +39,29 @@ class Engine:
         self.workflows = WorkflowService(store, self.clock)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
+        self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
         self.runner.start()
+        self._housekeeping = asyncio.create_task(self._purge_loop(), name="conveyor-housekeeping")
 
     async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         await self.triggers.close()
         await self.runner.stop()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+            try:
+                await self.triggers.purge_expired()
+            except Exception:
+                # Housekeeping failing now and then is harmless: expired keys are ignored anyway.
+                log.exception("purging expired idempotency keys failed")
 
     async def tick(self) -> int:
         """Advance every run that is due now; returns how many runs were looked at."""

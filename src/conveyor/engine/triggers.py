@@ -105,6 +105,11 @@ class Triggers:
                 return await repo.get_run(run.id, None)
         return run
 
+    async def purge_expired(self) -> int:
+        """Delete idempotency records past their TTL; returns how many."""
+        async with self.store.write() as repo:
+            return await repo.purge_idempotency(self.clock.now())
+
     async def close(self) -> None:
         if self._drain_task is not None:
             await asyncio.gather(self._drain_task, return_exceptions=True)
