@@ -176,7 +176,7 @@ def idempotency_key(body_key: str, metadata: Sequence[tuple[str, Any]] | None) -
     header = ""
     for key, value in metadata or ():
         if key == IDEMPOTENCY_METADATA_KEY:
-            header = value if isinstance(value, str) else value.decode()
+            header = value
             break
     if header and body_key and header != body_key:
         raise invalid("the Idempotency-Key header and the idempotency_key field differ",

@@ -104,6 +104,8 @@ class Changes:
         if status == StepStatus.RUNNING:
             step.started_at = self.now
             step.finished_at = None
+        if status in (StepStatus.QUEUED, StepStatus.PENDING):
+            step.finished_at = None  # queued again (retry, reset): no longer finished
         if status in FINAL_STEP:
             step.finished_at = self.now
             step.due_at = None
