@@ -4,6 +4,7 @@ the README walkthrough drives it with curl."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -89,7 +90,18 @@ async def test_walkthrough_over_rest(spawn: SpawnFactory, db_url: str) -> None:
 
         assert (await client.post("/v1/workflows", json=GATED)).status_code == 200
         gated = (await client.post("/v1/workflows/gated/runs", json={})).json()
-        canceled = await client.delete(f"/v1/workflow-runs/{gated['id']}")
+        async with client.stream("GET", f"/v1/workflow-runs/{gated['id']}/watch") as watch:
+            assert watch.headers["content-type"].startswith("text/event-stream")
+            frames = watch.aiter_lines()
+            first = json.loads((await anext(frames)).removeprefix("data: "))
+            assert first["snapshot"]["run"]["id"] == gated["id"]
+            assert first["snapshot"]["steps"][0]["step_ref"] == "ok"
+            canceled = await client.delete(f"/v1/workflow-runs/{gated['id']}")
+            rest_of_stream = [json.loads(line.removeprefix("data: ")) async for line in frames if line]
+        # The stream ended by itself after the run's final event.
+        assert rest_of_stream[-1]["event"]["type"] == "run.canceled"
+        seqs = [f["event"]["seq"] for f in rest_of_stream if "event" in f]
+        assert seqs == list(range(first["snapshot"]["seq"] + 1, first["snapshot"]["seq"] + 1 + len(seqs)))
         assert canceled.status_code == 200 and canceled.json() == {}
         assert (await wait_final(client, gated["id"]))["status"] == "canceled"
 

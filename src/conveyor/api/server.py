@@ -47,7 +47,6 @@ PENDING_RPCS: frozenset[str] = frozenset({
     "/conveyor.v1.WorkersService/HeartbeatTask",
     "/conveyor.v1.WorkersService/CompleteTask",
     "/conveyor.v1.WorkersService/FailTask",
-    "/conveyor.v1.WorkflowRunsService/WatchWorkflowRun",
     "/conveyor.v1.WorkflowRunsService/WatchProjectRuns",
 })
 

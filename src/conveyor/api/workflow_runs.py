@@ -1,7 +1,7 @@
 """WorkflowRunsService: trigger, inspect and steer runs (SPEC §3) over the engine's `runs`.
 
-The two watch methods are not served yet (they arrive with the watch streams) and answer
-UNIMPLEMENTED; `conveyor.api.server.PENDING_RPCS` lists them.
+WatchWorkflowRun streams a snapshot and then the run's events (SPEC §5); WatchProjectRuns is not
+served yet and answers UNIMPLEMENTED (`conveyor.api.server.PENDING_RPCS` lists it).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from conveyor.api.caller import caller_from
 from conveyor.api.errors import abort
 from conveyor.domain.records import RunRecord
 from conveyor.engine.facade import Engine
+from conveyor.engine.watch import Heartbeat, Snapshot
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
@@ -96,10 +97,22 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
         for event in page.items:
             yield convert.event_to_proto(event)
 
-    async def WatchWorkflowRun(self, request: runs_pb.WatchWorkflowRunRequest,
-                               context: grpc.aio.ServicerContext) -> NoReturn:
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
-                    "WatchWorkflowRun arrives with the watch streams")
+    async def WatchWorkflowRun(
+            self, request: runs_pb.WatchWorkflowRunRequest,
+            context: grpc.aio.ServicerContext) -> AsyncIterator[runs_pb.WatchWorkflowRunResponse]:
+        items = self._engine.watches.watch_run(request.workflow_run_id, request.after_seq,
+                                               caller=caller_from(context))
+        async for item in items:
+            if isinstance(item, Snapshot):
+                snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
+                                               steps=[convert.step_to_proto(s) for s in item.steps])
+                yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
+            elif isinstance(item, Heartbeat):
+                beat = pb.Heartbeat()
+                beat.at.FromDatetime(item.at)
+                yield runs_pb.WatchWorkflowRunResponse(heartbeat=beat)
+            else:
+                yield runs_pb.WatchWorkflowRunResponse(event=convert.event_to_proto(item))
 
     async def WatchProjectRuns(self, request: runs_pb.WatchProjectRunsRequest,
                                context: grpc.aio.ServicerContext) -> NoReturn:

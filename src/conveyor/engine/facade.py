@@ -17,6 +17,7 @@ from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
 from conveyor.engine.steps import StepService
 from conveyor.engine.triggers import Triggers
+from conveyor.engine.watch import Watches
 from conveyor.engine.workflows import WorkflowService
 from conveyor.settings import Settings
 
@@ -39,6 +40,7 @@ class Engine:
         self.workflows = WorkflowService(store, self.clock)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
+        self.watches = Watches(store, self.clock, self.runner.committed)
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -27,6 +27,7 @@ from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ports import Repo, Store
+from conveyor.engine.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Runner:
         self.idle_seconds = idle_seconds
         self._specs: OrderedDict[str, WorkflowSpec] = OrderedDict()
         self._wakeup = asyncio.Event()
+        # Fired after every commit that changed runs, so watchers look at once.
+        self.committed = Pulse()
         self._task: asyncio.Task[None] | None = None
 
     # -- planning over loaded state ---------------------------------------------------------
@@ -117,8 +120,10 @@ class Runner:
             try:
                 async with self.store.write() as repo:
                     runs = await repo.claim_due_runs(now, self.batch_size)
-                    await self.advance_loaded(repo, runs, now)
-                    return len(runs)
+                    units = await self.advance_loaded(repo, runs, now)
+                if any(u.events for u in units):
+                    self.committed.fire()
+                return len(runs)
             except ConcurrentChange:
                 # Another writer changed one of these runs between our read and our write (only
                 # possible across PostgreSQL replicas); the transaction rolled back, plan again.
@@ -138,12 +143,14 @@ class Runner:
         async with self.store.write() as repo:
             runs = await repo.get_runs(list(run_ids), None, lock=True)
             await self.advance_loaded(repo, runs, now)
+        self.committed.fire()
 
     # -- background loop ----------------------------------------------------------------------
 
     def notify(self) -> None:
         """New work was committed: wake the loop now instead of at its next timer."""
         self._wakeup.set()
+        self.committed.fire()
 
     def start(self) -> None:
         if self._task is None:
