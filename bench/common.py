@@ -17,7 +17,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+import traceback
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,23 @@ def cancel_on_sigterm() -> None:
 
 
 # --- statistics -------------------------------------------------------------------------------
+
+
+def run_bench(main: Coroutine[Any, Any, None]) -> int:
+    """Run a benchmark's main coroutine: exit code 0 when it ran (targets met or not), 1 when it
+    crashed, was interrupted or the server did not start."""
+    try:
+        asyncio.run(main)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted", file=sys.stderr)
+        return 1
+    except ServerStartError as e:
+        print(f"server failed to start: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import common
@@ -121,18 +120,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="noop steps per run (default 10)")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (default 64)")
     args = parser.parse_args()
-    try:
-        asyncio.run(bench(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
-        return 1
-    except common.ServerStartError as e:
-        print(f"server failed to start: {e}", file=sys.stderr)
-        return 1
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
+    return common.run_bench(bench(args))
 
 
 if __name__ == "__main__":

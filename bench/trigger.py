@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import common
@@ -120,18 +119,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (default 64)")
     parser.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
     args = parser.parse_args()
-    try:
-        asyncio.run(bench(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
-        return 1
-    except common.ServerStartError as e:
-        print(f"server failed to start: {e}", file=sys.stderr)
-        return 1
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
+    return common.run_bench(bench(args))
 
 
 if __name__ == "__main__":
