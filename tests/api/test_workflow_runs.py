@@ -28,7 +28,9 @@ async def list_runs(api: Api, **fields: object) -> tuple[list[pb.WorkflowRun], s
 
 
 async def test_trigger_then_ticks_complete_the_run_and_its_steps(api: Api) -> None:
-    wf = await api.create_workflow(two_steps("deploy", project_id="acme"))
+    # A concurrency cap makes the trigger leave the run pending for the runner (an uncapped
+    # run of in-engine steps is written already advanced).
+    wf = await api.create_workflow(two_steps("deploy", project_id="acme", max_concurrent_runs=10))
 
     run = await api.trigger(wf.id, payload={"commit": "abc"}, tags={"team": "core"}, entity_id="svc-1")
 
@@ -105,7 +107,8 @@ async def test_unknown_run_is_not_found(api: Api) -> None:
 
 
 async def test_list_filters(api: Api) -> None:
-    deploy = await api.create_workflow(two_steps("deploy", project_id="acme"))
+    # Capped, so runs stay pending until the runner ticks (see the test above).
+    deploy = await api.create_workflow(two_steps("deploy", project_id="acme", max_concurrent_runs=10))
     audit = await api.create_workflow(gated("audit"))
     start = api.clock.now()
     first = await api.trigger(deploy.id, tags={"env": "prod", "team": "core"})

@@ -50,8 +50,9 @@ async def test_noop_chain_completes_with_contiguous_events(engine: Engine) -> No
     chain = [noop("a", output={"x": 1}), noop("b", "a"), noop("c", "b")]
     await engine.workflows.create(wf("chain", chain), ME)
     run_id = await trigger(engine, "chain")
-    assert await status(engine, run_id) == RunStatus.PENDING
-    await engine.tick()
+    # Nothing to wait for: the trigger's own transaction already ran the chain.
+    assert await status(engine, run_id) == RunStatus.COMPLETED
+    assert await engine.tick() == 0
     run = await engine.runs.get(run_id, ME)
     assert run.status == RunStatus.COMPLETED
     assert run.output == {"a": {"x": 1}, "b": {}, "c": {}}
@@ -65,6 +66,17 @@ async def test_noop_chain_completes_with_contiguous_events(engine: Engine) -> No
     # pending, running, 3 x (queued, running, completed), completed
     assert len(events) == 2 + 9 + 1
     assert (await engine.runs.get(run_id, ME)).wake_at is None
+
+
+async def test_runner_advances_a_capped_run_the_same_way(engine: Engine) -> None:
+    chain = [noop("a", output={"x": 1}), noop("b", "a"), noop("c", "b")]
+    await engine.workflows.create(wf("capped", chain, max_concurrent_runs=5), ME)
+    run_id = await trigger(engine, "capped")
+    assert await status(engine, run_id) == RunStatus.PENDING
+    assert await engine.tick() == 1
+    run = await engine.runs.get(run_id, ME)
+    assert run.status == RunStatus.COMPLETED and run.output == {"a": {"x": 1}, "b": {}, "c": {}}
+    assert len(await events_of(engine, run_id)) == 12 and run.wake_at is None
     assert await engine.tick() == 0
 
 

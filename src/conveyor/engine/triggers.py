@@ -25,6 +25,7 @@ from typing import Any
 from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate_bool
 from conveyor.domain.operations import workflow_archived
+from conveyor.domain.planner import advance
 from conveyor.domain.records import (
     Caller,
     EventRecord,
@@ -219,26 +220,32 @@ class Triggers:
             entity_id=req.entity_id, idempotency_key=req.idempotency_key,
             expires_at=now + timedelta(seconds=timeout) if timeout else None,
         )
-        if req.check_conditions and spec.condition and not self._condition_holds(spec.condition, run):
+        canceled = req.check_conditions and spec.condition and not self._condition_holds(spec.condition, run)
+        if canceled:
             run.status = RunStatus.CANCELED
             run.status_message = CONDITIONS_NOT_MET
             run.finished_at = now
-        else:
-            run.wake_at = now
-            order = spec.topological_order()
-            for position, ref in enumerate(order):
-                s = spec.step(ref)
-                out.steps.append(StepRecord(
-                    id=new_id(), workflow_run_id=run.id, project_id=run.project_id, position=position,
-                    step_ref=ref, workflow_step_id=f"{wf.version_id}/{ref}", kind=str(s.kind),
-                    status=StepStatus.PENDING, created_at=now, updated_at=now, queue=s.queue,
-                    deps_required=len(s.depends_on)))
         run.last_seq = 1
         out.events.append(EventRecord(
             workflow_run_id=run.id, seq=1, project_id=run.project_id, type=run_event_type(run.status),
             at=now, status=str(run.status), message=run.status_message,
             actor=run.triggered_by))
         out.runs.append(run)
+        if canceled:
+            return run
+        run.wake_at = now
+        steps = [StepRecord(
+            id=new_id(), workflow_run_id=run.id, project_id=run.project_id, position=position,
+            step_ref=ref, workflow_step_id=f"{wf.version_id}/{ref}", kind=str(spec.step(ref).kind),
+            status=StepStatus.PENDING, created_at=now, updated_at=now, queue=spec.step(ref).queue,
+            deps_required=len(spec.step(ref).depends_on))
+            for position, ref in enumerate(spec.topological_order())]
+        if not spec.max_concurrent_runs:
+            # No concurrency slot to wait for: plan the new run right here, so it is written
+            # already advanced (a chain of in-engine steps, finished) in this same transaction
+            # instead of being read back and rewritten by the runner.
+            out.events += advance(run, steps, spec, now).events
+        out.steps += steps
         return run
 
     @staticmethod
