@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Specs are immutable per version id, so a small LRU spares re-parsing them on every pass.
 _SPEC_CACHE_SIZE = 256
+# Shortest sleep of the background loop between passes that found nothing to claim.
+_MIN_WAIT_SECONDS = 0.01
 
 
 class Runner:
@@ -177,7 +179,9 @@ class Runner:
                 nxt = None
             wait = self.idle_seconds
             if nxt is not None:
-                wait = max(0.0, min(wait, (nxt - self.clock.now()).total_seconds()))
+                # A due run another replica holds locked is still "due" here: a small floor keeps
+                # the loop from spinning on it until that replica commits.
+                wait = max(_MIN_WAIT_SECONDS, min(wait, (nxt - self.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
 
