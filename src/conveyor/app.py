@@ -7,21 +7,15 @@ flight, then the engine's loop, then the database pool.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import grpc
 
 from conveyor.api.server import build_server
-from conveyor.engine.clock import Clock
 from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import EnvoyGateway
 from conveyor.settings import Settings
-from conveyor.storage.db import Database, normalize_url
+from conveyor.storage.db import Database
 from conveyor.storage.migrate import migrate
 from conveyor.storage.store import SqlStore
-
-log = logging.getLogger(__name__)
 
 # Seconds in-flight RPCs get to finish on shutdown before they are cancelled.
 SHUTDOWN_GRACE = 5.0
@@ -30,26 +24,21 @@ SHUTDOWN_GRACE = 5.0
 class App:
     """A started server and everything it needs."""
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.clock = clock
         self.db: Database | None = None
         self.engine: Engine | None = None
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.gateway: EnvoyGateway | None = None
 
-    async def start(self, run_engine: bool = True) -> None:
-        url = normalize_url(self.settings.db_url)
-        if url.drivername.startswith("sqlite") and url.database:
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    async def start(self) -> None:
         await migrate(self.settings.db_url)
         self.db = Database(self.settings.db_url)
-        self.engine = Engine(SqlStore(self.db), self.settings, self.clock)
+        self.engine = Engine(SqlStore(self.db), self.settings)
         self.server, self.grpc_port = await build_server(self.engine, self.settings)
         await self.server.start()
-        if run_engine:
-            await self.engine.start()
+        await self.engine.start()
         if self.settings.envoy_enabled:
             self.gateway = EnvoyGateway(self.settings, self.grpc_port)
             await self.gateway.start()

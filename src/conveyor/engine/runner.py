@@ -73,7 +73,7 @@ class Runner:
             return []
         steps = await repo.steps_of([r.id for r in runs])
         specs = await self.specs(repo, {r.workflow_version_id for r in runs})
-        may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING])
+        may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], now)
         units: list[Changes] = []
         freed: dict[str, int] = {}
         for run in runs:
@@ -86,7 +86,7 @@ class Runner:
         await self.wake_waiting(repo, freed, now)
         return units
 
-    async def _slots(self, repo: Repo, pending: list[RunRecord]) -> set[str]:
+    async def _slots(self, repo: Repo, pending: list[RunRecord], now: datetime) -> set[str]:
         """Ids of the pending runs that may start now. A workflow with max_concurrent_runs
         hands its free slots to its oldest pending runs first (FIFO, SPEC §3)."""
         if not pending:
@@ -105,7 +105,7 @@ class Runner:
             allowed.update(heads)
             # An older pending run outside this batch is owed the slot: make it due now.
             in_batch = {r.id for r in pending}
-            await repo.wake([h for h in heads if h not in in_batch], self.clock.now())
+            await repo.wake([h for h in heads if h not in in_batch], now)
         return allowed
 
     async def wake_waiting(self, repo: Repo, freed: dict[str, int], now: datetime) -> None:

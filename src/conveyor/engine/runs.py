@@ -17,12 +17,12 @@ from conveyor.domain.records import (
     StepRecord,
     TriggerRequest,
 )
-from conveyor.domain.states import RunStatus, StepStatus, run_event_type
+from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
-from conveyor.engine.triggers import Triggers
+from conveyor.engine.triggers import Triggers, opening_events
 from conveyor.engine.units import Operation, RunUnits
 
 # Bulk operations take at most this many ids per request, so one call stays one short burst.
@@ -85,14 +85,11 @@ class RunService:
                 updated_at=now, payload=old.payload, tags=dict(old.tags), triggered_by=caller.name,
                 created_by=caller.name, max_parallel_steps=old.max_parallel_steps, entity_id=old.entity_id,
                 retry_of_run_id=old.id, parent_workflow_run_id=old.parent_workflow_run_id,
-                parent_step_run_id=old.parent_step_run_id, depth=old.depth, last_seq=1, wake_at=now,
+                parent_step_run_id=old.parent_step_run_id, depth=old.depth, wake_at=now,
                 expires_at=now + (old.expires_at - old.created_at) if old.expires_at else None)
             steps = [_copy_step(s, run) for s in old_steps]
-            first = EventRecord(workflow_run_id=run.id, seq=1, project_id=run.project_id,
-                                type=run_event_type(run.status), at=now, status=str(run.status),
-                                message=f"retry of {old.id}", data={"retry_of_run_id": old.id},
-                                actor=caller.name)
-            await repo.insert_runs([run], steps, [first], [], now)
+            first = opening_events(run, now, caller.name, f"retry of {old.id}", {"retry_of_run_id": old.id})
+            await repo.insert_runs([run], steps, first, [], now)
             c = Changes(old, now, caller.name)
             c.event("run.retried", message=f"retried by {caller.name} as {run.id}", data={"run_id": run.id})
             await repo.save([c])

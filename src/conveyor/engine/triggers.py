@@ -4,7 +4,8 @@ Concurrent triggers are queued and written together: one drain task takes up to 
 queued requests and writes all their runs, steps, first events and idempotency records in ONE
 transaction, so the cost of a commit (an fsync on SQLite) is shared by every request in it. Each
 request still gets its own answer: a request that fails validation fails alone and the rest of
-its batch is written.
+its batch is written. A run whose workflow caps no concurrent runs is planned right away, so
+it is written already advanced; capped runs are left pending for the runner's slot accounting.
 
 Idempotency: the key is scoped to (project, workflow) and kept for the configured TTL. The same
 key with the same request body answers the original run; with a different body it is
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate_bool
 from conveyor.domain.operations import workflow_archived
-from conveyor.domain.planner import advance
+from conveyor.domain.planner import advance, expression_context
 from conveyor.domain.records import (
     Caller,
     EventRecord,
@@ -70,6 +72,15 @@ def request_hash(req: TriggerRequest) -> str:
             "entity_id": req.entity_id, "run_as": req.run_as, "max_parallel_steps": req.max_parallel_steps,
             "timeout_seconds": req.timeout_seconds, "check_conditions": req.check_conditions}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def opening_events(run: RunRecord, now: datetime, actor: str, message: str = "",
+                   data: dict[str, Any] | None = None) -> list[EventRecord]:
+    """Event 1 of a new run: it entered its first status."""
+    c = Changes(run, now, actor)
+    c.event(run_event_type(run.status), status=str(run.status), message=message or run.status_message,
+            data=data)
+    return c.events
 
 
 def key_reused(key: str) -> ConveyorError:
@@ -225,21 +236,19 @@ class Triggers:
             run.status = RunStatus.CANCELED
             run.status_message = CONDITIONS_NOT_MET
             run.finished_at = now
-        run.last_seq = 1
-        out.events.append(EventRecord(
-            workflow_run_id=run.id, seq=1, project_id=run.project_id, type=run_event_type(run.status),
-            at=now, status=str(run.status), message=run.status_message,
-            actor=run.triggered_by))
+        out.events += opening_events(run, now, run.triggered_by)
         out.runs.append(run)
         if canceled:
             return run
         run.wake_at = now
-        steps = [StepRecord(
-            id=new_id(), workflow_run_id=run.id, project_id=run.project_id, position=position,
-            step_ref=ref, workflow_step_id=f"{wf.version_id}/{ref}", kind=str(spec.step(ref).kind),
-            status=StepStatus.PENDING, created_at=now, updated_at=now, queue=spec.step(ref).queue,
-            deps_required=len(spec.step(ref).depends_on))
-            for position, ref in enumerate(spec.topological_order())]
+        steps = []
+        for position, ref in enumerate(spec.topological_order()):
+            s = spec.step(ref)
+            steps.append(StepRecord(
+                id=new_id(), workflow_run_id=run.id, project_id=run.project_id, position=position,
+                step_ref=ref, workflow_step_id=f"{wf.version_id}/{ref}", kind=str(s.kind),
+                status=StepStatus.PENDING, created_at=now, updated_at=now, queue=s.queue,
+                deps_required=len(s.depends_on)))
         if not spec.max_concurrent_runs:
             # No concurrency slot to wait for: plan the new run right here, so it is written
             # already advanced (a chain of in-engine steps, finished) in this same transaction
@@ -251,8 +260,7 @@ class Triggers:
     @staticmethod
     def _condition_holds(condition: str, run: RunRecord) -> bool:
         try:
-            return evaluate_bool(condition, {"payload": run.payload, "run": {"tags": run.tags,
-                                                                              "entity_id": run.entity_id}})
+            return evaluate_bool(condition, expression_context(run, []))
         except ExpressionError as e:
             raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "CONDITION_ERROR",
                                 f"workflow condition could not be evaluated: {e}") from e

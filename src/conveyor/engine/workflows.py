@@ -24,7 +24,7 @@ _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 def project_of(requested: str, caller: Caller) -> str:
     """The project a new resource goes into: the request's, else the caller's, else the default."""
-    project = requested or caller.project or DEFAULT_PROJECT
+    project = name_scope(requested, caller)
     if not _PROJECT.fullmatch(project):
         raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_PROJECT_ID",
                             "project_id must be 1-128 letters, digits, '_', '.' or '-'")
