@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.domain.limits import Limits
+
 DEFAULT_DATA_DIR = Path(".conveyor")
 
 
@@ -39,6 +41,8 @@ class Settings:
     idempotency_ttl_seconds: int = 24 * 3600
     # Child workflow nesting cap (SPEC §3).
     max_nesting_depth: int = 10
+    # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -1,0 +1,45 @@
+"""Limits: every size, length, count and cost bound Conveyor enforces, in one place.
+
+The API checks requests against them at the edge (a clear INVALID_ARGUMENT and nothing stored),
+the planner checks what steps produce (a step whose output is too large fails with
+OUTPUT_TOO_LARGE), and the expression engine bounds what one CEL evaluation may cost. Settings
+holds one `Limits`; the defaults below are the documented defaults (README, "Limits").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client or a step may send, store or make the engine compute."""
+
+    # Identifiers and short names: ids, workflow names, step refs, queues, idempotency keys,
+    # entity_id, run_as, tag keys, project ids, page tokens.
+    max_id_length: int = 200
+    # Tag values and other short free text (a comment, a skip reason).
+    max_short_text_length: int = 1000
+    # Long free text: descriptions, status messages, error messages.
+    max_text_length: int = 10_000
+    # Tags on one run.
+    max_tags: int = 64
+    # Nesting depth of any JSON document (payload, output, config, result, data); well below
+    # protobuf's recursion limit of 100 so that every stored document can be sent back.
+    max_json_depth: int = 32
+    # Serialized size of a run's payload, and of a step's input/result/data.
+    max_payload_bytes: int = 256 * 1024
+    # Serialized size of one step's output (a larger one fails the step, OUTPUT_TOO_LARGE) and
+    # of a run's output (the outputs of its steps).
+    max_output_bytes: int = 256 * 1024
+    max_run_output_bytes: int = 1024 * 1024
+    # Steps in one workflow definition.
+    max_steps: int = 1000
+    # Values of one repeated list filter (status=, workflow_id=, tag=).
+    max_filter_values: int = 50
+    # Length of one CEL expression or template expression.
+    max_expression_length: int = 2000
+    # Work one CEL evaluation may do (comprehension iterations / cost units).
+    max_expression_cost: int = 100_000
+    # Ids in one bulk operation.
+    max_bulk_ids: int = 1000
