@@ -8,6 +8,7 @@ holds one `Limits`; the defaults below are the documented defaults (README, "Lim
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -43,3 +44,29 @@ class Limits:
     max_expression_cost: int = 100_000
     # Ids in one bulk operation.
     max_bulk_ids: int = 1000
+
+
+def json_depth(value: object, stop_at: int) -> int:
+    """How deeply `value` nests (a scalar is 0, `{}` and `[]` are 1), counted iteratively so a
+    hostile document cannot exhaust the stack; counting stops once `stop_at` is exceeded."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[object] = list(item.values())
+        elif isinstance(item, list | tuple):
+            children = list(item)
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest > stop_at:
+            return deepest
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def json_size(value: object) -> int:
+    """Bytes of `value` as compact UTF-8 JSON (how it is stored and sent)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
