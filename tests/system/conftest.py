@@ -29,6 +29,7 @@ class Served:
     proc: asyncio.subprocess.Process
     grpc_target: str
     rest_url: str
+    data_dir: Path
 
     def kill(self) -> None:
         """SIGKILL the server at once, mid-whatever-it-is-doing."""
@@ -40,13 +41,15 @@ SpawnFactory = Callable[..., AbstractAsyncContextManager[Served]]
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> SpawnFactory:
-    """``async with spawn(db_url, envoy=False) as served``: a real server process."""
+    """``async with spawn(db_url, envoy=False) as served``: a real server process (on free ports
+    unless `grpc_port` / `http_port` name one)."""
 
     @asynccontextmanager
-    async def start(db_url: str, envoy: bool = False) -> AsyncIterator[Served]:
+    async def start(db_url: str, envoy: bool = False, grpc_port: int = 0,
+                    http_port: int = 0) -> AsyncIterator[Served]:
         data_dir = tmp_path / "data"
-        args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-                "--db-url", db_url, "--data-dir", str(data_dir)]
+        args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", str(grpc_port),
+                "--http-port", str(http_port), "--db-url", db_url, "--data-dir", str(data_dir)]
         if not envoy:
             args.append("--no-envoy")
         log = (tmp_path / "server.log").open("ab")
@@ -64,7 +67,7 @@ def spawn(tmp_path: Path) -> SpawnFactory:
                         grpc_target = m.group(1)
                     if m := re.search(r"REST on (\S+)", line):
                         rest_url = m.group(1)
-            yield Served(proc, grpc_target, rest_url)
+            yield Served(proc, grpc_target, rest_url, data_dir)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

@@ -15,19 +15,34 @@ and the REST port is read back from the admin ``/listeners`` endpoint, so there 
 which another process could take a port picked in advance.
 
 Envoy's own log (warnings and errors) goes to ``settings.data_dir / "envoy" / "envoy.log"``.
+
+Envoy never outlives its server (issue 5, item 9): a ``kill -9`` of the server would otherwise
+leave Envoy holding the REST port, and the next ``conveyor serve`` would die with "Address
+already in use". Two mechanisms, because either alone has a gap:
+
+- On Linux, Envoy is started with ``PR_SET_PDEATHSIG = SIGKILL``: the kernel kills it when the
+  thread that started it dies. That is the parent *thread*, so this is only armed when Envoy is
+  started from the main thread (whose end is the process's end); from another thread it is not.
+- Envoy's pid is recorded in ``settings.data_dir / "envoy" / "envoy.pid"``. On start, an Envoy
+  left over from a previous server of the same data dir (the pid is alive and its command line
+  names this data dir's config file) is killed before the new one binds its ports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
 import string
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,6 +62,12 @@ STOP_TIMEOUT_SECONDS = 5.0
 CONCURRENCY = 1
 # Lines of Envoy's log quoted in the error when it fails to start.
 LOG_TAIL_LINES = 20
+# A leftover Envoy killed on start is waited for this long before the start gives up.
+LEFTOVER_KILL_TIMEOUT_SECONDS = 5.0
+# prctl(2) option: the signal the kernel sends this process when its parent thread dies.
+PR_SET_PDEATHSIG = 1
+
+logger = logging.getLogger(__name__)
 
 
 def find_envoy_binary() -> Path:
@@ -91,6 +112,11 @@ class EnvoyGateway:
         """Envoy's stdout and stderr."""
         return self._dir / "envoy.log"
 
+    @property
+    def pid_path(self) -> Path:
+        """The running Envoy's pid, so that the next start can kill it if the server was killed."""
+        return self._dir / "envoy.pid"
+
     async def start(self) -> None:
         """Render the config, start Envoy and return once it is ready; RuntimeError otherwise."""
         if self._process is not None:
@@ -99,6 +125,7 @@ class EnvoyGateway:
         config_path = self._render()
         admin_address_path = self._dir / "admin.address"
         admin_address_path.unlink(missing_ok=True)
+        await _kill_leftover(self.pid_path, config_path)
         with self.log_path.open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(
                 str(find_envoy_binary()),
@@ -114,7 +141,9 @@ class EnvoyGateway:
                 # Its own process group: Ctrl-C reaches only the server, which stops Envoy in
                 # order during its graceful shutdown.
                 start_new_session=True,
+                preexec_fn=_die_with_parent_hook(),
             )
+        self.pid_path.write_text(f"{self._process.pid}\n")
         try:
             await self._wait_until_ready(admin_address_path)
         except BaseException:
@@ -126,7 +155,10 @@ class EnvoyGateway:
         process, self._process = self._process, None
         self._http_port = None
         self._admin_url = None
-        if process is None or process.returncode is not None:
+        if process is None:
+            return
+        if process.returncode is not None:
+            self.pid_path.unlink(missing_ok=True)
             return
         # Envoy may have died on its own since returncode was last updated.
         with contextlib.suppress(ProcessLookupError):
@@ -137,6 +169,7 @@ class EnvoyGateway:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+        self.pid_path.unlink(missing_ok=True)
 
     def _render(self) -> Path:
         """Write the descriptor and the config into the gateway's directory; return the config."""
@@ -190,6 +223,77 @@ class EnvoyGateway:
         except OSError:
             return "(no Envoy log)"
         return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when its parent thread dies, or None when
+    that cannot be armed safely (not Linux, or not the main thread: PDEATHSIG fires when the
+    *thread* that forked exits, which for any thread but the main one is not the server's end)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    # Resolved here, before the fork: the child only makes two system calls.
+    parent = os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return  # not fatal: the pid file still lets the next start clean up
+        # The parent may have died between fork and prctl; the signal would never come then.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+async def _kill_leftover(pid_path: Path, config_path: Path) -> None:
+    """Kill an Envoy that a previous server of this data dir left running (the server was
+    SIGKILLed, or PDEATHSIG could not be armed), and wait until it is gone."""
+    pid = _leftover_pid(pid_path, config_path)
+    if pid is None:
+        return
+    logger.warning("killing Envoy pid %d left over from a previous server of this data dir", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LEFTOVER_KILL_TIMEOUT_SECONDS
+    # Polled: the leftover is nobody's child here, there is nothing to wait on.
+    while True:
+        if not _is_running(pid):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"leftover Envoy pid {pid} did not die after SIGKILL")
+        await asyncio.sleep(0.02)
+
+
+def _leftover_pid(pid_path: Path, config_path: Path) -> int | None:
+    """The pid recorded in `pid_path` if that process still runs with `config_path` on its
+    command line (a pid reused by an unrelated process is left alone); the file is removed."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    finally:
+        pid_path.unlink(missing_ok=True)
+    return pid if _cmdline_mentions(pid, str(config_path)) else None
+
+
+def _cmdline_mentions(pid: int, needle: str) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return needle.encode() in args
+
+
+def _is_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a zombie holds no ports)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _read_admin_url(admin_address_path: Path) -> str | None:
