@@ -70,3 +70,16 @@ def json_depth(value: object, stop_at: int) -> int:
 def json_size(value: object) -> int:
     """Bytes of `value` as compact UTF-8 JSON (how it is stored and sent)."""
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+
+def document_problem(value: object, max_depth: int, max_bytes: int) -> str | None:
+    """Why a JSON document may not be stored (too deep, too large, or holding a NUL character,
+    which PostgreSQL's jsonb refuses), or None when it may."""
+    if json_depth(value, max_depth) > max_depth:
+        return f"nested deeper than {max_depth} levels"
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    if len(text.encode()) > max_bytes:
+        return f"{len(text.encode())} bytes, over the limit of {max_bytes}"
+    if "\\u0000" in text:
+        return "contains a NUL character"
+    return None
