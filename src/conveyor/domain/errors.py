@@ -65,6 +65,12 @@ def invalid_transition(message: str) -> ConveyorError:
     return ConveyorError(ErrorKind.FAILED_PRECONDITION, "INVALID_TRANSITION", message)
 
 
+def unavailable(message: str, reason: str = "UNAVAILABLE") -> ConveyorError:
+    """A transient failure (e.g. the database is locked or unreachable): the caller may retry
+    the same request later. `message` is shown to clients, so it must stay generic."""
+    return ConveyorError(ErrorKind.UNAVAILABLE, reason, message)
+
+
 class ConcurrentChange(Exception):
     """A compare-and-set matched no row: another writer changed the record first."""
 

@@ -32,11 +32,19 @@ def _json_serializer(value: object) -> str:
     return _json_encoder.encode(value)
 
 
+# Milliseconds a SQLite connection waits for another process's lock (e.g. `conveyor keys
+# create` beside a running server) before failing with "database is locked"; the Store answers
+# that UNAVAILABLE. A constructor argument so tests can make it short.
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+# Seconds a unit of work waits for a pooled connection before failing (the Store answers that
+# UNAVAILABLE too). A constructor argument for the same reason.
+DEFAULT_POOL_TIMEOUT = 30.0
+
 # PRAGMAs run, in this order, on every new SQLite connection (most are per connection).
 _SQLITE_PRAGMAS: tuple[tuple[str, object], ...] = (
-    # Another process holding the lock (e.g. `conveyor keys create` beside a running server) is
-    # waited for up to 5 s; set first so that the journal_mode switch below waits too.
-    ("busy_timeout", 5000),
+    # Another process holding the lock is waited for up to busy_timeout ms (replaced by the
+    # Database's own value); set first so that the journal_mode switch below waits too.
+    ("busy_timeout", DEFAULT_BUSY_TIMEOUT_MS),
     # WAL: readers never block the writer nor each other (persistent in the file).
     ("journal_mode", "WAL"),
     # In WAL mode NORMAL fsyncs only at checkpoints: commits survive a process crash; an OS crash
@@ -60,8 +68,6 @@ _SQLITE_READERS = 4
 # Connections per process on PostgreSQL; several replicas share the server's max_connections.
 _PG_POOL_SIZE = 10
 _PG_MAX_OVERFLOW = 5
-# Seconds a unit of work waits for a pooled connection before failing.
-_POOL_TIMEOUT = 30
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -82,39 +88,44 @@ def normalize_url(url: str | URL) -> URL:
 class Database:
     """One per process: the engines of one database and its transaction blocks."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+                 pool_timeout: float = DEFAULT_POOL_TIMEOUT) -> None:
         self._url = normalize_url(url)
         codec: dict[str, Any] = {"json_serializer": _json_serializer, "json_deserializer": json.loads}
         if self._url.get_backend_name() == "sqlite":
+            pragmas = tuple((name, int(busy_timeout_ms) if name == "busy_timeout" else value)
+                            for name, value in _SQLITE_PRAGMAS)
             Path(self._url.database or "").parent.mkdir(parents=True, exist_ok=True)
             # One writer connection: SQLite serializes writers anyway, and in-process writers
             # then queue on the pool instead of spinning on busy_timeout.
             self._writer = create_async_engine(
                 self._url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
-                pool_timeout=_POOL_TIMEOUT, **codec,
+                pool_timeout=pool_timeout, **codec,
             )
             self._reader = create_async_engine(
                 self._url, poolclass=AsyncAdaptedQueuePool, pool_size=_SQLITE_READERS,
-                max_overflow=0, pool_timeout=_POOL_TIMEOUT, **codec,
+                max_overflow=0, pool_timeout=pool_timeout, **codec,
             )
             # The write lock is taken at BEGIN, so a read-then-write unit never fails upgrading it.
-            _setup_sqlite(self._writer, _SQLITE_PRAGMAS, begin="BEGIN IMMEDIATE")
+            _setup_sqlite(self._writer, pragmas, begin="BEGIN IMMEDIATE")
             # Readers take a snapshot at their first read and hold no lock against the writer.
-            _setup_sqlite(self._reader, _SQLITE_PRAGMAS + _SQLITE_READER_PRAGMAS, begin="BEGIN")
+            _setup_sqlite(self._reader, pragmas + _SQLITE_READER_PRAGMAS, begin="BEGIN")
             self._engines = [self._writer, self._reader]
         else:
             self._writer = create_async_engine(
                 self._url,
                 pool_size=_PG_POOL_SIZE,
                 max_overflow=_PG_MAX_OVERFLOW,
-                pool_timeout=_POOL_TIMEOUT,
+                pool_timeout=pool_timeout,
                 # No pre-ping: it costs a round trip per checkout; a connection found dead on use
                 # fails that one unit of work and invalidates the whole pool, which reconnects.
                 pool_pre_ping=False,
                 # READ COMMITTED, named explicitly so a changed server default cannot alter it:
                 # the engine's correctness comes from row locks and compare-and-set updates.
                 isolation_level="READ COMMITTED",
-                connect_args={"server_settings": {"application_name": "conveyor"}},
+                # A server that does not answer fails a connect as soon as a full pool would.
+                connect_args={"server_settings": {"application_name": "conveyor"},
+                              "timeout": pool_timeout},
                 **codec,
             )
             # Same pool; BEGIN ... READ ONLY, so a write through read() fails as it does on SQLite.

@@ -1,13 +1,95 @@
 """SqlStore: the storage adapter the engine's ports describe — a Database whose transactions
-hand out Repositories."""
+hand out Repositories.
+
+It is also the storage boundary for database trouble that is not the request's fault and goes
+away by itself (issue 5, item 11): SQLite busy/locked beyond its busy timeout, a pool checkout
+timeout, a lost or refused PostgreSQL connection, a serialization failure or deadlock. Those
+leave `read()` / `write()` as a domain UNAVAILABLE error with reason DATABASE_UNAVAILABLE and a
+generic message (gRPC UNAVAILABLE, HTTP 503), never as INTERNAL. Constraint violations,
+programming errors and anything else pass through unchanged.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
+from sqlalchemy import exc as sa_exc
+
+from conveyor.domain.errors import ConveyorError, unavailable
 from conveyor.storage.db import Database
 from conveyor.storage.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+UNAVAILABLE_MESSAGE = "the database is temporarily unavailable; retry the request"
+
+# SQLite primary result codes (the low byte of sqlite3.Error.sqlite_errorcode): another
+# connection holds a lock we waited busy_timeout for.
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+# PostgreSQL SQLSTATEs worth a retry: the whole class 08 (connection exception), and these.
+_PG_RETRYABLE_STATES = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "53300",  # too_many_connections
+    "57P01",  # admin_shutdown (pg_terminate_backend, a fast shutdown)
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now (starting up, recovering)
+})
+# Never translated, whatever else is true of them: the request or the code is at fault.
+_NOT_TRANSIENT = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError,
+                  sa_exc.NotSupportedError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True when `error` is database trouble a retry of the same request can get past."""
+    if isinstance(error, sa_exc.TimeoutError):  # no pooled connection within pool_timeout
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        if isinstance(error, _NOT_TRANSIENT):
+            return False
+        if error.connection_invalidated:  # SQLAlchemy recognised a dropped connection
+            return True
+        return _driver_error_is_transient(error.orig)
+    return _driver_error_is_transient(error)
+
+
+def _driver_error_is_transient(error: BaseException | None) -> bool:
+    if error is None:
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    state = getattr(error, "sqlstate", None)
+    if isinstance(state, str) and state:
+        return state.startswith("08") or state in _PG_RETRYABLE_STATES
+    # SQLAlchemy's asyncpg adapter keeps the driver's exception as the cause.
+    cause = error.__cause__
+    if cause is not None and cause is not error and _driver_error_is_transient(cause):
+        return True
+    return (
+        # Refused, reset or timed-out sockets while connecting (asyncpg raises them as is).
+        isinstance(error, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError))
+        or (isinstance(error, asyncpg.exceptions.InterfaceError) and "connection is closed" in str(error))
+    )
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except ConveyorError:
+        raise
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        # One line, no traceback: a locked or restarting database can fail many requests at once.
+        first_line = next(iter(str(e).splitlines()), "")
+        logger.warning("database unavailable: %s: %s", type(e).__name__, first_line)
+        raise unavailable(UNAVAILABLE_MESSAGE, DATABASE_UNAVAILABLE) from e
 
 
 class SqlStore:
@@ -18,10 +100,10 @@ class SqlStore:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Repository]:
-        async with self.db.read() as conn:
+        async with _translated(), self.db.read() as conn:
             yield Repository(conn, self.db.dialect)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Repository]:
-        async with self.db.write() as conn:
+        async with _translated(), self.db.write() as conn:
             yield Repository(conn, self.db.dialect)
