@@ -1,7 +1,8 @@
 """CEL expressions and `{{ expr }}` templates: compiling, evaluating and rendering.
 
-Owns every use of cel-python in Conveyor. Expressions (a workflow's `condition`, a step's `when`,
-a condition step's `expression`) and templates inside step config are evaluated over
+Owns every use of cel-python in Conveyor, and the bounds on what an expression may cost.
+Expressions (a workflow's `condition`, a step's `when`, a condition step's `expression`) and
+templates inside step config are evaluated over
 `{"payload": ..., "steps": {"<ref>": {"output": ..., "status": ...}}, "run": ...}` and give back
 plain JSON-like Python values. Errors are `ExpressionError`s whose message is safe to show to a
 client: cel-python's own messages embed Python class reprs and whole activations, so they are
@@ -14,6 +15,16 @@ compare/compute them as numbers (modern CEL has heterogeneous numeric comparison
 promotion to double is our leniency for JSON data). Values from the context stay doubles rather
 than being turned into ints, so that `payload.total / payload.n` divides the same way whatever
 the values happen to be.
+
+Bounds (SPEC §2 leaves them to us; README "CEL"): definitions and run data come from clients, so no
+expression may hold the event loop. An expression longer than `Limits.max_expression_length` or
+nested deeper than `_MAX_DEPTH` is refused before it is parsed or walked. Every evaluation draws on
+a meter of `Limits.max_expression_cost` units: each step of the interpreter, each context value
+converted, and each operation in proportion to the size of its operands (concatenation, equality,
+`in`, `matches`...) costs units, and the evaluation stops with "exceeded its cost limit" when the
+meter runs out. A unit is calibrated to about a microsecond of CPU on the reference machine, so the
+default bound keeps any evaluation near 100 ms. No value an operation builds, and no result, may
+exceed `Limits.max_output_bytes`. `matches` uses RE2 (linear time), never Python's backtracking `re`.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +45,9 @@ import celpy
 import lark
 from celpy import celtypes
 from celpy.celparser import CELParseError
-from celpy.evaluation import CELEvalError, base_functions, tree_dump
+from celpy.evaluation import CELEvalError, Evaluator, base_functions, tree_dump
+
+from conveyor.domain.limits import Limits
 
 __all__ = [
     "ExpressionError",
@@ -41,6 +55,7 @@ __all__ = [
     "evaluate",
     "evaluate_bool",
     "find_templates",
+    "referenced_steps",
     "render",
 ]
 
@@ -76,6 +91,81 @@ _FUNCTIONS = frozenset(
 # Environment built, so everything here uses the default interpreted runner. (Constructing the
 # Environment also raises the interpreter's recursion limit to 2500, as CEL nesting requires.)
 _ENV = celpy.Environment()
+
+# Deepest parse tree accepted. celpy's interpreter recurses about four Python frames per tree
+# level and the recursion limit is 2500, so 250 levels leave the caller's own stack plenty of
+# room. A tree level is finer than CEL nesting: this allows ~24 nested parentheses or brackets,
+# or a chain of ~120 `+` terms, where typical expressions stay under 50 levels.
+_MAX_DEPTH = 250
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: the meter every evaluation draws on.
+
+# Units, calibrated on the reference machine (README "CEL", bench/cel.py) to about a microsecond
+# of CPU each: one step of celpy's tree-walking interpreter costs ~3 µs; converting one context
+# value ~1 µs; an operation on a string or bytes costs one unit per 64 bytes of its operands (and
+# of a concatenation's result), on a list or map one unit per element.
+_UNITS_PER_STEP = 3
+_BYTES_PER_UNIT = 64
+
+
+class _Exceeded(Exception):
+    """An evaluation ran out of its budget; `reason` completes "expression '...' ..."."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Meter:
+    """What one evaluation (or one `render` of a whole config) may still spend."""
+
+    __slots__ = ("cost_limit", "left", "max_bytes")
+
+    def __init__(self, limits: Limits) -> None:
+        self.cost_limit = limits.max_expression_cost
+        self.left = limits.max_expression_cost
+        self.max_bytes = limits.max_output_bytes
+
+    def charge(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise _Exceeded(f"exceeded its cost limit ({self.cost_limit} units)")
+
+    def check_size(self, value: Any) -> None:
+        """Refuse a built value whose length alone exceeds the output size limit."""
+        if isinstance(value, str | bytes | list | dict) and len(value) > self.max_bytes:
+            raise _Exceeded(f"built a value larger than {self.max_bytes} bytes")
+
+
+# The meter of the evaluation in progress, for the functions celpy calls (they get only their
+# operands). Evaluation is synchronous, so a context variable set around it is exact.
+_METER: ContextVar[_Meter] = ContextVar("conveyor_cel_meter")
+
+
+def _weight(value: Any) -> int:
+    """Units an operation on `value` costs beyond its interpreter step: its size."""
+    if isinstance(value, str | bytes):
+        return len(value) // _BYTES_PER_UNIT
+    if isinstance(value, list | dict):
+        return len(value)
+    return 0
+
+
+class _BoundedEvaluator(Evaluator):
+    """celpy's interpreter, charging the meter for every tree node it evaluates.
+
+    `_visit_tree` is the one method lark's Interpreter funnels every node through (`visit` and
+    `visit_children` both call it), so a comprehension's body is charged once per iteration.
+    """
+
+    def _visit_tree(self, tree: lark.Tree) -> Any:
+        _METER.get().charge(_UNITS_PER_STEP)
+        return super()._visit_tree(tree)
+
+    def sub_evaluator(self, ast: lark.Tree) -> Evaluator:
+        return _BoundedEvaluator(ast, activation=self.activation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +216,11 @@ def _kind(value: Any) -> str:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """CEL equality where numbers compare by value across int/uint/double, deep into containers."""
+    """CEL equality where numbers compare by value across int/uint/double, deep into containers.
+
+    Charged one unit per pair compared: deep equality of large documents is real work.
+    """
+    _METER.get().charge(1)
     kind = _kind(a)
     if kind != _kind(b):
         return False
@@ -214,16 +308,50 @@ _OVERRIDES: dict[str, Any] = {
 }
 
 
+def _charged(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` charging the meter for the size of its operands (and, for `+`, its result)."""
+    builds = name == "_+_"  # the one operator that makes a value larger than its operands
+
+    @functools.wraps(function)
+    def call(*args: Any) -> Any:
+        meter = _METER.get()
+        meter.charge(sum(_weight(arg) for arg in args))
+        result = function(*args)
+        if builds:
+            meter.check_size(result)
+            meter.charge(_weight(result))
+        return result
+
+    return call
+
+
+# Every function and operator a program may call, charged. Type names (`int`, `list`, ...) are
+# values too, as in `type(x) == list`, so they stay themselves; converting through them copies
+# at most one scalar.
+_PROGRAM_FUNCTIONS: dict[str, Any] = {
+    name: function if isinstance(function, type) else _charged(name, function)
+    for name, function in {**base_functions, **_OVERRIDES}.items()
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Compilation.
 
 
 @dataclass(frozen=True)
 class _Program:
-    """A compiled expression and the `steps.<ref>` it reads (None: it uses `steps` as a whole)."""
+    """A parsed, checked expression.
 
+    `reads` maps each root variable the expression selects fields of to the names it selects
+    (`payload.env` reads {"payload": {"env"}}), or to None when it uses the root as a whole
+    (`size(steps)`, `steps[x]`): only what is read is converted for an evaluation. `named_steps`
+    is every `steps.<ref>` the expression names.
+    """
+
+    tree: lark.Tree
     runner: celpy.Runner
-    step_refs: frozenset[str] | None
+    reads: Mapping[str, frozenset[str] | None]
+    named_steps: frozenset[str]
 
 
 def _short(expr: str) -> str:
@@ -243,8 +371,31 @@ def _bound_variable(exprlist: Any) -> str | None:
     return _token(idents[0].children[0]) if len(idents) == 1 else None
 
 
-def _analyse(expr: str, tree: lark.Tree) -> frozenset[str] | None:
-    """Reject unknown functions and variables (CEL's checker would); find the steps read.
+def _selected_root(member: Any) -> str:
+    """The root variable `member` is, when it is a bare one: member(primary(ident(root)))."""
+    if (isinstance(member, lark.Tree) and len(member.children) == 1
+            and isinstance(member.children[0], lark.Tree)
+            and member.children[0].data == "primary"
+            and isinstance(member.children[0].children[0], lark.Tree)
+            and member.children[0].children[0].data == "ident"):
+        name = _token(member.children[0].children[0].children[0])
+        return name if name in _ROOTS else ""
+    return ""
+
+
+def _depth(tree: lark.Tree) -> int:
+    """How deep `tree` nests, counted without recursion (this is what guards recursion)."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return deepest
+
+
+def _analyse(expr: str, tree: lark.Tree) -> tuple[dict[str, frozenset[str] | None], frozenset[str]]:
+    """Reject unknown functions and variables (CEL's checker would); find what is read.
 
     cel-python has no type checker, so without this a typo such as `paylod.x` or `sise(x)`
     would only surface when a run evaluates it. Macro-bound names are collected for the whole
@@ -263,9 +414,9 @@ def _analyse(expr: str, tree: lark.Tree) -> frozenset[str] | None:
                 if variable:
                     bound.add(variable)
 
-    step_refs: set[str] = set()
-    steps_mentions = 0
-    steps_selections = 0
+    mentions: dict[str, int] = {}
+    selections: dict[str, set[str]] = {}
+    selection_count: dict[str, int] = {}
     for node in tree.iter_subtrees_topdown():
         if node.data in ("ident", "dot_ident"):
             name = _token(node.children[0])
@@ -273,32 +424,33 @@ def _analyse(expr: str, tree: lark.Tree) -> frozenset[str] | None:
                 raise ExpressionError(
                     f"expression {_short(expr)!r}: unknown variable {name!r} "
                     "(use payload, steps or run)")
-            if name == "steps" and "steps" not in bound:
-                steps_mentions += 1
+            if name in _ROOTS:
+                mentions[name] = mentions.get(name, 0) + 1
         elif node.data == "member_object":
             raise ExpressionError(
                 f"expression {_short(expr)!r}: message construction is not supported")
         elif node.data == "member_dot":
-            # member_dot(member(primary(ident("steps"))), ref): a plain `steps.<ref>` selection.
-            inner = node.children[0]
-            if (isinstance(inner, lark.Tree) and len(inner.children) == 1
-                    and isinstance(inner.children[0], lark.Tree)
-                    and inner.children[0].data == "primary"
-                    and isinstance(inner.children[0].children[0], lark.Tree)
-                    and inner.children[0].children[0].data == "ident"
-                    and _token(inner.children[0].children[0].children[0]) == "steps"):
-                steps_selections += 1
-                step_refs.add(_token(node.children[1]))
-    # Only when every use of `steps` selects a named step can the rest be left out of the
-    # activation; `size(steps)` or `steps[x]` need all of it.
-    if "steps" in bound or steps_selections != steps_mentions:
-        return None
-    return frozenset(step_refs)
+            root = _selected_root(node.children[0])
+            if root:
+                selection_count[root] = selection_count.get(root, 0) + 1
+                selections.setdefault(root, set()).add(_token(node.children[1]))
+    named_steps = frozenset(selections.get("steps", ()))
+    # Only when every mention of a root selects a named field can the rest of it be left out of
+    # the activation; `size(steps)` or `steps[x]` need all of it, and so does a root name that a
+    # macro rebinds.
+    reads: dict[str, frozenset[str] | None] = {}
+    for root, count in mentions.items():
+        whole = root in bound or selection_count.get(root, 0) != count
+        reads[root] = None if whole else frozenset(selections.get(root, ()))
+    return reads, named_steps
 
 
 @functools.lru_cache(maxsize=2048)
 def _program(expr: str) -> _Program:
-    """Parse, check and prepare `expr` once; the engine evaluates the same strings repeatedly."""
+    """Parse, check and prepare `expr` once; the engine evaluates the same strings repeatedly.
+
+    Callers check the length first: parsing is linear in it (~30 µs a character).
+    """
     if not expr.strip():
         raise ExpressionError("expression is empty")
     try:
@@ -308,15 +460,38 @@ def _program(expr: str) -> _Program:
         raise ExpressionError(f"expression {_short(expr)!r}: syntax error{where}") from None
     except Exception:  # lark/recursion failures on pathological input
         raise ExpressionError(f"expression {_short(expr)!r}: cannot be parsed") from None
-    step_refs = _analyse(expr, tree)
-    return _Program(_ENV.program(tree, functions=_OVERRIDES), step_refs)
+    if _depth(tree) > _MAX_DEPTH:
+        raise ExpressionError(
+            f"expression {_short(expr)!r}: nested too deeply (too many parentheses, brackets or "
+            "chained operators)")
+    reads, named_steps = _analyse(expr, tree)
+    return _Program(tree, _ENV.program(tree, functions=_PROGRAM_FUNCTIONS), reads, named_steps)
 
 
-def compile_expression(expr: str) -> None:
-    """Raise ExpressionError unless `expr` is a valid CEL expression over payload/steps/run."""
+_DEFAULT_LIMITS = Limits()
+
+
+def _checked(expr: Any, limits: Limits) -> _Program:
     if not isinstance(expr, str):
         raise ExpressionError("expression must be a string")
-    _program(expr)
+    if len(expr) > limits.max_expression_length:
+        raise ExpressionError(
+            f"expression {_short(expr)!r}: longer than {limits.max_expression_length} characters")
+    return _program(expr)
+
+
+def compile_expression(expr: str, *, limits: Limits | None = None) -> None:
+    """Raise ExpressionError unless `expr` is a valid CEL expression over payload/steps/run."""
+    _checked(expr, limits or _DEFAULT_LIMITS)
+
+
+def referenced_steps(expr: str, *, limits: Limits | None = None) -> set[str]:
+    """The `<ref>` of every `steps.<ref>` that `expr` names (raises ExpressionError if invalid).
+
+    Only names written out count: `steps[name]` or `size(steps)` name no step. For a template
+    string, apply it to each expression `find_templates` gives.
+    """
+    return set(_checked(expr, limits or _DEFAULT_LIMITS).named_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,8 +501,9 @@ def compile_expression(expr: str) -> None:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _to_cel(value: Any) -> Any:
+def _to_cel(value: Any, meter: _Meter) -> Any:
     """A JSON-like Python value as CEL values (numbers keep their int/double nature)."""
+    meter.charge(1)
     if value is None or isinstance(value, celtypes.BoolType):
         return value
     if isinstance(value, bool):
@@ -340,9 +516,10 @@ def _to_cel(value: Any) -> Any:
     if isinstance(value, str):
         return celtypes.StringType(value)
     if isinstance(value, Mapping):
-        return celtypes.MapType({celtypes.StringType(str(k)): _to_cel(v) for k, v in value.items()})
+        return celtypes.MapType(
+            {celtypes.StringType(str(k)): _to_cel(v, meter) for k, v in value.items()})
     if isinstance(value, list | tuple):
-        return celtypes.ListType([_to_cel(v) for v in value])
+        return celtypes.ListType([_to_cel(v, meter) for v in value])
     if isinstance(value, datetime.datetime):
         return celtypes.TimestampType(value)
     if isinstance(value, datetime.timedelta):
@@ -358,30 +535,55 @@ def _key(value: Any) -> str:
     return str(value)
 
 
-def _from_cel(value: Any, expr: str) -> Any:
-    """A CEL result as plain JSON-like Python (bool, int, float, str, None, list, dict)."""
-    if value is None:
-        return None
-    if isinstance(value, bool | celtypes.BoolType):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ExpressionError(f"expression {_short(expr)!r}: result is not a finite number")
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, datetime.datetime | datetime.timedelta):
-        # celpy renders timestamps as RFC 3339 and durations like "90s", as proto3 JSON does.
-        return str(value)
-    if isinstance(value, Mapping):
-        return {_key(k): _from_cel(v, expr) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_from_cel(v, expr) for v in value]
-    raise ExpressionError(f"expression {_short(expr)!r}: result is not a JSON value")
+def _from_cel(value: Any, expr: str, meter: _Meter) -> Any:
+    """A CEL result as plain JSON-like Python (bool, int, float, str, None, list, dict).
+
+    A result may share one large value many times over (`l.map(x, payload.text)`), so its size
+    is counted as it is unfolded, roughly as JSON bytes, and refused past the output limit.
+    """
+    room = meter.max_bytes
+
+    def spend(size: int) -> None:
+        nonlocal room
+        room -= size
+        meter.charge(1)
+        if room < 0:
+            raise _Exceeded(f"result is larger than {meter.max_bytes} bytes")
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            spend(4)
+            return None
+        if isinstance(value, bool | celtypes.BoolType):
+            spend(5)
+            return bool(value)
+        if isinstance(value, int):
+            spend(8)
+            return int(value)
+        if isinstance(value, float):
+            spend(8)
+            if not math.isfinite(value):
+                raise ExpressionError(f"expression {_short(expr)!r}: result is not a finite number")
+            return float(value)
+        if isinstance(value, str):
+            spend(len(value) + 2)
+            return str(value)
+        if isinstance(value, bytes):
+            spend(len(value) * 4 // 3 + 2)
+            return base64.b64encode(value).decode("ascii")
+        if isinstance(value, datetime.datetime | datetime.timedelta):
+            spend(32)
+            # celpy renders timestamps as RFC 3339 and durations like "90s", as proto3 JSON does.
+            return str(value)
+        if isinstance(value, Mapping):
+            spend(2)
+            return {_key(k): convert(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            spend(2)
+            return [convert(v) for v in value]
+        raise ExpressionError(f"expression {_short(expr)!r}: result is not a JSON value")
+
+    return convert(value)
 
 
 _QUOTED = re.compile(r"'([^']*)'")
@@ -430,29 +632,50 @@ def _describe(err: CELEvalError) -> str:
     return f"evaluation failed{where}"
 
 
-def evaluate(expr: str, context: Mapping[str, Any]) -> Any:
-    """Evaluate CEL `expr` over `context` and return a plain JSON-like Python value."""
-    if not isinstance(expr, str):
-        raise ExpressionError("expression must be a string")
-    program = _program(expr)
+def _activation(program: _Program, context: Mapping[str, Any], meter: _Meter) -> dict[str, Any]:
+    """The context as CEL values, converting only what the program reads.
+
+    Runs can hold many large step outputs and payloads up to their size limit: converting all of
+    it for `payload.env == 'prod'` would cost more than the evaluation itself.
+    """
     activation: dict[str, Any] = {}
-    for name, value in context.items():
-        if name == "steps" and program.step_refs is not None and isinstance(value, Mapping):
-            # Convert only the steps the expression reads: runs can hold many large outputs.
-            value = {ref: value[ref] for ref in program.step_refs if ref in value}
-        activation[name] = _to_cel(value)
+    for name, reads in program.reads.items():
+        if name not in context:
+            continue  # evaluation then reports it as an unknown variable
+        value = context[name]
+        if reads is not None and isinstance(value, Mapping):
+            value = {key: value[key] for key in reads if key in value}
+        activation[name] = _to_cel(value, meter)
+    return activation
+
+
+def _evaluate(expr: Any, context: Mapping[str, Any], limits: Limits, meter: _Meter) -> Any:
+    program = _checked(expr, limits)
+    token = _METER.set(meter)
     try:
-        result = program.runner.evaluate(activation)
+        evaluator = _BoundedEvaluator(program.tree, program.runner.new_activation())
+        return _from_cel(evaluator.evaluate(_activation(program, context, meter)), expr, meter)
+    except _Exceeded as exc:
+        raise ExpressionError(f"expression {_short(expr)!r} {exc.reason}") from None
     except CELEvalError as exc:
         raise ExpressionError(f"expression {_short(expr)!r}: {_describe(exc)}") from None
+    except ExpressionError:
+        raise
     except Exception:  # a cel-python internal failure; its text is not for clients
         raise ExpressionError(f"expression {_short(expr)!r}: evaluation failed") from None
-    return _from_cel(result, expr)
+    finally:
+        _METER.reset(token)
 
 
-def evaluate_bool(expr: str, context: Mapping[str, Any]) -> bool:
+def evaluate(expr: str, context: Mapping[str, Any], *, limits: Limits | None = None) -> Any:
+    """Evaluate CEL `expr` over `context` and return a plain JSON-like Python value."""
+    limits = limits or _DEFAULT_LIMITS
+    return _evaluate(expr, context, limits, _Meter(limits))
+
+
+def evaluate_bool(expr: str, context: Mapping[str, Any], *, limits: Limits | None = None) -> bool:
     """Evaluate `expr` and require a boolean result (for conditions and `when`)."""
-    result = evaluate(expr, context)
+    result = evaluate(expr, context, limits=limits)
     if not isinstance(result, bool):
         raise ExpressionError(
             f"expression {_short(expr)!r}: result must be a bool, got {_json_type(result)}")
@@ -505,22 +728,25 @@ def _stringify(value: Any) -> str:
     return json.dumps(_plain_numbers(value), separators=(",", ":"), ensure_ascii=False)
 
 
-def _render_string(text: str, context: Mapping[str, Any]) -> Any:
-    whole = _WHOLE_TEMPLATE.fullmatch(text)
+def _render(value: Any, context: Mapping[str, Any], limits: Limits, meter: _Meter) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _render(v, context, limits, meter) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_render(v, context, limits, meter) for v in value]
+    if not isinstance(value, str) or "{{" not in value:
+        return value
+    whole = _WHOLE_TEMPLATE.fullmatch(value)
     if whole:
         # The whole string is one template: keep the value's JSON type.
-        return evaluate(whole.group(1).strip(), context)
-    if "{{" not in text:
-        return text
-    return _TEMPLATE.sub(lambda m: _stringify(evaluate(m.group(1).strip(), context)), text)
+        return _evaluate(whole.group(1).strip(), context, limits, meter)
+    return _TEMPLATE.sub(
+        lambda m: _stringify(_evaluate(m.group(1).strip(), context, limits, meter)), value)
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
-    """`value` with every `{{ expr }}` in its strings resolved over `context` (keys untouched)."""
-    if isinstance(value, str):
-        return _render_string(value, context)
-    if isinstance(value, Mapping):
-        return {k: render(v, context) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [render(v, context) for v in value]
-    return value
+def render(value: Any, context: Mapping[str, Any], *, limits: Limits | None = None) -> Any:
+    """`value` with every `{{ expr }}` in its strings resolved over `context` (keys untouched).
+
+    All the templates of `value` share one cost budget: a step's config is one unit of work.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    return _render(value, context, limits, _Meter(limits))
