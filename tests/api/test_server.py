@@ -12,7 +12,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conveyor.api.server import PENDING_RPCS, SERVICE_NAMES, build_server
+from conveyor.api.server import JSON_TO_PROTOBUF_GROWTH, PENDING_RPCS, SERVICE_NAMES, build_server
 from conveyor.engine.facade import Engine
 from conveyor.settings import Settings
 from conveyor.v1 import (
@@ -113,6 +113,7 @@ async def test_reflection_lists_the_services_and_describes_them(api: Api) -> Non
 
 
 async def test_requests_above_the_size_limit_are_resource_exhausted(engine: Engine, db_url: str) -> None:
+    # gRPC messages may be JSON_TO_PROTOBUF_GROWTH times the REST body limit (see server.py).
     settings = Settings(db_url=db_url, grpc_port=0, max_request_bytes=1024)
     server, port = await build_server(engine, settings)
     await server.start()
@@ -120,7 +121,8 @@ async def test_requests_above_the_size_limit_are_resource_exhausted(engine: Engi
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             runs = runs_grpc.WorkflowRunsServiceStub(channel)
             try:
-                await runs.GetWorkflowRun(runs_pb.GetWorkflowRunRequest(workflow_run_id="x" * 4096))
+                too_long = "x" * (1024 * JSON_TO_PROTOBUF_GROWTH + 1)
+                await runs.GetWorkflowRun(runs_pb.GetWorkflowRunRequest(workflow_run_id=too_long))
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             else:

@@ -1,7 +1,9 @@
 """Fixtures for gateway tests: a real grpc.aio server on port 0 and a real Envoy in front of it.
 
 Both are async context managers handed out by fixtures, so each test starts them in its own
-event loop with the servicers and settings it needs.
+event loop with the servicers and settings it needs. The gRPC server has the API's interceptor
+(as `build_server` installs it), so stand-in servicers receive what real ones do: typed requests,
+with raw REST bodies already parsed strictly and every limit checked.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
+from conveyor.api.errors import ErrorInterceptor
+from conveyor.api.requests import RequestChecker
+from conveyor.domain.limits import Limits
 from conveyor.gateway.envoy import EnvoyGateway
 from conveyor.settings import Settings
 
@@ -26,7 +31,7 @@ EnvoyGatewayFactory = Callable[..., AbstractAsyncContextManager[EnvoyGateway]]
 
 @asynccontextmanager
 async def _grpc_server(*registrations: Registration) -> AsyncIterator[int]:
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(prepare=RequestChecker(Limits()).prepare)])
     for add_to_server, servicer in registrations:
         add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

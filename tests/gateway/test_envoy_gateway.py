@@ -7,6 +7,7 @@ does to requests, responses, streams and errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from conveyor.v1 import (
 from tests.gateway.conftest import EnvoyGatewayFactory, GrpcServerFactory
 
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 # Small, so the 413 test needs no large body.
 MAX_REQUEST_BYTES = 16 * 1024
 # gRPC and Envoy internals that REST clients must not see.
@@ -180,7 +182,9 @@ def assert_error(response: httpx.Response, http_status: int, code: int, reason: 
     assert body.keys() == {"code", "message", "details"}
     assert body["code"] == code
     assert isinstance(body["message"], str)
-    (detail,) = body["details"]
+    (detail,) = [d for d in body["details"] if d["@type"] == ERROR_INFO_TYPE]
+    # Besides the ErrorInfo, only a BadRequest with field violations.
+    assert all(d["@type"] in (ERROR_INFO_TYPE, BAD_REQUEST_TYPE) for d in body["details"])
     # The same keys whether Envoy or the server produced the error.
     assert detail.keys() == {"@type", "reason", "domain", "metadata"}
     assert detail["@type"] == ERROR_INFO_TYPE
@@ -269,11 +273,93 @@ async def test_envoys_own_errors_are_json(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/nope"), 404, code_pb2.NOT_FOUND, "UNKNOWN_PATH")
     assert_error(await client.patch("/v1/workflow-runs/abc"), 404, code_pb2.NOT_FOUND, "UNKNOWN_PATH")
     malformed = await client.post(
-        "/v1/workflows", content=b'{"name": ', headers={"content-type": "application/json"}
+        "/v1/workflow-runs/x/pause", content=b'{"name": ', headers={"content-type": "application/json"}
     )
     assert_error(malformed, 400, code_pb2.INVALID_ARGUMENT, "BAD_REQUEST")
     too_large = await client.post("/v1/workflows", json={"description": "x" * (MAX_REQUEST_BYTES + 1)})
     assert_error(too_large, 413, code_pb2.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE")
+
+
+async def test_raw_bodies_reach_the_server_as_bytes_and_are_parsed_strictly(
+    client: httpx.AsyncClient, runs: RunsServicer
+) -> None:
+    # CreateWorkflow, UpdateWorkflow and TriggerWorkflowRun bind their REST body to an HttpBody
+    # field: Envoy would drop unknown fields of a typed body silently (notes: envoy-1.40-facts).
+    malformed = await client.post(
+        "/v1/workflows", content=b'{"name": ', headers={"content-type": "application/json"}
+    )
+    body = assert_error(malformed, 400, code_pb2.INVALID_ARGUMENT, "INVALID_JSON")
+    assert "line 1" in body["message"]
+    misspelt = {"name": "a", "steps": [{"ref": "a", "timeout_second": 60}]}
+    unknown = await client.post("/v1/workflows", json=misspelt)
+    body = assert_error(unknown, 400, code_pb2.INVALID_ARGUMENT, "UNKNOWN_FIELD")
+    assert "steps[0].timeout_second" in body["message"]
+    string_bool = await client.post("/v1/workflows/wf/runs", json={"check_conditions": "true"})
+    assert_error(string_bool, 400, code_pb2.INVALID_ARGUMENT, "INVALID_FIELD")
+    in_path_and_body = await client.post("/v1/workflows/wf/runs", json={"workflow_id": "other"})
+    assert_error(in_path_and_body, 400, code_pb2.INVALID_ARGUMENT, "UNKNOWN_FIELD")
+    assert runs.requests == []
+
+    # The JSON shapes are unchanged: camelCase names are accepted as before, the query string
+    # still binds project_id, and the server gets the typed request.
+    ok = await client.post("/v1/workflows/wf/runs?project_id=p",
+                           json={"payload": {"env": "prod"}, "maxParallelSteps": 2, "tags": {"t": "v"}})
+    assert ok.status_code == 200, ok.text
+    (request,) = runs.requests
+    assert (request.workflow_id, request.project_id, request.max_parallel_steps) == ("wf", "p", 2)
+    assert dict(request.payload) == {"env": "prod"} and dict(request.tags) == {"t": "v"}
+    assert not request.HasField("body")
+    empty = await client.post("/v1/workflows/wf/runs")
+    assert empty.status_code == 200, empty.text
+    definition = {"name": "deploy", "steps": [{"ref": "a", "kind": "noop"}]}
+    created = await client.post("/v1/workflows", json=definition)
+    assert created.status_code == 200, created.text
+    assert created.json()["name"] == "deploy" and created.json()["steps"][0]["ref"] == "a"
+
+
+async def test_long_urls_never_reach_grpc_as_metadata(client: httpx.AsyncClient, runs: RunsServicer) -> None:
+    # A 10 KB URL: grpc's 8 KB soft metadata limit used to refuse it at random (429), because
+    # Envoy forwarded the URL in x-envoy-original-path. Now it reaches the server, whose limits
+    # answer (an id this long is not one).
+    for _ in range(5):
+        response = await client.get("/v1/workflow-runs/" + "a" * 10_000)
+        assert_error(response, 400, code_pb2.INVALID_ARGUMENT, "FIELD_TOO_LONG")
+    query = "&".join(["triggered_by=" + "b" * 150] * 60)
+    listed = await client.get("/v1/workflow-runs?project_id=p&" + query)
+    assert listed.status_code == 200, listed.text
+    assert all("x-envoy-original-path" not in metadata for metadata in runs.metadata)
+    # A 100 KB URL is over Envoy's header limit: 431 as JSON, before any gRPC.
+    status, headers, body = await raw_get(client, "/v1/workflow-runs/" + "a" * 100_000)
+    assert status == 431 and headers["content-type"] == "application/json"
+    assert json.loads(body)["details"][0]["reason"] == "REQUEST_HEADERS_TOO_LARGE"
+
+
+async def raw_get(client: httpx.AsyncClient, path: str) -> tuple[int, dict[str, str], bytes]:
+    """GET over a bare socket (httpx refuses URLs over 64 KB): status, headers, body."""
+    reader, writer = await asyncio.open_connection(client.base_url.host, client.base_url.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_every_oversized_body_is_413_json(client: httpx.AsyncClient, runs: RunsServicer) -> None:
+    # Bodies the transcoder streams (not raw HttpBody ones) used to reach grpc and come back as
+    # 429 with grpc's raw message; the buffer filter refuses them all alike.
+    big = "x" * (MAX_REQUEST_BYTES + 1)
+    for response in (
+        await client.post("/v1/workflow-runs/x/pause", json={"x": big}),
+        await client.post("/v1/workflows/wf/runs", json={"payload": {"a": big}}),
+        await client.post("/v1/workflow-runs/bulk-cancel", content=b"[" + b"1," * MAX_REQUEST_BYTES + b"1]"),
+    ):
+        assert_error(response, 413, code_pb2.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE")
+    assert runs.requests == []
 
 
 async def test_body_field_colliding_with_path_variable_is_400(

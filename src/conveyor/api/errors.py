@@ -6,6 +6,11 @@ error carries (a `google.rpc.Status` in the `grpc-status-details-bin` trailer, h
 and the server interceptor that applies it to every unary and server-streaming handler. Anything
 that is not a `ConveyorError` becomes INTERNAL with a generic message; its traceback goes to the
 server log only, never to the client (SPEC §1.1).
+
+The interceptor also owns the two moments before a handler runs: decoding the request bytes (a
+message protobuf cannot decode, e.g. a Struct nested past its recursion limit, is
+INVALID_ARGUMENT REQUEST_UNDECODABLE instead of grpc's own UNKNOWN with the decoder's text) and
+the `prepare` hook that checks every request against the limits (`conveyor.api.requests`).
 """
 
 from __future__ import annotations
@@ -41,21 +46,34 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
 
 INTERNAL_MESSAGE = "internal error"
 
+# Bounds on what one error status carries. It travels in the grpc-message and
+# grpc-status-details-bin trailers, and clients (grpc's 8 KB soft metadata limit, Envoy) refuse
+# oversized trailers; violations and messages may quote what a client sent, which can be long.
+MAX_VIOLATIONS = 20
+MAX_ERROR_TEXT = 500
+
 
 def rich_status(code: grpc.StatusCode, reason: str, message: str,
                 metadata: Mapping[str, str] | None = None,
                 violations: Sequence[FieldViolation] = ()) -> grpc.Status:
-    """A grpc.Status whose trailer carries ErrorInfo (and BadRequest when there are violations)."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=dict(metadata or {}))
+    """A grpc.Status whose trailer carries ErrorInfo (and BadRequest when there are violations),
+    bounded in size: at most MAX_VIOLATIONS violations, every text cut to MAX_ERROR_TEXT."""
+    info = error_details_pb2.ErrorInfo(
+        reason=reason, domain=ERROR_DOMAIN,
+        metadata={_cut(k): _cut(v) for k, v in (metadata or {}).items()})
     details = [_pack(info)]
     if violations:
         bad_request = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations])
+            error_details_pb2.BadRequest.FieldViolation(field=_cut(v.field), description=_cut(v.description))
+            for v in violations[:MAX_VIOLATIONS]])
         details.append(_pack(bad_request))
     # code.value is (int, name); the Status message wants the int.
-    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=_cut(message), details=details)
     return rpc_status.to_status(status)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT - 1] + "…"
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -82,11 +100,49 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason
 # The status every unexpected exception becomes; built once, it never varies.
 _INTERNAL = rich_status(grpc.StatusCode.INTERNAL, "INTERNAL", INTERNAL_MESSAGE)
 
+# A request checker: returns the request the handler gets (possibly rebuilt, e.g. from a raw
+# REST body) or raises ConveyorError.
+Prepare = Callable[[Any], Any]
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes protobuf could not decode."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises. grpc answers a raising one with UNKNOWN and the
+    exception's text ("Unexpected <class 'DecodeError'>...", a 500 through Envoy); the
+    sentinel lets the guarded handler answer INVALID_ARGUMENT instead."""
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            logger.info("undecodable request of %d bytes", len(data))
+            return _UNDECODABLE
+
+    return safe
+
+
+def _undecodable_error() -> ConveyorError:
+    return ConveyorError(
+        ErrorKind.INVALID_ARGUMENT, "REQUEST_UNDECODABLE",
+        "the request could not be decoded (for example, JSON nested too deeply for protobuf)")
+
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a handler into statuses: ConveyorError -> its mapped status,
     anything else -> INTERNAL "internal error" (traceback logged). Aborts already in flight
-    and cancellations pass through untouched."""
+    and cancellations pass through untouched. Before the handler runs, undecodable requests are
+    refused and `prepare` (when given) checks and may rebuild the request."""
+
+    def __init__(self, prepare: Prepare | None = None) -> None:
+        self._prepare: Prepare = prepare or (lambda request: request)
 
     async def intercept_service(
         self,
@@ -99,22 +155,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _guard_unary(handler.unary_unary, method, self._prepare),
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             # Streaming handlers come in two styles: async generators (ours) and coroutines
             # that write with context.write (grpc's health Watch).
             if inspect.isasyncgenfunction(behavior):
-                wrapped: Any = _guard_stream(behavior, method)
+                wrapped: Any = _guard_stream(behavior, method, self._prepare)
             elif inspect.iscoroutinefunction(behavior):
-                wrapped = _guard_unary(behavior, method)
+                wrapped = _guard_unary(behavior, method, self._prepare)
             else:
                 return handler
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         # Client-streaming handlers (only reflection's) are left alone.
         return handler
@@ -129,11 +185,17 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     raise AssertionError("unreachable")
 
 
+def _checked(request: Any, prepare: Prepare) -> Any:
+    if request is _UNDECODABLE:
+        raise _undecodable_error()
+    return prepare(request)
+
+
 def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-                 method: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+                 method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_checked(request, prepare), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -142,11 +204,12 @@ def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[A
     return guarded
 
 
-def _guard_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
-                  method: str) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+def _guard_stream(
+        behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+        method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(request, context):
+            async for item in behavior(_checked(request, prepare), context):
                 yield item
         except grpc.aio.AbortError:
             raise

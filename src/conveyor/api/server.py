@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.api.errors import ErrorInterceptor
+from conveyor.api.requests import RequestChecker
 from conveyor.api.step_runs import StepRunsServicer
 from conveyor.api.workers import WorkersServicer
 from conveyor.api.workflow_runs import WorkflowRunsServicer
@@ -51,14 +52,33 @@ PENDING_RPCS: frozenset[str] = frozenset({
 })
 
 
+# Envoy answers 413 to REST bodies above settings.max_request_bytes, but transcoding can make
+# the gRPC message larger than its JSON: a JSON array of small numbers ("1," is 2 bytes) becomes
+# protobuf Values of 11 bytes each (measured: 3 MB of JSON -> 17 MB). gRPC messages may be this
+# many times larger, so no body Envoy lets through is refused by grpc with a raw
+# RESOURCE_EXHAUSTED; direct gRPC clients above it get grpc's own RESOURCE_EXHAUSTED.
+JSON_TO_PROTOBUF_GROWTH = 6
+
+# grpc refuses request metadata above its soft limit (8 KB by default) at random, and above the
+# hard limit always. Envoy forwards REST headers as metadata and caps them at
+# `max_request_headers_kb` (32 KB, envoy/envoy.yaml.tmpl); twice that here means nothing Envoy
+# forwards is ever refused. A test checks the two numbers agree.
+MAX_METADATA_BYTES = 64 * 1024
+
+
 async def build_server(engine: Engine, settings: Settings) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and the port it is bound to (settings.grpc_port may be 0).
 
     A coroutine because the health servicer's statuses are set with awaits.
     """
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+        # Every request is checked against the limits before its handler runs.
+        interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes * JSON_TO_PROTOBUF_GROWTH),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ],
     )
     workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(WorkflowsServicer(engine), server)
     workflow_runs_service_pb2_grpc.add_WorkflowRunsServiceServicer_to_server(

@@ -25,17 +25,23 @@ class Limits:
     max_text_length: int = 10_000
     # Tags on one run.
     max_tags: int = 64
-    # Nesting depth of any JSON document (payload, output, config, result, data); well below
-    # protobuf's recursion limit of 100 so that every stored document can be sent back.
-    max_json_depth: int = 32
+    # Nesting depth of any JSON document (payload, output, config, result, data, a variable's
+    # default); `{}` is 1. Each JSON level costs protobuf three levels (Struct, map entry, Value)
+    # against its recursion limit of 100, and the deepest message that carries a document (a
+    # watch snapshot's run output: response, snapshot, run, output, step ref) adds five more: at
+    # 32 a stored output could no longer be decoded by clients (measured: 32 fails). 20 leaves
+    # room for every wrapper.
+    max_json_depth: int = 20
     # Serialized size of a run's payload, and of a step's input/result/data.
     max_payload_bytes: int = 256 * 1024
     # Serialized size of one step's output (a larger one fails the step, OUTPUT_TOO_LARGE) and
     # of a run's output (the outputs of its steps).
     max_output_bytes: int = 256 * 1024
     max_run_output_bytes: int = 1024 * 1024
-    # Steps in one workflow definition.
+    # Steps in one workflow definition (also caps a step's depends_on).
     max_steps: int = 1000
+    # Variables declared by one workflow definition.
+    max_variables: int = 200
     # Values of one repeated list filter (status=, workflow_id=, tag=).
     max_filter_values: int = 50
     # Length of one CEL expression or template expression.

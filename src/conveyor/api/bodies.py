@@ -1,0 +1,259 @@
+"""Raw REST bodies, parsed strictly.
+
+Envoy's transcoder drops unknown JSON fields without a word (a misspelt `"timeout_second": 60`
+would be stored as no timeout), and has no option to refuse them. So the REST bindings of
+CreateWorkflow, UpdateWorkflow and TriggerWorkflowRun put the body in a `google.api.HttpBody`
+field named `body`, and this module parses it: every key must name a field of the message, every
+value must have the field's JSON type (a bool is `true`/`false`, never `"true"`), and every
+problem is one field violation. gRPC clients send the typed fields and never set `body`.
+
+The result is the same typed request a gRPC client would have sent, so everything after this
+(limits, conversion, the engine) has one path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+from conveyor.domain.limits import Limits, json_depth
+
+# Request type -> the field its REST body stands for ("" for the request itself, as `body: "*"`
+# would bind it). The request's own `body` field and its path variables are not body fields.
+BODY_TARGETS: dict[str, str] = {
+    "conveyor.v1.CreateWorkflowRequest": "workflow",
+    "conveyor.v1.UpdateWorkflowRequest": "workflow",
+    "conveyor.v1.TriggerWorkflowRunRequest": "",
+}
+# Fields that travel in the path, never in the body.
+_PATH_FIELDS = frozenset({"workflow_id", "body"})
+
+_JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+}
+# Keys quoted in a field path are cut to this length (the path goes back to the client).
+_KEY_IN_PATH = 40
+# Parsing stops reporting after this many problems.
+_MAX_PROBLEMS = 20
+
+
+def has_raw_body(request: Message) -> bool:
+    """True when `request` came over REST with its body in the `body` HttpBody field."""
+    return request.DESCRIPTOR.full_name in BODY_TARGETS and request.HasField("body")
+
+
+def take_raw_body(request: Message, limits: Limits) -> Message:
+    """The request with its raw JSON body parsed into its typed fields and `body` cleared.
+
+    Fields bound from the path or query string (workflow_id, project_id) are kept; one given
+    both there and in the body with different values is INVALID_ARGUMENT.
+    """
+    target_name = BODY_TARGETS[request.DESCRIPTOR.full_name]
+    data = _load(request.body.data)
+    result = type(request)()
+    result.CopyFrom(request)
+    result.ClearField("body")
+    if target_name:
+        template = getattr(request, target_name)
+        target = getattr(result, target_name)
+        target.Clear()
+        excluded: frozenset[str] = frozenset()
+        prefix = ""
+    else:
+        template = request
+        target = type(request)()
+        excluded = _PATH_FIELDS
+        prefix = ""
+    problems: list[FieldViolation] = []
+    _check_object(data, target.DESCRIPTOR, prefix, excluded, limits, problems)
+    if problems:
+        raise _invalid(problems)
+    try:
+        json_format.ParseDict(data, target, ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError):
+        # Every shape problem was reported above; this is a value protobuf refuses that the
+        # checks do not foresee. Its text describes internals, so it is not passed on.
+        raise _invalid([FieldViolation("body", "is not a valid JSON form of the request")]) from None
+    _merge_bound(template, target, excluded, problems)
+    if problems:
+        raise _invalid(problems)
+    if not target_name:
+        result = target
+    return result
+
+
+def _load(raw: bytes) -> Any:
+    """The JSON document in `raw`; {} for an empty body (a POST without one)."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise _invalid([FieldViolation("body", f"is not valid JSON (line {exc.lineno}, column {exc.colno})")],
+                       reason="INVALID_JSON") from None
+    except (ValueError, RecursionError):  # bad UTF-8, NaN/Infinity, nesting past the stack
+        raise _invalid([FieldViolation("body", "is not valid JSON")], reason="INVALID_JSON") from None
+    if not isinstance(data, dict):
+        raise _invalid([FieldViolation("body", "must be a JSON object")], reason="INVALID_JSON")
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which JSON (and PostgreSQL's jsonb) does not.
+    raise ValueError(name)
+
+
+def _invalid(problems: list[FieldViolation], reason: str = "INVALID_FIELD") -> ConveyorError:
+    first = problems[0]
+    message = f"invalid request body: {first.field}: {first.description}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more)"
+    if reason == "INVALID_FIELD" and first.description == "unknown field":
+        reason = "UNKNOWN_FIELD"
+    return ConveyorError(ErrorKind.INVALID_ARGUMENT, reason, message, violations=problems[:_MAX_PROBLEMS])
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _key(key: str) -> str:
+    return key if len(key) <= _KEY_IN_PATH else key[:_KEY_IN_PATH] + "…"
+
+
+def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozenset[str],
+                  limits: Limits, problems: list[FieldViolation]) -> None:
+    """Check a JSON object against a message type: known keys, values of the right JSON type."""
+    if not isinstance(data, Mapping):
+        problems.append(FieldViolation(path or "body", "must be an object"))
+        return
+    for key, value in data.items():
+        if len(problems) >= _MAX_PROBLEMS:
+            return
+        # protobuf's JSON names (lowerCamel) and the proto names (snake_case) are both accepted.
+        field = descriptor.fields_by_name.get(key) or _by_json_name(descriptor).get(key)
+        where = _join(path, _key(key))
+        if field is None or field.name in excluded:
+            problems.append(FieldViolation(where, "unknown field"))
+        elif value is not None:  # null means "not set" in protobuf's JSON mapping
+            _check_field(value, field, _join(path, field.name), limits, problems)
+
+
+def _by_json_name(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+    return {f.json_name: f for f in descriptor.fields}
+
+
+def _check_field(value: Any, field: FieldDescriptor, path: str, limits: Limits,
+                 problems: list[FieldViolation]) -> None:
+    message_type = field.message_type
+    if message_type is not None and message_type.GetOptions().map_entry:
+        if not isinstance(value, Mapping):
+            problems.append(FieldViolation(path, "must be an object"))
+            return
+        value_field = message_type.fields_by_name["value"]
+        for key, item in value.items():
+            _check_single(item, value_field, f"{path}[{_key(key)}]", limits, problems)
+        return
+    if field.is_repeated:
+        if not isinstance(value, list):
+            problems.append(FieldViolation(path, "must be a list"))
+            return
+        for i, item in enumerate(value):
+            _check_single(item, field, f"{path}[{i}]", limits, problems)
+        return
+    _check_single(value, field, path, limits, problems)
+
+
+def _check_single(value: Any, field: FieldDescriptor, path: str, limits: Limits,
+                  problems: list[FieldViolation]) -> None:
+    """One value (not a list or map) of `field`'s type."""
+    message_type = field.message_type
+    if message_type is not None:
+        if message_type.full_name in _JSON_TYPES:
+            if message_type.full_name == "google.protobuf.Struct" and not isinstance(value, Mapping):
+                problems.append(FieldViolation(path, "must be an object"))
+            elif json_depth(value, limits.max_json_depth) > limits.max_json_depth:
+                # Checked here, before protobuf sees it: a document deeper than its recursion
+                # limit would fail to parse with an internal error.
+                problems.append(FieldViolation(path, f"nests deeper than {limits.max_json_depth} levels"))
+        elif message_type.full_name.startswith("google.protobuf."):
+            pass  # other well-known types have their own JSON forms; ParseDict checks them
+        else:
+            _check_object(value, message_type, path, frozenset(), limits, problems)
+        return
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, bool):
+            problems.append(FieldViolation(path, "must be a boolean (true or false, without quotes)"))
+    elif kind in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+        if not isinstance(value, str):
+            problems.append(FieldViolation(path, "must be a string"))
+    elif kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        number = _whole_number(value)
+        if number is None:
+            problems.append(FieldViolation(path, "must be a whole number"))
+        elif not low <= number <= high:
+            problems.append(FieldViolation(path, f"must be between {low} and {high}"))
+    elif kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.append(FieldViolation(path, "must be a number"))
+    elif kind == FieldDescriptor.TYPE_ENUM and (not isinstance(value, str | int) or isinstance(value, bool)):
+        problems.append(FieldViolation(path, "must be an enum value name"))
+
+
+def _whole_number(value: Any) -> int | None:
+    """An integer field's value: a JSON number without a fraction, or (as protobuf's JSON mapping
+    allows for 64-bit values) a string of digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) <= 25:
+        return int(value)
+    return None
+
+
+def _merge_bound(bound: Message, parsed: Message, excluded: frozenset[str],
+                 problems: list[FieldViolation]) -> None:
+    """Copy the fields the transcoder bound from the path or query string into the parsed body;
+    a field given in both places with different values is a problem."""
+    for field, value in bound.ListFields():
+        if field.name == "body":
+            continue
+        if field.name not in excluded and _is_set(parsed, field):
+            if getattr(parsed, field.name) != value:
+                problems.append(FieldViolation(field.name, "given in both the URL and the body, differently"))
+            continue
+        if field.message_type is not None and not field.is_repeated:
+            getattr(parsed, field.name).CopyFrom(value)
+        elif field.is_repeated:
+            target = getattr(parsed, field.name)
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                target.update(value)
+            else:
+                target.extend(value)
+        else:
+            setattr(parsed, field.name, value)
+
+
+def _is_set(message: Message, field: FieldDescriptor) -> bool:
+    if field.is_repeated:
+        return len(getattr(message, field.name)) > 0
+    if field.message_type is not None or field.has_presence:
+        return message.HasField(field.name)
+    return bool(getattr(message, field.name) != field.default_value)

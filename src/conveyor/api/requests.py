@@ -1,0 +1,236 @@
+"""What a request may hold: the one check every Conveyor request passes before its handler runs.
+
+`RequestChecker.prepare` is the interceptor's `prepare` hook (`conveyor.api.errors`), so no
+servicer checks sizes by hand. It turns a raw REST body into the typed request
+(`conveyor.api.bodies`), then walks the whole message against `Limits`:
+
+- every string: no NUL byte (PostgreSQL refuses them, SQLite would store them), and at most the
+  length of its class — identifiers, short text or long text, chosen by field name below;
+- every repeated field and map: at most its count (filter values, bulk ids, tags, steps...);
+- every JSON document (Struct/Value fields: payload, config, data, result, a variable's
+  default): finite numbers, at most `max_json_depth` deep and `max_payload_bytes` as JSON, keys
+  and strings under the same rules as strings;
+- integers are not negative (every integer of the API is a count, a size or seconds);
+  timestamps are within 0001-9999;
+- fields protobuf did not recognise on the gRPC wire (unknown fields) are refused, naming them.
+
+Every problem is a field violation; the error's reason is the first problem's. Nothing reaches
+the engine, so nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format, unknown_fields
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from conveyor.api.bodies import has_raw_body, take_raw_body
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+from conveyor.domain.limits import Limits, json_depth, json_size
+
+# String fields by length class (field names, over every request message and the messages they
+# hold). A test checks that every string field of the API is in exactly one class, so a new
+# field forces a decision.
+ID_FIELDS = frozenset({
+    "id", "workflow_id", "workflow_run_id", "workflow_run_ids", "step_ref", "project_id", "name",
+    "ref", "kind", "queue", "depends_on", "idempotency_key", "entity_id", "run_as", "triggered_by",
+    "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
+    "task_id", "worker_id",
+})
+# "tags" here is the length of a tag's value (its key is an identifier).
+SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})
+TEXT_FIELDS = frozenset({"description", "when", "condition", "error"})
+
+# Repeated fields (and maps) by count class.
+FILTER_FIELDS = frozenset({"status", "workflow_id", "tag"})
+BULK_FIELDS = frozenset({"workflow_run_ids"})
+STEP_FIELDS = frozenset({"steps", "depends_on"})
+VARIABLE_FIELDS = frozenset({"variables"})
+TAG_FIELDS = frozenset({"tags"})
+
+_JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+_TIMESTAMP = "google.protobuf.Timestamp"
+# 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: what RFC 3339 and Python's datetime can hold.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_INT_TYPES = frozenset({FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64,
+                        FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64})
+_FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
+# A walk stops after this many problems (the error carries at most 20 anyway).
+_MAX_PROBLEMS = 20
+# Keys quoted in a field path are cut to this length (the path goes back to the client).
+_KEY_IN_PATH = 40
+
+
+@dataclass(frozen=True)
+class _Problem:
+    field: str
+    description: str
+    reason: str
+
+
+class RequestChecker:
+    """Checks (and, for raw REST bodies, builds) every Conveyor request against `limits`."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        lim = limits
+        self._string_limits = {
+            **dict.fromkeys(ID_FIELDS, lim.max_id_length),
+            **dict.fromkeys(SHORT_TEXT_FIELDS, lim.max_short_text_length),
+            **dict.fromkeys(TEXT_FIELDS, lim.max_text_length),
+        }
+        self._count_limits = {
+            **dict.fromkeys(FILTER_FIELDS, lim.max_filter_values),
+            **dict.fromkeys(BULK_FIELDS, lim.max_bulk_ids),
+            **dict.fromkeys(STEP_FIELDS, lim.max_steps),
+            **dict.fromkeys(VARIABLE_FIELDS, lim.max_variables),
+            **dict.fromkeys(TAG_FIELDS, lim.max_tags),
+        }
+
+    def prepare(self, request: Any) -> Any:
+        """The request the handler gets; raises INVALID_ARGUMENT listing every problem."""
+        if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("conveyor."):
+            return request  # health, reflection: grpc's own services
+        if has_raw_body(request):
+            request = take_raw_body(request, self._limits)
+        problems: list[_Problem] = []
+        for problem in self._message(request, ""):
+            problems.append(problem)
+            if len(problems) >= _MAX_PROBLEMS:
+                break
+        if problems:
+            raise _error(problems)
+        return request
+
+    # -- the walk -----------------------------------------------------------------------------
+
+    def _message(self, msg: Message, path: str) -> Iterator[_Problem]:
+        unknown = unknown_fields.UnknownFieldSet(msg)
+        if len(unknown):
+            numbers = sorted({field.field_number for field in unknown})
+            yield _Problem(path or "request", f"unknown field number(s) {', '.join(map(str, numbers))}",
+                           "UNKNOWN_FIELD")
+        for field, value in msg.ListFields():
+            where = f"{path}.{field.name}" if path else field.name
+            yield from self._field(field, value, where)
+
+    def _field(self, field: FieldDescriptor, value: Any, path: str) -> Iterator[_Problem]:
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            yield from self._count(field, len(value), path)
+            value_field = entry.fields_by_name["value"]
+            for key, item in value.items():
+                where = f"{path}[{_key(key)}]"
+                yield from self._string(key, where, self._limits.max_id_length, what="key")
+                yield from self._single(value_field, item, where, name=field.name)
+        elif field.is_repeated:
+            yield from self._count(field, len(value), path)
+            for i, item in enumerate(value):
+                yield from self._single(field, item, f"{path}[{i}]", name=field.name)
+        else:
+            yield from self._single(field, value, path, name=field.name)
+
+    def _count(self, field: FieldDescriptor, count: int, path: str) -> Iterator[_Problem]:
+        cap = self._count_limits.get(field.name)
+        if cap is None:
+            raise AssertionError(f"repeated field {field.full_name} has no count limit")
+        if count > cap:
+            yield _Problem(path, f"has {count} values; at most {cap} are allowed", "TOO_MANY_VALUES")
+
+    def _single(self, field: FieldDescriptor, value: Any, path: str, name: str) -> Iterator[_Problem]:
+        message_type = field.message_type
+        if message_type is not None:
+            if message_type.full_name in _JSON_TYPES:
+                yield from self._json(value, path)
+            elif message_type.full_name == _TIMESTAMP:
+                if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 10**9):
+                    yield _Problem(path, "must be a time between years 1 and 9999", "INVALID_TIME")
+            elif message_type.full_name == "google.api.HttpBody":
+                pass  # a raw body of a request that takes none is ignored, like an unused field
+            else:
+                yield from self._message(value, path)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            cap = self._string_limits.get(name)
+            if cap is None:
+                raise AssertionError(f"string field {field.full_name} has no length class")
+            yield from self._string(value, path, cap)
+        elif field.type in _INT_TYPES and value < 0:
+            yield _Problem(path, "must not be negative",
+                           "INVALID_PAGE_SIZE" if name == "limit" else "INVALID_FIELD")
+        elif field.type in _FLOAT_TYPES and not math.isfinite(value):
+            yield _Problem(path, "must be a finite number", "INVALID_FIELD")
+
+    def _string(self, text: str, path: str, cap: int, what: str = "") -> Iterator[_Problem]:
+        subject = f"{what} " if what else ""
+        if len(text) > cap:
+            yield _Problem(path, f"{subject}is {len(text)} characters long; at most {cap} are allowed",
+                           "FIELD_TOO_LONG")
+        if "\x00" in text:
+            yield _Problem(path, f"{subject}must not contain NUL characters", "INVALID_CHARACTER")
+        elif not _is_utf8(text):
+            yield _Problem(path, f"{subject}must be valid Unicode (no lone surrogates)", "INVALID_CHARACTER")
+
+    def _json(self, msg: Message, path: str) -> Iterator[_Problem]:
+        """A Struct/Value/ListValue as the JSON document it stands for."""
+        try:
+            document = json_format.MessageToDict(msg)
+        except (ValueError, RecursionError):
+            # json_format refuses NaN and Infinity, which JSON (and jsonb) cannot hold.
+            yield _Problem(path, "numbers must be finite", "INVALID_FIELD")
+            return
+        limits = self._limits
+        depth = json_depth(document, limits.max_json_depth)
+        if depth > limits.max_json_depth:
+            yield _Problem(path, f"nests deeper than {limits.max_json_depth} levels", "JSON_TOO_DEEP")
+            return
+        for where, text, is_key in _strings(document, path):
+            cap = limits.max_short_text_length if is_key else limits.max_payload_bytes
+            yield from self._string(text, where, cap, what="key" if is_key else "")
+        size = json_size(document)
+        if size > limits.max_payload_bytes:
+            yield _Problem(path, f"is {size} bytes as JSON; at most {limits.max_payload_bytes} are allowed",
+                           "JSON_TOO_LARGE")
+
+
+def _strings(document: Any, path: str) -> Iterator[tuple[str, str, bool]]:
+    """Every key and string value in a JSON document, with its path; iterative (depth is
+    bounded already, but a wide document is walked without recursion all the same)."""
+    stack: list[tuple[Any, str]] = [(document, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            yield where, item, False
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                inner = f"{where}.{_key(key)}"
+                yield inner, key, True
+                stack.append((value, inner))
+        elif isinstance(item, list):
+            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(item))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key(key: str) -> str:
+    return key if len(key) <= _KEY_IN_PATH else key[:_KEY_IN_PATH] + "…"
+
+
+def _error(problems: list[_Problem]) -> ConveyorError:
+    first = problems[0]
+    message = f"invalid request: {first.field}: {first.description}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return ConveyorError(ErrorKind.INVALID_ARGUMENT, first.reason, message,
+                         violations=[FieldViolation(p.field, p.description) for p in problems],
+                         metadata={"field": first.field})
