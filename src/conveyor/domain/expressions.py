@@ -102,11 +102,18 @@ _MAX_DEPTH = 250
 # ---------------------------------------------------------------------------------------------
 # Cost: the meter every evaluation draws on.
 
-# Units, calibrated on the reference machine (README "CEL", bench/cel.py) to about a microsecond
-# of CPU each: one step of celpy's tree-walking interpreter costs ~3 µs; converting one context
-# value ~1 µs; an operation on a string or bytes costs one unit per 64 bytes of its operands (and
-# of a concatenation's result), on a list or map one unit per element.
-_UNITS_PER_STEP = 3
+# Units, calibrated with bench/cel.py's adversarial cases to about a microsecond of CPU each on
+# the reference machine (README "CEL"): a step of celpy's tree-walking interpreter (one node of
+# the parse tree evaluated), one iteration of a comprehension (celpy clones its activation for
+# each), a call of a named function or method (parsing a timestamp, compiling a regex), a pair of
+# values compared for equality, one context value converted. Besides, every call and operator
+# costs one unit per 64 bytes of its string or bytes operands (and of a concatenation's result)
+# and one per element of its list or map operands, so work in proportion to data is paid too.
+_UNITS_PER_STEP = 6
+_UNITS_PER_ITERATION = 35
+_UNITS_PER_CALL = 60
+_UNITS_PER_COMPARISON = 2
+_UNITS_PER_VALUE = 2
 _BYTES_PER_UNIT = 64
 
 
@@ -167,6 +174,27 @@ class _BoundedEvaluator(Evaluator):
     def sub_evaluator(self, ast: lark.Tree) -> Evaluator:
         return _BoundedEvaluator(ast, activation=self.activation)
 
+    def set_activation(self, values: Any) -> Evaluator:
+        # Called once per evaluation and once per comprehension iteration, to bind its variable.
+        _METER.get().charge(_UNITS_PER_ITERATION)
+        return super().set_activation(values)
+
+    # Named functions are charged here rather than by wrapping them: type names such as `string`
+    # or `int` are both conversion functions and values (`type(x) == string`), so they must stay
+    # the very types celpy compares.
+    def function_eval(self, name_token: lark.Token, exprlist: Any = None) -> Any:
+        _charge_call(exprlist)
+        return super().function_eval(name_token, exprlist)
+
+    def method_eval(self, object: Any, method_ident: lark.Token, exprlist: Any = None) -> Any:
+        _charge_call([object, *exprlist] if isinstance(exprlist, list) else [object])
+        return super().method_eval(object, method_ident, exprlist)
+
+
+def _charge_call(args: Any) -> None:
+    operands = args if isinstance(args, list) else []
+    _METER.get().charge(_UNITS_PER_CALL + sum(_weight(arg) for arg in operands))
+
 
 # ---------------------------------------------------------------------------------------------
 # Numeric leniency: operator overrides handed to every program.
@@ -220,7 +248,7 @@ def _equal(a: Any, b: Any) -> bool:
 
     Charged one unit per pair compared: deep equality of large documents is real work.
     """
-    _METER.get().charge(1)
+    _METER.get().charge(_UNITS_PER_COMPARISON)
     kind = _kind(a)
     if kind != _kind(b):
         return False
@@ -309,7 +337,8 @@ _OVERRIDES: dict[str, Any] = {
 
 
 def _charged(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    """`function` charging the meter for the size of its operands (and, for `+`, its result)."""
+    """Operator `function` charging the meter for the size of its operands (and, for `+`, of its
+    result, which is also held to the output size limit)."""
     builds = name == "_+_"  # the one operator that makes a value larger than its operands
 
     @functools.wraps(function)
@@ -325,11 +354,10 @@ def _charged(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-# Every function and operator a program may call, charged. Type names (`int`, `list`, ...) are
-# values too, as in `type(x) == list`, so they stay themselves; converting through them copies
-# at most one scalar.
+# The functions a program resolves, with the operators (`_+_`, `!_`...) charged; celpy calls
+# operators directly rather than through `function_eval`.
 _PROGRAM_FUNCTIONS: dict[str, Any] = {
-    name: function if isinstance(function, type) else _charged(name, function)
+    name: function if name.isidentifier() else _charged(name, function)
     for name, function in {**base_functions, **_OVERRIDES}.items()
 }
 
@@ -503,7 +531,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 def _to_cel(value: Any, meter: _Meter) -> Any:
     """A JSON-like Python value as CEL values (numbers keep their int/double nature)."""
-    meter.charge(1)
+    meter.charge(_UNITS_PER_VALUE)
     if value is None or isinstance(value, celtypes.BoolType):
         return value
     if isinstance(value, bool):
