@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.limits import Limits
 from conveyor.domain.spec import (
     RetryPolicy,
     Schedule,
@@ -68,9 +69,9 @@ def minimal(**overrides: Any) -> dict[str, Any]:
     return data
 
 
-def violations_of(data: dict[str, Any]) -> list[tuple[str, str]]:
+def violations_of(data: dict[str, Any], limits: Limits | None = None) -> list[tuple[str, str]]:
     with pytest.raises(ConveyorError) as caught:
-        parse_workflow(data)
+        parse_workflow(data, limits)
     err = caught.value
     assert err.kind is ErrorKind.INVALID_ARGUMENT
     assert err.reason == "INVALID_WORKFLOW"
@@ -413,11 +414,12 @@ def test_separate_cycles_are_separate_problems() -> None:
 
 def test_deep_chains_do_not_hit_the_recursion_limit() -> None:
     n = 3000
+    limits = Limits(max_steps=n)
     steps = [{"ref": f"s{i}", "kind": "noop", "depends_on": [f"s{i - 1}"] if i else []} for i in range(n)]
-    spec = parse_workflow(minimal(steps=steps))
+    spec = parse_workflow(minimal(steps=steps), limits)
     assert spec.descendants("s0") == [f"s{i}" for i in range(n)]
     steps[0]["depends_on"] = [f"s{n - 1}"]
-    [(field, description)] = violations_of(minimal(steps=steps))
+    [(field, description)] = violations_of(minimal(steps=steps), limits)
     assert field == "steps[1].depends_on[0]"  # s1 -> s0 closes the loop found from s0
     assert description.startswith("dependency cycle: s0 -> s2999 -> s2998")
 
@@ -582,3 +584,84 @@ def test_without_variables_any_payload_passes_unchanged() -> None:
 ])
 def test_bad_variables(variables: Any, fields: list[str]) -> None:
     assert fields_of(minimal(variables=variables)) == fields
+
+
+# --- limits and references (issue 5, item 3) -----------------------------------------------------
+
+
+def test_steps_above_the_cap_are_one_violation() -> None:
+    steps = [{"ref": f"s{i}", "kind": "noop"} for i in range(6)]
+    assert violations_of(minimal(steps=steps), Limits(max_steps=5)) == [
+        ("steps", "has 6 steps; at most 5 are allowed")]
+    assert len(parse_workflow(minimal(steps=steps[:5]), Limits(max_steps=5)).steps) == 5
+    assert Limits().max_steps == 1000
+
+
+def test_expressions_longer_than_the_cap_are_violations() -> None:
+    limits = Limits(max_expression_length=50)
+    long = " || ".join(["payload.x == 1"] * 10)
+    found = violations_of(minimal(condition=long, steps=[
+        {"ref": "a", "kind": "noop", "when": long},
+        {"ref": "b", "kind": "noop", "config": {"output": "{{ " + long + " }}"}}]), limits)
+    assert [field for field, _ in found] == ["condition", "steps[0].when", "steps[1].config.output"]
+    assert all("longer than 50" in description for _, description in found)
+
+
+@pytest.mark.parametrize("text", ["{{ payload.x ", "ok {{ payload.x }} then {{ broken", "{{"])
+def test_unclosed_templates_are_violations(text: str) -> None:
+    step = {"ref": "a", "kind": "noop", "config": {"output": {"t": text}}}
+    assert violations_of(minimal(steps=[step])) == [
+        ("steps[0].config.output.t", "unclosed template: '{{' without its '}}'")]
+
+
+def test_closed_templates_and_lone_closing_braces_are_fine() -> None:
+    parse_workflow(minimal(steps=[{"ref": "a", "kind": "noop", "config": {
+        "output": {"t": "{{ payload.x }} and {{ payload.y }}", "u": "a }} b", "v": "{ not a template }"}}}]))
+
+
+def test_unknown_steps_in_expressions_and_templates_are_violations() -> None:
+    found = violations_of(minimal(steps=[
+        {"ref": "a", "kind": "noop"},
+        {"ref": "b", "kind": "noop", "depends_on": ["a"], "when": "steps.nope.output.ok",
+         "config": {"output": {"x": "{{ steps.ghost.output }}"}}},
+        {"ref": "c", "kind": "condition", "depends_on": ["a"],
+         "config": {"expression": "steps.missing.status == 'completed'"}},
+    ]))
+    assert sorted(found) == [
+        ("steps[1].config.output.x", "unknown step 'ghost' (steps.ghost)"),
+        ("steps[1].when", "unknown step 'nope' (steps.nope)"),
+        ("steps[2].config.expression", "unknown step 'missing' (steps.missing)"),
+    ]
+
+
+def test_a_step_may_only_use_steps_it_depends_on() -> None:
+    # build -> test -> ship; lint beside them. ship may use build (through test), not lint.
+    definition = minimal(steps=[
+        {"ref": "build", "kind": "noop"},
+        {"ref": "lint", "kind": "noop"},
+        {"ref": "test", "kind": "noop", "depends_on": ["build"]},
+        {"ref": "ship", "kind": "noop", "depends_on": ["test"], "when": "steps.build.output.ok",
+         "config": {"output": "{{ steps.lint.output }}"}},
+    ])
+    [(field, description)] = violations_of(definition)
+    assert field == "steps[3].config.output"
+    assert description.startswith("steps.lint is not a dependency of this step")
+    definition["steps"][3]["depends_on"].append("lint")
+    assert parse_workflow(definition).step("ship").when == "steps.build.output.ok"
+    # Itself is not a dependency either: its output does not exist while it is evaluated.
+    own = minimal(steps=[{"ref": "a", "kind": "noop", "when": "steps.a.status == 'completed'"}])
+    assert violations_of(own)[0][1].startswith("steps.a is not a dependency")
+
+
+def test_the_workflow_condition_cannot_use_steps() -> None:
+    [(field, description)] = violations_of(minimal(condition="steps.a.output.ok"))
+    assert field == "condition" and "cannot use steps.a" in description
+
+
+def test_references_are_checked_in_linear_time_on_a_long_chain() -> None:
+    # 1,000 steps, each reading the previous one's output: ancestors are bitsets, not a walk
+    # per reference (this took seconds with a walk per reference).
+    steps = [{"ref": f"s{i}", "kind": "noop", "depends_on": [f"s{i - 1}"] if i else [],
+              "when": f"steps.s{i - 1}.status == 'completed'" if i else ""} for i in range(1000)]
+    spec = parse_workflow(minimal(steps=steps))
+    assert len(spec.steps) == 1000

@@ -27,7 +27,12 @@ from urllib.parse import urlsplit
 from croniter import croniter
 
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
-from conveyor.domain.expressions import ExpressionError, compile_expression, find_templates
+from conveyor.domain.expressions import (
+    ExpressionError,
+    find_templates,
+    referenced_steps,
+)
+from conveyor.domain.limits import Limits
 
 __all__ = [
     "RetryPolicy",
@@ -296,10 +301,15 @@ _CONFIG_KEYS: dict[StepKind, frozenset[str]] = {
 
 
 class _Problems:
-    """Collects one FieldViolation per problem, so a client sees everything wrong at once."""
+    """Collects one FieldViolation per problem, so a client sees everything wrong at once; also
+    carries what the checks need besides the data: the limits, and the `steps.<ref>` each
+    expression names (checked against the DAG once every step is parsed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.violations: list[FieldViolation] = []
+        self.limits = limits
+        # (path of the expression or template, the refs it names)
+        self.references: list[tuple[str, set[str]]] = []
 
     def add(self, path: str, description: str) -> None:
         self.violations.append(FieldViolation(path, description))
@@ -358,11 +368,16 @@ def _unknown_keys(data: Mapping[str, Any], known: frozenset[str], path: str,
             problems.add(f"{path}.{key}", "unknown field")
 
 
-def _check_expression(expr: str, path: str, problems: _Problems) -> None:
+def _check_expression(expr: str, path: str, problems: _Problems, what: str = "") -> None:
+    """Compile `expr` (within the expression limits) and note the steps it names."""
     try:
-        compile_expression(expr)
+        # Compiles it too: an invalid expression raises here.
+        refs = referenced_steps(expr, limits=problems.limits)
     except ExpressionError as exc:
-        problems.add(path, exc.message)
+        problems.add(path, f"{what}{exc.message}")
+        return
+    if refs:
+        problems.references.append((path, refs))
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -380,10 +395,15 @@ def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
 def _check_templates(config: Mapping[str, Any], path: str, problems: _Problems) -> None:
     for leaf_path, text in _leaves(config, path):
         for expr in find_templates(text):
-            try:
-                compile_expression(expr)
-            except ExpressionError as exc:
-                problems.add(leaf_path, f"invalid template: {exc.message}")
+            _check_expression(expr, leaf_path, problems, what="invalid template: ")
+        # What is left once every complete template is taken out must hold no "{{": an unclosed
+        # one would otherwise be sent as literal text, silently.
+        if "{{" in _TEMPLATE_TEXT.sub("", text):
+            problems.add(leaf_path, "unclosed template: '{{' without its '}}'")
+
+
+# A complete `{{ ... }}` (the same tempered form the expression module renders).
+_TEMPLATE_TEXT = re.compile(r"\{\{(?:(?!\}\}).)*\}\}", re.DOTALL)
 
 
 def _check_rfc3339(text: str) -> bool:
@@ -618,6 +638,37 @@ def _check_cycles(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]]
                 stack.append((dep, 0))
 
 
+def _check_references(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]],
+                      problems: _Problems) -> None:
+    """Each `steps.<ref>` a step's expressions or templates name must be a step it depends on,
+    directly or through others: only those are guaranteed finished (their output set) when it
+    is evaluated. Anything else would fail, or depend on timing, at run time.
+
+    Ancestor sets are int bitsets built in topological order, so the check is linear in steps
+    and edges even for a 1,000-step chain.
+    """
+    if not problems.references:
+        return
+    bit = {ref: 1 << i for i, ref in enumerate(graph)}
+    ancestors: dict[str, int] = {}
+    for ref in _topological_order(tuple(step for _, step in steps if step.ref in graph)):
+        mask = 0
+        for dep in graph[ref]:
+            mask |= ancestors[dep] | bit[dep]
+        ancestors[ref] = mask
+    index_ref = {f"steps[{i}]": step.ref for i, step in steps}
+    for path, refs in problems.references:
+        owner = index_ref.get(path.split(".", 1)[0])
+        if owner is None or owner not in ancestors:
+            continue  # a step whose own ref or dependencies are already reported
+        for ref in sorted(refs):
+            if ref not in bit:
+                problems.add(path, f"unknown step {ref!r} (steps.{ref})")
+            elif not ancestors[owner] & bit[ref]:
+                problems.add(path, f"steps.{ref} is not a dependency of this step (add it to "
+                                   f"depends_on, directly or through another step)")
+
+
 def _step_by_ref(steps: list[tuple[int, StepSpec]], ref: str) -> StepSpec:
     return next(step for _, step in steps if step.ref == ref)
 
@@ -684,13 +735,14 @@ def _looks_like_uuid(name: str) -> bool:
     return True
 
 
-def parse_workflow(data: Mapping[str, Any]) -> WorkflowSpec:
+def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> WorkflowSpec:
     """Validate a workflow definition (the `Workflow` message as JSON) and build its spec.
 
     Every problem is collected; if there is any, raises INVALID_ARGUMENT with reason
-    INVALID_WORKFLOW and one field violation per problem.
+    INVALID_WORKFLOW and one field violation per problem. `limits` bounds the step count and
+    each expression (Limits() when not given).
     """
-    problems = _Problems()
+    problems = _Problems(limits or Limits())
     name = _string(data, "name", "name", problems)
     if not name:
         problems.add("name", "required")
@@ -699,12 +751,17 @@ def parse_workflow(data: Mapping[str, Any]) -> WorkflowSpec:
                              "digits, '_', '.' or '-'")
     elif _looks_like_uuid(name):
         problems.add("name", "must not look like a UUID (names and ids share the same paths)")
-    limits = {key: _integer(data, key, key, problems)
-              for key in ("max_parallel_steps", "max_concurrent_runs", "timeout_seconds")}
+    caps = {key: _integer(data, key, key, problems)
+            for key in ("max_parallel_steps", "max_concurrent_runs", "timeout_seconds")}
     description = _string(data, "description", "description", problems)
     condition = _string(data, "condition", "condition", problems)
     if condition:
         _check_expression(condition, "condition", problems)
+        # The workflow's condition is evaluated when a run is triggered, before any step ran.
+        for path, refs in problems.references:
+            problems.add(path, f"the workflow condition runs before any step; it cannot use "
+                               f"steps.{sorted(refs)[0]}")
+        problems.references.clear()
     schedule = _parse_schedule(data.get("schedule"), problems)
     variables = _parse_variables(data.get("variables"), problems)
 
@@ -714,13 +771,19 @@ def parse_workflow(data: Mapping[str, Any]) -> WorkflowSpec:
         problems.add("steps", "must be a list")
     elif not raw_steps:
         problems.add("steps", "at least one step is required")
+    elif len(raw_steps) > problems.limits.max_steps:
+        # Not parsed further: checking each of them is the cost the cap is there to bound.
+        problems.add("steps", f"has {len(raw_steps)} steps; at most {problems.limits.max_steps} are allowed")
     else:
         for i, raw in enumerate(raw_steps):
             step = _parse_step(raw, f"steps[{i}]", problems)
             if step is not None:
                 steps.append((i, step))
     graph = _check_dependencies(steps, problems)
+    cycles_before = len(problems.violations)
     _check_cycles(steps, graph, problems)
+    if len(problems.violations) == cycles_before:
+        _check_references(steps, graph, problems)
 
     if problems.violations:
         first = problems.violations[0]
@@ -737,7 +800,7 @@ def parse_workflow(data: Mapping[str, Any]) -> WorkflowSpec:
         schedule=schedule,
         variables=variables,
         steps=tuple(step for _, step in steps),
-        **limits,
+        **caps,
     )
 
 
@@ -748,7 +811,7 @@ def apply_variables(spec: WorkflowSpec, payload: dict[str, Any]) -> dict[str, An
     """
     if not spec.variables:
         return payload
-    problems = _Problems()
+    problems = _Problems(Limits())
     declared = {v.name for v in spec.variables}
     for v in spec.variables:
         if v.required and v.name not in payload:

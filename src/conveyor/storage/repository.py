@@ -99,15 +99,50 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+# The two shapes of our cursors: a position or seq (n=1: one int), and a newest-first keyset
+# (n=2: an ISO timestamp with its offset, and an id). A forged token of any other shape, type or
+# size is INVALID_PAGE_TOKEN: it must never reach SQL, where it would fail as a 500 (a string
+# compared to an integer column on PostgreSQL, a naive time, an integer past BIGINT).
+_MAX_CURSOR_INT = 2**31 - 1
+_MAX_CURSOR_ID = 200
+_MAX_TOKEN_CHARS = 1000
+
+
 def decode_cursor(token: str, n: int) -> list[Any]:
     """The keyset position in a page token; INVALID_ARGUMENT when it is not one of ours."""
     try:
+        if len(token) > _MAX_TOKEN_CHARS:
+            raise ValueError("too long")
         parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(parts, list) or len(parts) != n:
-            raise ValueError(token)
+            raise ValueError("wrong shape")
+        if n == 1:
+            (pos,) = parts
+            if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= _MAX_CURSOR_INT:
+                raise ValueError("not a position")
+        else:
+            at, ident = parts
+            if not isinstance(ident, str) or not 0 < len(ident) <= _MAX_CURSOR_ID or "\x00" in ident:
+                raise ValueError("not an id")
+            _cursor_time(at)
         return parts
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise invalid("page_token is not valid", reason="INVALID_PAGE_TOKEN") from e
+
+
+def _cursor_time(at: Any) -> datetime:
+    """The timestamp of a keyset cursor; ValueError unless it is an ISO time with an offset."""
+    from datetime import UTC  # local: the module's imports belong to another change in flight
+
+    if not isinstance(at, str) or len(at) > 40:
+        raise ValueError("not a time")
+    ts = datetime.fromisoformat(at)
+    if ts.tzinfo is None:
+        raise ValueError("a time without offset")
+    try:
+        return ts.astimezone(UTC)  # what the column stores; year 1 or 9999 may not convert
+    except OverflowError as e:
+        raise ValueError("a time out of range") from e
 
 
 Q = TypeVar("Q", bound=Select[Any])
@@ -402,5 +437,8 @@ class Repository:
 
 def _before(col_at: Any, col_id: Any, at: str, ident: str) -> Any:
     """Keyset condition for newest-first pages: rows strictly after the cursor position."""
-    ts = datetime.fromisoformat(at)
+    try:
+        ts = _cursor_time(at)  # decode_cursor checked it already; kept for direct callers
+    except ValueError as e:
+        raise invalid("page_token is not valid", reason="INVALID_PAGE_TOKEN") from e
     return or_(col_at < ts, and_(col_at == ts, col_id < ident))
