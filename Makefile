@@ -42,6 +42,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/trigger.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/list.py
+	$(BIN)/python bench/list.py --db postgresql
 
 clean:
 	rm -rf $(VENV) .conveyor

@@ -254,6 +254,13 @@ def spawn_server(data_dir: Path, envoy: bool) -> contextlib.AbstractAsyncContext
     return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=envoy)
 
 
+def spawn_server_on(db_url: str, data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
+    """`conveyor serve` (gRPC only) on free ports over an existing database at `db_url`."""
+    args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
+            "--db-url", db_url, "--data-dir", str(data_dir), "--no-envoy"]
+    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=False)
+
+
 def spawn_echo_server(data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
     """The baseline: a bare grpc.aio server answering grpc.health.v1 Check (bench/echo_server.py)."""
     args = [sys.executable, "-u", str(BENCH_DIR / "echo_server.py")]

@@ -138,6 +138,12 @@ class Database:
         return self._url.render_as_string(hide_password=False)
 
     @property
+    def engines(self) -> list[AsyncEngine]:
+        """Every engine of this database (one on PostgreSQL; writer and readers on SQLite), e.g.
+        to observe the statements it runs."""
+        return list(self._engines)
+
+    @property
     def dialect(self) -> Backend:
         """"sqlite" or "postgresql"."""
         return "sqlite" if self._url.get_backend_name() == "sqlite" else "postgresql"

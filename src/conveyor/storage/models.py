@@ -76,9 +76,12 @@ class WorkflowRow(Base):
     updated_at: Mapped[datetime]
 
     __table_args__ = (
+        # Workflow by name within a project (find_workflow, list_runs' name filter); names are unique.
         Index("ux_workflows_project_name", "project_id", "name", unique=True),
+        # list_workflows of one project, newest first.
         Index("ix_workflows_project_created", "project_id", "created_at", "id"),
-        Index("ix_workflows_next_fire", "next_fire_at"),
+        # list_workflows over every project, newest first.
+        Index("ix_workflows_created", "created_at", "id"),
     )
 
 
@@ -131,11 +134,25 @@ class RunRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
+    # Every list_runs filter has an index that ends in (created_at, id), the list's newest-first
+    # order and keyset cursor: a page is a short backward index range scan, never a sort.
     __table_args__ = (
+        # list_runs with no filter (also drives the started_at range, triggered_by-less tag filters).
+        Index("ix_runs_created", "created_at", "id"),
+        # list_runs by project.
         Index("ix_runs_project_created", "project_id", "created_at", "id"),
+        # list_runs by status, across projects.
+        Index("ix_runs_status_created", "status", "created_at", "id"),
+        # list_runs by project and status.
+        Index("ix_runs_project_status_created", "project_id", "status", "created_at", "id"),
+        # list_runs by workflow (a workflow lies in one project, so with or without project).
+        Index("ix_runs_workflow_created", "workflow_id", "created_at", "id"),
+        # list_runs by workflow and status; running_counts and oldest_pending (concurrency slots).
+        Index("ix_runs_workflow_status", "workflow_id", "status", "created_at", "id"),
+        # list_runs by triggered_by.
+        Index("ix_runs_triggered_created", "triggered_by", "created_at", "id"),
+        # claim_due_runs and next_wake: the runner's timer sweep.
         Index("ix_runs_wake", "wake_at"),
-        Index("ix_runs_workflow_status", "workflow_id", "status", "created_at"),
-        Index("ix_runs_parent", "parent_workflow_run_id"),
     )
 
 
@@ -147,7 +164,11 @@ class RunTagRow(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[str] = mapped_column(String(500))
 
-    __table_args__ = (Index("ix_run_tags_kv", "key", "value"),)
+    # The primary key (run_id, key) serves list_runs' tag filter probed run by run in list order.
+    __table_args__ = (
+        # list_runs by a rare tag: the matching run ids straight from the index (covering).
+        Index("ix_run_tags_kv", "key", "value", "run_id"),
+    )
 
 
 class StepRunRow(Base):
@@ -221,6 +242,7 @@ class IdempotencyRow(Base):
     run_id: Mapped[str] = mapped_column(String(36))
     expires_at: Mapped[datetime]
 
+    # purge_idempotency: the oldest expired keys, a bounded batch at a time.
     __table_args__ = (Index("ix_idempotency_expires", "expires_at"),)
 
 

@@ -15,7 +15,20 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select, Table, and_, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -62,6 +75,8 @@ _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "erro
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
+# Expired idempotency records one purge_idempotency call deletes at most (~ms of write lock).
+PURGE_BATCH = 1000
 
 
 def run_from_row(m: Any) -> RunRecord:
@@ -283,8 +298,14 @@ class Repository:
         if events:
             await self.conn.execute(insert(events_t), [_row(e, _EVENT_FIELDS) for e in events])
 
-    async def purge_idempotency(self, now: datetime) -> int:
-        res = await self.conn.execute(delete(idem_t).where(idem_t.c.expires_at <= now))
+    async def purge_idempotency(self, now: datetime, batch: int = PURGE_BATCH) -> int:
+        """Delete at most `batch` expired idempotency records, oldest first; returns how many.
+        Bounded so one call never holds the write lock for long: a caller with a backlog calls
+        again while the answer equals `batch`."""
+        pk = (idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key)
+        oldest = (select(*pk).where(idem_t.c.expires_at <= now)
+                  .order_by(idem_t.c.expires_at).limit(batch))
+        res = await self.conn.execute(delete(idem_t).where(tuple_(*pk).in_(oldest)))
         return res.rowcount or 0
 
     # -- runs ---------------------------------------------------------------------------------
@@ -311,6 +332,8 @@ class Repository:
 
     async def list_runs(self, flt: RunQuery, project: str | None, limit: int, token: str) -> Page[RunRecord]:
         """Runs newest first. `project` is the caller's scope; `flt.project_id` a filter within it."""
+        # Every filter is shaped so that an index ending in (created_at, id) serves it (see the
+        # indexes of RunRow): equality on one value, the page a backward range scan, no sort.
         n = page_size(limit)
         stmt = select(runs_t)
         if project is not None:
@@ -318,19 +341,30 @@ class Repository:
         if flt.project_id:
             stmt = stmt.where(runs_t.c.project_id == flt.project_id)
         if flt.statuses:
-            stmt = stmt.where(runs_t.c.status.in_([str(s) for s in flt.statuses]))
+            statuses = sorted({str(s) for s in flt.statuses})
+            stmt = stmt.where(runs_t.c.status == statuses[0] if len(statuses) == 1
+                              else runs_t.c.status.in_(statuses))
         if flt.workflow_ids:
-            ids = select(wf_t.c.id).where(
+            # Names become ids first (a few rows by index), so the runs query compares
+            # workflow_id with constants: with one workflow, equality on its index.
+            ids_query = select(wf_t.c.id).where(
                 or_(wf_t.c.id.in_(flt.workflow_ids), wf_t.c.name.in_(flt.workflow_ids)))
             if project is not None:
-                ids = ids.where(wf_t.c.project_id == project)
-            stmt = stmt.where(runs_t.c.workflow_id.in_(ids))
+                ids_query = ids_query.where(wf_t.c.project_id == project)
+            ids = sorted((await self.conn.execute(ids_query)).scalars())
+            if not ids:
+                return Page([], "")
+            stmt = stmt.where(runs_t.c.workflow_id == ids[0] if len(ids) == 1
+                              else runs_t.c.workflow_id.in_(ids))
         if flt.triggered_by:
             stmt = stmt.where(runs_t.c.triggered_by == flt.triggered_by)
         if flt.started_after is not None:
             stmt = stmt.where(runs_t.c.started_at >= flt.started_after)
         if flt.started_before is not None:
-            stmt = stmt.where(runs_t.c.started_at < flt.started_before)
+            # A run starts after it is created, so created_at < started_before too: said
+            # explicitly, it lets the newest-first scan begin at the range's end.
+            stmt = stmt.where(runs_t.c.started_at < flt.started_before,
+                              runs_t.c.created_at < flt.started_before)
         for key, value in flt.tags:
             stmt = stmt.where(exists().where(tags_t.c.run_id == runs_t.c.id, tags_t.c.key == key,
                                              tags_t.c.value == value))
