@@ -189,7 +189,8 @@ class RequestChecker:
             yield _Problem(path, f"nests deeper than {limits.max_json_depth} levels", "JSON_TOO_DEEP")
             return
         for where, text, is_key in _strings(document, path):
-            cap = limits.max_short_text_length if is_key else limits.max_payload_bytes
+            # A string value is bounded by the document's size; a key also by its own length.
+            cap = limits.max_short_text_length if is_key else len(text)
             yield from self._string(text, where, cap, what="key" if is_key else "")
         size = json_size(document)
         if size > limits.max_payload_bytes:
