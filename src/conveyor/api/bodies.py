@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -49,6 +49,14 @@ _KEY_IN_PATH = 40
 _MAX_PROBLEMS = 20
 
 
+class _Problem(NamedTuple):
+    """One problem with the body; the error's reason is its first problem's."""
+
+    field: str
+    description: str
+    reason: str = "INVALID_FIELD"
+
+
 def has_raw_body(request: Message) -> bool:
     """True when `request` came over REST with its body in the `body` HttpBody field."""
     return request.DESCRIPTOR.full_name in BODY_TARGETS and request.HasField("body")
@@ -76,7 +84,7 @@ def take_raw_body(request: Message, limits: Limits) -> Message:
         target = type(request)()
         excluded = _PATH_FIELDS
         prefix = ""
-    problems: list[FieldViolation] = []
+    problems: list[_Problem] = []
     _check_object(data, target.DESCRIPTOR, prefix, excluded, limits, problems)
     if problems:
         raise _invalid(problems)
@@ -85,7 +93,7 @@ def take_raw_body(request: Message, limits: Limits) -> Message:
     except (json_format.ParseError, ValueError, TypeError, RecursionError):
         # Every shape problem was reported above; this is a value protobuf refuses that the
         # checks do not foresee. Its text describes internals, so it is not passed on.
-        raise _invalid([FieldViolation("body", "is not a valid JSON form of the request")]) from None
+        raise _invalid([_Problem("body", "is not a valid JSON form of the request")]) from None
     _merge_bound(template, target, excluded, problems)
     if problems:
         raise _invalid(problems)
@@ -101,12 +109,12 @@ def _load(raw: bytes) -> Any:
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        raise _invalid([FieldViolation("body", f"is not valid JSON (line {exc.lineno}, column {exc.colno})")],
-                       reason="INVALID_JSON") from None
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise _invalid([_Problem("body", f"is not valid JSON ({where})", "INVALID_JSON")]) from None
     except (ValueError, RecursionError):  # bad UTF-8, NaN/Infinity, nesting past the stack
-        raise _invalid([FieldViolation("body", "is not valid JSON")], reason="INVALID_JSON") from None
+        raise _invalid([_Problem("body", "is not valid JSON", "INVALID_JSON")]) from None
     if not isinstance(data, dict):
-        raise _invalid([FieldViolation("body", "must be a JSON object")], reason="INVALID_JSON")
+        raise _invalid([_Problem("body", "must be a JSON object", "INVALID_JSON")])
     return data
 
 
@@ -115,14 +123,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def _invalid(problems: list[FieldViolation], reason: str = "INVALID_FIELD") -> ConveyorError:
+def _invalid(problems: list[_Problem]) -> ConveyorError:
     first = problems[0]
     message = f"invalid request body: {first.field}: {first.description}"
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more)"
-    if reason == "INVALID_FIELD" and first.description == "unknown field":
-        reason = "UNKNOWN_FIELD"
-    return ConveyorError(ErrorKind.INVALID_ARGUMENT, reason, message, violations=problems[:_MAX_PROBLEMS])
+    violations = [FieldViolation(p.field, p.description) for p in problems[:_MAX_PROBLEMS]]
+    return ConveyorError(ErrorKind.INVALID_ARGUMENT, first.reason, message, violations=violations,
+                         metadata={"field": first.field})
 
 
 def _join(prefix: str, name: str) -> str:
@@ -134,10 +142,10 @@ def _key(key: str) -> str:
 
 
 def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozenset[str],
-                  limits: Limits, problems: list[FieldViolation]) -> None:
+                  limits: Limits, problems: list[_Problem]) -> None:
     """Check a JSON object against a message type: known keys, values of the right JSON type."""
     if not isinstance(data, Mapping):
-        problems.append(FieldViolation(path or "body", "must be an object"))
+        problems.append(_Problem(path or "body", "must be an object"))
         return
     for key, value in data.items():
         if len(problems) >= _MAX_PROBLEMS:
@@ -145,8 +153,10 @@ def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozen
         # protobuf's JSON names (lowerCamel) and the proto names (snake_case) are both accepted.
         field = descriptor.fields_by_name.get(key) or _by_json_name(descriptor).get(key)
         where = _join(path, _key(key))
-        if field is None or field.name in excluded:
-            problems.append(FieldViolation(where, "unknown field"))
+        if field is None:
+            problems.append(_Problem(where, "unknown field", "UNKNOWN_FIELD"))
+        elif field.name in excluded:
+            problems.append(_Problem(where, "not a body field (it is taken from the path)", "UNKNOWN_FIELD"))
         elif value is not None:  # null means "not set" in protobuf's JSON mapping
             _check_field(value, field, _join(path, field.name), limits, problems)
 
@@ -156,11 +166,11 @@ def _by_json_name(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
 
 
 def _check_field(value: Any, field: FieldDescriptor, path: str, limits: Limits,
-                 problems: list[FieldViolation]) -> None:
+                 problems: list[_Problem]) -> None:
     message_type = field.message_type
     if message_type is not None and message_type.GetOptions().map_entry:
         if not isinstance(value, Mapping):
-            problems.append(FieldViolation(path, "must be an object"))
+            problems.append(_Problem(path, "must be an object"))
             return
         value_field = message_type.fields_by_name["value"]
         for key, item in value.items():
@@ -168,7 +178,7 @@ def _check_field(value: Any, field: FieldDescriptor, path: str, limits: Limits,
         return
     if field.is_repeated:
         if not isinstance(value, list):
-            problems.append(FieldViolation(path, "must be a list"))
+            problems.append(_Problem(path, "must be a list"))
             return
         for i, item in enumerate(value):
             _check_single(item, field, f"{path}[{i}]", limits, problems)
@@ -177,17 +187,18 @@ def _check_field(value: Any, field: FieldDescriptor, path: str, limits: Limits,
 
 
 def _check_single(value: Any, field: FieldDescriptor, path: str, limits: Limits,
-                  problems: list[FieldViolation]) -> None:
+                  problems: list[_Problem]) -> None:
     """One value (not a list or map) of `field`'s type."""
     message_type = field.message_type
     if message_type is not None:
         if message_type.full_name in _JSON_TYPES:
             if message_type.full_name == "google.protobuf.Struct" and not isinstance(value, Mapping):
-                problems.append(FieldViolation(path, "must be an object"))
+                problems.append(_Problem(path, "must be an object"))
             elif json_depth(value, limits.max_json_depth) > limits.max_json_depth:
                 # Checked here, before protobuf sees it: a document deeper than its recursion
                 # limit would fail to parse with an internal error.
-                problems.append(FieldViolation(path, f"nests deeper than {limits.max_json_depth} levels"))
+                problems.append(_Problem(path, f"nests deeper than {limits.max_json_depth} levels",
+                                         "JSON_TOO_DEEP"))
         elif message_type.full_name.startswith("google.protobuf."):
             pass  # other well-known types have their own JSON forms; ParseDict checks them
         else:
@@ -196,22 +207,22 @@ def _check_single(value: Any, field: FieldDescriptor, path: str, limits: Limits,
     kind = field.type
     if kind == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
-            problems.append(FieldViolation(path, "must be a boolean (true or false, without quotes)"))
+            problems.append(_Problem(path, "must be a boolean (true or false, without quotes)"))
     elif kind in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
         if not isinstance(value, str):
-            problems.append(FieldViolation(path, "must be a string"))
+            problems.append(_Problem(path, "must be a string"))
     elif kind in _INT_RANGES:
         low, high = _INT_RANGES[kind]
         number = _whole_number(value)
         if number is None:
-            problems.append(FieldViolation(path, "must be a whole number"))
+            problems.append(_Problem(path, "must be a whole number"))
         elif not low <= number <= high:
-            problems.append(FieldViolation(path, f"must be between {low} and {high}"))
+            problems.append(_Problem(path, f"must be between {low} and {high}"))
     elif kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            problems.append(FieldViolation(path, "must be a number"))
+            problems.append(_Problem(path, "must be a number"))
     elif kind == FieldDescriptor.TYPE_ENUM and (not isinstance(value, str | int) or isinstance(value, bool)):
-        problems.append(FieldViolation(path, "must be an enum value name"))
+        problems.append(_Problem(path, "must be an enum value name"))
 
 
 def _whole_number(value: Any) -> int | None:
@@ -229,7 +240,7 @@ def _whole_number(value: Any) -> int | None:
 
 
 def _merge_bound(bound: Message, parsed: Message, excluded: frozenset[str],
-                 problems: list[FieldViolation]) -> None:
+                 problems: list[_Problem]) -> None:
     """Copy the fields the transcoder bound from the path or query string into the parsed body;
     a field given in both places with different values is a problem."""
     for field, value in bound.ListFields():
@@ -237,7 +248,7 @@ def _merge_bound(bound: Message, parsed: Message, excluded: frozenset[str],
             continue
         if field.name not in excluded and _is_set(parsed, field):
             if getattr(parsed, field.name) != value:
-                problems.append(FieldViolation(field.name, "given in both the URL and the body, differently"))
+                problems.append(_Problem(field.name, "given in both the URL and the body, differently"))
             continue
         if field.message_type is not None and not field.is_repeated:
             getattr(parsed, field.name).CopyFrom(value)

@@ -100,9 +100,9 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason
 # The status every unexpected exception becomes; built once, it never varies.
 _INTERNAL = rich_status(grpc.StatusCode.INTERNAL, "INTERNAL", INTERNAL_MESSAGE)
 
-# A request checker: returns the request the handler gets (possibly rebuilt, e.g. from a raw
-# REST body) or raises ConveyorError.
-Prepare = Callable[[Any], Any]
+# A request checker: given the request and the call's metadata, returns the request the handler
+# gets (possibly rebuilt, e.g. from a raw REST body) or raises ConveyorError.
+Prepare = Callable[[Any, Sequence[tuple[str, Any]]], Any]
 
 
 class _Undecodable:
@@ -142,7 +142,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     refused and `prepare` (when given) checks and may rebuild the request."""
 
     def __init__(self, prepare: Prepare | None = None) -> None:
-        self._prepare: Prepare = prepare or (lambda request: request)
+        self._prepare: Prepare = prepare or (lambda request, metadata: request)
 
     async def intercept_service(
         self,
@@ -185,17 +185,17 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     raise AssertionError("unreachable")
 
 
-def _checked(request: Any, prepare: Prepare) -> Any:
+def _checked(request: Any, context: grpc.aio.ServicerContext, prepare: Prepare) -> Any:
     if request is _UNDECODABLE:
         raise _undecodable_error()
-    return prepare(request)
+    return prepare(request, context.invocation_metadata() or ())
 
 
 def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
                  method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(_checked(request, prepare), context)
+            return await behavior(_checked(request, context, prepare), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -209,7 +209,7 @@ def _guard_stream(
         method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(_checked(request, prepare), context):
+            async for item in behavior(_checked(request, context, prepare), context):
                 yield item
         except grpc.aio.AbortError:
             raise

@@ -21,7 +21,7 @@ the engine, so nothing is stored.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from conveyor.api.bodies import has_raw_body, take_raw_body
+from conveyor.api.convert import IDEMPOTENCY_METADATA_KEY
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
 from conveyor.domain.limits import Limits, json_depth, json_size
 
@@ -92,13 +93,20 @@ class RequestChecker:
             **dict.fromkeys(TAG_FIELDS, lim.max_tags),
         }
 
-    def prepare(self, request: Any) -> Any:
-        """The request the handler gets; raises INVALID_ARGUMENT listing every problem."""
+    def prepare(self, request: Any, metadata: Sequence[tuple[str, Any]] = ()) -> Any:
+        """The request the handler gets; raises INVALID_ARGUMENT listing every problem.
+
+        `metadata` is the call's: the values the API reads from it (the Idempotency-Key header)
+        are held to the limits of the fields they stand for.
+        """
         if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("conveyor."):
             return request  # health, reflection: grpc's own services
         if has_raw_body(request):
             request = take_raw_body(request, self._limits)
         problems: list[_Problem] = []
+        for key, value in metadata:
+            if key == IDEMPOTENCY_METADATA_KEY and isinstance(value, str):
+                problems.extend(self._string(value, "Idempotency-Key", self._limits.max_id_length))
         for problem in self._message(request, ""):
             problems.append(problem)
             if len(problems) >= _MAX_PROBLEMS:
