@@ -263,7 +263,7 @@ async def test_events_are_listed_in_seq_order_with_pages(api: Api) -> None:
 
     assert token == ""
     assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
-    assert everything[0].type == "run.pending"
+    assert everything[0].type == "run.running"  # created and started by one transaction
     assert everything[-1].type == "run.completed"
     assert all(e.workflow_run_id == run.id and e.HasField("at") for e in everything)
     assert {e.step_ref for e in everything if e.type == "step.completed"} == {"build", "test"}

@@ -62,9 +62,12 @@ async def test_noop_chain_completes_with_contiguous_events(engine: Engine) -> No
     assert steps["c"].deps_completed == steps["c"].deps_required == 1
     events = await events_of(engine, run_id)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert events[0].type == "run.pending" and events[-1].type == "run.completed"
-    # pending, running, 3 x (queued, running, completed), completed
-    assert len(events) == 2 + 9 + 1
+    # Created and started in one transaction, each step queued, started and finished in it: only
+    # where each ended is recorded (run.running, 3 x step.completed with its attempt, run.completed).
+    assert [(e.type, e.step_ref) for e in events] == [
+        ("run.running", ""), ("step.completed", "a"), ("step.completed", "b"), ("step.completed", "c"),
+        ("run.completed", "")]
+    assert events[1].data == {"attempt": 1, "output": {"x": 1}}
     assert (await engine.runs.get(run_id, ME)).wake_at is None
 
 
@@ -76,7 +79,8 @@ async def test_runner_advances_a_capped_run_the_same_way(engine: Engine) -> None
     assert await engine.tick() == 1
     run = await engine.runs.get(run_id, ME)
     assert run.status == RunStatus.COMPLETED and run.output == {"a": {"x": 1}, "b": {}, "c": {}}
-    assert len(await events_of(engine, run_id)) == 12 and run.wake_at is None
+    # run.pending at the trigger; the runner's pass: run.running, 3 x step.completed, run.completed.
+    assert len(await events_of(engine, run_id)) == 6 and run.wake_at is None
     assert await engine.tick() == 0
 
 
@@ -227,11 +231,17 @@ async def test_retry_run_copies_completed_steps(engine: Engine) -> None:
     new = await engine.runs.retry(run_id, ME)
     assert new.retry_of_run_id == run_id and new.id != run_id
     steps = await steps_of(engine, new.id)
+    # `a` is kept as it was; `b` ran again at once (the new run is planned like a trigger) and
+    # failed again, since the payload did not change.
     assert steps["a"].status == StepStatus.COMPLETED and steps["a"].output == {"v": 7}
-    assert steps["b"].status == StepStatus.PENDING
+    assert steps["a"].attempt == 1 and not any(e.step_ref == "a" for e in await events_of(engine, new.id))
+    assert steps["b"].status == StepStatus.FAILED and steps["b"].attempt == 1
+    assert (await engine.runs.get(new.id, ME)).status == RunStatus.FAILED
     assert (await events_of(engine, run_id))[-1].type == "run.retried"
-    with pytest.raises(ConveyorError):
-        await engine.runs.retry(new.id, ME)  # pending: not retryable
+    await engine.workflows.create(wf("fine", [noop("a")]), ME)
+    with pytest.raises(ConveyorError) as refused:
+        await engine.runs.retry(await trigger(engine, "fine"), ME)  # completed: not retryable
+    assert refused.value.reason == "INVALID_TRANSITION"
 
 
 async def test_step_operations(engine: Engine) -> None:

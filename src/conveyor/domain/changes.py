@@ -1,12 +1,21 @@
 """Changes: the one way a unit of work changes a run and its steps.
 
 Every status change goes through `Changes.run_to` / `Changes.step_to`, which check the
-transition table, stamp timestamps, append exactly one RunEvent with the next seq, and remember
-each record's status as loaded so storage can apply the change as a compare-and-set.
+transition table, stamp timestamps, record the change as a RunEvent with the next seq, and
+remember each record's fence as loaded so storage applies the change as a compare-and-set: a run
+is fenced by (status, last_seq), a step by (status, attempt, lease_expires_at), so a stale save,
+a report for an old attempt or an expiry racing a heartbeat changes nothing.
+
+One event per state change, counted per unit of work: a state a record enters and leaves inside
+the same transaction is never visible to anyone, so it is not recorded. A step that is queued,
+started and finished by one planning pass gets one event (`step.completed`, with the attempt); a
+run created and started by one transaction gets one (`run.running`). A failed attempt is never
+folded away: the next attempt starts a new event, so every attempt stays visible (SPEC §4.4).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,26 +32,57 @@ from conveyor.domain.states import (
     step_event_type,
 )
 
+# Statuses a record passes through on its way somewhere within one unit of work; a later change
+# in the same unit replaces their event instead of adding one.
+_TRANSIENT_RUN = frozenset({RunStatus.PENDING})
+_TRANSIENT_STEP = frozenset({StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING})
+
+
+@dataclass(frozen=True)
+class RunFence:
+    """What a run's compare-and-set checks: the row still has the status and last_seq loaded."""
+
+    status: RunStatus
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class StepFence:
+    """What a step's compare-and-set checks: the same status, attempt and lease as loaded."""
+
+    status: StepStatus
+    attempt: int
+    lease_expires_at: datetime | None
+
 
 class Changes:
     """The pending changes of one run within one transaction."""
 
-    def __init__(self, run: RunRecord, now: datetime, actor: str) -> None:
+    def __init__(self, run: RunRecord, now: datetime, actor: str, capped: bool = False) -> None:
         self.run = run
         self.now = now
         self.actor = actor
-        # Status of the run as loaded, for the compare-and-set; None while untouched.
-        self.run_loaded_status: RunStatus | None = None
-        # Steps touched in this unit, by id, with the status each had when loaded.
+        # The run's workflow caps concurrent runs: a run resumed or reopened waits for a slot.
+        self.capped = capped
+        # The run as loaded, for the compare-and-set; None while untouched.
+        self.run_fence: RunFence | None = None
+        # Steps touched in this unit, by id, with each one's fence as loaded.
         self.steps: dict[str, StepRecord] = {}
-        self.step_loaded_status: dict[str, StepStatus] = {}
+        self.step_fences: dict[str, StepFence] = {}
         self.events: list[EventRecord] = []
-        # Steps whose task lease this unit revoked: workers holding them must be told.
+        # The event of this unit each record's last status change wrote, while it may still be
+        # replaced (see the module docstring); keyed by step id, "" for the run.
+        self._open_event: dict[str, EventRecord] = {}
+        # Steps whose lease this unit revoked: their holders must be told.
         self.revoked: list[StepRecord] = []
 
     @property
     def dirty(self) -> bool:
-        return self.run_loaded_status is not None or bool(self.steps) or bool(self.events)
+        return self.run_fence is not None or bool(self.steps) or bool(self.events)
+
+    @property
+    def run_loaded_status(self) -> RunStatus | None:
+        return self.run_fence.status if self.run_fence is not None else None
 
     @property
     def left_running(self) -> bool:
@@ -51,15 +91,15 @@ class Changes:
 
     def touch_run(self) -> None:
         """Mark the run as changed without a status change (wake_at, output…)."""
-        if self.run_loaded_status is None:
-            self.run_loaded_status = self.run.status
+        if self.run_fence is None:
+            self.run_fence = RunFence(self.run.status, self.run.last_seq)
         self.run.updated_at = self.now
 
     def touch_step(self, step: StepRecord) -> None:
         """Mark a step as changed without a status change (deps_completed…)."""
         if step.id not in self.steps:
             self.steps[step.id] = step
-            self.step_loaded_status[step.id] = step.status
+            self.step_fences[step.id] = StepFence(step.status, step.attempt, step.lease_expires_at)
         step.updated_at = self.now
 
     def event(self, type_: str, *, step_ref: str = "", status: str = "", message: str = "",
@@ -74,6 +114,12 @@ class Changes:
         )
         self.events.append(ev)
         return ev
+
+    def opened(self, message: str = "", data: dict[str, Any] | None = None) -> None:
+        """Record event 1 of a new run: it entered its first status."""
+        status = self.run.status
+        self._record("", run_event_type(status), status, "", message or self.run.status_message, data,
+                     status in _TRANSIENT_RUN)
 
     def run_to(self, status: RunStatus, message: str = "", data: dict[str, Any] | None = None) -> None:
         """Move the run to `status` (checked against the table) and record the event."""
@@ -92,7 +138,7 @@ class Changes:
             run.error = ""
         run.status = status
         run.status_message = message
-        self.event(run_event_type(status), status=status, message=message, data=data)
+        self._record("", run_event_type(status), status, "", message, data, status in _TRANSIENT_RUN)
 
     def step_to(self, step: StepRecord, status: StepStatus, message: str = "",
                 data: dict[str, Any] | None = None) -> None:
@@ -110,9 +156,25 @@ class Changes:
             step.finished_at = self.now
             step.due_at = None
             step.ready_at = None
-            if step.lease_expires_at is not None:
-                step.lease_expires_at = None
-                self.revoked.append(step)
+        if step.status == StepStatus.RUNNING and step.lease_expires_at is not None:
+            # Any exit from running ends the attempt's lease: its holder is told and any report
+            # it sends later fails the step's fence.
+            step.lease_expires_at = None
+            self.revoked.append(step)
+        retry = status == StepStatus.QUEUED and bool(step.error)
         step.status = status
-        self.event(step_event_type(status), step_ref=step.step_ref, status=status,
-                   message=message, data=data)
+        self._record(step.id, step_event_type(status), status, step.step_ref, message, data,
+                     status in _TRANSIENT_STEP and not retry)
+
+    def _record(self, key: str, type_: str, status: str, step_ref: str, message: str,
+                data: dict[str, Any] | None, transient: bool) -> None:
+        """Write the event of a status change, or fold it into this unit's open event of the
+        same record when that one recorded a transient status."""
+        ev = self._open_event.pop(key, None)
+        if ev is not None:
+            ev.type, ev.status, ev.message = type_, status, message
+            ev.data = {**(ev.data or {}), **(data or {})} or None
+        else:
+            ev = self.event(type_, step_ref=step_ref, status=status, message=message, data=data)
+        if transient:
+            self._open_event[key] = ev

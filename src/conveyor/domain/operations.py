@@ -43,12 +43,17 @@ def pause_run(c: Changes) -> None:
     c.run_to(RunStatus.PAUSED, f"paused by {c.actor}")
 
 
-def resume_run(c: Changes, capped: bool) -> None:
+def resume_run(c: Changes) -> None:
     """Run → running, or → pending when its workflow caps concurrent runs (the engine then
     starts it when a slot is free)."""
     check_run_op(RunOp.RESUME, c.run.status)
-    c.run_to(RunStatus.PENDING if capped else RunStatus.RUNNING, f"resumed by {c.actor}")
+    c.run_to(_live_status(c), f"resumed by {c.actor}")
     _follow_up(c)
+
+
+def _live_status(c: Changes) -> RunStatus:
+    """Where a run that goes on again goes: running, or pending when it needs a slot first."""
+    return RunStatus.PENDING if c.capped else RunStatus.RUNNING
 
 
 def find_step(steps: list[StepRecord], ref: str) -> StepRecord:
@@ -58,9 +63,18 @@ def find_step(steps: list[StepRecord], ref: str) -> StepRecord:
     raise not_found("step", ref)
 
 
-def _reopen(c: Changes) -> None:
-    if c.run.status in FINAL_RUN:
-        c.run_to(RunStatus.RUNNING, f"reopened by {c.actor}")
+def _reopen(c: Changes, steps: list[StepRecord], target: StepRecord | None = None) -> None:
+    """Reopen a finished run for an operation on one of its steps. The steps its end canceled
+    (steps are only ever canceled by their run ending) become pending again, so the run can go
+    on; a deadline that ended it is spent, so the reopened run has none."""
+    if c.run.status not in FINAL_RUN:
+        return
+    if c.run.status == RunStatus.TIMED_OUT:
+        c.run.expires_at = None
+    c.run_to(_live_status(c), f"reopened by {c.actor}")
+    for step in steps:
+        if step.status == StepStatus.CANCELED and step is not target:
+            _reset(c, step)
 
 
 def _check_kind(step: StepRecord, kind: StepKind, op: StepOp) -> None:
@@ -91,7 +105,7 @@ def skip_step(c: Changes, steps: list[StepRecord], ref: str, reason: str) -> Non
     """An operator skip: the step counts as done and its dependents run normally."""
     step = find_step(steps, ref)
     check_step_op(StepOp.SKIP, step.status, c.run.status)
-    _reopen(c)
+    _reopen(c, steps, step)
     step.skip_reason = reason or f"skipped by {c.actor}"
     if step.skip_reason == CONDITION_FALSE:
         # That reason is reserved for `when` skips, which propagate to dependents.
@@ -103,25 +117,24 @@ def skip_step(c: Changes, steps: list[StepRecord], ref: str, reason: str) -> Non
 def force_complete_step(c: Changes, steps: list[StepRecord], ref: str, result: dict[str, Any]) -> None:
     step = find_step(steps, ref)
     check_step_op(StepOp.FORCE_COMPLETE, step.status, c.run.status)
-    _reopen(c)
+    _reopen(c, steps, step)
     step.output = result
     c.step_to(step, StepStatus.COMPLETED, f"force-completed by {c.actor}", data={"output": result})
     _follow_up(c)
 
 
 def retry_step(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref: str) -> StepRecord:
-    """The same step runs again with attempt+1. Downstream steps that were canceled or skipped
-    because of it (they never ran) are reset, so a reopened run can finish."""
+    """The same step runs again with attempt+1. Downstream steps skipped because of it (a false
+    `when` it decided) are reset with it; steps its run's end canceled are reset by `_reopen`."""
     step = find_step(steps, ref)
     check_step_op(StepOp.RETRY, step.status, c.run.status)
-    _reopen(c)
+    _reopen(c, steps, step)
     step.ready_at = None
     c.step_to(step, StepStatus.QUEUED, f"retried by {c.actor}")
     by_ref = {s.step_ref: s for s in steps}
     for child_ref in spec.descendants(ref)[1:]:
         child = by_ref[child_ref]
-        if child.status == StepStatus.CANCELED or (
-                child.status == StepStatus.SKIPPED and child.skip_reason == CONDITION_FALSE):
+        if child.status == StepStatus.SKIPPED and child.skip_reason == CONDITION_FALSE:
             _reset(c, child)
     _follow_up(c)
     return step
@@ -132,7 +145,7 @@ def replay_subtree(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref:
     find_step(steps, ref)
     if c.run.status == RunStatus.PENDING:
         raise invalid_transition("cannot replay a subtree of a run that is pending")
-    _reopen(c)
+    _reopen(c, steps)
     by_ref = {s.step_ref: s for s in steps}
     refs = spec.descendants(ref)
     for r in refs:
@@ -144,7 +157,7 @@ def replay_subtree(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref:
 def replay_run(c: Changes, steps: list[StepRecord]) -> None:
     """A finished run runs again in place: every step reset to pending, the run reopened."""
     check_run_op(RunOp.REPLAY, c.run.status)
-    _reopen(c)
+    _reopen(c, steps)
     c.run.output = None
     for step in steps:
         _reset(c, step)

@@ -13,6 +13,7 @@ from typing import Any
 
 from conveyor.domain.changes import Changes
 from conveyor.domain.expressions import ExpressionError, evaluate, evaluate_bool, render
+from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
 from conveyor.domain.states import (
@@ -26,8 +27,17 @@ from conveyor.domain.states import (
 
 CONDITION_FALSE = "condition false"
 ENGINE = "engine"
+OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+DEFAULT_LIMITS = Limits()
+
+# Kinds whose attempts a lease holder starts and reports (external workers for `task`, the
+# engine's executors for `http` and `workflow`); the planner only gives them a slot.
+LEASED_KINDS = frozenset({StepKind.TASK, StepKind.HTTP, StepKind.WORKFLOW})
 
 S = StepStatus
+# Step statuses whose `due_at` is a deadline the planner fires: a delay or approval timeout
+# while waiting, an attempt's timeout while running.
+TIMED_STEP = frozenset({S.WAITING, S.RUNNING})
 
 
 def expression_context(run: RunRecord, steps: list[StepRecord]) -> dict[str, Any]:
@@ -44,18 +54,28 @@ def expression_context(run: RunRecord, steps: list[StepRecord]) -> dict[str, Any
 
 
 class _Pass:
-    """One planning pass over one run."""
+    """One planning pass over one run. Linear in steps: steps are kept in topological order, so
+    one sweep settles a whole chain, and the expression context is built once and kept current."""
 
-    def __init__(self, changes: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
+    def __init__(self, changes: Changes, steps: list[StepRecord], spec: WorkflowSpec, limits: Limits) -> None:
         self.c = changes
         self.run = changes.run
         self.now = changes.now
         self.steps = steps
         self.by_ref = {s.step_ref: s for s in steps}
         self.spec = spec
+        self.limits = limits
+        self._context: dict[str, Any] | None = None
 
     def context(self) -> dict[str, Any]:
-        return expression_context(self.run, self.steps)
+        if self._context is None:
+            self._context = expression_context(self.run, self.steps)
+        return self._context
+
+    def moved(self, step: StepRecord) -> None:
+        """Keep the expression context in step with a step that changed status or output."""
+        if self._context is not None:
+            self._context["steps"][step.step_ref] = {"output": step.output or {}, "status": str(step.status)}
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -73,20 +93,39 @@ class _Pass:
                 self.set_wake(None)
                 return
             self.c.run_to(RunStatus.RUNNING)
-        while self.step_once():
+        for step in self.steps:
+            if step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
+                self.timer_due(step)
+        while self.sweep():
             pass
         self.settle()
 
-    def step_once(self) -> bool:
-        """Apply every change possible on the current state; True if anything changed."""
+    def sweep(self) -> bool:
+        """Resolve and start steps in topological order; True if anything changed. A step's
+        dependencies come before it, so they have settled by the time the sweep reaches it."""
+        running = self.run.status == RunStatus.RUNNING
+        limit = self.run.max_parallel_steps
+        busy = sum(1 for s in self.steps if s.status in SLOT_STEP or self.holds_slot(s))
         changed = False
         for step in self.steps:
             if step.status == S.PENDING:
                 changed |= self.resolve_pending(step)
-            elif step.status == S.WAITING and step.due_at is not None and step.due_at <= self.now:
-                changed |= self.timer_due(step)
-        if self.run.status == RunStatus.RUNNING:
-            changed |= self.dispatch()
+            if not running or step.status != S.QUEUED:
+                continue
+            if step.ready_at is None:
+                if limit and busy >= limit:
+                    continue
+                # The step takes a slot now; it keeps it while backing off or awaiting a lease.
+                step.ready_at = self.now
+                self.c.touch_step(step)
+                busy += 1
+                changed = True
+            if step.ready_at > self.now or step.kind in LEASED_KINDS:
+                continue  # a retry backing off, or a step its lease holder starts
+            self.start(step)
+            changed = True
+            if step.status not in SLOT_STEP and not self.holds_slot(step):
+                busy -= 1  # finished at once (or failed into a backoff that keeps no slot)
         return changed
 
     def resolve_pending(self, step: StepRecord) -> bool:
@@ -102,8 +141,10 @@ class _Pass:
             try:
                 go = evaluate_bool(spec.when, self.context())
             except ExpressionError as e:
-                self.c.step_to(step, S.FAILED, f"when: {e}")
+                # A `when` that cannot be evaluated fails its step alone, with the reason.
                 step.error = f"when: {e}"
+                self.c.step_to(step, S.FAILED, step.error, data={"error": step.error})
+                self.moved(step)
                 return True
             if not go:
                 self.skip(step, CONDITION_FALSE)
@@ -112,40 +153,21 @@ class _Pass:
             self.skip(step, CONDITION_FALSE)
             return True
         self.c.step_to(step, S.QUEUED)
+        self.moved(step)
         return True
 
     def skip(self, step: StepRecord, reason: str) -> None:
         step.skip_reason = reason
         self.c.step_to(step, S.SKIPPED, reason)
-
-    def dispatch(self) -> bool:
-        """Give free parallelism slots to queued steps, oldest position first, and run the
-        in-engine kinds at once."""
-        limit = self.run.max_parallel_steps
-        busy = sum(1 for s in self.steps if s.status in SLOT_STEP or self.holds_slot(s))
-        changed = False
-        for step in self.steps:
-            if step.status != S.QUEUED:
-                continue
-            if step.ready_at is None:
-                if limit and busy >= limit:
-                    continue
-                step.ready_at = self.now
-                self.c.touch_step(step)
-                busy += 1
-                changed = True
-            if step.ready_at > self.now or step.kind == StepKind.TASK:
-                continue  # a retry backing off, or a task left for a worker to lease
-            self.start(step)
-            changed = True
-        return changed
+        self.moved(step)
 
     @staticmethod
     def holds_slot(step: StepRecord) -> bool:
-        """A queued step given a slot (ready_at set) keeps it while backing off or awaiting a worker."""
+        """A queued step given a slot (ready_at set) keeps it while backing off or awaiting a lease."""
         return step.status == S.QUEUED and step.ready_at is not None
 
     def start(self, step: StepRecord) -> None:
+        """Run one attempt of an in-engine step."""
         spec = self.spec.step(step.step_ref)
         step.attempt += 1
         step.ready_at = None
@@ -178,22 +200,18 @@ class _Pass:
                 step.input = config
                 self.c.step_to(step, S.WAITING, f"until {until.isoformat()}",
                                data={"until": until.isoformat()})
-        elif kind in (StepKind.APPROVAL, StepKind.INPUT):
+        else:  # approval and input wait for an operator
             step.input = config
             if spec.timeout_seconds:
                 step.due_at = self.now + timedelta(seconds=spec.timeout_seconds)
             self.c.step_to(step, S.WAITING, str(config.get("message", "")))
-        else:
-            # task is leased by workers; http and workflow steps are executed outside the
-            # planner by the engine's executors, which report back through the same Changes.
-            step.input = config
-            self.c.touch_step(step)
+        self.moved(step)
 
     def delay_until(self, config: dict[str, Any]) -> datetime | None:
         if "seconds" in config:
             try:
                 return self.now + timedelta(seconds=float(config["seconds"]))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return None
         try:
             until = datetime.fromisoformat(str(config.get("until", "")).replace("Z", "+00:00"))
@@ -201,17 +219,17 @@ class _Pass:
             return None
         return until if until.tzinfo is not None else None
 
-    def timer_due(self, step: StepRecord) -> bool:
+    def timer_due(self, step: StepRecord) -> None:
+        """A waiting step's delay or timeout, or a running step's timeout, has passed."""
         spec = self.spec.step(step.step_ref)
-        if step.kind == StepKind.DELAY:
+        if step.kind == StepKind.DELAY and step.status == S.WAITING:
             self.complete(step, {"until": step.due_at.isoformat() if step.due_at else ""})
         else:
             self.fail(step, spec, f"step timed out after {spec.timeout_seconds}s", S.TIMED_OUT)
-        return True
+        self.moved(step)
 
     def complete(self, step: StepRecord, output: dict[str, Any]) -> None:
-        step.output = output
-        self.c.step_to(step, S.COMPLETED, data={"output": output})
+        complete_step(self.c, step, self.spec.step(step.step_ref), output, self.limits)
 
     def fail(self, step: StepRecord, spec: StepSpec, error: str, status: StepStatus = S.FAILED) -> None:
         fail_step(self.c, step, spec, error, status)
@@ -231,19 +249,30 @@ class _Pass:
             return
         if run.status == RunStatus.RUNNING and not any(s.status in UNFINISHED_STEP for s in self.steps):
             if all(s.status in DONE_STEP for s in self.steps):
-                run.output = {s.step_ref: s.output or {} for s in self.steps if s.status == S.COMPLETED}
-                self.c.run_to(RunStatus.COMPLETED)
+                self.set_output()
+                self.c.run_to(RunStatus.COMPLETED, run.status_message)
             else:
                 bad = next(s for s in self.steps if s.status not in DONE_STEP)
                 self.finish_run(RunStatus.FAILED, f"step {bad.step_ref!r} {bad.status}",
                                 f"step {bad.step_ref!r} {bad.status}")
             return
-        timers = [s.due_at for s in self.steps if s.status in (S.WAITING, S.RUNNING) and s.due_at]
+        timers = [s.due_at for s in self.steps if s.status in TIMED_STEP and s.due_at]
         timers += [s.ready_at for s in self.steps
                    if s.status == S.QUEUED and s.ready_at and s.ready_at > self.now]
         if run.expires_at is not None:
             timers.append(run.expires_at)
         self.set_wake(min(timers) if timers else None)
+
+    def set_output(self) -> None:
+        """The run's output: every completed step's output by ref, unless that is too large to
+        keep on the run (its steps still hold every output)."""
+        output = {s.step_ref: s.output or {} for s in self.steps if s.status == S.COMPLETED}
+        problem = document_problem(output, self.limits.max_json_depth + 1, self.limits.max_run_output_bytes)
+        if problem is None:
+            self.run.output = output
+        else:
+            self.run.output = None
+            self.run.status_message = f"output not kept on the run ({problem}): read it from its steps"
 
     def finish_run(self, status: RunStatus, message: str, error: str) -> None:
         finish_run(self.c, self.steps, status, message, error)
@@ -254,20 +283,35 @@ class _Pass:
             self.c.touch_run()
 
 
+def complete_step(c: Changes, step: StepRecord, spec: StepSpec, output: dict[str, Any],
+                  limits: Limits) -> None:
+    """An attempt succeeded with `output`; an output that may not be stored fails the step
+    instead (OUTPUT_TOO_LARGE, not retried: the same attempt would produce it again)."""
+    problem = document_problem(output, limits.max_json_depth, limits.max_output_bytes)
+    if problem is not None:
+        fail_step(c, step, spec, f"{OUTPUT_TOO_LARGE}: step output is {problem}", retryable=False,
+                  reason=OUTPUT_TOO_LARGE)
+        return
+    step.output = output
+    c.step_to(step, S.COMPLETED, data={"attempt": step.attempt, "output": output})
+
+
 def fail_step(c: Changes, step: StepRecord, spec: StepSpec, error: str,
-              status: StepStatus = S.FAILED, retryable: bool = True) -> None:
+              status: StepStatus = S.FAILED, retryable: bool = True, reason: str = "") -> None:
     """An attempt failed: queue the next attempt after its backoff, or fail the step for good
-    (the planner then fails the run)."""
+    (the planner then fails the run). `reason`, when given, is recorded in the event."""
     step.error = error
     if retryable and spec.retry.has_attempts_left(step.attempt):
         wait = spec.retry.backoff_seconds(step.attempt)
         step.ready_at = c.now + timedelta(seconds=wait)
         step.due_at = None
-        step.lease_expires_at = None
         c.step_to(step, S.QUEUED, f"attempt {step.attempt} {status}: {error}; retrying in {wait:g}s",
                   data={"attempt": step.attempt, "error": error, "retry_at": step.ready_at.isoformat()})
     else:
-        c.step_to(step, status, error, data={"attempt": step.attempt, "error": error})
+        data: dict[str, Any] = {"attempt": step.attempt, "error": error}
+        if reason:
+            data["reason"] = reason
+        c.step_to(step, status, error, data=data)
 
 
 def finish_run(c: Changes, steps: list[StepRecord], status: RunStatus, message: str, error: str) -> None:
@@ -279,11 +323,31 @@ def finish_run(c: Changes, steps: list[StepRecord], status: RunStatus, message: 
     c.run_to(status, message)
 
 
+def fail_unplannable(c: Changes, steps: list[StepRecord], set_aside_seconds: float) -> None:
+    """A run whose planning raised unexpectedly (a bug, not the run's own error): a live run is
+    failed with a generic error and its unfinished steps canceled; a paused one, which cannot
+    fail, is set aside and looked at again later. Only this run is affected."""
+    run = c.run
+    if run.status == RunStatus.PENDING:
+        c.run_to(RunStatus.RUNNING)
+    if run.status == RunStatus.RUNNING:
+        finish_run(c, steps, RunStatus.FAILED, "internal error", "internal error while planning the run")
+    elif run.status not in FINAL_RUN:
+        run.wake_at = c.now + timedelta(seconds=set_aside_seconds)
+        c.touch_run()
+
+
 def advance(run: RunRecord, steps: list[StepRecord], spec: WorkflowSpec, now: datetime,
-            may_start: bool = True, actor: str = ENGINE) -> Changes:
+            may_start: bool = True, actor: str = ENGINE, limits: Limits = DEFAULT_LIMITS) -> Changes:
     """Plan every change the engine can make to `run` now. `steps` are in position order;
     `may_start` says whether a pending run has a concurrency slot. Mutates the records and
     returns the Changes to save."""
     changes = Changes(run, now, actor)
-    _Pass(changes, steps, spec).advance(may_start)
+    plan(changes, steps, spec, may_start=may_start, limits=limits)
     return changes
+
+
+def plan(changes: Changes, steps: list[StepRecord], spec: WorkflowSpec, *, may_start: bool = True,
+         limits: Limits = DEFAULT_LIMITS) -> None:
+    """`advance` within an existing unit of work (a run being created, say)."""
+    _Pass(changes, steps, spec, limits).advance(may_start)

@@ -43,15 +43,16 @@ R, S = RunStatus, StepStatus
 FINAL_RUN: frozenset[RunStatus] = frozenset({R.COMPLETED, R.FAILED, R.TIMED_OUT, R.CANCELED})
 ACTIVE_RUN: frozenset[RunStatus] = frozenset({R.PENDING, R.RUNNING, R.PAUSED})
 
-# A run reopened by a step retry or a subtree replay goes from any final state back to running.
+# A run reopened by a step retry or a subtree replay goes from any final state back to running,
+# or to pending when its workflow caps concurrent runs (it then waits for a slot).
 RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     R.PENDING: frozenset({R.RUNNING, R.PAUSED, R.CANCELED, R.TIMED_OUT}),
     R.RUNNING: frozenset({R.PAUSED, R.COMPLETED, R.FAILED, R.TIMED_OUT, R.CANCELED}),
     R.PAUSED: frozenset({R.RUNNING, R.PENDING, R.CANCELED, R.TIMED_OUT}),
-    R.COMPLETED: frozenset({R.RUNNING}),
-    R.FAILED: frozenset({R.RUNNING}),
-    R.TIMED_OUT: frozenset({R.RUNNING}),
-    R.CANCELED: frozenset({R.RUNNING}),
+    R.COMPLETED: frozenset({R.RUNNING, R.PENDING}),
+    R.FAILED: frozenset({R.RUNNING, R.PENDING}),
+    R.TIMED_OUT: frozenset({R.RUNNING, R.PENDING}),
+    R.CANCELED: frozenset({R.RUNNING, R.PENDING}),
 }
 
 # Steps "done" for their dependents: completed, or skipped (see SPEC §2 for how a skip by a
@@ -68,9 +69,13 @@ SLOT_STEP: frozenset[StepStatus] = frozenset({S.RUNNING, S.WAITING})
 _ALL_STEP = frozenset(S)
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     # Any step may be reset to pending by a subtree replay; the rest is the forward lifecycle
-    # plus operator moves (skip, force-complete, cancel) and retries (back to queued).
-    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELED, S.COMPLETED}),
-    S.QUEUED: frozenset({S.RUNNING, S.SKIPPED, S.CANCELED, S.COMPLETED, S.PENDING, S.TIMED_OUT}),
+    # plus operator moves (skip, force-complete, cancel) and retries (back to queued). A pending
+    # or queued step may also reach waiting or failed directly: an in-engine step started and
+    # stopped by one transaction records only where it ended (see domain/changes.py), and a
+    # `when` that cannot be evaluated fails its step before it is queued.
+    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELED, S.COMPLETED, S.WAITING, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.SKIPPED, S.CANCELED, S.COMPLETED, S.PENDING, S.TIMED_OUT,
+                         S.WAITING, S.FAILED}),
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.WAITING, S.QUEUED, S.CANCELED,
                           S.SKIPPED, S.PENDING}),
     S.WAITING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.CANCELED, S.SKIPPED, S.PENDING}),

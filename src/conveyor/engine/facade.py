@@ -34,9 +34,9 @@ class Engine:
         self.store = store
         self.clock: Clock = clock or SystemClock()
         self.runner = Runner(store, self.clock, batch_size=settings.engine_batch_size,
-                             idle_seconds=settings.engine_idle_seconds)
+                             idle_seconds=settings.engine_idle_seconds, limits=settings.limits)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
-                                 idempotency_ttl=settings.idempotency_ttl_seconds)
+                                 idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits)
         self.workflows = WorkflowService(store, self.clock)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)

@@ -17,11 +17,12 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConcurrentChange
-from conveyor.domain.planner import advance
+from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
+from conveyor.domain.limits import Limits
+from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, advance, fail_unplannable
 from conveyor.domain.records import RunRecord
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus
@@ -35,14 +36,18 @@ log = logging.getLogger(__name__)
 _SPEC_CACHE_SIZE = 256
 # Shortest sleep of the background loop between passes that found nothing to claim.
 _MIN_WAIT_SECONDS = 0.01
+# A run that cannot be planned or saved (a bug, not its own error) is looked at again after this.
+_SET_ASIDE_SECONDS = 60.0
 
 
 class Runner:
     """Claims due runs in batches and advances them."""
 
-    def __init__(self, store: Store, clock: Clock, batch_size: int = 256, idle_seconds: float = 1.0) -> None:
+    def __init__(self, store: Store, clock: Clock, batch_size: int = 256, idle_seconds: float = 1.0,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.clock = clock
+        self.limits = limits
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
         self._specs: OrderedDict[str, WorkflowSpec] = OrderedDict()
@@ -77,14 +82,26 @@ class Runner:
         units: list[Changes] = []
         freed: dict[str, int] = {}
         for run in runs:
-            c = advance(run, steps[run.id], specs[run.workflow_version_id], now,
-                        may_start=run.id in may_start)
+            try:
+                c = advance(run, steps[run.id], specs[run.workflow_version_id], now,
+                            may_start=run.id in may_start, limits=self.limits)
+            except Exception:
+                # A bug met by one run must not stop the others: fail (or set aside) this run
+                # alone, from its state as loaded (nothing of this pass is saved yet).
+                log.exception("runner: planning run %s raised; failing it", run.id)
+                c = await self._unplannable(repo, run.id, now)
             if c.left_running:
                 freed[run.workflow_id] = freed.get(run.workflow_id, 0) + 1
             units.append(c)
         await repo.save(units)
         await self.wake_waiting(repo, freed, now)
         return units
+
+    async def _unplannable(self, repo: Repo, run_id: str, now: datetime) -> Changes:
+        run = await repo.get_run(run_id, None)
+        c = Changes(run, now, ENGINE)
+        fail_unplannable(c, (await repo.steps_of([run_id]))[run_id], _SET_ASIDE_SECONDS)
+        return c
 
     async def _slots(self, repo: Repo, pending: list[RunRecord], now: datetime) -> set[str]:
         """Ids of the pending runs that may start now. A workflow with max_concurrent_runs
@@ -118,10 +135,12 @@ class Runner:
     async def tick(self) -> int:
         """One pass: advance up to `batch_size` due runs in one transaction; returns how many."""
         now = self.clock.now()
+        claimed: list[str] = []
         for _ in range(3):
             try:
                 async with self.store.write() as repo:
                     runs = await repo.claim_due_runs(now, self.batch_size)
+                    claimed = [r.id for r in runs]
                     units = await self.advance_loaded(repo, runs, now)
                 if any(u.events for u in units):
                     self.committed.fire()
@@ -130,7 +149,26 @@ class Runner:
                 # Another writer changed one of these runs between our read and our write (only
                 # possible across PostgreSQL replicas); the transaction rolled back, plan again.
                 log.info("runner: concurrent change, retrying the pass")
+            except Exception as e:
+                unavailable = isinstance(e, ConveyorError) and e.kind == ErrorKind.UNAVAILABLE
+                if unavailable or not claimed:
+                    raise
+                # The database refused the batch's save: pass its runs one by one, so only the
+                # run that causes it is held back.
+                log.exception("runner: saving a batch of %d runs failed; advancing them one by one",
+                              len(claimed))
+                await self._one_by_one(claimed, now)
+                return len(claimed)
         return 0
+
+    async def _one_by_one(self, run_ids: list[str], now: datetime) -> None:
+        for run_id in run_ids:
+            try:
+                await self.advance_now([run_id])
+            except Exception:
+                log.exception("runner: run %s cannot be saved; setting it aside", run_id)
+                async with self.store.write() as repo:
+                    await repo.wake([run_id], now + timedelta(seconds=_SET_ASIDE_SECONDS))
 
     async def run_until_idle(self) -> int:
         """Tick until nothing is due at the clock's current time; returns runs looked at."""

@@ -4,14 +4,16 @@ Concurrent triggers are queued and written together: one drain task takes up to 
 queued requests and writes all their runs, steps, first events and idempotency records in ONE
 transaction, so the cost of a commit (an fsync on SQLite) is shared by every request in it. Each
 request still gets its own answer: a request that fails validation fails alone and the rest of
-its batch is written. A run whose workflow caps no concurrent runs is planned right away, so
-it is written already advanced; capped runs are left pending for the runner's slot accounting.
+its batch is written; a batch the database refuses is written again request by request. Runs are
+built (and, when their workflow caps no concurrent runs, planned) before the write transaction
+opens, so it holds the writer only for the idempotency lookup and the inserts.
 
 Idempotency: the key is scoped to (project, workflow) and kept for the configured TTL. The same
 key with the same request body answers the original run; with a different body it is
-ALREADY_EXISTS / IDEMPOTENCY_KEY_REUSED. Duplicates inside one batch are resolved in memory;
-duplicates racing across replicas meet the idempotency table's primary key, and the batch is
-then retried request by request, each seeing the other's committed record.
+ALREADY_EXISTS / IDEMPOTENCY_KEY_REUSED. A batch looks all its keys up in one statement.
+Duplicates inside one batch are resolved in memory; duplicates racing across replicas meet the
+idempotency table's primary key, and the batch is then retried request by request, each seeing
+the other's committed record.
 """
 
 from __future__ import annotations
@@ -19,68 +21,48 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
-from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind
-from conveyor.domain.expressions import ExpressionError, evaluate_bool
+from conveyor.domain.limits import Limits
+from conveyor.domain.new_runs import NewRun
 from conveyor.domain.operations import workflow_archived
-from conveyor.domain.planner import advance, expression_context
-from conveyor.domain.records import (
-    Caller,
-    EventRecord,
-    RunRecord,
-    StepRecord,
-    TriggerRequest,
-    WorkflowRecord,
-)
+from conveyor.domain.records import Caller, RunRecord, TriggerRequest, WorkflowRecord
 from conveyor.domain.spec import apply_variables
-from conveyor.domain.states import RunStatus, StepStatus, run_event_type
+from conveyor.domain.states import RunStatus
+from conveyor.engine import creation
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
-from conveyor.engine.ports import Repo, Store
+from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.workflows import name_scope
 
-CONDITIONS_NOT_MET = "conditions not met"
+log = logging.getLogger(__name__)
+
+# (project, workflow id, key): what an idempotency record is keyed by.
+IdemKey = tuple[str, str, str]
 
 
 @dataclass
 class _Pending:
     req: TriggerRequest
     caller: Caller
-    request_hash: str
     future: asyncio.Future[RunRecord] = field(repr=False)
+    # Filled in before the write: the run this request would create, or why it cannot.
+    new: NewRun | None = None
+    key: IdemKey | None = None
+    request_hash: str = ""
 
 
-@dataclass
-class _Batch:
-    """What one flush writes."""
-
-    runs: list[RunRecord] = field(default_factory=list)
-    steps: list[StepRecord] = field(default_factory=list)
-    events: list[EventRecord] = field(default_factory=list)
-    idempotency: list[dict[str, Any]] = field(default_factory=list)
-    answers: list[tuple[_Pending, RunRecord | str | ConveyorError]] = field(default_factory=list)
-
-
-def request_hash(req: TriggerRequest) -> str:
-    """The body of a trigger as idempotency compares it (everything but the key and `immediate`)."""
-    body = {"workflow_id": req.workflow_id, "payload": req.payload, "tags": req.tags,
+def request_hash(req: TriggerRequest, workflow_id: str) -> str:
+    """The body of a trigger as idempotency compares it: everything but the key and `immediate`,
+    with the workflow by id, so naming it by id or by name is the same request."""
+    body = {"workflow_id": workflow_id, "payload": req.payload, "tags": req.tags,
             "entity_id": req.entity_id, "run_as": req.run_as, "max_parallel_steps": req.max_parallel_steps,
             "timeout_seconds": req.timeout_seconds, "check_conditions": req.check_conditions}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def opening_events(run: RunRecord, now: datetime, actor: str, message: str = "",
-                   data: dict[str, Any] | None = None) -> list[EventRecord]:
-    """Event 1 of a new run: it entered its first status."""
-    c = Changes(run, now, actor)
-    c.event(run_event_type(run.status), status=str(run.status), message=message or run.status_message,
-            data=data)
-    return c.events
 
 
 def key_reused(key: str) -> ConveyorError:
@@ -92,12 +74,13 @@ class Triggers:
     """The group-commit trigger queue."""
 
     def __init__(self, store: Store, clock: Clock, runner: Runner, batch_size: int = 256,
-                 idempotency_ttl: int = 24 * 3600) -> None:
+                 idempotency_ttl: int = 24 * 3600, limits: Limits | None = None) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
         self.batch_size = batch_size
         self.ttl = timedelta(seconds=idempotency_ttl)
+        self.limits = limits or Limits()
         self._queue: list[_Pending] = []
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -106,7 +89,7 @@ class Triggers:
         if req.max_parallel_steps < 0 or req.timeout_seconds < 0:
             raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT",
                                 "max_parallel_steps and timeout_seconds must not be negative")
-        item = _Pending(req, caller, request_hash(req), asyncio.get_running_loop().create_future())
+        item = _Pending(req, caller, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="conveyor-trigger-drain")
@@ -132,94 +115,81 @@ class Triggers:
             batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
             try:
                 await self._flush(batch)
-            except DuplicateKey:
-                # Another replica recorded one of the keys between our lookup and our insert; the
-                # whole transaction rolled back. One by one, each request now sees that record.
+            except Exception as e:
+                if len(batch) == 1:
+                    _fail(batch[0], e)
+                    continue
+                # The batch's transaction rolled back: another replica recorded one of its keys
+                # first (DuplicateKey), or the database refused one request's rows. One by one,
+                # each request now sees that record, and a refused request fails alone.
+                if not isinstance(e, DuplicateKey):
+                    log.exception("trigger batch of %d failed; writing its requests one by one", len(batch))
                 for item in batch:
+                    if item.future.done():
+                        continue
                     try:
                         await self._flush([item])
-                    except Exception as e:
-                        _fail(item, e)
-            except Exception as e:
-                for item in batch:
-                    _fail(item, e)
+                    except Exception as one:
+                        _fail(item, one)
             self.runner.notify()
 
     async def _flush(self, items: list[_Pending]) -> None:
         now = self.clock.now()
-        out = _Batch()
-        async with self.store.write() as repo:
+        # Everything that needs no lock happens before the write transaction: finding the
+        # workflows, checking payloads and building (and planning) each new run.
+        async with self.store.read() as repo:
             workflows: dict[tuple[str, str], WorkflowRecord | ConveyorError] = {}
             for item in items:
-                try:
-                    wf = await self._workflow(repo, workflows, item)
-                    await self._prepare(repo, out, item, wf, now)
-                except ConveyorError as e:
-                    out.answers.append((item, e))
-            if out.runs:
-                await repo.insert_runs(out.runs, out.steps, out.events, out.idempotency, now)
-            originals = [a for _, a in out.answers if isinstance(a, str)]
-            found = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
-        for item, answer in out.answers:
-            if item.future.done():
-                continue
-            if isinstance(answer, ConveyorError):
-                item.future.set_exception(answer)
-            elif isinstance(answer, str):
-                item.future.set_result(found[answer])
-            else:
-                item.future.set_result(answer)
-
-    async def _workflow(self, repo: Repo, cache: dict[tuple[str, str], WorkflowRecord | ConveyorError],
-                        item: _Pending) -> WorkflowRecord:
-        project = name_scope(item.req.project_id, item.caller)
-        key = (project, item.req.workflow_id)
-        if key not in cache:
+                key = (name_scope(item.req.project_id, item.caller), item.req.workflow_id)
+                if key not in workflows:
+                    try:
+                        workflows[key] = await repo.find_workflow(item.req.workflow_id, item.caller.project,
+                                                                  key[0])
+                    except ConveyorError as e:
+                        workflows[key] = e
+        live: list[_Pending] = []
+        for item in items:
             try:
-                cache[key] = await repo.find_workflow(item.req.workflow_id, item.caller.project, project)
+                found = workflows[(name_scope(item.req.project_id, item.caller), item.req.workflow_id)]
+                if isinstance(found, ConveyorError):
+                    raise found
+                self._prepare(item, found, now)
+                live.append(item)
             except ConveyorError as e:
-                cache[key] = e
-        found = cache[key]
-        if isinstance(found, ConveyorError):
-            raise found
-        return found
+                _fail(item, e)
+        if not live:
+            return
+        async with self.store.write() as repo:
+            keys = [i.key for i in live if i.key is not None]
+            hits = await repo.idempotency_lookup(keys, now) if keys else {}
+            answers: dict[int, RunRecord | str] = {}
+            written: list[_Pending] = []
+            for item in live:
+                answer = self._idempotent(item, hits, written)
+                if isinstance(answer, ConveyorError):
+                    _fail(item, answer)
+                    continue
+                if answer is None:
+                    written.append(item)
+                    assert item.new is not None
+                    answer = item.new.run
+                answers[id(item)] = answer
+            await creation.insert(repo, [i.new for i in written if i.new is not None], [
+                {"project_id": i.key[0], "workflow_id": i.key[1], "key": i.key[2],
+                 "request_hash": i.request_hash, "run_id": i.new.run.id, "expires_at": now + self.ttl}
+                for i in written if i.key is not None and i.new is not None])
+            originals = [a for a in answers.values() if isinstance(a, str)]
+            found_runs = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
+        for item in live:
+            answer = answers.get(id(item))
+            if answer is not None and not item.future.done():
+                item.future.set_result(found_runs[answer] if isinstance(answer, str) else answer)
 
-    async def _prepare(self, repo: Repo, out: _Batch, item: _Pending, wf: WorkflowRecord,
-                       now: datetime) -> None:
-        req = item.req
+    def _prepare(self, item: _Pending, wf: WorkflowRecord, now: datetime) -> None:
+        """Build the run this request would create."""
+        req, spec = item.req, wf.spec
         if wf.archived:
             raise workflow_archived(wf.name)
-        if req.idempotency_key:
-            original = await self._idempotent(repo, out, item, wf, now)
-            if original is not None:
-                out.answers.append((item, original))
-                return
-        run = self._new_run(out, item, wf, now)
-        if req.idempotency_key:
-            out.idempotency.append({
-                "project_id": wf.project_id, "workflow_id": wf.id, "key": req.idempotency_key,
-                "request_hash": item.request_hash, "run_id": run.id, "expires_at": now + self.ttl})
-        out.answers.append((item, run))
-
-    async def _idempotent(self, repo: Repo, out: _Batch, item: _Pending, wf: WorkflowRecord,
-                          now: datetime) -> RunRecord | str | None:
-        """The original run of this key (a record, or an id to load), or None if it is new."""
-        key = item.req.idempotency_key
-        for rec in out.idempotency:  # an earlier request of this same batch
-            if rec["workflow_id"] == wf.id and rec["key"] == key:
-                if rec["request_hash"] != item.request_hash:
-                    raise key_reused(key)
-                return next(r for r in out.runs if r.id == rec["run_id"])
-        hits = await repo.idempotency_hits(wf.project_id, wf.id, [key], now)
-        if key not in hits:
-            return None
-        stored_hash, run_id = hits[key]
-        if stored_hash != item.request_hash:
-            raise key_reused(key)
-        return run_id
-
-    def _new_run(self, out: _Batch, item: _Pending, wf: WorkflowRecord, now: datetime) -> RunRecord:
-        req, spec = item.req, wf.spec
         payload = apply_variables(spec, dict(req.payload))
         timeout = req.timeout_seconds or spec.timeout_seconds
         run = RunRecord(
@@ -231,39 +201,31 @@ class Triggers:
             entity_id=req.entity_id, idempotency_key=req.idempotency_key,
             expires_at=now + timedelta(seconds=timeout) if timeout else None,
         )
-        canceled = req.check_conditions and spec.condition and not self._condition_holds(spec.condition, run)
-        if canceled:
-            run.status = RunStatus.CANCELED
-            run.status_message = CONDITIONS_NOT_MET
-            run.finished_at = now
-        out.events += opening_events(run, now, run.triggered_by)
-        out.runs.append(run)
-        if canceled:
-            return run
-        run.wake_at = now
-        steps = []
-        for position, ref in enumerate(spec.topological_order()):
-            s = spec.step(ref)
-            steps.append(StepRecord(
-                id=new_id(), workflow_run_id=run.id, project_id=run.project_id, position=position,
-                step_ref=ref, workflow_step_id=f"{wf.version_id}/{ref}", kind=str(s.kind),
-                status=StepStatus.PENDING, created_at=now, updated_at=now, queue=s.queue,
-                deps_required=len(s.depends_on)))
-        if not spec.max_concurrent_runs:
-            # No concurrency slot to wait for: plan the new run right here, so it is written
-            # already advanced (a chain of in-engine steps, finished) in this same transaction
-            # instead of being read back and rewritten by the runner.
-            out.events += advance(run, steps, spec, now).events
-        out.steps += steps
-        return run
+        if req.idempotency_key:
+            item.key = (wf.project_id, wf.id, req.idempotency_key)
+            item.request_hash = request_hash(req, wf.id)
+        item.new = creation.start_run(run, spec, run.triggered_by, self.limits,
+                                      check_condition=req.check_conditions)
 
     @staticmethod
-    def _condition_holds(condition: str, run: RunRecord) -> bool:
-        try:
-            return evaluate_bool(condition, expression_context(run, []))
-        except ExpressionError as e:
-            raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "CONDITION_ERROR",
-                                f"workflow condition could not be evaluated: {e}") from e
+    def _idempotent(item: _Pending, hits: dict[IdemKey, tuple[str, str]],
+                    written: list[_Pending]) -> RunRecord | str | ConveyorError | None:
+        """The original run of this request's key (a record, or an id to load), an error when the
+        key was used with another body, or None when the request is new."""
+        if item.key is None:
+            return None
+        for earlier in written:  # an earlier request of this same batch
+            if earlier.key == item.key:
+                if earlier.request_hash != item.request_hash:
+                    return key_reused(item.key[2])
+                assert earlier.new is not None
+                return earlier.new.run
+        if item.key not in hits:
+            return None
+        stored_hash, run_id = hits[item.key]
+        if stored_hash != item.request_hash:
+            return key_reused(item.key[2])
+        return run_id
 
 
 def _fail(item: _Pending, error: Exception) -> None:

@@ -38,7 +38,8 @@ class RunUnits:
             run = await repo.get_run(run_id, caller.project, lock=True)
             steps = (await repo.steps_of([run.id]))[run.id]
             spec = (await self.runner.specs(repo, {run.workflow_version_id}))[run.workflow_version_id]
-            c = Changes(run, now, caller.name)
+            capped = (await repo.workflow_limits([run.workflow_id])).get(run.workflow_id, 0) > 0
+            c = Changes(run, now, caller.name, capped)
             result = op(c, steps, spec)
             await repo.save([c])
             if c.left_running:

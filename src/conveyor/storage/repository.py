@@ -68,7 +68,7 @@ _STEP_FIELDS = [f.name for f in fields(StepRecord)]
 _EVENT_FIELDS = [f.name for f in fields(EventRecord)]
 # Columns a unit of work may change on existing rows (everything else is fixed at insert).
 _RUN_MUTABLE = ["status", "status_message", "error", "output", "wake_at", "last_seq",
-                "started_at", "finished_at", "updated_at", "max_parallel_steps"]
+                "started_at", "finished_at", "updated_at", "max_parallel_steps", "expires_at"]
 _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "error", "skip_reason",
                  "approved_by", "worker_id", "job_run_id", "ready_at", "due_at", "lease_expires_at",
                  "started_at", "finished_at", "updated_at"]
@@ -267,28 +267,29 @@ class Repository:
 
     # -- triggering ---------------------------------------------------------------------------
 
-    async def idempotency_hits(self, project_id: str, workflow_id: str, keys: Iterable[str],
-                               now: datetime) -> dict[str, tuple[str, str]]:
-        """Live idempotency records of these keys: key -> (request_hash, run_id)."""
-        rows = await self.conn.execute(select(idem_t.c.key, idem_t.c.request_hash, idem_t.c.run_id).where(
-            idem_t.c.project_id == project_id, idem_t.c.workflow_id == workflow_id,
-            idem_t.c.key.in_(set(keys)), idem_t.c.expires_at > now))
-        return {r.key: (r.request_hash, r.run_id) for r in rows}
+    async def idempotency_lookup(self, keys: Sequence[tuple[str, str, str]],
+                                 now: datetime) -> dict[tuple[str, str, str], tuple[str, str]]:
+        """Live idempotency records of these (project, workflow, key)s -> (request_hash, run_id).
+        Expired records of the same keys are deleted first, so new ones can take their place:
+        two statements for a whole batch."""
+        wanted = tuple_(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key).in_(sorted(set(keys)))
+        await self.conn.execute(delete(idem_t).where(wanted, idem_t.c.expires_at <= now))
+        rows = await self.conn.execute(
+            select(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key, idem_t.c.request_hash,
+                   idem_t.c.run_id).where(wanted))
+        return {(r.project_id, r.workflow_id, r.key): (r.request_hash, r.run_id) for r in rows}
 
     async def insert_runs(self, runs: list[RunRecord], steps: list[StepRecord], events: list[EventRecord],
-                          idempotency: list[dict[str, Any]], now: datetime) -> None:
+                          idempotency: list[dict[str, Any]]) -> None:
         """Write new runs with all their steps, tags, first events and idempotency records.
         Raises DuplicateKey when another writer recorded one of the idempotency keys first."""
-        for rec in idempotency:
-            # An expired record of the same key is replaced by the new one.
-            await self.conn.execute(delete(idem_t).where(
-                idem_t.c.project_id == rec["project_id"], idem_t.c.workflow_id == rec["workflow_id"],
-                idem_t.c.key == rec["key"], idem_t.c.expires_at <= now))
         if idempotency:
             try:
                 await self.conn.execute(insert(idem_t), idempotency)
             except IntegrityError as e:
                 raise DuplicateKey("idempotency key recorded concurrently") from e
+        if not runs:
+            return
         await self.conn.execute(insert(runs_t), [_row(r, _RUN_FIELDS) for r in runs])
         tag_rows = [{"run_id": r.id, "key": k, "value": v} for r in runs for k, v in r.tags.items()]
         if tag_rows:
@@ -442,31 +443,49 @@ class Repository:
 
     async def save(self, units: Sequence[Changes]) -> None:
         """Apply the changes of several runs: compare-and-set updates of runs and steps, and
-        their events, in the caller's transaction. Raises ConcurrentChange when a row moved."""
+        their events, in the caller's transaction. Raises ConcurrentChange when a row moved
+        (the caller's transaction must then roll back)."""
         units = [u for u in units if u.dirty]
         if not units:
             return
-        run_params = [{"b_id": u.run.id, "b_loaded": str(u.run_loaded_status),
+        run_params = [{"b_id": u.run.id, "b_status": str(u.run_fence.status), "b_seq": u.run_fence.last_seq,
                        **{f"v_{k}": getattr(u.run, k) for k in _RUN_MUTABLE}}
-                      for u in units if u.run_loaded_status is not None]
-        step_params = [{"b_id": s.id, "b_loaded": str(u.step_loaded_status[s.id]),
-                        **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
-                       for u in units for s in u.steps.values()]
-        await self._cas(runs_t, _RUN_MUTABLE, run_params)
-        await self._cas(steps_t, _STEP_MUTABLE, step_params)
+                      for u in units if u.run_fence is not None]
+        step_params = [{"b_id": s.id, "b_status": str(f.status), "b_attempt": f.attempt,
+                        "b_lease": f.lease_expires_at, **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
+                       for u in units for s in u.steps.values() for f in (u.step_fences[s.id],)]
+        await self._cas(runs_t, _RUN_MUTABLE, [runs_t.c.last_seq == bindparam("b_seq")], run_params)
+        lease = steps_t.c.lease_expires_at
+        await self._cas(steps_t, _STEP_MUTABLE, [
+            steps_t.c.attempt == bindparam("b_attempt"),
+            lease.is_not_distinct_from(bindparam("b_lease", type_=lease.type))], step_params)
         events = [_row(e, _EVENT_FIELDS) for u in units for e in u.events]
         if events:
-            await self.conn.execute(insert(events_t), events)
+            try:
+                await self.conn.execute(insert(events_t), events)
+            except IntegrityError as e:
+                # (run, seq) is the key: another writer appended to one of these runs first.
+                raise ConcurrentChange("run_events: seq taken concurrently") from e
 
-    async def _cas(self, table: Any, cols: list[str], params: list[dict[str, Any]]) -> None:
+    async def _cas(self, table: Any, cols: list[str], fence: list[Any], params: list[dict[str, Any]]) -> None:
+        """UPDATE each row only if it still matches its fence (id, status and `fence`), and
+        check that every row matched: a row that did not was changed by another writer."""
         if not params:
             return
         stmt = (update(table)
-                .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_loaded"))
+                .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"), *fence)
                 .values({k: bindparam(f"v_{k}") for k in cols}))
-        res = await self.conn.execute(stmt, params)
-        if self.conn.dialect.supports_sane_multi_rowcount and res.rowcount != len(params):
-            raise ConcurrentChange(f"{table.name}: {len(params) - res.rowcount} rows changed concurrently")
+        if self.conn.dialect.supports_sane_multi_rowcount:
+            # SQLite's executemany sums the rows each parameter set matched; ids are unique, so
+            # the sum equals the count only when every row matched.
+            matched = (await self.conn.execute(stmt, params)).rowcount
+        else:
+            # asyncpg reports no row count for executemany: one statement per row, each checked.
+            matched = 0
+            for p in params:
+                matched += (await self.conn.execute(stmt, p)).rowcount
+        if matched != len(params):
+            raise ConcurrentChange(f"{table.name}: {len(params) - matched} rows changed concurrently")
 
 
 def _before(col_at: Any, col_id: Any, at: str, ident: str) -> Any:
