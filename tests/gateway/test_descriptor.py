@@ -49,3 +49,20 @@ def test_files_come_once_and_after_their_dependencies() -> None:
             assert position[dependency] < position[file.name], f"{dependency} after {file.name}"
     transitive = ("google/api/annotations.proto", "google/api/http.proto", "google/protobuf/descriptor.proto")
     assert set(transitive) <= position.keys()
+
+
+
+def test_strict_bodies_are_bound_raw_and_httpbody_is_in_the_set() -> None:
+    # Create/Update/Trigger take their REST body as a google.api.HttpBody field (`body`), which
+    # the server parses strictly (api/bodies.py); Envoy needs httpbody.proto to know the type.
+    files = _descriptor_set().file
+    assert "google/api/httpbody.proto" in [f.name for f in files]
+    bodies = {}
+    for file in files:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                if rule.body:
+                    bodies[method.name] = rule.body
+    assert bodies["CreateWorkflow"] == bodies["UpdateWorkflow"] == bodies["TriggerWorkflowRun"] == "body"
+    assert bodies["ApproveStep"] == "*"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,8 @@ import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from conveyor.gateway.envoy import EnvoyGateway
+from conveyor.api.server import MAX_METADATA_BYTES
+from conveyor.gateway.envoy import TEMPLATE_PATH, EnvoyGateway
 from conveyor.v1 import (
     resources_pb2,
     workflow_runs_service_pb2,
@@ -442,3 +444,13 @@ async def test_start_fails_with_envoys_log_when_the_port_is_taken(
         async with envoy_gateway(1, http_port=gateway.http_port):
             pass
     assert "Address already in use" in str(failure.value)
+
+
+def test_grpc_accepts_all_the_metadata_envoy_forwards() -> None:
+    # Envoy caps a REST request's line and headers at max_request_headers_kb and forwards the
+    # headers as gRPC metadata; grpc must accept all of that (its soft limit refuses at random).
+    template = TEMPLATE_PATH.read_text()
+    (kb,) = re.findall(r"max_request_headers_kb: (\d+)", template)
+    assert 2 * int(kb) * 1024 <= MAX_METADATA_BYTES
+    # And the URL itself is not forwarded at all.
+    assert "request_headers_to_remove: [x-envoy-original-path" in template

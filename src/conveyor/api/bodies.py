@@ -13,6 +13,7 @@ The result is the same typed request a gRPC client would have sent, so everythin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -161,6 +162,7 @@ def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozen
             _check_field(value, field, _join(path, field.name), limits, problems)
 
 
+@functools.cache
 def _by_json_name(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
     return {f.json_name: f for f in descriptor.fields}
 
