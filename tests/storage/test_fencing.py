@@ -204,7 +204,8 @@ async def test_lease_extended_since_load(engine: Engine, store: SqlStore, databa
     await _stale_save_is_refused(store, database, run_id, expire)
     snap = await _snapshot(database, run_id)
     side = next(s for s in snap["steps"] if s["step_ref"] == "side")
-    assert side["status"] == StepStatus.RUNNING and side["lease_expires_at"] == clock.now() + timedelta(seconds=50)
+    assert side["status"] == StepStatus.RUNNING
+    assert side["lease_expires_at"] == clock.now() + timedelta(seconds=50)
 
 
 async def test_step_touched_without_event_is_fenced(engine: Engine, store: SqlStore,
