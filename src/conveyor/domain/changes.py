@@ -15,12 +15,11 @@ folded away: the next attempt starts a new event, so every attempt stays visible
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
-from conveyor.domain.records import EventRecord, RunRecord, StepRecord
+from conveyor.domain.records import EventRecord, RunFence, RunRecord, StepFence, StepRecord
 from conveyor.domain.states import (
     FINAL_RUN,
     FINAL_STEP,
@@ -36,23 +35,6 @@ from conveyor.domain.states import (
 # in the same unit replaces their event instead of adding one.
 _TRANSIENT_RUN = frozenset({RunStatus.PENDING})
 _TRANSIENT_STEP = frozenset({StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING})
-
-
-@dataclass(frozen=True)
-class RunFence:
-    """What a run's compare-and-set checks: the row still has the status and last_seq loaded."""
-
-    status: RunStatus
-    last_seq: int
-
-
-@dataclass(frozen=True)
-class StepFence:
-    """What a step's compare-and-set checks: the same status, attempt and lease as loaded."""
-
-    status: StepStatus
-    attempt: int
-    lease_expires_at: datetime | None
 
 
 class Changes:
@@ -92,14 +74,15 @@ class Changes:
     def touch_run(self) -> None:
         """Mark the run as changed without a status change (wake_at, output…)."""
         if self.run_fence is None:
-            self.run_fence = RunFence(self.run.status, self.run.last_seq)
+            self.run_fence = self.run.fence or RunFence(self.run.status, self.run.last_seq)
         self.run.updated_at = self.now
 
     def touch_step(self, step: StepRecord) -> None:
         """Mark a step as changed without a status change (deps_completed…)."""
         if step.id not in self.steps:
             self.steps[step.id] = step
-            self.step_fences[step.id] = StepFence(step.status, step.attempt, step.lease_expires_at)
+            self.step_fences[step.id] = step.fence or StepFence(step.status, step.attempt,
+                                                                step.lease_expires_at)
         step.updated_at = self.now
 
     def event(self, type_: str, *, step_ref: str = "", status: str = "", message: str = "",

@@ -17,6 +17,7 @@ from typing import Any
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate_bool
+from conveyor.domain.limits import Limits
 from conveyor.domain.planner import expression_context
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import WorkflowSpec
@@ -34,7 +35,7 @@ class NewRun:
     changes: Changes
 
 
-def open_run(run: RunRecord, spec: WorkflowSpec, actor: str, new_id: Callable[[], str], *,
+def open_run(run: RunRecord, spec: WorkflowSpec, actor: str, new_id: Callable[[], str], limits: Limits, *,
              check_condition: bool = False, kept: Mapping[str, StepRecord] | None = None,
              message: str = "", data: dict[str, Any] | None = None) -> NewRun:
     """Build a new run's steps and opening event. `kept` are completed steps (by ref) of an
@@ -42,7 +43,7 @@ def open_run(run: RunRecord, spec: WorkflowSpec, actor: str, new_id: Callable[[]
     the run as canceled with no steps; one that cannot be evaluated is FAILED_PRECONDITION."""
     now = run.created_at
     c = Changes(run, now, actor)
-    if check_condition and spec.condition and not _condition_holds(spec.condition, run):
+    if check_condition and spec.condition and not _condition_holds(spec.condition, run, limits):
         run.status = RunStatus.CANCELED
         run.status_message = CONDITIONS_NOT_MET
         run.finished_at = now
@@ -66,9 +67,9 @@ def open_run(run: RunRecord, spec: WorkflowSpec, actor: str, new_id: Callable[[]
     return NewRun(run, steps, c)
 
 
-def _condition_holds(condition: str, run: RunRecord) -> bool:
+def _condition_holds(condition: str, run: RunRecord, limits: Limits) -> bool:
     try:
-        return evaluate_bool(condition, expression_context(run, []))
+        return evaluate_bool(condition, expression_context(run, []), limits=limits)
     except ExpressionError as e:
         raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "CONDITION_ERROR",
                             f"workflow condition could not be evaluated: {e}") from e

@@ -63,6 +63,13 @@ def find_step(steps: list[StepRecord], ref: str) -> StepRecord:
     raise not_found("step", ref)
 
 
+def find_step_by_id(steps: list[StepRecord], step_id: str) -> StepRecord:
+    for s in steps:
+        if s.id == step_id:
+            return s
+    raise not_found("task", step_id)
+
+
 def _reopen(c: Changes, steps: list[StepRecord], target: StepRecord | None = None) -> None:
     """Reopen a finished run for an operation on one of its steps. The steps its end canceled
     (steps are only ever canceled by their run ending) become pending again, so the run can go
@@ -150,6 +157,10 @@ def replay_subtree(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref:
     refs = spec.descendants(ref)
     for r in refs:
         _reset(c, by_ref[r])
+    if not c.events:
+        # Every step of the subtree was pending already: nothing changed state, but the
+        # operation is still recorded with who asked for it.
+        c.event("step.replayed", step_ref=ref, message=f"replayed by {c.actor}: nothing to reset")
     _follow_up(c)
     return len(refs)
 

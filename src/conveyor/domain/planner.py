@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate, evaluate_bool, render
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.records import RunRecord, StepRecord
@@ -89,13 +90,18 @@ class _Pass:
             return
         if run.status == RunStatus.PENDING:
             if not may_start:
-                # Waiting for a concurrency slot: whoever frees one wakes this run.
-                self.set_wake(None)
+                # Waiting for a concurrency slot: whoever frees one wakes this run (or its
+                # deadline does).
+                self.set_wake(run.expires_at)
                 return
             self.c.run_to(RunStatus.RUNNING)
         for step in self.steps:
             if step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
                 self.timer_due(step)
+            elif step.lease_expires_at is not None and step.lease_expires_at <= self.now:
+                # Its holder stopped heartbeating: the attempt failed, retried per policy.
+                self.fail(step, self.spec.step(step.step_ref), f"lease of {step.worker_id!r} expired")
+                self.moved(step)
         while self.sweep():
             pass
         self.settle()
@@ -139,7 +145,7 @@ class _Pass:
             return False
         if spec.when:
             try:
-                go = evaluate_bool(spec.when, self.context())
+                go = evaluate_bool(spec.when, self.context(), limits=self.limits)
             except ExpressionError as e:
                 # A `when` that cannot be evaluated fails its step alone, with the reason.
                 step.error = f"when: {e}"
@@ -174,7 +180,7 @@ class _Pass:
         step.error = ""
         self.c.step_to(step, S.RUNNING, data={"attempt": step.attempt})
         try:
-            config = render(spec.config, self.context()) if spec.config else {}
+            config = render(spec.config, self.context(), limits=self.limits) if spec.config else {}
         except ExpressionError as e:
             self.fail(step, spec, f"template: {e}")
             return
@@ -184,7 +190,7 @@ class _Pass:
             self.complete(step, out if isinstance(out, dict) else {"value": out})
         elif kind == StepKind.CONDITION:
             try:
-                value = evaluate(str(spec.config["expression"]), self.context())
+                value = evaluate(str(spec.config["expression"]), self.context(), limits=self.limits)
             except ExpressionError as e:
                 self.fail(step, spec, f"expression: {e}")
                 return
@@ -321,6 +327,38 @@ def finish_run(c: Changes, steps: list[StepRecord], status: RunStatus, message: 
             c.step_to(s, S.CANCELED, f"run {status}")
     c.run.error = error
     c.run_to(status, message)
+
+
+def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: StepSpec, holder: str,
+                 job_run_id: str, until: datetime, limits: Limits) -> bool:
+    """A lease holder starts an attempt of a leased step: attempt+1, the lease until `until`,
+    the attempt's timeout, and the config rendered from its templates into `input` (a template
+    that fails fails the attempt instead). True when the step is now leased."""
+    step.attempt += 1
+    step.ready_at = None
+    step.error = ""
+    step.worker_id = holder
+    step.job_run_id = job_run_id
+    step.lease_expires_at = until
+    step.due_at = c.now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None
+    c.step_to(step, S.RUNNING, data={"attempt": step.attempt, "worker_id": holder})
+    try:
+        context = expression_context(c.run, steps)
+        step.input = render(spec.config, context, limits=limits) if spec.config else {}
+    except ExpressionError as e:
+        fail_step(c, step, spec, f"template: {e}")
+        return False
+    return True
+
+
+def check_lease(step: StepRecord, attempt: int, holder: str) -> None:
+    """Refuse a report for anything but the live lease of this holder's attempt: a late,
+    duplicate or foreign report changes nothing (LEASE_LOST)."""
+    if step.status != S.RUNNING or step.attempt != attempt or step.worker_id != holder \
+            or step.lease_expires_at is None:
+        raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "LEASE_LOST",
+                            f"task {step.id!r} attempt {attempt} is not leased by {holder!r} "
+                            f"(the step is {step.status}, attempt {step.attempt})")
 
 
 def fail_unplannable(c: Changes, steps: list[StepRecord], set_aside_seconds: float) -> None:

@@ -34,6 +34,23 @@ class WorkflowRecord:
         return self.archived_at is not None
 
 
+@dataclass(frozen=True)
+class RunFence:
+    """What a run's compare-and-set checks: the row still has the status and last_seq loaded."""
+
+    status: RunStatus
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class StepFence:
+    """What a step's compare-and-set checks: the same status, attempt and lease as loaded."""
+
+    status: StepStatus
+    attempt: int
+    lease_expires_at: datetime | None
+
+
 @dataclass
 class RunRecord:
     """A workflow run. The engine mutates loaded records and saves what changed."""
@@ -66,6 +83,8 @@ class RunRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     expires_at: datetime | None = None
+    # The row as loaded (storage sets it); changes are saved only if the row still matches it.
+    fence: RunFence | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -98,6 +117,8 @@ class StepRecord:
     lease_expires_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # The row as loaded (storage sets it); changes are saved only if the row still matches it.
+    fence: StepFence | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

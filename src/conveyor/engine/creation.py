@@ -32,7 +32,7 @@ def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *,
     """A new run (filled in by the caller, status pending), its steps and first events; planned
     already when its workflow caps no concurrent runs."""
     pristine = dataclasses.replace(run)
-    new = open_run(run, spec, actor, new_id, check_condition=check_condition, kept=kept,
+    new = open_run(run, spec, actor, new_id, limits, check_condition=check_condition, kept=kept,
                    message=message, data=data)
     if new.run.status != RunStatus.PENDING or spec.max_concurrent_runs:
         return new  # canceled by its condition, or waiting for the runner's slot accounting
@@ -40,7 +40,7 @@ def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *,
         plan(new.changes, new.steps, spec, limits=limits)
     except Exception:
         log.exception("planning new run %s raised; it is created failed", run.id)
-        new = open_run(pristine, spec, actor, new_id, kept=kept, message=message, data=data)
+        new = open_run(pristine, spec, actor, new_id, limits, kept=kept, message=message, data=data)
         fail_unplannable(new.changes, new.steps, 0)
     return new
 

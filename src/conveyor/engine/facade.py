@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from conveyor.engine.clock import Clock, SystemClock
+from conveyor.engine.leases import Leases
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
@@ -37,9 +38,10 @@ class Engine:
                              idle_seconds=settings.engine_idle_seconds, limits=settings.limits)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
                                  idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits)
-        self.workflows = WorkflowService(store, self.clock)
+        self.workflows = WorkflowService(store, self.clock, settings.limits)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
+        self.leases = Leases(store, self.clock, self.runner, settings.limits)
         self.watches = Watches(store, self.clock, self.runner.committed)
         self._housekeeping: asyncio.Task[None] | None = None
 

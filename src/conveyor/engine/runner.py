@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 _SPEC_CACHE_SIZE = 256
 # Shortest sleep of the background loop between passes that found nothing to claim.
 _MIN_WAIT_SECONDS = 0.01
+# A pass planning many runs yields to the event loop after this many.
+_YIELD_EVERY = 16
 # A run that cannot be planned or saved (a bug, not its own error) is looked at again after this.
 _SET_ASIDE_SECONDS = 60.0
 
@@ -81,7 +83,9 @@ class Runner:
         may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], now)
         units: list[Changes] = []
         freed: dict[str, int] = {}
-        for run in runs:
+        for i, run in enumerate(runs):
+            if i and not i % _YIELD_EVERY:
+                await asyncio.sleep(0)  # a big pass lets other requests in between runs
             try:
                 c = advance(run, steps[run.id], specs[run.workflow_version_id], now,
                             may_start=run.id in may_start, limits=self.limits)
@@ -140,6 +144,11 @@ class Runner:
             try:
                 async with self.store.write() as repo:
                     runs = await repo.claim_due_runs(now, self.batch_size)
+                    # Expired leases are found by their own index, not by the run's wake_at (a
+                    # heartbeat moves only the step's expiry); the planner fails those attempts.
+                    expired = set(await repo.expired_lease_runs(now, self.batch_size)) - {r.id for r in runs}
+                    if expired:
+                        runs += await repo.get_runs(sorted(expired), None, lock=True, skip_locked=True)
                     claimed = [r.id for r in runs]
                     units = await self.advance_loaded(repo, runs, now)
                 if any(u.events for u in units):

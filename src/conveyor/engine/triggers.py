@@ -41,6 +41,8 @@ from conveyor.engine.workflows import name_scope
 
 log = logging.getLogger(__name__)
 
+# Batches that would plan more steps than this are built in a thread rather than on the loop.
+_PLAN_ON_LOOP_STEPS = 2000
 # (project, workflow id, key): what an idempotency record is keyed by.
 IdemKey = tuple[str, str, str]
 
@@ -147,16 +149,19 @@ class Triggers:
                                                                   key[0])
                     except ConveyorError as e:
                         workflows[key] = e
+        steps = sum(len(w.spec.steps) for w in workflows.values() if isinstance(w, WorkflowRecord))
+        if steps * len(items) > _PLAN_ON_LOOP_STEPS:
+            # Building and planning big runs takes a while: in a thread, so the event loop keeps
+            # serving other clients; a small batch is cheaper planned right here.
+            problems = await asyncio.to_thread(self._prepare_all, items, workflows, now)
+        else:
+            problems = self._prepare_all(items, workflows, now)
         live: list[_Pending] = []
-        for item in items:
-            try:
-                found = workflows[(name_scope(item.req.project_id, item.caller), item.req.workflow_id)]
-                if isinstance(found, ConveyorError):
-                    raise found
-                self._prepare(item, found, now)
+        for item, problem in zip(items, problems, strict=True):
+            if problem is None:
                 live.append(item)
-            except ConveyorError as e:
-                _fail(item, e)
+            else:
+                _fail(item, problem)
         if not live:
             return
         async with self.store.write() as repo:
@@ -184,6 +189,22 @@ class Triggers:
             answer = answers.get(id(item))
             if answer is not None and not item.future.done():
                 item.future.set_result(found_runs[answer] if isinstance(answer, str) else answer)
+
+    def _prepare_all(self, items: list[_Pending],
+                     workflows: dict[tuple[str, str], WorkflowRecord | ConveyorError],
+                     now: datetime) -> list[ConveyorError | None]:
+        """Build each request's run; returns, per request, why it cannot have one (or None)."""
+        problems: list[ConveyorError | None] = []
+        for item in items:
+            found = workflows[(name_scope(item.req.project_id, item.caller), item.req.workflow_id)]
+            try:
+                if isinstance(found, ConveyorError):
+                    raise found
+                self._prepare(item, found, now)
+                problems.append(None)
+            except ConveyorError as e:
+                problems.append(e)
+        return problems
 
     def _prepare(self, item: _Pending, wf: WorkflowRecord, now: datetime) -> None:
         """Build the run this request would create."""

@@ -4,7 +4,8 @@
 serializes), loads its steps and spec, lets a pure domain operation change them through
 `Changes`, saves the changes with their events in the same transaction, hands a freed
 concurrency slot to the next pending run, and then nudges the runner. If the operation raises,
-the transaction rolls back: nothing is half-applied.
+the transaction rolls back: nothing is half-applied; if its compare-and-set loses a race, it is
+tried again on the new state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.records import Caller, StepRecord
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.engine.clock import Clock
@@ -20,6 +22,8 @@ from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 
 T = TypeVar("T")
+# Tries of an operation that keeps losing its compare-and-set before the caller is told.
+_ATTEMPTS = 3
 Operation = Callable[[Changes, list[StepRecord], WorkflowSpec], T]
 
 
@@ -32,7 +36,20 @@ class RunUnits:
         self.runner = runner
 
     async def mutate(self, run_id: str, caller: Caller, op: Operation[T]) -> T:
-        """Apply `op` to the run and save what it changed; returns what `op` returned."""
+        """Apply `op` to the run and save what it changed; returns what `op` returned. A lost
+        compare-and-set (another writer moved the run between our read and our write) runs the
+        operation again on the new state; if it keeps losing, the caller gets ABORTED."""
+        for _ in range(_ATTEMPTS):
+            try:
+                result = await self._once(run_id, caller, op)
+            except ConcurrentChange:
+                continue
+            self.runner.notify()
+            return result
+        raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
+                            f"run {run_id!r} kept changing concurrently; try again")
+
+    async def _once(self, run_id: str, caller: Caller, op: Operation[T]) -> T:
         now = self.clock.now()
         async with self.store.write() as repo:
             run = await repo.get_run(run_id, caller.project, lock=True)
@@ -44,5 +61,4 @@ class RunUnits:
             await repo.save([c])
             if c.left_running:
                 await self.runner.wake_waiting(repo, {run.workflow_id: 1}, now)
-        self.runner.notify()
         return result

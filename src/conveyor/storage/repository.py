@@ -41,7 +41,16 @@ from conveyor.domain.errors import (
     invalid,
     not_found,
 )
-from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
+from conveyor.domain.records import (
+    EventRecord,
+    Page,
+    RunFence,
+    RunQuery,
+    RunRecord,
+    StepFence,
+    StepRecord,
+    WorkflowRecord,
+)
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.storage.models import (
@@ -63,8 +72,8 @@ wf_t = cast(Table, WorkflowRow.__table__)
 ver_t = cast(Table, WorkflowVersionRow.__table__)
 idem_t = cast(Table, IdempotencyRow.__table__)
 
-_RUN_FIELDS = [f.name for f in fields(RunRecord)]
-_STEP_FIELDS = [f.name for f in fields(StepRecord)]
+_RUN_FIELDS = [f.name for f in fields(RunRecord) if f.name != "fence"]
+_STEP_FIELDS = [f.name for f in fields(StepRecord) if f.name != "fence"]
 _EVENT_FIELDS = [f.name for f in fields(EventRecord)]
 # Columns a unit of work may change on existing rows (everything else is fixed at insert).
 _RUN_MUTABLE = ["status", "status_message", "error", "output", "wake_at", "last_seq",
@@ -82,12 +91,14 @@ PURGE_BATCH = 1000
 def run_from_row(m: Any) -> RunRecord:
     rec = RunRecord(**{k: m[k] for k in _RUN_FIELDS})
     rec.status = RunStatus(rec.status)
+    rec.fence = RunFence(rec.status, rec.last_seq)
     return rec
 
 
 def step_from_row(m: Any) -> StepRecord:
     rec = StepRecord(**{k: m[k] for k in _STEP_FIELDS})
     rec.status = StepStatus(rec.status)
+    rec.fence = StepFence(rec.status, rec.attempt, rec.lease_expires_at)
     return rec
 
 
@@ -323,12 +334,14 @@ class Repository:
         return run_from_row(m)
 
     async def get_runs(self, run_ids: Sequence[str], project: str | None,
-                       lock: bool = False) -> list[RunRecord]:
+                       lock: bool = False, skip_locked: bool = False) -> list[RunRecord]:
+        """These runs; `lock` holds them (in id order, so two lockers never deadlock), and
+        `skip_locked` leaves out the ones another transaction holds instead of waiting."""
         stmt = select(runs_t).where(runs_t.c.id.in_(run_ids))
         if project is not None:
             stmt = stmt.where(runs_t.c.project_id == project)
         if lock:
-            stmt = self._lock(stmt.order_by(runs_t.c.id))
+            stmt = self._lock(stmt.order_by(runs_t.c.id), skip_locked=skip_locked)
         return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
 
     async def list_runs(self, flt: RunQuery, project: str | None, limit: int, token: str) -> Page[RunRecord]:
@@ -387,7 +400,10 @@ class Repository:
         return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
 
     async def next_wake(self) -> datetime | None:
-        return (await self.conn.execute(select(func.min(runs_t.c.wake_at)))).scalar()
+        """The earliest timer: a run's wake_at or a step's lease expiry."""
+        wake = (await self.conn.execute(select(func.min(runs_t.c.wake_at)))).scalar()
+        lease = (await self.conn.execute(select(func.min(steps_t.c.lease_expires_at)))).scalar()
+        return min((t for t in (wake, lease) if t is not None), default=None)
 
     async def running_counts(self, workflow_ids: Iterable[str]) -> dict[str, int]:
         rows = await self.conn.execute(
@@ -407,6 +423,49 @@ class Repository:
     async def wake(self, run_ids: Sequence[str], at: datetime) -> None:
         if run_ids:
             await self.conn.execute(update(runs_t).where(runs_t.c.id.in_(run_ids)).values(wake_at=at))
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def leasable_runs(self, project: str | None, queue: str, kinds: Sequence[str], now: datetime,
+                            limit: int) -> list[str]:
+        """Ids of running runs with a queued step of these kinds on `queue` whose slot is ready,
+        oldest ready first (ix_step_runs_queue)."""
+        stmt = (select(steps_t.c.workflow_run_id, func.min(steps_t.c.ready_at).label("ready"))
+                .join(runs_t, runs_t.c.id == steps_t.c.workflow_run_id)
+                .where(steps_t.c.queue == queue, steps_t.c.status == StepStatus.QUEUED,
+                       steps_t.c.ready_at <= now, steps_t.c.kind.in_(kinds),
+                       runs_t.c.status == RunStatus.RUNNING)
+                .group_by(steps_t.c.workflow_run_id).order_by("ready").limit(limit))
+        if project is not None:
+            stmt = stmt.where(steps_t.c.project_id == project)
+        return [r.workflow_run_id for r in await self.conn.execute(stmt)]
+
+    async def expired_lease_runs(self, now: datetime, limit: int) -> list[str]:
+        """Ids of runs holding a step whose lease has expired (ix_step_runs_lease), a bounded batch."""
+        rows = await self.conn.execute(
+            select(steps_t.c.workflow_run_id).where(steps_t.c.lease_expires_at <= now)
+            .order_by(steps_t.c.lease_expires_at).limit(limit))
+        return list(dict.fromkeys(r.workflow_run_id for r in rows))
+
+    async def extend_lease(self, step_id: str, attempt: int, holder: str, until: datetime,
+                           now: datetime) -> bool:
+        """Move a live lease's expiry to `until`, touching only the step row; False when the
+        lease is not (or no longer) this holder's attempt."""
+        res = await self.conn.execute(
+            update(steps_t).where(steps_t.c.id == step_id, steps_t.c.status == StepStatus.RUNNING,
+                                  steps_t.c.attempt == attempt, steps_t.c.worker_id == holder,
+                                  steps_t.c.lease_expires_at > now)
+            .values(lease_expires_at=until, updated_at=now))
+        return res.rowcount == 1
+
+    async def get_step(self, step_id: str, project: str | None) -> StepRecord:
+        stmt = select(steps_t).where(steps_t.c.id == step_id)
+        if project is not None:
+            stmt = stmt.where(steps_t.c.project_id == project)
+        m = (await self.conn.execute(stmt)).mappings().first()
+        if m is None:
+            raise not_found("task", step_id)
+        return step_from_row(m)
 
     # -- steps and events ---------------------------------------------------------------------
 
