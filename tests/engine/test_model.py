@@ -31,13 +31,14 @@ CONVEYOR_MODEL_EXAMPLES (default 25) and CONVEYOR_MODEL_STEPS (rules per example
 e.g. `CONVEYOR_MODEL_EXAMPLES=500 .venv/bin/pytest tests/engine/test_model.py -q`.
 `--hypothesis-seed=<int>` makes the search reproducible.
 
-Known engine bugs this test found are pinned by the explicit xfail(strict=True) regression tests
-at the end of this file; the state machine itself is not weakened to step around them.
+Engine bugs this test found are pinned by explicit regression tests at the end of this file
+(xfail(strict=True) while open); the state machine is not weakened to step around them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -536,17 +537,18 @@ class EngineMachine(RuleBasedStateMachine):
             return multiple()
         assert new.id != run and new.retry_of_run_id == run and new.status == R.PENDING
         copied = {s.step_ref: s for s in self.snap[new.id].steps}
+        assert set(copied) == set(self._wf(run).refs()), "the new run has every step of its version"
         initial: dict[str, StepStatus] = {}
         base: dict[str, int] = {}
-        for s in old.steps:
-            c = copied[s.step_ref]
-            if s.status == S.COMPLETED:
+        for ref, c in copied.items():
+            s = old.step(ref)  # None when the old run never had steps (its conditions were not met)
+            if s is not None and s.status == S.COMPLETED:
                 assert c.status == S.COMPLETED and c.output == s.output, "completed steps are copied"
-                base[s.step_ref] = s.attempt
+                base[ref] = s.attempt
             else:
                 assert c.status == S.PENDING, "steps that did not complete run again"
-                base[s.step_ref] = 0
-            initial[s.step_ref] = c.status
+                base[ref] = 0
+            initial[ref] = c.status
         self.models[new.id] = RunModel(new.id, self.models[run].workflow, initial, base)
         return new.id
 
@@ -706,7 +708,9 @@ class EngineMachine(RuleBasedStateMachine):
             if kind == "run" and suffix in RUN_STATUSES:
                 new = RUN_STATUSES[suffix]
                 if status is None:
-                    assert ev.seq == 1 and new in (R.PENDING, R.CANCELED), \
+                    # Born pending; or running when it starts in its trigger's own transaction
+                    # (no intermediate event); or canceled when its conditions are not met.
+                    assert ev.seq == 1 and new in (R.PENDING, R.RUNNING, R.CANCELED), \
                         f"run {run.id}: born {new} at seq {ev.seq}"
                 else:
                     assert can_run(status, new), f"run {run.id}: illegal {status} -> {new} at seq {ev.seq}"
@@ -779,3 +783,174 @@ def _settings() -> settings:
 @pytest.mark.timeout(900)
 def test_engine_model() -> None:
     run_state_machine_as_test(EngineMachine, settings=_settings())
+
+
+# -- regression tests for what the model found -------------------------------------------------
+# Each pins one engine bug the state machine found, in its smallest form, with the invariant it
+# breaks. A bug still open is marked xfail(strict=True, reason=...): its fix makes the test pass,
+# and strict then fails the suite until the mark is removed.
+
+
+async def _events(engine: Engine, run_id: str) -> list[EventRecord]:
+    return (await engine.runs.events(run_id, 0, 1000, "", ME)).items
+
+
+async def _steps(engine: Engine, run_id: str) -> dict[str, StepRecord]:
+    return {s.step_ref: s for s in (await engine.steps.list(run_id, 100, "", ME)).items}
+
+
+async def _status(engine: Engine, run_id: str) -> RunStatus:
+    return (await engine.runs.get(run_id, ME)).status
+
+
+async def _running(engine: Engine, workflow: str) -> int:
+    page = await engine.runs.list(RunQuery(workflow_ids=[workflow], statuses=[R.RUNNING]), 100, "", ME)
+    return len(page.items)
+
+
+def _check_history(view: View, initial: dict[str, StepStatus]) -> None:
+    """The model's event checks on one run (seq, legal transitions, failed only with a failed step)."""
+    seqs = [e.seq for e in view.events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    status: RunStatus | None = None
+    steps = dict(initial)
+    for ev in view.events:
+        kind, _, suffix = ev.type.partition(".")
+        if kind == "run" and suffix in RUN_STATUSES:
+            new = RUN_STATUSES[suffix]
+            assert status is None or can_run(status, new), f"illegal {status} -> {new}"
+            if new == R.FAILED:
+                assert any(s in (S.FAILED, S.TIMED_OUT) for s in steps.values()), \
+                    f"run failed at seq {ev.seq} ({ev.message!r}) with no failed step: {steps}"
+            status = new
+        elif kind == "step" and suffix in STEP_STATUSES:
+            new_s = STEP_STATUSES[suffix]
+            assert can_step(steps[ev.step_ref], new_s), f"illegal {steps[ev.step_ref]} -> {new_s}"
+            steps[ev.step_ref] = new_s
+
+
+async def _view(engine: Engine, run_id: str) -> View:
+    return View(await engine.runs.get(run_id, ME), list((await _steps(engine, run_id)).values()),
+                await _events(engine, run_id))
+
+
+GATE_THEN_NOOP = {"steps": [{"ref": "g", "kind": "approval"},
+                            {"ref": "n", "kind": "noop", "depends_on": ["g"]}]}
+
+
+async def test_when_failing_at_run_time_fails_its_step_alone(engine: Engine) -> None:
+    """Found by the model: `when: payload.flag` with the key absent made every runner pass raise
+    (an illegal pending -> failed) so that no run advanced. Now the step fails with the reason,
+    through legal transitions, and other runs still advance."""
+    await engine.workflows.create({"name": "w", "max_concurrent_runs": 2, "steps": [
+        {"ref": "a", "kind": "noop", "when": "payload.flag"}]}, ME)
+    await engine.workflows.create({"name": "ok", "max_concurrent_runs": 2,
+                                   "steps": [{"ref": "a", "kind": "noop"}]}, ME)
+    bad = (await engine.runs.trigger(TriggerRequest("w", payload={}), ME)).id
+    good = (await engine.runs.trigger(TriggerRequest("ok"), ME)).id
+    await engine.tick()
+    assert await _status(engine, good) == R.COMPLETED
+    view = await _view(engine, bad)
+    assert view.run.status == R.FAILED
+    assert view.steps[0].status == S.FAILED and "when" in view.steps[0].error
+    _check_history(view, {"a": S.PENDING})
+
+
+async def test_skip_on_a_canceled_run_does_not_fail_it(engine: Engine) -> None:
+    """Found by the model (and issue 5): skip on a step of a canceled run reopened it, its other
+    step stayed canceled and the next pass failed the run. Invariant: a run enters `failed` only
+    when one of its steps failed or timed out."""
+    await engine.workflows.create({"name": "w", **GATE_THEN_NOOP}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    await engine.runs.cancel(run_id, ME)
+    with contextlib.suppress(ConveyorError):  # refusing it is a fine answer too
+        await engine.steps.skip(run_id, "g", "", ME)
+    await engine.tick()
+    _check_history(await _view(engine, run_id), {"g": S.PENDING, "n": S.PENDING})
+
+
+async def test_force_complete_on_a_canceled_run_does_not_fail_it(engine: Engine) -> None:
+    """Found by the model: as skip above, with force-complete."""
+    await engine.workflows.create({"name": "w", **GATE_THEN_NOOP}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    await engine.runs.cancel(run_id, ME)
+    with contextlib.suppress(ConveyorError):
+        await engine.steps.force_complete(run_id, "g", {}, ME)
+    await engine.tick()
+    _check_history(await _view(engine, run_id), {"g": S.PENDING, "n": S.PENDING})
+
+
+async def test_step_retry_on_a_canceled_run_does_not_fail_it(engine: Engine) -> None:
+    """Found by the model: retrying one canceled step of a canceled run left its other canceled
+    steps, so the reopened run failed with no failed step."""
+    await engine.workflows.create({"name": "w", "steps": [
+        {"ref": "a", "kind": "approval"}, {"ref": "b", "kind": "approval"}]}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    await engine.runs.cancel(run_id, ME)
+    await engine.steps.retry(run_id, "a", ME)  # SPEC §3: allowed, the finished run is reopened
+    await engine.tick()
+    await engine.steps.approve(run_id, "a", "", ME)
+    await engine.tick()
+    _check_history(await _view(engine, run_id), {"a": S.PENDING, "b": S.PENDING})
+
+
+async def test_bulk_replay_respects_max_concurrent_runs(engine: Engine) -> None:
+    """Found by the model: bulk replay reopened a finished run to `running` with no free
+    concurrency slot (SPEC §4.5: max_concurrent_runs is never exceeded)."""
+    await engine.workflows.create({"name": "w", "max_concurrent_runs": 1, "steps": [
+        {"ref": "g", "kind": "approval"}]}, ME)
+    first = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    await engine.runs.cancel(first, ME)
+    second = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    assert await _status(engine, second) == R.RUNNING
+    assert await engine.runs.bulk_replay([first], ME) == (1, 0)
+    assert await _running(engine, "w") <= 1
+    await engine.tick()
+    assert await _running(engine, "w") <= 1
+
+
+async def test_step_retry_reopening_a_run_respects_max_concurrent_runs(engine: Engine) -> None:
+    """Found by the model: a step operation reopened a finished run to `running` with no free
+    concurrency slot."""
+    await engine.workflows.create({"name": "w", "max_concurrent_runs": 1, "steps": [
+        {"ref": "g", "kind": "approval"}]}, ME)
+    first = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    await engine.runs.cancel(first, ME)
+    await engine.runs.trigger(TriggerRequest("w"), ME)
+    await engine.tick()
+    await engine.steps.retry(first, "g", ME)
+    assert await _running(engine, "w") <= 1
+    await engine.tick()
+    assert await _running(engine, "w") <= 1
+
+
+async def test_pending_run_past_its_deadline_times_out(engine: Engine, clock: ManualClock) -> None:
+    """SPEC §3: a run still going at expires_at is timed_out, also one waiting for a slot (an
+    invariant of the model, pinned here because the runner does not wake slot-waiting runs)."""
+    await engine.workflows.create({"name": "w", "max_concurrent_runs": 1, "steps": [
+        {"ref": "g", "kind": "approval"}]}, ME)
+    await engine.runs.trigger(TriggerRequest("w"), ME)
+    late = (await engine.runs.trigger(TriggerRequest("w", timeout_seconds=10), ME)).id
+    await engine.tick()
+    assert await _status(engine, late) == R.PENDING
+    clock.advance(11)
+    await engine.tick()
+    assert await _status(engine, late) == R.TIMED_OUT
+
+
+async def test_replay_subtree_of_pending_steps_is_recorded(engine: Engine) -> None:
+    """Found by the model: replay-subtree of steps that were all pending recorded no event
+    (SPEC §3: every operation is recorded as a RunEvent with who did it)."""
+    await engine.workflows.create({"name": "w", **GATE_THEN_NOOP}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("w"), ME)).id
+    await engine.tick()
+    before = await _events(engine, run_id)
+    assert await engine.steps.replay_subtree(run_id, "n", ME) == 1  # n is still pending
+    new = (await _events(engine, run_id))[len(before):]
+    assert any(e.actor == ME.name for e in new), new
