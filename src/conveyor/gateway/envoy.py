@@ -23,6 +23,9 @@ already in use". Two mechanisms, because either alone has a gap:
 - On Linux, Envoy is started with ``PR_SET_PDEATHSIG = SIGKILL``: the kernel kills it when the
   thread that started it dies. That is the parent *thread*, so this is only armed when Envoy is
   started from the main thread (whose end is the process's end); from another thread it is not.
+  It is set by util-linux's ``setpriv --pdeathsig KILL``, which then execs Envoy (same pid), and
+  not by a ``preexec_fn``: that forces a full fork() whose atfork handlers (grpc's) run in the
+  child, and made Envoy abort at random before its exec.
 - Envoy's pid is recorded in ``settings.data_dir / "envoy" / "envoy.pid"``. On start, an Envoy
   left over from a previous server of the same data dir (the pid is alive and its command line
   names this data dir's config file) is killed before the new one binds its ports.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -42,7 +44,6 @@ import string
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -64,8 +65,6 @@ CONCURRENCY = 1
 LOG_TAIL_LINES = 20
 # A leftover Envoy killed on start is waited for this long before the start gives up.
 LEFTOVER_KILL_TIMEOUT_SECONDS = 5.0
-# prctl(2) option: the signal the kernel sends this process when its parent thread dies.
-PR_SET_PDEATHSIG = 1
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +127,7 @@ class EnvoyGateway:
         await _kill_leftover(self.pid_path, config_path)
         with self.log_path.open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(
+                *_die_with_parent_prefix(),
                 str(find_envoy_binary()),
                 "--config-path", str(config_path),
                 "--admin-address-path", str(admin_address_path),
@@ -141,7 +141,6 @@ class EnvoyGateway:
                 # Its own process group: Ctrl-C reaches only the server, which stops Envoy in
                 # order during its graceful shutdown.
                 start_new_session=True,
-                preexec_fn=_die_with_parent_hook(),
             )
         self.pid_path.write_text(f"{self._process.pid}\n")
         try:
@@ -225,27 +224,15 @@ class EnvoyGateway:
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGKILL when its parent thread dies, or None when
-    that cannot be armed safely (not Linux, or not the main thread: PDEATHSIG fires when the
-    *thread* that forked exits, which for any thread but the main one is not the server's end)."""
+def _die_with_parent_prefix() -> list[str]:
+    """The command prefix that arms PR_SET_PDEATHSIG=SIGKILL for Envoy, or nothing when that
+    cannot be done safely: not Linux, no `setpriv`, or not the main thread (PDEATHSIG fires when
+    the *thread* that forked exits, which for any thread but the main one is not the server's end).
+    Without it, the pid file still lets the next start clean up."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    # Resolved here, before the fork: the child only makes two system calls.
-    parent = os.getpid()
-
-    def arm() -> None:
-        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return  # not fatal: the pid file still lets the next start clean up
-        # The parent may have died between fork and prctl; the signal would never come then.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return arm
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 async def _kill_leftover(pid_path: Path, config_path: Path) -> None:
