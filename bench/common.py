@@ -467,11 +467,14 @@ async def _client(kind: str, address: str, workflow: str, concurrency: int) -> A
                 await health.Check(check, timeout=30)
 
             yield echo_call
-        elif kind == "grpc-trigger":
+        elif kind in ("grpc-trigger", "grpc-trigger-keyed"):
             runs = runs_grpc.WorkflowRunsServiceStub(channel)
+            # keyed: a new Idempotency-Key on every trigger (unique across client processes).
+            prefix = os.urandom(6).hex() if kind == "grpc-trigger-keyed" else ""
 
             async def trigger_call(n: int) -> None:
-                request = workflow_runs_service_pb2.TriggerWorkflowRunRequest(workflow_id=workflow)
+                request = workflow_runs_service_pb2.TriggerWorkflowRunRequest(
+                    workflow_id=workflow, idempotency_key=f"{prefix}-{n}" if prefix else "")
                 request.payload.update({"n": n})
                 await runs.TriggerWorkflowRun(request, timeout=30)
 

@@ -302,3 +302,19 @@ async def test_a_trigger_the_database_refuses_fails_alone(engine: Engine, pg_onl
     assert isinstance(results[2], Exception)
     ok = [r for i, r in enumerate(results) if i != 2]
     assert all(not isinstance(r, BaseException) and r.status == RunStatus.COMPLETED for r in ok)
+
+
+async def test_a_workflow_changed_by_another_replica_is_seen_by_the_next_trigger(
+        engine: Engine, database: Database, clock: ManualClock) -> None:
+    other = Engine(SqlStore(database), Settings(db_url=database.url), clock)  # another replica
+    await engine.workflows.create(wf("moving", [noop("a")]), ME)
+    first = await engine.runs.trigger(TriggerRequest("moving"), ME)  # `engine` now remembers v1
+    await other.workflows.update("moving", wf("moving", [noop("a"), noop("b", "a")]), ME)
+    second = await engine.runs.trigger(TriggerRequest("moving"), ME)
+    assert (first.workflow_version, second.workflow_version) == (1, 2)
+    assert set(await steps_of(engine, second.id)) == {"a", "b"}
+
+    await other.workflows.archive("moving", "", ME)
+    with pytest.raises(ConveyorError) as archived:
+        await engine.runs.trigger(TriggerRequest("moving"), ME)
+    assert archived.value.reason == "WORKFLOW_ARCHIVED"

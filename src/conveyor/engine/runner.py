@@ -54,6 +54,9 @@ class Runner:
         self.idle_seconds = idle_seconds
         self._specs: OrderedDict[str, WorkflowSpec] = OrderedDict()
         self._wakeup = asyncio.Event()
+        # When the sleeping loop will next look at the database (None: it is mid-pass, or
+        # waits only for the idle timeout), so a commit whose timers come later need not wake it.
+        self._next: datetime | None = None
         # Fired after every commit that changed runs, so watchers look at once.
         self.committed = Pulse()
         self._task: asyncio.Task[None] | None = None
@@ -201,6 +204,13 @@ class Runner:
         self._wakeup.set()
         self.committed.fire()
 
+    def committed_timer(self, at: datetime | None) -> None:
+        """Runs were committed whose earliest timer is `at` (None: they need nothing from the
+        runner): wake the loop only if it would otherwise look later than that."""
+        self.committed.fire()
+        if at is not None and (self._next is None or at < self._next):
+            self._wakeup.set()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="conveyor-runner")
@@ -215,6 +225,7 @@ class Runner:
     async def _loop(self) -> None:
         while True:
             self._wakeup.clear()
+            self._next = None
             try:
                 await self.run_until_idle()
                 async with self.store.read() as repo:
@@ -229,6 +240,6 @@ class Runner:
                 # A due run another replica holds locked is still "due" here: a small floor keeps
                 # the loop from spinning on it until that replica commits.
                 wait = max(_MIN_WAIT_SECONDS, min(wait, (nxt - self.clock.now()).total_seconds()))
+            self._next = self.clock.now() + timedelta(seconds=wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
-

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 # Batches that would plan more steps than this are built in a thread rather than on the loop.
 _PLAN_ON_LOOP_STEPS = 2000
+# Workflows remembered between batches (each checked against its current version on write).
+_KNOWN_WORKFLOWS = 256
+# (caller's project scope, project of names, workflow id or name): how a request names one.
+_WfKey = tuple[str | None, str, str]
 # (project, workflow id, key): what an idempotency record is keyed by.
 IdemKey = tuple[str, str, str]
 
@@ -84,6 +89,8 @@ class Triggers:
         self.ttl = timedelta(seconds=idempotency_ttl)
         self.limits = limits or Limits()
         self._queue: list[_Pending] = []
+        # Workflows recently triggered, so a batch needs no read transaction to find them.
+        self._known: OrderedDict[_WfKey, WorkflowRecord] = OrderedDict()
         self._drain_task: asyncio.Task[None] | None = None
 
     async def trigger(self, req: TriggerRequest, caller: Caller) -> RunRecord:
@@ -116,39 +123,40 @@ class Triggers:
         while self._queue:
             batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
             try:
-                await self._flush(batch)
+                self.runner.committed_timer(await self._flush(batch))
+                continue
+            except DuplicateKey:
+                # Another replica recorded one of the keys between our lookup and our insert;
+                # the transaction rolled back. One by one, each request now sees that record.
+                pass
             except Exception as e:
                 if len(batch) == 1:
                     _fail(batch[0], e)
                     continue
-                # The batch's transaction rolled back: another replica recorded one of its keys
-                # first (DuplicateKey), or the database refused one request's rows. One by one,
-                # each request now sees that record, and a refused request fails alone.
-                if not isinstance(e, DuplicateKey):
-                    log.exception("trigger batch of %d failed; writing its requests one by one", len(batch))
-                for item in batch:
-                    if item.future.done():
-                        continue
-                    try:
-                        await self._flush([item])
-                    except Exception as one:
-                        _fail(item, one)
-            self.runner.notify()
+                # The database refused the batch: one by one, the refused request fails alone.
+                log.exception("trigger batch of %d failed; writing its requests one by one", len(batch))
+            for item in batch:
+                if item.future.done():
+                    continue
+                try:
+                    self.runner.committed_timer(await self._flush([item]))
+                except Exception as one:
+                    _fail(item, one)
 
-    async def _flush(self, items: list[_Pending]) -> None:
+    async def _flush(self, items: list[_Pending]) -> datetime | None:
+        """Write the runs of these requests and answer them; returns the earliest wake_at of
+        the runs written (when the runner must look at one of them)."""
+        try:
+            return await self._write(items)
+        except _Stale:
+            return await self._write(items)  # now built from workflows read afresh
+
+    async def _write(self, items: list[_Pending]) -> datetime | None:
         now = self.clock.now()
         # Everything that needs no lock happens before the write transaction: finding the
-        # workflows, checking payloads and building (and planning) each new run.
-        async with self.store.read() as repo:
-            workflows: dict[tuple[str, str], WorkflowRecord | ConveyorError] = {}
-            for item in items:
-                key = (name_scope(item.req.project_id, item.caller), item.req.workflow_id)
-                if key not in workflows:
-                    try:
-                        workflows[key] = await repo.find_workflow(item.req.workflow_id, item.caller.project,
-                                                                  key[0])
-                    except ConveyorError as e:
-                        workflows[key] = e
+        # workflows (remembered from earlier batches), checking payloads, building and planning
+        # each new run. The write transaction then only checks that no workflow changed since.
+        workflows = await self._workflows_of(items)
         steps = sum(len(w.spec.steps) for w in workflows.values() if isinstance(w, WorkflowRecord))
         if steps * len(items) > _PLAN_ON_LOOP_STEPS:
             # Building and planning big runs takes a while: in a thread, so the event loop keeps
@@ -163,8 +171,15 @@ class Triggers:
             else:
                 _fail(item, problem)
         if not live:
-            return
+            return None
         async with self.store.write() as repo:
+            used = {i.new.run.workflow_id: i.new.run.workflow_version_id for i in live if i.new is not None}
+            current = await repo.current_versions(used)
+            if any(current.get(wf) != (version, False) for wf, version in used.items()):
+                # Updated or archived since it was remembered (maybe by another replica): forget
+                # it and build this batch again from what the database says now.
+                self._known.clear()
+                raise _Stale()
             keys = [i.key for i in live if i.key is not None]
             hits = await repo.idempotency_lookup(keys, now) if keys else {}
             answers: dict[int, RunRecord | str] = {}
@@ -189,14 +204,37 @@ class Triggers:
             answer = answers.get(id(item))
             if answer is not None and not item.future.done():
                 item.future.set_result(found_runs[answer] if isinstance(answer, str) else answer)
+        return min((i.new.run.wake_at for i in written if i.new and i.new.run.wake_at), default=None)
 
-    def _prepare_all(self, items: list[_Pending],
-                     workflows: dict[tuple[str, str], WorkflowRecord | ConveyorError],
+    async def _workflows_of(self, items: list[_Pending]) -> dict[_WfKey, WorkflowRecord | ConveyorError]:
+        """The workflow each request names, by (caller scope, project, id or name)."""
+        found: dict[_WfKey, WorkflowRecord | ConveyorError] = {}
+        missing = []
+        for item in items:
+            key = _wf_key(item)
+            if key in self._known:
+                self._known.move_to_end(key)
+                found[key] = self._known[key]
+            elif key not in missing:
+                missing.append(key)
+        if missing:
+            async with self.store.read() as repo:
+                for key in missing:
+                    try:
+                        wf = await repo.find_workflow(key[2], key[0], key[1])
+                        found[key] = self._known[key] = wf
+                    except ConveyorError as e:
+                        found[key] = e  # not remembered: it may exist by the next request
+            while len(self._known) > _KNOWN_WORKFLOWS:
+                self._known.popitem(last=False)
+        return found
+
+    def _prepare_all(self, items: list[_Pending], workflows: dict[_WfKey, WorkflowRecord | ConveyorError],
                      now: datetime) -> list[ConveyorError | None]:
         """Build each request's run; returns, per request, why it cannot have one (or None)."""
         problems: list[ConveyorError | None] = []
         for item in items:
-            found = workflows[(name_scope(item.req.project_id, item.caller), item.req.workflow_id)]
+            found = workflows[_wf_key(item)]
             try:
                 if isinstance(found, ConveyorError):
                     raise found
@@ -247,6 +285,14 @@ class Triggers:
         if stored_hash != item.request_hash:
             return key_reused(item.key[2])
         return run_id
+
+
+class _Stale(Exception):
+    """A remembered workflow changed before the batch was written: build it again."""
+
+
+def _wf_key(item: _Pending) -> _WfKey:
+    return (item.caller.project, name_scope(item.req.project_id, item.caller), item.req.workflow_id)
 
 
 def _fail(item: _Pending, error: Exception) -> None:

@@ -268,6 +268,13 @@ class Repository:
             select(ver_t.c.id, ver_t.c.spec).where(ver_t.c.id.in_(set(version_ids))))
         return {r.id: WorkflowSpec.from_dict(r.spec) for r in rows}
 
+    async def current_versions(self, workflow_ids: Iterable[str]) -> dict[str, tuple[str, bool]]:
+        """Each workflow's current version id and whether it is archived."""
+        rows = await self.conn.execute(
+            select(wf_t.c.id, wf_t.c.current_version_id, wf_t.c.archived_at)
+            .where(wf_t.c.id.in_(sorted(set(workflow_ids)))))
+        return {r.id: (r.current_version_id, r.archived_at is not None) for r in rows}
+
     async def workflow_limits(self, workflow_ids: Iterable[str], lock: bool = False) -> dict[str, int]:
         """max_concurrent_runs per workflow; `lock` holds the workflow rows so that replicas
         hand out a capped workflow's run slots one at a time."""
