@@ -487,12 +487,21 @@ class EngineMachine(RuleBasedStateMachine):
         note(f"{what} on {run_id}: ok -> {result!r}")
         assert expect is True or expect is None, f"{what} should have been refused (expected {expect!r})"
         after = self.read()
+        self._operator_restarted(before[run_id], after[run_id])
         old = before[run_id].events
         new = after[run_id].events[len(old):]
         assert any(ev.actor == ME.name for ev in new), \
             f"{what} must be recorded as an event by its caller; new: {[(e.type, e.actor) for e in new]}"
         self.snap = after
         return True, result
+
+    def _operator_restarted(self, before: View, after: View) -> None:
+        """Steps an operation sent back to pending or queued (a retry, a replay, or a reopened run
+        resetting the steps its end canceled) get a fresh attempt budget."""
+        was = {s.step_ref: s.status for s in before.steps}
+        for s in after.steps:
+            if s.status in (S.PENDING, S.QUEUED) and was.get(s.step_ref) != s.status:
+                self.models[after.run.id].attempt_base[s.step_ref] = s.attempt
 
     def _view(self, run_id: str) -> View:
         return self.snap[run_id]
@@ -535,7 +544,8 @@ class EngineMachine(RuleBasedStateMachine):
                                old.run.status in (R.FAILED, R.TIMED_OUT, R.CANCELED))
         if not ok:
             return multiple()
-        assert new.id != run and new.retry_of_run_id == run and new.status == R.PENDING
+        # The new run may already have advanced in its own creating transaction.
+        assert new.id != run and new.retry_of_run_id == run
         copied = {s.step_ref: s for s in self.snap[new.id].steps}
         assert set(copied) == set(self._wf(run).refs()), "the new run has every step of its version"
         initial: dict[str, StepStatus] = {}
@@ -544,11 +554,10 @@ class EngineMachine(RuleBasedStateMachine):
             s = old.step(ref)  # None when the old run never had steps (its conditions were not met)
             if s is not None and s.status == S.COMPLETED:
                 assert c.status == S.COMPLETED and c.output == s.output, "completed steps are copied"
-                base[ref] = s.attempt
+                initial[ref], base[ref] = S.COMPLETED, s.attempt
             else:
-                assert c.status == S.PENDING, "steps that did not complete run again"
-                base[ref] = 0
-            initial[ref] = c.status
+                # Runs again: born pending (its events, checked by the invariants, tell the rest).
+                initial[ref], base[ref] = S.PENDING, 0
         self.models[new.id] = RunModel(new.id, self.models[run].workflow, initial, base)
         return new.id
 
@@ -655,10 +664,6 @@ class EngineMachine(RuleBasedStateMachine):
             now = self.snap[run].step(ref)
             assert now is not None and now.status == S.QUEUED
             self._reopened_ok(run, was)
-            for r in self._wf(run).descendants(ref):
-                s = self.snap[run].step(r)
-                assert s is not None
-                self.models[run].attempt_base[r] = s.attempt
 
     @rule(run=runs, index=st.integers(0, 5))
     def replay_subtree(self, run: str, index: int) -> None:
@@ -673,7 +678,6 @@ class EngineMachine(RuleBasedStateMachine):
             for r in subtree:
                 s = self.snap[run].step(r)
                 assert s is not None and s.status == S.PENDING
-                self.models[run].attempt_base[r] = s.attempt
             self._reopened_ok(run, was)
 
     # -- invariants -----------------------------------------------------------------------------
