@@ -1,10 +1,15 @@
-"""CEL bounds: no input within the length limit makes one compile or evaluation cost more than
-~100 ms of CPU or build an oversized value; every refusal is a clean ExpressionError."""
+"""CEL bounds: every adversarial expression a client can write within the length limit is stopped
+by a bound (parse depth, evaluation cost, value size) with a clean ExpressionError, or is allowed
+and provably metered within the cost budget.
+
+These tests check behaviour only. How much CPU a compile or an evaluation actually takes (the
+~100 ms target the cost units are calibrated to) is measured by `bench/cel.py`, which runs these
+same cases (`HOSTILE`, `BIG`) and prints the CPU of each next to the target: timed assertions
+fail at random on a loaded machine.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,11 +24,7 @@ from conveyor.domain.expressions import (
 )
 from conveyor.domain.limits import Limits
 
-# CPU time, so that other processes on a shared machine do not make a bound look broken. The
-# target is ~100 ms; the measured worst case is ~80 ms (README "CEL"), so 150 leaves headroom
-# for slower machines without letting an unbounded case (seconds) through.
-CPU_BUDGET_S = 0.150
-
+LIMITS = Limits()
 FORTY = ",".join(str(i) for i in range(40))
 
 # At the size limits a client can reach: a 256 KB payload, and many steps with outputs.
@@ -34,70 +35,100 @@ BIG: dict[str, Any] = {
     "run": {"id": "run-1"},
 }
 
+# What stops each case (the end of its ExpressionError), or ALLOWED: it runs within the budget.
+DEPTH = "nested too deeply (too many parentheses, brackets or chained operators)"
+COST = f"exceeded its cost limit ({LIMITS.max_expression_cost} units)"
+SIZE = f"built a value larger than {LIMITS.max_output_bytes} bytes"
+ALLOWED = ""
 
-def _cpu(call: Callable[[], Any], *, fresh: bool = True) -> tuple[float, Any]:
-    """CPU seconds `call` took, and what it returned or raised (`fresh`: nothing compiled yet)."""
-    if fresh:
-        expressions._program.cache_clear()
-    start = time.process_time()
-    try:
-        outcome: Any = call()
-    except ExpressionError as exc:
-        outcome = exc
-    return time.process_time() - start, outcome
-
-
-# Each refused or bounded at compile time (length, depth) or while evaluating (cost, size).
-HOSTILE = {
-    "nested parentheses": "(" * 999 + "1" + ")" * 999,
-    "nested lists": "[" * 999 + "]" * 999,
-    "long + chain": "+".join(["1"] * 1000),
-    "unary chain": "-" * 1999 + "1",
-    "member chain": "payload" + ".a" * 996,
-    "huge list literal": "[" + ",".join(["1"] * 999) + "]",
-    "nested map 40^3": f"[{FORTY}].map(x, [{FORTY}].map(y, [{FORTY}].map(z, x*y*z)))",
-    "nested map over data": "payload.items.map(x, payload.items.map(y, x + y))",
-    "all inside all": "payload.ints.all(x, payload.ints.all(y, x != -1))",
-    "map over map keys": "payload.obj.map(k, payload.obj.map(j, k + j))",
-    "string growth in map": "payload.ints.map(x, payload.text + payload.text).size()",
-    "string concat chain": "+".join(["payload.text"] * 150),
-    "list concat": " + ".join(["payload.items"] * 5),
-    "deep equality in map": "payload.ints.map(x, payload.items == payload.items)",
-    "in over big list in map": "payload.ints.map(x, 1.5 in payload.items)",
-    "one big value many times": "payload.ints.map(x, payload.text)",
-    "string() copies in map": "payload.ints.map(x, string(payload.text))",
+# Each refused at compile time (depth) or while evaluating over BIG (cost, size), or allowed.
+HOSTILE: dict[str, tuple[str, str]] = {
+    "nested parentheses": ("(" * 999 + "1" + ")" * 999, DEPTH),
+    "nested lists": ("[" * 999 + "]" * 999, DEPTH),
+    "long + chain": ("+".join(["1"] * 1000), DEPTH),
+    "unary chain": ("-" * 1999 + "1", DEPTH),
+    "member chain": ("payload" + ".a" * 996, DEPTH),
+    "huge list literal": ("[" + ",".join(["1"] * 999) + "]", ALLOWED),
+    "nested map 40^3": (f"[{FORTY}].map(x, [{FORTY}].map(y, [{FORTY}].map(z, x*y*z)))", COST),
+    "nested map over data": ("payload.items.map(x, payload.items.map(y, x + y))", COST),
+    "all inside all": ("payload.ints.all(x, payload.ints.all(y, x != -1))", COST),
+    "map over map keys": ("payload.obj.map(k, payload.obj.map(j, k + j))", COST),
+    "string growth in map": ("payload.ints.map(x, payload.text + payload.text).size()", SIZE),
+    "string concat chain": ("+".join(["payload.text"] * 150), DEPTH),
+    "list concat": (" + ".join(["payload.items"] * 5), COST),
+    "deep equality in map": ("payload.ints.map(x, payload.items == payload.items)", COST),
+    "in over big list in map": ("payload.ints.map(x, 1.5 in payload.items)", COST),
+    "one big value many times": ("payload.ints.map(x, payload.text)", COST),
+    "string() copies in map": ("payload.ints.map(x, string(payload.text))", COST),
     "timestamp parsing in map":
-        "payload.ints.map(x, timestamp('2024-01-01T00:00:00Z') + duration('1h'))",
-    "catastrophic regex": "payload.text.matches('(x+x+)+y')",
-    "regex in map": "payload.ints.map(x, payload.text.matches('(x+x+)+y'))",
-    "whole payload": "size(payload) > 0",
-    "whole steps": "size(steps) > 0",
+        ("payload.ints.map(x, timestamp('2024-01-01T00:00:00Z') + duration('1h'))", COST),
+    "catastrophic regex": ("payload.text.matches('(x+x+)+y')", ALLOWED),
+    "regex in map": ("payload.ints.map(x, payload.text.matches('(x+x+)+y'))", COST),
+    "whole payload": ("size(payload) > 0", ALLOWED),
+    "whole steps": ("size(steps) > 0", ALLOWED),
 }
+REFUSED = {name: case for name, case in HOSTILE.items() if case[1] != ALLOWED}
+RUNS = {name: case[0] for name, case in HOSTILE.items() if case[1] == ALLOWED}
+# Far below what any allowed case costs over BIG (the cheapest, the regex over a 200 KB string,
+# is charged ~3,400 units for its operand): an unmetered evaluation would pass under it.
+SMALL_BUDGET = Limits(max_expression_cost=1_000)
+# The 100,000-term expression of issue 5 that froze the server for 12 s.
+HUNDRED_THOUSAND_TERMS = "+".join(["1"] * 100_000)
 
 
-@pytest.mark.parametrize("expr", list(HOSTILE.values()), ids=list(HOSTILE))
-def test_no_compile_or_evaluation_exceeds_its_cpu_budget(expr: str) -> None:
-    assert len(expr) <= Limits().max_expression_length
-    compile_seconds, _ = _cpu(lambda: compile_expression(expr))
-    # As at run time: the definition was compiled when it was stored.
-    evaluate_seconds, outcome = _cpu(lambda: evaluate(expr, BIG), fresh=False)
-    assert compile_seconds < CPU_BUDGET_S
-    assert evaluate_seconds < CPU_BUDGET_S
-    if isinstance(outcome, ExpressionError):
-        assert "Traceback" not in str(outcome) and "celpy" not in str(outcome)
+def test_every_hostile_case_fits_the_length_limit() -> None:
+    # So it is the depth, cost or size bound that stops each one, not the length check.
+    for expr, _ in HOSTILE.values():
+        assert len(expr) <= LIMITS.max_expression_length
 
 
-def test_the_issue_cases_are_refused_quickly() -> None:
-    # The 100,000-term expression that froze the server for 12 s.
-    seconds, outcome = _cpu(lambda: evaluate("+".join(["1"] * 100_000), {}))
-    assert isinstance(outcome, ExpressionError)
-    assert "longer than 2000 characters" in str(outcome)
-    assert seconds < 0.01
-    # The nested map over 40 items that froze it for 9 s.
-    seconds, outcome = _cpu(lambda: evaluate(HOSTILE["nested map 40^3"], {}))
-    assert isinstance(outcome, ExpressionError)
-    assert str(outcome).endswith("exceeded its cost limit (100000 units)")
-    assert seconds < CPU_BUDGET_S
+@pytest.mark.parametrize(("expr", "bound"), list(REFUSED.values()), ids=list(REFUSED))
+def test_each_refused_case_is_stopped_by_its_bound(expr: str, bound: str) -> None:
+    if bound == DEPTH:
+        with pytest.raises(ExpressionError) as at_compile:
+            compile_expression(expr)
+        assert str(at_compile.value).endswith(bound)
+    else:
+        compile_expression(expr)  # valid CEL: only evaluating it costs too much
+    with pytest.raises(ExpressionError) as caught:
+        evaluate(expr, BIG)
+    message = str(caught.value)
+    assert message.endswith(bound), message
+    assert "Traceback" not in message and "celpy" not in message
+
+
+@pytest.mark.parametrize("expr", list(RUNS.values()), ids=list(RUNS))
+def test_each_allowed_case_runs_within_the_default_cost_budget_and_is_metered(expr: str) -> None:
+    # Within the default budget (<= max_expression_cost units) ...
+    compile_expression(expr)
+    evaluate(expr, BIG)
+    # ... and charged for its work: the same evaluation is refused on a small budget.
+    with pytest.raises(ExpressionError) as caught:
+        evaluate(expr, BIG, limits=SMALL_BUDGET)
+    assert str(caught.value).endswith(f"exceeded its cost limit ({SMALL_BUDGET.max_expression_cost} units)")
+
+
+def test_the_issue_cases_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The 100,000-term expression: refused by its length before the parser sees it (parsing is
+    # what cost 12 s of CPU and ~1 GB).
+    expressions._program.cache_clear()
+    parsed: list[str] = []
+    real_compile = expressions._ENV.compile
+
+    def compile_spy(text: str) -> Any:
+        parsed.append(text)
+        return real_compile(text)
+
+    monkeypatch.setattr(expressions._ENV, "compile", compile_spy)
+    with pytest.raises(ExpressionError, match="longer than 2000 characters"):
+        evaluate(HUNDRED_THOUSAND_TERMS, {})
+    with pytest.raises(ExpressionError, match="longer than 2000 characters"):
+        compile_expression(HUNDRED_THOUSAND_TERMS)
+    assert parsed == []
+    # The nested map over 40 items that froze it for 9 s: 64,000 iterations, refused by cost.
+    with pytest.raises(ExpressionError) as caught:
+        evaluate(HOSTILE["nested map 40^3"][0], {})
+    assert str(caught.value).endswith(COST)
 
 
 def test_length_is_checked_before_parsing() -> None:
@@ -147,12 +178,14 @@ def test_one_render_shares_one_budget() -> None:
         render({f"k{i}": one["a"] for i in range(5)}, ctx, limits=cost)
 
 
-def test_catastrophic_regex_is_linear() -> None:
-    # RE2 semantics: no backtracking, whatever the pattern.
+def test_matches_uses_re2() -> None:
+    # RE2 semantics: linear time, no backtracking, whatever the pattern. A backtracking engine
+    # (Python's `re`) would accept a lookahead; RE2 refuses it.
     ctx = {"payload": {"s": "a" * 5_000 + "!"}}
-    seconds, outcome = _cpu(lambda: evaluate("payload.s.matches('^(a+)+$')", ctx))
-    assert outcome is False
-    assert seconds < 0.05
+    assert evaluate("payload.s.matches('^(a+)+$')", ctx) is False
+    assert evaluate("'ab'.matches('^a(b|c)$')", {}) is True
+    with pytest.raises(ExpressionError, match="evaluation failed"):
+        evaluate("'ab'.matches('a(?=b)')", {})
     with pytest.raises(ExpressionError, match=r"evaluation failed|invalid"):
         evaluate("'abc'.matches('(')", {})
 
