@@ -965,15 +965,12 @@ async def test_replay_subtree_of_pending_steps_is_recorded(engine: Engine) -> No
     assert any(e.actor == ME.name for e in new), new
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: an in-engine attempt that fails into a retry "
-                   "records step.queued after step.queued, a transition the state table does not allow")
 async def test_retried_in_engine_attempts_record_legal_transitions(engine: Engine,
                                                                   clock: ManualClock) -> None:
     """Found by the model: since an in-engine attempt started and stopped in one transaction
     records only where it ended, a failed attempt with retries left goes queued -> queued in the
     history (and the next one queued -> failed). Invariant: consecutive statuses in the events
-    are legal per `can_step`. Either record the attempt's `running`, or make the table say
-    that a retried attempt may go queued -> queued."""
+    are legal per `can_step`."""
     await engine.workflows.create({"name": "w", "steps": [
         {"ref": "c", "kind": "condition", "config": {"expression": "payload.missing > 1"},
          "retry": {"max_attempts": 3, "initial_interval_seconds": 1}}]}, ME)
