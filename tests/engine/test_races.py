@@ -26,7 +26,7 @@ import asyncio
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -419,3 +419,163 @@ async def test_capped_runs_that_finish_in_one_pass_hand_on_their_slot(pair: Pair
     out.check()
     runs, _, _ = await check_consistent(p.db)
     assert Counter(r.status for r in runs.values()) == {RunStatus.COMPLETED: len(ids)}, rounds
+
+
+# -- 2. operator operations against runner passes ---------------------------------------------
+
+OPS_WORKFLOWS: list[dict[str, Any]] = [
+    {"name": "ops", "max_parallel_steps": 2, "steps": [
+        {"ref": "gate", "kind": "approval"}, noop("n1", "gate"), delay("d", 2, "n1"), noop("n2", "d"),
+        {"ref": "side", "kind": "task", "queue": "q"}, delay("short", 1)]},
+    {"name": "ops_capped", "max_concurrent_runs": 2, "steps": [
+        delay("d", 1), {"ref": "gate", "kind": "approval", "depends_on": ["d"]}, noop("n1", "gate")]},
+    # Triggered without `go`, its `when` cannot be evaluated: the step fails, and so does the run.
+    {"name": "ops_fail", "steps": [noop("a"), {**noop("b", "a"), "when": "payload.go == true"},
+                                   delay("c", 1, "b")]},
+]
+STEP_REFS = ["gate", "n1", "d", "n2", "side", "short", "a", "b", "c"]
+
+
+def _operation(eng: Engine, rnd: random.Random, run_ids: list[str]) -> tuple[str, Awaitable[Any]]:
+    """One random operator operation on a random run (or a few, for bulk operations)."""
+    run_id = rnd.choice(run_ids)
+    ref = rnd.choice(STEP_REFS)
+    ops: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("cancel", lambda: eng.runs.cancel(run_id, ME)),
+        ("pause", lambda: eng.runs.pause(run_id, ME)),
+        ("resume", lambda: eng.runs.resume(run_id, ME)),
+        ("resume", lambda: eng.runs.resume(run_id, ME)),
+        ("retry run", lambda: eng.runs.retry(run_id, ME)),
+        ("approve", lambda: eng.steps.approve(run_id, "gate", "ok", ME)),
+        ("approve", lambda: eng.steps.approve(run_id, "gate", "ok", ME)),
+        ("skip", lambda: eng.steps.skip(run_id, ref, "", ME)),
+        ("force-complete", lambda: eng.steps.force_complete(run_id, ref, {"forced": True}, ME)),
+        ("retry step", lambda: eng.steps.retry(run_id, ref, ME)),
+        ("replay subtree", lambda: eng.steps.replay_subtree(run_id, ref, ME)),
+        ("bulk cancel", lambda: eng.runs.bulk_cancel(rnd.sample(run_ids, 4), ME)),
+        ("bulk replay", lambda: eng.runs.bulk_replay(rnd.sample(run_ids, 4), ME)),
+    ]
+    label, make = rnd.choice(ops)
+    return label, make()
+
+
+async def test_operator_operations_race_runner_passes(pair: Pair) -> None:
+    p, out = pair, Outcomes()
+    await _create(p, OPS_WORKFLOWS)
+    ids = await _trigger_many(p, out, ["ops"] * 20 + ["ops_capped"] * 12 + ["ops_fail"] * 8)
+    assert len(ids) == 40
+    rnd = random.Random(int(os.environ.get("RACE_SEED", "11")))
+    for _ in range(25):
+        calls = [_operation(p.b, rnd, ids) for _ in range(12)]
+        await asyncio.gather(
+            out.call("tick A", p.a.tick(), NO_ERROR),
+            *(out.call(label, aw, OPERATION_ERRORS) for label, aw in calls))
+        p.clock.advance(1)
+    # Quiet: both runners finish whatever the operations left due.
+    for _ in range(5):
+        await _ticks(out, p.a, p.b)
+        p.clock.advance(1)
+    out.check()
+    await check_consistent(p.db)
+    print("OPS", out.ok, out.clean)
+    # The race exercised both outcomes of most operations.
+    assert sum(out.ok.values()) - out.ok["tick A"] - out.ok["tick B"] > 60, out.ok
+    assert sum(out.clean.values()) > 30, out.clean
+
+
+# -- 3. trigger batches against trigger batches, and against runner passes ------------------------
+
+async def _runs_by_key(db: Database) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    async with db.read() as conn:
+        for r in await conn.execute(select(runs_t.c.idempotency_key, runs_t.c.id, runs_t.c.payload)):
+            out[r.idempotency_key].append((r.id, r.payload))
+    return out
+
+
+ROUNDS, KEYS = 12, 20
+
+
+async def test_concurrent_duplicate_triggers_make_one_run_per_key(pair: Pair) -> None:
+    """Each key is sent by both engines at once (once by workflow name, once by id, same body),
+    some keys also with another body: one run per key; every answer with the winning body is
+    that run, every other answer is ALREADY_EXISTS / IDEMPOTENCY_KEY_REUSED."""
+    p, out = pair, Outcomes()
+    wf = await p.a.workflows.create({"name": "idem", "steps": [{"ref": "g", "kind": "approval"}]}, ME)
+    sent: list[tuple[str, int]] = []
+    answers: list[Any] = []
+    rnd = random.Random(3)
+    for round_ in range(ROUNDS):
+        calls: list[tuple[str, int, Awaitable[Any]]] = []
+        for i in range(KEYS):
+            key = f"k{round_}-{i}"
+            calls.append((key, 0, p.a.runs.trigger(
+                TriggerRequest(workflow_id="idem", idempotency_key=key, payload={"v": 0}), ME)))
+            calls.append((key, 0, p.b.runs.trigger(
+                TriggerRequest(workflow_id=wf.id, idempotency_key=key, payload={"v": 0}), ME)))
+            if i % 4 == 0:
+                calls.append((key, 1, p.b.runs.trigger(
+                    TriggerRequest(workflow_id="idem", idempotency_key=key, payload={"v": 1}), ME)))
+        rnd.shuffle(calls)
+        sent += [(key, body) for key, body, _ in calls]
+        answers += await asyncio.gather(*(out.call(f"trigger {body}", aw, {ErrorKind.ALREADY_EXISTS})
+                                          for _, body, aw in calls))
+    out.check()
+    stored = await _runs_by_key(p.db)
+    assert sum(len(v) for v in stored.values()) == ROUNDS * KEYS
+    for (key, body), answer in zip(sent, answers, strict=True):
+        assert len(stored[key]) == 1, f"{key}: {len(stored[key])} runs"
+        (run_id, payload), = stored[key]
+        if payload == {"v": body}:
+            assert answer is not None and answer.id == run_id, f"{key}: answered {answer} {out.clean}"
+        else:
+            assert answer is None, f"{key} body {body}: answered {answer.id}, stored {payload}"
+    reused = sum(n for (label, kind, reason), n in out.clean.items() if reason == "IDEMPOTENCY_KEY_REUSED")
+    assert reused == sum(1 for *_, a in zip(sent, answers, strict=True) if a is None)
+    assert {reason for (_, _, reason) in out.clean} <= {"IDEMPOTENCY_KEY_REUSED"}
+    await check_consistent(p.db)
+
+
+async def test_triggers_of_capped_workflows_race_runner_passes(pair: Pair) -> None:
+    """Engine A triggers waves of runs of capped workflows while engine B's runner passes start
+    them: the caps hold, slots go to the oldest pending run first, and every run completes."""
+    p, out = pair, Outcomes()
+    await _create(p, [
+        {"name": "cap_one", "max_concurrent_runs": 1, "steps": [noop("a"), delay("d", 1, "a")]},
+        {"name": "cap_three", "max_concurrent_runs": 3, "steps": [delay("d", 1), noop("b", "d")]},
+        {"name": "free", "steps": [noop("a"), delay("d", 1, "a"), noop("b", "d")]},
+    ])
+    names = ["cap_one", "cap_three", "cap_three", "free"]
+    for wave in range(6):
+        await asyncio.gather(
+            _trigger_many(p, out, [names[i % 4] for i in range(wave, wave + 24)]),
+            out.call("tick B", p.b.tick(), NO_ERROR))
+        p.clock.advance(1)
+    for _ in range(80):
+        await out.call("tick B", p.b.tick(), NO_ERROR)
+        if not await _unfinished(p.db):
+            break
+        p.clock.advance(1)
+    out.check()
+    runs, _, _ = await check_consistent(p.db)
+    assert len(runs) == 144 and {r.status for r in runs.values()} == {RunStatus.COMPLETED}
+    # FIFO: a run created earlier never starts after one created later. (Runs created at the same
+    # instant by the two engines' batches are not ordered: one batch may commit after the other's
+    # runs started.)
+    for name in ("cap_one", "cap_three"):
+        started: dict[datetime, list[datetime]] = defaultdict(list)
+        for r in runs.values():
+            if r.workflow_name == name:
+                assert r.started_at is not None
+                started[r.created_at].append(r.started_at)
+        latest_earlier: datetime | None = None
+        for created in sorted(started):
+            if latest_earlier is not None:
+                assert min(started[created]) >= latest_earlier, f"{name}: a run created {created} started early"
+            latest_earlier = max(started[created] + ([latest_earlier] if latest_earlier else []))
+
+
+async def _unfinished(db: Database) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.count()).select_from(runs_t).where(
+            runs_t.c.status.not_in([str(s) for s in FINAL_RUN])))).scalar_one())
