@@ -343,6 +343,8 @@ def hostile_classes(h: Hostile) -> list[tuple[str, list[Request], bool]]:
     # ~10 MB of protobuf as a million small numbers: far costlier to decode than one string.
     million = runs_pb.TriggerWorkflowRunRequest(workflow_id=TARGET_WORKFLOW)
     million.payload.get_or_create_list("l").extend([1.0] * 1_000_000)
+    numbers = ('{"payload": {"l": [' + ",".join(["1"] * 1_900_000) + "]}}").encode()
+    result_numbers = ('{"result": {"l": [' + ",".join(["1"] * 1_900_000) + "]}}").encode()
     big_string = grpc_trigger(TARGET_WORKFLOW, payload={"x": ten_mb})
     raw_trigger = runs_pb.TriggerWorkflowRunRequest(workflow_id=TARGET_WORKFLOW).SerializeToString()
     trigger_method = "/conveyor.v1.WorkflowRunsService/TriggerWorkflowRun"
@@ -461,8 +463,17 @@ def hostile_classes(h: Hostile) -> list[tuple[str, list[Request], bool]]:
             True,
         ),
         (
-            "~11 MB gRPC payload of 1,000,000 numbers",
-            [Request("gRPC trigger 1,000,000 numbers", h.unary(runs.TriggerWorkflowRun, million))],
+            "1,000,000+ small numbers (under the size limits)",
+            [
+                Request("gRPC trigger 1,000,000 numbers (~11 MB)", h.unary(runs.TriggerWorkflowRun, million)),
+                # Under Envoy's 4 MiB: the server parses the trigger's raw body itself ...
+                Request("REST trigger 1,900,000 numbers (3.8 MB)", h.http("POST", trigger_path, raw=numbers)),
+                # ... and Envoy transcodes a force-complete's result into a Struct for gRPC.
+                Request(
+                    "REST force-complete 1,900,000 numbers (3.8 MB)",
+                    h.http("POST", "/v1/workflow-runs/nope/steps/gate/force-complete", raw=result_numbers),
+                ),
+            ],
             True,
         ),
         (
