@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/list.py
 	$(BIN)/python bench/list.py --db postgresql
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) .conveyor
