@@ -34,7 +34,8 @@ class App:
 
     async def start(self) -> None:
         await migrate(self.settings.db_url)
-        self.db = Database(self.settings.db_url)
+        self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
+                           pool_timeout=self.settings.db_pool_timeout_seconds)
         self.engine = Engine(SqlStore(self.db), self.settings)
         self.server, self.grpc_port = await build_server(self.engine, self.settings)
         await self.server.start()

@@ -37,6 +37,10 @@ class Settings:
     engine_idle_seconds: float = 1.0
     # Trigger group commit: most requests written in one transaction.
     trigger_batch_size: int = 256
+    # SQLite: how long a writer waits for another process's lock before DATABASE_UNAVAILABLE.
+    db_busy_timeout_ms: int = 5000
+    # How long a unit of work waits for a pooled connection before DATABASE_UNAVAILABLE.
+    db_pool_timeout_seconds: float = 30.0
     # Idempotency keys are kept this long (SPEC §3: 24 h).
     idempotency_ttl_seconds: int = 24 * 3600
     # Child workflow nesting cap (SPEC §3).

@@ -116,8 +116,8 @@ async def test_an_output_too_large_fails_the_step_and_reads_keep_working(databas
     limits = Limits(max_output_bytes=200)
     engine = Engine(SqlStore(database), Settings(db_url=database.url, limits=limits), clock)
     # Each template's value is within the limit; together they are not.
-    await engine.workflows.create(wf("big", [noop("a", output={"x": "{{ payload.x }}", "y": "{{ payload.y }}"})]),
-                                  ME)
+    output = {"x": "{{ payload.x }}", "y": "{{ payload.y }}"}
+    await engine.workflows.create(wf("big", [noop("a", output=output)]), ME)
     small = await trigger(engine, "big", payload={"x": "x" * 10, "y": "y"})
     large = await trigger(engine, "big", payload={"x": "x" * 150, "y": "y" * 150})
 
@@ -258,7 +258,8 @@ async def test_a_failed_report_is_retried_per_policy_unless_non_retryable(engine
 # -- creating runs ------------------------------------------------------------------------------
 
 async def test_a_five_step_noop_run_writes_one_event_per_visible_change(engine: Engine) -> None:
-    await engine.workflows.create(wf("five", [noop(f"s{i}", *([f"s{i-1}"] if i else [])) for i in range(5)]), ME)
+    chain = [noop(f"s{i}", *([f"s{i - 1}"] if i else [])) for i in range(5)]
+    await engine.workflows.create(wf("five", chain), ME)
     run_id = await trigger(engine, "five")
     assert [e.type for e in await events_of(engine, run_id)] == (
         ["run.running"] + ["step.completed"] * 5 + ["run.completed"])

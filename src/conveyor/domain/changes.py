@@ -54,7 +54,9 @@ class Changes:
         self.events: list[EventRecord] = []
         # The event of this unit each record's last status change wrote, while it may still be
         # replaced (see the module docstring); keyed by step id, "" for the run.
-        self._open_event: dict[str, EventRecord] = {}
+        self._open_event: dict[str, tuple[EventRecord, str | None]] = {}
+        # The run entered running in this unit (so it holds a concurrency slot now or held one).
+        self._started = False
         # Steps whose lease this unit revoked: their holders must be told.
         self.revoked: list[StepRecord] = []
 
@@ -68,8 +70,10 @@ class Changes:
 
     @property
     def left_running(self) -> bool:
-        """True when the run held a concurrency slot when loaded and no longer does."""
-        return self.run_loaded_status == RunStatus.RUNNING and self.run.status != RunStatus.RUNNING
+        """True when the run held a concurrency slot (when loaded, or by starting in this unit)
+        and no longer does."""
+        held = self.run_loaded_status == RunStatus.RUNNING or self._started
+        return held and self.run.status != RunStatus.RUNNING
 
     def touch_run(self) -> None:
         """Mark the run as changed without a status change (wake_at, output…)."""
@@ -101,7 +105,7 @@ class Changes:
     def opened(self, message: str = "", data: dict[str, Any] | None = None) -> None:
         """Record event 1 of a new run: it entered its first status."""
         status = self.run.status
-        self._record("", run_event_type(status), status, "", message or self.run.status_message, data,
+        self._record("", None, run_event_type(status), status, "", message or self.run.status_message, data,
                      status in _TRANSIENT_RUN)
 
     def run_to(self, status: RunStatus, message: str = "", data: dict[str, Any] | None = None) -> None:
@@ -119,9 +123,11 @@ class Changes:
         elif run.status in FINAL_RUN:
             run.finished_at = None
             run.error = ""
+        before = run.status
         run.status = status
         run.status_message = message
-        self._record("", run_event_type(status), status, "", message, data, status in _TRANSIENT_RUN)
+        self._started |= status == RunStatus.RUNNING
+        self._record("", before, run_event_type(status), status, "", message, data, status in _TRANSIENT_RUN)
 
     def step_to(self, step: StepRecord, status: StepStatus, message: str = "",
                 data: dict[str, Any] | None = None) -> None:
@@ -145,19 +151,23 @@ class Changes:
             step.lease_expires_at = None
             self.revoked.append(step)
         retry = status == StepStatus.QUEUED and bool(step.error)
+        before = step.status
         step.status = status
-        self._record(step.id, step_event_type(status), status, step.step_ref, message, data,
+        self._record(step.id, before, step_event_type(status), status, step.step_ref, message, data,
                      status in _TRANSIENT_STEP and not retry)
 
-    def _record(self, key: str, type_: str, status: str, step_ref: str, message: str,
+    def _record(self, key: str, before: str | None, type_: str, status: str, step_ref: str, message: str,
                 data: dict[str, Any] | None, transient: bool) -> None:
         """Write the event of a status change, or fold it into this unit's open event of the
-        same record when that one recorded a transient status."""
-        ev = self._open_event.pop(key, None)
-        if ev is not None:
+        same record when that one recorded a transient status, unless the fold would bring the
+        record back to where it stood before that event (an attempt that fails back into the
+        queue it started from is recorded, not folded away)."""
+        opened = self._open_event.pop(key, None)
+        if opened is not None and opened[1] != status:
+            ev, before = opened
             ev.type, ev.status, ev.message = type_, status, message
             ev.data = {**(ev.data or {}), **(data or {})} or None
         else:
             ev = self.event(type_, step_ref=step_ref, status=status, message=message, data=data)
         if transient:
-            self._open_event[key] = ev
+            self._open_event[key] = (ev, before)

@@ -83,7 +83,8 @@ class Runner:
             return []
         steps = await repo.steps_of([r.id for r in runs])
         specs = await self.specs(repo, {r.workflow_version_id for r in runs})
-        may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], now)
+        capped = await self._capped(repo, runs)
+        may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], capped, now)
         units: list[Changes] = []
         freed: dict[str, int] = {}
         for i, run in enumerate(runs):
@@ -110,20 +111,27 @@ class Runner:
         fail_unplannable(c, (await repo.steps_of([run_id]))[run_id], _SET_ASIDE_SECONDS)
         return c
 
-    async def _slots(self, repo: Repo, pending: list[RunRecord], now: datetime) -> set[str]:
+    async def _capped(self, repo: Repo, runs: Sequence[RunRecord]) -> dict[str, int]:
+        """max_concurrent_runs of the capped workflows among these runs, their rows locked: the
+        lock order is runs, then workflows (sorted), so replicas count, take and free a
+        workflow's slots one at a time and a pass that frees a slot is seen by the next."""
+        limits = await repo.workflow_limits({r.workflow_id for r in runs})
+        capped = {wf: n for wf, n in limits.items() if n > 0}
+        if capped:
+            await repo.workflow_limits(capped, lock=True)
+        return capped
+
+    async def _slots(self, repo: Repo, pending: list[RunRecord], capped: dict[str, int],
+                     now: datetime) -> set[str]:
         """Ids of the pending runs that may start now. A workflow with max_concurrent_runs
         hands its free slots to its oldest pending runs first (FIFO, SPEC §3)."""
-        if not pending:
-            return set()
-        # Locking the workflow rows makes replicas count and fill a workflow's slots one at a time.
-        limits = await repo.workflow_limits({r.workflow_id for r in pending}, lock=True)
-        capped = {wf for wf, n in limits.items() if n > 0}
         allowed = {r.id for r in pending if r.workflow_id not in capped}
-        if capped:
-            running = await repo.running_counts(capped)
+        waiting = {r.workflow_id for r in pending} & capped.keys()
+        if waiting:
+            running = await repo.running_counts(waiting)
             heads: list[str] = []
-            for wf in capped:
-                free = limits[wf] - running.get(wf, 0)
+            for wf in sorted(waiting):
+                free = capped[wf] - running.get(wf, 0)
                 if free > 0:
                     heads += await repo.oldest_pending(wf, free)
             allowed.update(heads)
@@ -230,9 +238,13 @@ class Runner:
                 await self.run_until_idle()
                 async with self.store.read() as repo:
                     nxt = await repo.next_wake()
+            except ConveyorError as e:
+                # The database is briefly unavailable (the store said so and logged why): try
+                # again after the idle wait; the work is still due in the database.
+                log.warning("runner: pass failed: %s", e)
+                nxt = None
             except Exception:
-                # A failing pass (database briefly unavailable…) must not kill the loop: log it
-                # and try again after the idle wait; the work is still due in the database.
+                # Anything else must not kill the loop either; its traceback goes to the log.
                 log.exception("runner: pass failed")
                 nxt = None
             wait = self.idle_seconds

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 # Batches that would plan more steps than this are built in a thread rather than on the loop.
 _PLAN_ON_LOOP_STEPS = 2000
+# Tries of a request written alone that keeps meeting another replica's record of its key.
+_DUPLICATE_RETRIES = 3
+# Expired idempotency records deleted per transaction by the purge (~ms of write lock each).
+_PURGE_BATCH = 1000
 # Workflows remembered between batches (each checked against its current version on write).
 _KNOWN_WORKFLOWS = 256
 # (caller's project scope, project of names, workflow id or name): how a request names one.
@@ -110,9 +114,15 @@ class Triggers:
         return run
 
     async def purge_expired(self) -> int:
-        """Delete idempotency records past their TTL; returns how many."""
-        async with self.store.write() as repo:
-            return await repo.purge_idempotency(self.clock.now())
+        """Delete idempotency records past their TTL, a bounded batch per transaction so the
+        writer is never held long; returns how many."""
+        total = 0
+        while True:
+            async with self.store.write() as repo:
+                n = await repo.purge_idempotency(self.clock.now(), _PURGE_BATCH)
+            total += n
+            if n < _PURGE_BATCH:
+                return total
 
     async def close(self) -> None:
         if self._drain_task is not None:
@@ -136,12 +146,23 @@ class Triggers:
                 # The database refused the batch: one by one, the refused request fails alone.
                 log.exception("trigger batch of %d failed; writing its requests one by one", len(batch))
             for item in batch:
-                if item.future.done():
-                    continue
-                try:
-                    self.runner.committed_timer(await self._flush([item]))
-                except Exception as one:
-                    _fail(item, one)
+                if not item.future.done():
+                    await self._flush_alone(item)
+
+    async def _flush_alone(self, item: _Pending) -> None:
+        """Write one request by itself. Meeting another replica's record of its key again means
+        that replica had not committed when we looked: look again, and it is there."""
+        for _ in range(_DUPLICATE_RETRIES):
+            try:
+                self.runner.committed_timer(await self._flush([item]))
+                return
+            except DuplicateKey:
+                continue
+            except Exception as e:
+                _fail(item, e)
+                return
+        _fail(item, ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
+                                  "the idempotency key kept being recorded concurrently; try again"))
 
     async def _flush(self, items: list[_Pending]) -> datetime | None:
         """Write the runs of these requests and answer them; returns the earliest wake_at of
@@ -182,13 +203,12 @@ class Triggers:
                 raise _Stale()
             keys = [i.key for i in live if i.key is not None]
             hits = await repo.idempotency_lookup(keys, now) if keys else {}
-            answers: dict[int, RunRecord | str] = {}
+            # Answers are given only once the transaction has committed: a batch that rolls
+            # back (DuplicateKey) is answered afresh, against the records that won.
+            answers: dict[int, RunRecord | str | ConveyorError] = {}
             written: list[_Pending] = []
             for item in live:
                 answer = self._idempotent(item, hits, written)
-                if isinstance(answer, ConveyorError):
-                    _fail(item, answer)
-                    continue
                 if answer is None:
                     written.append(item)
                     assert item.new is not None
@@ -201,8 +221,10 @@ class Triggers:
             originals = [a for a in answers.values() if isinstance(a, str)]
             found_runs = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
         for item in live:
-            answer = answers.get(id(item))
-            if answer is not None and not item.future.done():
+            answer = answers[id(item)]
+            if isinstance(answer, ConveyorError):
+                _fail(item, answer)
+            elif not item.future.done():
                 item.future.set_result(found_runs[answer] if isinstance(answer, str) else answer)
         return min((i.new.run.wake_at for i in written if i.new and i.new.run.wake_at), default=None)
 

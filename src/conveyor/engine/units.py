@@ -55,7 +55,9 @@ class RunUnits:
             run = await repo.get_run(run_id, caller.project, lock=True)
             steps = (await repo.steps_of([run.id]))[run.id]
             spec = (await self.runner.specs(repo, {run.workflow_version_id}))[run.workflow_version_id]
-            capped = (await repo.workflow_limits([run.workflow_id])).get(run.workflow_id, 0) > 0
+            # The workflow row is held (after the run's, the lock order everywhere) so that a
+            # slot this operation frees or takes is seen by the next pass that counts them.
+            capped = (await repo.workflow_limits([run.workflow_id], lock=True)).get(run.workflow_id, 0) > 0
             c = Changes(run, now, caller.name, capped)
             result = op(c, steps, spec)
             await repo.save([c])

@@ -12,7 +12,7 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -84,14 +84,18 @@ _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "erro
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
-# Expired idempotency records one purge_idempotency call deletes at most (~ms of write lock).
-PURGE_BATCH = 1000
+# The run columns in RunRecord's field order (its last field, fence, is no column): a row selected
+# as these is RunRecord's positional arguments, built without a lookup by name per column.
+_RUN_COLUMNS = [runs_t.c[k] for k in _RUN_FIELDS]
+# list_runs' statement before its filters, built once (a select coerces each column it is given).
+_LIST_RUNS = select(*_RUN_COLUMNS)
 
 
-def run_from_row(m: Any) -> RunRecord:
-    rec = RunRecord(**{k: m[k] for k in _RUN_FIELDS})
-    rec.status = RunStatus(rec.status)
-    rec.fence = RunFence(rec.status, rec.last_seq)
+def run_from_row(m: Any, positional: bool = False) -> RunRecord:
+    """A run from a row mapping of workflow_runs, or (`positional`) a row selected as `_RUN_COLUMNS`."""
+    rec = RunRecord(*m) if positional else RunRecord(**{k: m[k] for k in _RUN_FIELDS})
+    rec.status = status = RunStatus(rec.status)
+    rec.fence = RunFence(status, rec.last_seq)
     return rec
 
 
@@ -158,8 +162,6 @@ def decode_cursor(token: str, n: int) -> list[Any]:
 
 def _cursor_time(at: Any) -> datetime:
     """The timestamp of a keyset cursor; ValueError unless it is an ISO time with an offset."""
-    from datetime import UTC  # local: the module's imports belong to another change in flight
-
     if not isinstance(at, str) or len(at) > 40:
         raise ValueError("not a time")
     ts = datetime.fromisoformat(at)
@@ -317,7 +319,7 @@ class Repository:
         if events:
             await self.conn.execute(insert(events_t), [_row(e, _EVENT_FIELDS) for e in events])
 
-    async def purge_idempotency(self, now: datetime, batch: int = PURGE_BATCH) -> int:
+    async def purge_idempotency(self, now: datetime, batch: int) -> int:
         """Delete at most `batch` expired idempotency records, oldest first; returns how many.
         Bounded so one call never holds the write lock for long: a caller with a backlog calls
         again while the answer equals `batch`."""
@@ -356,7 +358,7 @@ class Repository:
         # Every filter is shaped so that an index ending in (created_at, id) serves it (see the
         # indexes of RunRow): equality on one value, the page a backward range scan, no sort.
         n = page_size(limit)
-        stmt = select(runs_t)
+        stmt = _LIST_RUNS
         if project is not None:
             stmt = stmt.where(runs_t.c.project_id == project)
         if flt.project_id:
@@ -391,10 +393,14 @@ class Repository:
                                              tags_t.c.value == value))
         if token:
             at, ident = decode_cursor(token, 2)
-            stmt = stmt.where(_before(runs_t.c.created_at, runs_t.c.id, at, ident))
+            # The cursor's time bounds created_at as a range too: the scan then starts at the
+            # cursor in the index instead of stepping over every newer row (neither database
+            # reads the OR of _before as a range), so a deep page costs what the first one does.
+            stmt = stmt.where(runs_t.c.created_at <= _cursor_time(at),
+                              _before(runs_t.c.created_at, runs_t.c.id, at, ident))
         stmt = stmt.order_by(runs_t.c.created_at.desc(), runs_t.c.id.desc()).limit(n + 1)
-        rows = (await self.conn.execute(stmt)).mappings().all()
-        items = [run_from_row(m) for m in rows[:n]]
+        rows = (await self.conn.execute(stmt)).all()
+        items = [run_from_row(row, positional=True) for row in rows[:n]]
         nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > n else ""
         return Page(items, nxt)
 
@@ -428,8 +434,16 @@ class Repository:
         return [r.id for r in rows]
 
     async def wake(self, run_ids: Sequence[str], at: datetime) -> None:
-        if run_ids:
-            await self.conn.execute(update(runs_t).where(runs_t.c.id.in_(run_ids)).values(wake_at=at))
+        """Make these runs due at `at`. A run another transaction holds is skipped, never waited
+        for (waiting would invert the runs-then-workflows lock order): its holder is advancing
+        it and, holding the workflow's row after us, sees the slot we freed."""
+        if not run_ids:
+            return
+        ids: Any = list(run_ids)
+        if self.dialect == "postgresql":
+            ids = self._lock(select(runs_t.c.id).where(runs_t.c.id.in_(ids)).order_by(runs_t.c.id),
+                             skip_locked=True).scalar_subquery()
+        await self.conn.execute(update(runs_t).where(runs_t.c.id.in_(ids)).values(wake_at=at))
 
     # -- leases -------------------------------------------------------------------------------
 
