@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from conveyor.api import convert
 from conveyor.domain.errors import ConveyorError, ErrorKind
@@ -74,6 +74,26 @@ def test_unset_times_and_output_stay_absent_and_an_empty_payload_is_present() ->
     assert not msg.HasField("output")
     assert msg.HasField("payload")
     assert msg.duration_in_seconds == 0
+
+
+@pytest.mark.parametrize("at", [
+    T0, datetime(2026, 11, 3, 12, 34, 56, 789123, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC),
+    datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC), datetime(1, 1, 1, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(2026, 6, 1, 8, 0, 0, 1, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+    datetime(2026, 6, 1, 8, 0, 0, 1),  # naive: UTC, as Timestamp.FromDatetime reads it
+])
+def test_times_are_what_timestamp_from_datetime_makes(at: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(at)
+
+    msg = convert.run_to_proto(run_record(created_at=at, updated_at=at, started_at=at, finished_at=at,
+                                          expires_at=at), T0)
+
+    for field in ("created_at", "updated_at", "started_at", "finished_at", "expires_at"):
+        assert getattr(msg, field) == expected, field
+    event = EventRecord(workflow_run_id="r1", seq=1, project_id="acme", type="run.created", at=at)
+    assert convert.event_to_proto(event).at == expected
 
 
 def test_duration_runs_to_finished_at_once_finished() -> None:

@@ -51,8 +51,10 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
         page = await self._engine.runs.list(query, request.limit, request.page_token,
                                             caller=caller_from(context))
         await convert.send_next_page_token(context, page.next_token)
+        now = self._engine.clock.now()  # one instant for the page's live durations
+        to_proto = convert.run_to_proto
         for run in page.items:
-            yield self._run(run)
+            yield to_proto(run, now)
 
     async def CancelWorkflowRun(self, request: runs_pb.CancelWorkflowRunRequest,
                                 context: grpc.aio.ServicerContext) -> runs_pb.CancelWorkflowRunResponse:
