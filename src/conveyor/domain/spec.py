@@ -180,6 +180,12 @@ class WorkflowSpec:
                     stack.append(child)
         return sorted(seen, key=self._position.__getitem__)
 
+    @functools.cached_property
+    def evaluates(self) -> bool:
+        """True when running this workflow evaluates CEL: a condition, a `when`, a step config
+        (which may hold templates) or a condition step's expression."""
+        return bool(self.condition) or any(s.when or s.config for s in self.steps)
+
     def topological_order(self) -> list[str]:
         """Every ref, dependencies first; ties keep definition order (deterministic)."""
         return list(self._order)

@@ -13,6 +13,7 @@ import logging
 
 from conveyor.engine.clock import Clock, SystemClock
 from conveyor.engine.leases import Leases
+from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
@@ -34,11 +35,12 @@ class Engine:
     def __init__(self, store: Store, settings: Settings, clock: Clock | None = None) -> None:
         self.store = store
         self.clock: Clock = clock or SystemClock()
-        self.runner = Runner(store, self.clock, batch_size=settings.engine_batch_size,
+        self.offload = Offload()
+        self.runner = Runner(store, self.clock, self.offload, batch_size=settings.engine_batch_size,
                              idle_seconds=settings.engine_idle_seconds, limits=settings.limits)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
                                  idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits)
-        self.workflows = WorkflowService(store, self.clock, settings.limits)
+        self.workflows = WorkflowService(store, self.clock, self.offload, settings.limits)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
@@ -57,6 +59,7 @@ class Engine:
                 await self._housekeeping
         await self.triggers.close()
         await self.runner.stop()
+        self.offload.close()
 
     async def _purge_loop(self) -> None:
         while True:

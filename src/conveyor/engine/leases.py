@@ -69,19 +69,24 @@ class Leases:
             runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
             steps = await repo.steps_of([r.id for r in runs])
             specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
-            units = []
-            for run in sorted(runs, key=lambda r: run_ids.index(r.id)):
-                if run.status != RunStatus.RUNNING:
-                    continue
-                c = Changes(run, now, holder)
-                spec = specs[run.workflow_version_id]
-                for step in steps[run.id]:
-                    if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
-                            c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
-                            self.limits):
-                        leases.append(Lease(run, step))
-                plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
-                units.append(c)
+            def start() -> list[Changes]:
+                # On the offload thread: each lease renders its step's config templates.
+                units = []
+                for run in sorted(runs, key=lambda r: run_ids.index(r.id)):
+                    if run.status != RunStatus.RUNNING:
+                        continue
+                    c = Changes(run, now, holder)
+                    spec = specs[run.workflow_version_id]
+                    for step in steps[run.id]:
+                        if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
+                                c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
+                                self.limits):
+                            leases.append(Lease(run, step))
+                    plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
+                    units.append(c)
+                return units
+
+            units = await self.runner.offload.run(start)
             await repo.save(units)
         if units:
             self.runner.committed.fire()

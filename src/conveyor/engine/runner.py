@@ -23,10 +23,11 @@ from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.limits import Limits
 from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, advance, fail_unplannable
-from conveyor.domain.records import RunRecord
+from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus
 from conveyor.engine.clock import Clock
+from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
 from conveyor.engine.pulse import Pulse
 
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 _SPEC_CACHE_SIZE = 256
 # Shortest sleep of the background loop between passes that found nothing to claim.
 _MIN_WAIT_SECONDS = 0.01
-# A pass planning many runs yields to the event loop after this many.
-_YIELD_EVERY = 16
 # A run that cannot be planned or saved (a bug, not its own error) is looked at again after this.
 _SET_ASIDE_SECONDS = 60.0
 
@@ -45,10 +44,11 @@ _SET_ASIDE_SECONDS = 60.0
 class Runner:
     """Claims due runs in batches and advances them."""
 
-    def __init__(self, store: Store, clock: Clock, batch_size: int = 256, idle_seconds: float = 1.0,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, store: Store, clock: Clock, offload: Offload, batch_size: int = 256,
+                 idle_seconds: float = 1.0, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.clock = clock
+        self.offload = offload
         self.limits = limits
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
@@ -85,18 +85,11 @@ class Runner:
         specs = await self.specs(repo, {r.workflow_version_id for r in runs})
         capped = await self._capped(repo, runs)
         may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], capped, now)
+        planned = await self.offload.run(self._plan_all, runs, steps, specs, may_start, now)
         units: list[Changes] = []
         freed: dict[str, int] = {}
-        for i, run in enumerate(runs):
-            if i and not i % _YIELD_EVERY:
-                await asyncio.sleep(0)  # a big pass lets other requests in between runs
-            try:
-                c = advance(run, steps[run.id], specs[run.workflow_version_id], now,
-                            may_start=run.id in may_start, limits=self.limits)
-            except Exception:
-                # A bug met by one run must not stop the others: fail (or set aside) this run
-                # alone, from its state as loaded (nothing of this pass is saved yet).
-                log.exception("runner: planning run %s raised; failing it", run.id)
+        for run, c in zip(runs, planned, strict=True):
+            if c is None:
                 c = await self._unplannable(repo, run.id, now)
             if c.left_running:
                 freed[run.workflow_id] = freed.get(run.workflow_id, 0) + 1
@@ -104,6 +97,21 @@ class Runner:
         await repo.save(units)
         await self.wake_waiting(repo, freed, now)
         return units
+
+    def _plan_all(self, runs: Sequence[RunRecord], steps: dict[str, list[StepRecord]],
+                  specs: dict[str, WorkflowSpec], may_start: set[str], now: datetime) -> list[Changes | None]:
+        """Plan each run (on the offload thread); None for a run whose planning raised."""
+        out: list[Changes | None] = []
+        for run in runs:
+            try:
+                out.append(advance(run, steps[run.id], specs[run.workflow_version_id], now,
+                                   may_start=run.id in may_start, limits=self.limits))
+            except Exception:
+                # A bug met by one run must not stop the others: this run alone is failed (or
+                # set aside) from its state as loaded, since nothing of this pass is saved yet.
+                log.exception("runner: planning run %s raised; failing it", run.id)
+                out.append(None)
+        return out
 
     async def _unplannable(self, repo: Repo, run_id: str, now: datetime) -> Changes:
         run = await repo.get_run(run_id, None)

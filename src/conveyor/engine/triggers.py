@@ -42,7 +42,7 @@ from conveyor.engine.workflows import name_scope
 
 log = logging.getLogger(__name__)
 
-# Batches that would plan more steps than this are built in a thread rather than on the loop.
+# Batches that would plan more steps than this are built on the offload thread.
 _PLAN_ON_LOOP_STEPS = 2000
 # Tries of a request written alone that keeps meeting another replica's record of its key.
 _DUPLICATE_RETRIES = 3
@@ -178,11 +178,12 @@ class Triggers:
         # workflows (remembered from earlier batches), checking payloads, building and planning
         # each new run. The write transaction then only checks that no workflow changed since.
         workflows = await self._workflows_of(items)
-        steps = sum(len(w.spec.steps) for w in workflows.values() if isinstance(w, WorkflowRecord))
-        if steps * len(items) > _PLAN_ON_LOOP_STEPS:
-            # Building and planning big runs takes a while: in a thread, so the event loop keeps
-            # serving other clients; a small batch is cheaper planned right here.
-            problems = await asyncio.to_thread(self._prepare_all, items, workflows, now)
+        specs = [w.spec for w in workflows.values() if isinstance(w, WorkflowRecord)]
+        big = sum(len(s.steps) for s in specs) * len(items) > _PLAN_ON_LOOP_STEPS
+        if big or any(s.evaluates for s in specs):
+            # Runs that evaluate expressions, or many steps, are built on the offload thread; a
+            # few plain steps are cheaper built right here than handed over.
+            problems = await self.runner.offload.run(self._prepare_all, items, workflows, now)
         else:
             problems = self._prepare_all(items, workflows, now)
         live: list[_Pending] = []

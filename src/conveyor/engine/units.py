@@ -59,7 +59,7 @@ class RunUnits:
             # slot this operation frees or takes is seen by the next pass that counts them.
             capped = (await repo.workflow_limits([run.workflow_id], lock=True)).get(run.workflow_id, 0) > 0
             c = Changes(run, now, caller.name, capped)
-            result = op(c, steps, spec)
+            result = await self.runner.offload.run(op, c, steps, spec)  # it may plan the run on
             await repo.save([c])
             if c.left_running:
                 await self.runner.wake_waiting(repo, {run.workflow_id: 1}, now)

@@ -7,7 +7,6 @@ so runs keep the version they started on. Archiving stops new runs; existing run
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -18,6 +17,7 @@ from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecor
 from conveyor.domain.spec import WorkflowSpec, parse_workflow
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
+from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
 
 # Project ids travel in paths and filters: keep them to a safe, boring alphabet.
@@ -44,15 +44,15 @@ def name_scope(project_id: str, caller: Caller) -> str:
 class WorkflowService:
     """Use cases on workflow definitions."""
 
-    def __init__(self, store: Store, clock: Clock, limits: Limits) -> None:
+    def __init__(self, store: Store, clock: Clock, offload: Offload, limits: Limits) -> None:
         self.store = store
         self.clock = clock
+        self.offload = offload
         self.limits = limits
 
     async def _parse(self, data: dict[str, Any]) -> WorkflowSpec:
-        # Validating a large definition compiles every expression (up to ~0.5 s for 1,000
-        # steps): in a thread, so the event loop keeps serving other clients meanwhile.
-        return await asyncio.to_thread(parse_workflow, data, self.limits)
+        # Validating a large definition compiles every expression (up to ~0.5 s for 1,000 steps).
+        return await self.offload.run(parse_workflow, data, self.limits)
 
     async def create(self, data: dict[str, Any], caller: Caller) -> WorkflowRecord:
         project = project_of(str(data.get("project_id") or ""), caller)
