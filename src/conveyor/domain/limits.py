@@ -81,11 +81,16 @@ def json_size(value: object) -> int:
 def document_problem(value: object, max_depth: int, max_bytes: int) -> str | None:
     """Why a JSON document may not be stored (too deep, too large, or holding a NUL character,
     which PostgreSQL's jsonb refuses), or None when it may."""
-    if json_depth(value, max_depth) > max_depth:
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    except RecursionError:
         return f"nested deeper than {max_depth} levels"
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    if len(text.encode()) > max_bytes:
-        return f"{len(text.encode())} bytes, over the limit of {max_bytes}"
-    if "\\u0000" in text:
+    size = len(text.encode())
+    if size > max_bytes:
+        return f"{size} bytes, over the limit of {max_bytes}"
+    # Each level of nesting takes two characters at least, so short documents need no walk.
+    if len(text) > 2 * max_depth and json_depth(value, max_depth) > max_depth:
+        return f"nested deeper than {max_depth} levels"
+    if "\\u0000" in text:  # json escapes every control character, NUL included
         return "contains a NUL character"
     return None
