@@ -319,3 +319,23 @@ async def test_a_workflow_changed_by_another_replica_is_seen_by_the_next_trigger
     with pytest.raises(ConveyorError) as archived:
         await engine.runs.trigger(TriggerRequest("moving"), ME)
     assert archived.value.reason == "WORKFLOW_ARCHIVED"
+
+
+async def test_an_approval_that_times_out_is_retried_per_policy(engine: Engine, clock: ManualClock) -> None:
+    retry = {"max_attempts": 2, "initial_interval_seconds": 1}
+    await engine.workflows.create(wf("ask", [{"ref": "ok", "kind": "approval", "timeout_seconds": 5,
+                                             "retry": retry}]), ME)
+    run_id = await trigger(engine, "ask")
+    clock.advance(5)
+    await engine.tick()
+    step = (await steps_of(engine, run_id))["ok"]
+    assert step.status == StepStatus.QUEUED and step.attempt == 1 and "timed out" in step.error
+    clock.advance(1)
+    await engine.tick()
+    assert (await steps_of(engine, run_id))["ok"].status == StepStatus.WAITING
+    clock.advance(5)
+    await engine.tick()
+    step = (await steps_of(engine, run_id))["ok"]
+    assert step.status == StepStatus.TIMED_OUT and step.attempt == 2
+    assert await status(engine, run_id) == RunStatus.FAILED
+    await check_history(engine, run_id)

@@ -78,7 +78,9 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
                          S.WAITING, S.FAILED}),
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.WAITING, S.QUEUED, S.CANCELED,
                           S.SKIPPED, S.PENDING}),
-    S.WAITING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.CANCELED, S.SKIPPED, S.PENDING}),
+    # A waiting step whose timeout passes is retried like any attempt (back to queued).
+    S.WAITING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.CANCELED, S.SKIPPED, S.PENDING,
+                          S.QUEUED}),
     S.COMPLETED: frozenset({S.PENDING}),
     S.FAILED: frozenset({S.QUEUED, S.COMPLETED, S.SKIPPED, S.PENDING}),
     S.TIMED_OUT: frozenset({S.QUEUED, S.COMPLETED, S.SKIPPED, S.PENDING}),
