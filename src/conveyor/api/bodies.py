@@ -9,6 +9,11 @@ problem is one field violation. gRPC clients send the typed fields and never set
 
 The result is the same typed request a gRPC client would have sent, so everything after this
 (limits, conversion, the engine) has one path.
+
+Cost is bounded before it is spent: parsing costs time per JSON value, so a body longer than its
+method allows (`body_bytes`) is refused on its length before json.loads; a repeated field over
+its count (`counts`, e.g. 3,000 steps) is refused before its items are looked at; and a JSON
+document's size is measured (C-fast json.dumps) before its depth is walked or protobuf sees it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
-from conveyor.domain.limits import Limits, json_depth
+from conveyor.domain.limits import Limits, json_depth, json_size
+from conveyor.domain.spec import trigger_body_bytes
 
 # Request type -> the field its REST body stands for ("" for the request itself, as `body: "*"`
 # would bind it). The request's own `body` field and its path variables are not body fields.
@@ -50,6 +56,13 @@ _KEY_IN_PATH = 40
 _MAX_PROBLEMS = 20
 
 
+class _Caps(NamedTuple):
+    """What the shape checks hold values to."""
+
+    limits: Limits
+    counts: Mapping[str, int]
+
+
 class _Problem(NamedTuple):
     """One problem with the body; the error's reason is its first problem's."""
 
@@ -63,14 +76,33 @@ def has_raw_body(request: Message) -> bool:
     return request.DESCRIPTOR.full_name in BODY_TARGETS and request.HasField("body")
 
 
-def take_raw_body(request: Message, limits: Limits) -> Message:
+def body_bytes(request_type: str, limits: Limits) -> int:
+    """The longest raw body a request of `request_type` (a full name in BODY_TARGETS) may have:
+    a workflow definition max_definition_bytes, a trigger room for its largest payload and
+    fields (domain.spec.trigger_body_bytes)."""
+    if BODY_TARGETS[request_type]:
+        return limits.max_definition_bytes
+    return trigger_body_bytes(limits)
+
+
+def take_raw_body(request: Message, limits: Limits, counts: Mapping[str, int] | None = None) -> Message:
     """The request with its raw JSON body parsed into its typed fields and `body` cleared.
 
     Fields bound from the path or query string (workflow_id, project_id) are kept; one given
-    both there and in the body with different values is INVALID_ARGUMENT.
+    both there and in the body with different values is INVALID_ARGUMENT. `counts` caps the
+    number of values of repeated fields and maps, by field name (api.requests' count classes);
+    one over its cap is refused without looking at its values.
     """
-    target_name = BODY_TARGETS[request.DESCRIPTOR.full_name]
-    data = _load(request.body.data)
+    name = request.DESCRIPTOR.full_name
+    target_name = BODY_TARGETS[name]
+    raw = request.body.data
+    cap = body_bytes(name, limits)
+    if len(raw) > cap:
+        # Before json.loads: a body of 1.9M small numbers cost seconds to parse and check.
+        what = "a workflow definition" if target_name else "a trigger"
+        raise _invalid([_Problem("body", f"is {len(raw)} bytes; {what} may be at most {cap}",
+                                 "REQUEST_TOO_LARGE")])
+    data = _load(raw)
     result = type(request)()
     result.CopyFrom(request)
     result.ClearField("body")
@@ -86,7 +118,7 @@ def take_raw_body(request: Message, limits: Limits) -> Message:
         excluded = _PATH_FIELDS
         prefix = ""
     problems: list[_Problem] = []
-    _check_object(data, target.DESCRIPTOR, prefix, excluded, limits, problems)
+    _check_object(data, target.DESCRIPTOR, prefix, excluded, _Caps(limits, counts or {}), problems)
     if problems:
         raise _invalid(problems)
     try:
@@ -143,7 +175,7 @@ def _key(key: str) -> str:
 
 
 def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozenset[str],
-                  limits: Limits, problems: list[_Problem]) -> None:
+                  caps: _Caps, problems: list[_Problem]) -> None:
     """Check a JSON object against a message type: known keys, values of the right JSON type."""
     if not isinstance(data, Mapping):
         problems.append(_Problem(path or "body", "must be an object"))
@@ -159,7 +191,7 @@ def _check_object(data: Any, descriptor: Descriptor, path: str, excluded: frozen
         elif field.name in excluded:
             problems.append(_Problem(where, "not a body field (it is taken from the path)", "UNKNOWN_FIELD"))
         elif value is not None:  # null means "not set" in protobuf's JSON mapping
-            _check_field(value, field, _join(path, field.name), limits, problems)
+            _check_field(value, field, _join(path, field.name), caps, problems)
 
 
 @functools.cache
@@ -167,44 +199,52 @@ def _by_json_name(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
     return {f.json_name: f for f in descriptor.fields}
 
 
-def _check_field(value: Any, field: FieldDescriptor, path: str, limits: Limits,
+def _check_field(value: Any, field: FieldDescriptor, path: str, caps: _Caps,
                  problems: list[_Problem]) -> None:
     message_type = field.message_type
     if message_type is not None and message_type.GetOptions().map_entry:
         if not isinstance(value, Mapping):
             problems.append(_Problem(path, "must be an object"))
-            return
-        value_field = message_type.fields_by_name["value"]
-        for key, item in value.items():
-            _check_single(item, value_field, f"{path}[{_key(key)}]", limits, problems)
+        elif not _too_many(len(value), field, path, caps, problems):
+            value_field = message_type.fields_by_name["value"]
+            for key, item in value.items():
+                _check_single(item, value_field, f"{path}[{_key(key)}]", caps, problems)
         return
     if field.is_repeated:
         if not isinstance(value, list):
             problems.append(_Problem(path, "must be a list"))
-            return
-        for i, item in enumerate(value):
-            _check_single(item, field, f"{path}[{i}]", limits, problems)
+        elif not _too_many(len(value), field, path, caps, problems):
+            for i, item in enumerate(value):
+                _check_single(item, field, f"{path}[{i}]", caps, problems)
         return
-    _check_single(value, field, path, limits, problems)
+    _check_single(value, field, path, caps, problems)
 
 
-def _check_single(value: Any, field: FieldDescriptor, path: str, limits: Limits,
+def _too_many(count: int, field: FieldDescriptor, path: str, caps: _Caps, problems: list[_Problem]) -> bool:
+    """True (and a problem) when a repeated field or map holds more values than its cap; its
+    values are then not checked one by one: that is the cost the cap is there to bound."""
+    cap = caps.counts.get(field.name)
+    if cap is None or count <= cap:
+        return False
+    problems.append(_Problem(path, f"has {count} values; at most {cap} are allowed", "TOO_MANY_VALUES"))
+    return True
+
+
+def _check_single(value: Any, field: FieldDescriptor, path: str, caps: _Caps,
                   problems: list[_Problem]) -> None:
     """One value (not a list or map) of `field`'s type."""
     message_type = field.message_type
+    limits = caps.limits
     if message_type is not None:
         if message_type.full_name in _JSON_TYPES:
             if message_type.full_name == "google.protobuf.Struct" and not isinstance(value, Mapping):
                 problems.append(_Problem(path, "must be an object"))
-            elif json_depth(value, limits.max_json_depth) > limits.max_json_depth:
-                # Checked here, before protobuf sees it: a document deeper than its recursion
-                # limit would fail to parse with an internal error.
-                problems.append(_Problem(path, f"nests deeper than {limits.max_json_depth} levels",
-                                         "JSON_TOO_DEEP"))
+            else:
+                _check_document(value, path, limits, problems)
         elif message_type.full_name.startswith("google.protobuf."):
             pass  # other well-known types have their own JSON forms; ParseDict checks them
         else:
-            _check_object(value, message_type, path, frozenset(), limits, problems)
+            _check_object(value, message_type, path, frozenset(), caps, problems)
         return
     kind = field.type
     if kind == FieldDescriptor.TYPE_BOOL:
@@ -225,6 +265,22 @@ def _check_single(value: Any, field: FieldDescriptor, path: str, limits: Limits,
             problems.append(_Problem(path, "must be a number"))
     elif kind == FieldDescriptor.TYPE_ENUM and (not isinstance(value, str | int) or isinstance(value, bool)):
         problems.append(_Problem(path, "must be an enum value name"))
+
+
+def _check_document(value: Any, path: str, limits: Limits, problems: list[_Problem]) -> None:
+    """A JSON document's size, then its depth, before protobuf sees it (a document deeper than
+    protobuf's recursion limit would fail to parse with an internal error). The size comes first:
+    json.dumps is C (~0.1 µs a value), the depth walk Python; json.loads has bounded the
+    nesting already, so json.dumps cannot recurse past it."""
+    try:
+        size = json_size(value)
+    except RecursionError:
+        size = -1
+    if size > limits.max_payload_bytes:
+        problems.append(_Problem(path, f"is {size} bytes as JSON; at most {limits.max_payload_bytes} "
+                                       "are allowed", "JSON_TOO_LARGE"))
+    elif size < 0 or json_depth(value, limits.max_json_depth) > limits.max_json_depth:
+        problems.append(_Problem(path, f"nests deeper than {limits.max_json_depth} levels", "JSON_TOO_DEEP"))
 
 
 def _whole_number(value: Any) -> int | None:

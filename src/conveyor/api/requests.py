@@ -16,6 +16,12 @@ servicer checks sizes by hand. It turns a raw REST body into the typed request
 
 Every problem is a field violation; the error's reason is the first problem's. Nothing reaches
 the engine, so nothing is stored.
+
+Sizes and counts are checked before anything is converted, so a refusal costs little whatever
+the request holds: a repeated field over its count is refused without walking its items (3,000
+steps); a JSON document whose protobuf encoding (`ByteSize()`, C) is larger than the largest
+document within `max_payload_bytes` could be is refused before it is converted to Python; a
+gRPC workflow definition over `max_definition_bytes` is refused on its size alone.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from conveyor.api.bodies import has_raw_body, take_raw_body
 from conveyor.api.convert import IDEMPOTENCY_METADATA_KEY
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
 from conveyor.domain.limits import Limits, json_depth, json_size
+from conveyor.domain.spec import JSON_TO_PROTOBUF_GROWTH
 
 # String fields by length class (field names, over every request message and the messages they
 # hold). A test checks that every string field of the API is in exactly one class, so a new
@@ -55,6 +62,8 @@ VARIABLE_FIELDS = frozenset({"variables"})
 TAG_FIELDS = frozenset({"tags"})
 
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+# Requests whose `workflow` field is a definition, bounded as a whole by max_definition_bytes.
+_DEFINITION_REQUESTS = frozenset({"conveyor.v1.CreateWorkflowRequest", "conveyor.v1.UpdateWorkflowRequest"})
 _TIMESTAMP = "google.protobuf.Timestamp"
 # 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: what RFC 3339 and Python's datetime can hold.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
@@ -102,7 +111,10 @@ class RequestChecker:
         if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("conveyor."):
             return request  # health, reflection: grpc's own services
         if has_raw_body(request):
-            request = take_raw_body(request, self._limits)
+            # Bounded by the raw body's length (api/bodies.py), so not by its size as protobuf.
+            request = take_raw_body(request, self._limits, self._count_limits)
+        elif request.DESCRIPTOR.full_name in _DEFINITION_REQUESTS:
+            self._check_definition_size(request)
         problems: list[_Problem] = []
         for key, value in metadata:
             if key == IDEMPOTENCY_METADATA_KEY and isinstance(value, str):
@@ -114,6 +126,15 @@ class RequestChecker:
         if problems:
             raise _error(problems)
         return request
+
+    def _check_definition_size(self, request: Message) -> None:
+        """A gRPC definition over max_definition_bytes as protobuf is refused before it is
+        walked or converted (REST definitions are held to it as JSON, in api/bodies.py)."""
+        size = request.workflow.ByteSize()
+        cap = self._limits.max_definition_bytes
+        if size > cap:
+            raise _error([_Problem("workflow", f"is {size} bytes; a workflow definition may be at most {cap}",
+                                   "REQUEST_TOO_LARGE")])
 
     # -- the walk -----------------------------------------------------------------------------
 
@@ -130,25 +151,30 @@ class RequestChecker:
     def _field(self, field: FieldDescriptor, value: Any, path: str) -> Iterator[_Problem]:
         entry = field.message_type
         if entry is not None and entry.GetOptions().map_entry:
-            yield from self._count(field, len(value), path)
+            if (problem := self._count(field, len(value), path)) is not None:
+                yield problem
+                return  # its values are not walked: that is the cost the cap bounds
             value_field = entry.fields_by_name["value"]
             for key, item in value.items():
                 where = f"{path}[{_key(key)}]"
                 yield from self._string(key, where, self._limits.max_id_length, what="key")
                 yield from self._single(value_field, item, where, name=field.name)
         elif field.is_repeated:
-            yield from self._count(field, len(value), path)
+            if (problem := self._count(field, len(value), path)) is not None:
+                yield problem
+                return
             for i, item in enumerate(value):
                 yield from self._single(field, item, f"{path}[{i}]", name=field.name)
         else:
             yield from self._single(field, value, path, name=field.name)
 
-    def _count(self, field: FieldDescriptor, count: int, path: str) -> Iterator[_Problem]:
+    def _count(self, field: FieldDescriptor, count: int, path: str) -> _Problem | None:
         cap = self._count_limits.get(field.name)
         if cap is None:
             raise AssertionError(f"repeated field {field.full_name} has no count limit")
         if count > cap:
-            yield _Problem(path, f"has {count} values; at most {cap} are allowed", "TOO_MANY_VALUES")
+            return _Problem(path, f"has {count} values; at most {cap} are allowed", "TOO_MANY_VALUES")
+        return None
 
     def _single(self, field: FieldDescriptor, value: Any, path: str, name: str) -> Iterator[_Problem]:
         message_type = field.message_type
@@ -185,13 +211,21 @@ class RequestChecker:
 
     def _json(self, msg: Message, path: str) -> Iterator[_Problem]:
         """A Struct/Value/ListValue as the JSON document it stands for."""
+        limits = self._limits
+        # Converting costs ~1 µs a value; the encoded size costs ~3 ns a byte (C). A document
+        # within max_payload_bytes as JSON is at most JSON_TO_PROTOBUF_GROWTH times that as
+        # protobuf, so anything larger is refused unconverted (1M numbers: 11 MB, 2.4-3.7 s before).
+        encoded = msg.ByteSize()
+        if encoded > JSON_TO_PROTOBUF_GROWTH * limits.max_payload_bytes:
+            yield _Problem(path, f"is {encoded} bytes as protobuf, more than any document of at most "
+                                 f"{limits.max_payload_bytes} bytes as JSON", "JSON_TOO_LARGE")
+            return
         try:
             document = json_format.MessageToDict(msg)
         except (ValueError, RecursionError):
             # json_format refuses NaN and Infinity, which JSON (and jsonb) cannot hold.
             yield _Problem(path, "numbers must be finite", "INVALID_FIELD")
             return
-        limits = self._limits
         depth = json_depth(document, limits.max_json_depth)
         if depth > limits.max_json_depth:
             yield _Problem(path, f"nests deeper than {limits.max_json_depth} levels", "JSON_TOO_DEEP")

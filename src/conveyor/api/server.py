@@ -16,7 +16,9 @@ from conveyor.api.step_runs import StepRunsServicer
 from conveyor.api.workers import WorkersServicer
 from conveyor.api.workflow_runs import WorkflowRunsServicer
 from conveyor.api.workflows import WorkflowsServicer
+from conveyor.domain.spec import JSON_TO_PROTOBUF_GROWTH
 from conveyor.engine.facade import Engine
+from conveyor.gateway.envoy import rest_body_bytes
 from conveyor.settings import Settings
 from conveyor.v1 import (
     step_runs_service_pb2,
@@ -52,12 +54,14 @@ PENDING_RPCS: frozenset[str] = frozenset({
 })
 
 
-# Envoy answers 413 to REST bodies above settings.max_request_bytes, but transcoding can make
-# the gRPC message larger than its JSON: a JSON array of small numbers ("1," is 2 bytes) becomes
-# protobuf Values of 11 bytes each (measured: 3 MB of JSON -> 17 MB). gRPC messages may be this
-# many times larger, so no body Envoy lets through is refused by grpc with a raw
-# RESOURCE_EXHAUSTED; direct gRPC clients above it get grpc's own RESOURCE_EXHAUSTED.
-JSON_TO_PROTOBUF_GROWTH = 6
+# Envoy answers 413 to REST bodies above gateway.envoy.rest_body_bytes (what the largest
+# legitimate request needs: a 2 MiB definition by default), but transcoding can make the gRPC
+# message larger than its JSON: a JSON array of small numbers ("1," is 2 bytes) becomes protobuf
+# Values of 11 bytes each (measured: 3 MB of JSON -> 17 MB). gRPC messages may be
+# JSON_TO_PROTOBUF_GROWTH (6) times larger, 12 MiB by default, so no body Envoy lets through is
+# refused by grpc with a raw RESOURCE_EXHAUSTED; direct gRPC clients above it get grpc's own
+# RESOURCE_EXHAUSTED. Decoding a message that large takes protobuf ~35 ms (1M numbers in 11 MB:
+# ~30 ms); what it holds is then refused by size before it is converted (api/requests.py).
 
 # grpc refuses request metadata above its soft limit (8 KB by default) at random, and above the
 # hard limit always. Envoy forwards REST headers as metadata and caps them at
@@ -75,7 +79,7 @@ async def build_server(engine: Engine, settings: Settings) -> tuple[grpc.aio.Ser
         # Every request is checked against the limits before its handler runs.
         interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare)],
         options=[
-            ("grpc.max_receive_message_length", settings.max_request_bytes * JSON_TO_PROTOBUF_GROWTH),
+            ("grpc.max_receive_message_length", rest_body_bytes(settings) * JSON_TO_PROTOBUF_GROWTH),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ],

@@ -50,6 +50,11 @@ class Limits:
     max_expression_cost: int = 100_000
     # Ids in one bulk operation.
     max_bulk_ids: int = 1000
+    # Size of one workflow definition as sent: its REST body (JSON, whitespace and all), or its
+    # gRPC `Workflow` message (protobuf). Checked on the bytes before anything is converted, so
+    # an oversized definition costs nothing to refuse. A 1,000-step chain is ~57 KB of JSON;
+    # 2 MiB leaves room for steps with large configs.
+    max_definition_bytes: int = 2 * 1024 * 1024
 
 
 def json_depth(value: object, stop_at: int) -> int:

@@ -49,6 +49,7 @@ from pathlib import Path
 import httpx
 
 import conveyor
+from conveyor.domain.spec import largest_body_bytes
 from conveyor.gateway.descriptor import build_descriptor_set
 from conveyor.settings import Settings
 
@@ -67,6 +68,16 @@ LOG_TAIL_LINES = 20
 LEFTOVER_KILL_TIMEOUT_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
+
+
+def rest_body_bytes(settings: Settings) -> int:
+    """The longest REST body Envoy lets through (413 REQUEST_TOO_LARGE above it): what the
+    largest legitimate request needs (a workflow definition: max_definition_bytes, 2 MiB by
+    default; domain.spec.largest_body_bytes), never more than settings.max_request_bytes.
+    Every byte Envoy accepts is one the server may have to parse and Envoy to transcode, and
+    a 3.8 MB body of small numbers used to cost the server 10 s; the server's gRPC message
+    limit is derived from this number too (api/server.py)."""
+    return min(settings.max_request_bytes, largest_body_bytes(settings.limits))
 
 
 def find_envoy_binary() -> Path:
@@ -181,7 +192,7 @@ class EnvoyGateway:
             grpc_port=self._grpc_port,
             # A JSON string is a valid double-quoted YAML scalar, whatever the path holds.
             descriptor_path=json.dumps(str(descriptor_path)),
-            max_request_bytes=self._settings.max_request_bytes,
+            max_request_bytes=rest_body_bytes(self._settings),
         )
         config_path = self._dir / "envoy.yaml"
         config_path.write_text(config)
