@@ -3,14 +3,16 @@ becomes the typed request a gRPC client would send, or INVALID_ARGUMENT naming t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from google.api import httpbody_pb2
 
-from conveyor.api.bodies import has_raw_body, take_raw_body
+from conveyor.api.bodies import body_bytes, has_raw_body, take_raw_body
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.limits import Limits
+from conveyor.domain.spec import largest_body_bytes, trigger_body_bytes
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 
@@ -106,3 +108,66 @@ def test_a_workflow_body_fills_the_workflow_field() -> None:
 def test_typed_requests_are_not_raw() -> None:
     assert not has_raw_body(runs_pb.TriggerWorkflowRunRequest(workflow_id="wf"))
     assert not has_raw_body(wf_pb.GetWorkflowRequest(workflow_id="wf"))
+
+
+# --- sizes and counts, before anything is converted ------------------------------------------------
+
+def test_a_trigger_body_longer_than_its_bound_is_refused_before_parsing() -> None:
+    cap = body_bytes("conveyor.v1.TriggerWorkflowRunRequest", LIMITS)
+    assert cap == trigger_body_bytes(LIMITS)
+    # Not even valid JSON: the length alone refuses it, nothing is parsed.
+    reason, violations = refused(b"[" * (cap + 1))
+    assert reason == "REQUEST_TOO_LARGE"
+    assert [f for f, _ in violations] == ["body"]
+
+
+def test_a_definition_body_longer_than_max_definition_bytes_is_refused_before_parsing() -> None:
+    request = wf_pb.CreateWorkflowRequest(body=httpbody_pb2.HttpBody(
+        data=b" " * LIMITS.max_definition_bytes + b"{}"))
+    with pytest.raises(ConveyorError) as caught:
+        take_raw_body(request, LIMITS)
+    assert caught.value.kind is ErrorKind.INVALID_ARGUMENT
+    assert caught.value.reason == "REQUEST_TOO_LARGE"
+    assert [v.field for v in caught.value.violations] == ["body"]
+
+
+def test_a_payload_over_max_payload_bytes_as_compact_json_is_json_too_large() -> None:
+    numbers = b",".join([b"1"] * (LIMITS.max_payload_bytes // 2 + 10))
+    reason, violations = refused(b'{"payload": {"l": [' + numbers + b"]}}")
+    assert (reason, [f for f, _ in violations]) == ("JSON_TOO_LARGE", ["payload"])
+
+
+def test_whitespace_does_not_count_against_the_payload() -> None:
+    # Pretty-printed: the body is ~3x the payload's compact size, which is under the limit.
+    payload = {"l": [1] * (LIMITS.max_payload_bytes // 8)}
+    raw = json.dumps({"payload": payload}, indent=4).encode()
+    assert len(raw) > LIMITS.max_payload_bytes
+    assert len(trigger(raw).payload["l"]) == len(payload["l"])
+
+
+def test_too_many_steps_are_refused_without_checking_each() -> None:
+    # Every step is wrong, but the count refuses them before any is looked at: one problem.
+    steps = [{"bogus": i} for i in range(LIMITS.max_steps + 1)]
+    request = wf_pb.CreateWorkflowRequest(body=httpbody_pb2.HttpBody(
+        data=json.dumps({"name": "x", "steps": steps}).encode()))
+    with pytest.raises(ConveyorError) as caught:
+        take_raw_body(request, LIMITS, {"steps": LIMITS.max_steps})
+    assert caught.value.reason == "TOO_MANY_VALUES"
+    assert [v.field for v in caught.value.violations] == ["steps"]
+
+
+def test_too_many_tags_are_refused_by_count() -> None:
+    tags = {f"t{i}": 1 for i in range(LIMITS.max_tags + 1)}  # wrong type too: not looked at
+    request = runs_pb.TriggerWorkflowRunRequest(workflow_id="wf", body=httpbody_pb2.HttpBody(
+        data=json.dumps({"tags": tags}).encode()))
+    with pytest.raises(ConveyorError) as caught:
+        take_raw_body(request, LIMITS, {"tags": LIMITS.max_tags})
+    assert caught.value.reason == "TOO_MANY_VALUES"
+    assert [v.field for v in caught.value.violations] == ["tags"]
+
+
+def test_the_largest_rest_body_is_what_the_largest_request_needs() -> None:
+    assert largest_body_bytes(LIMITS) == LIMITS.max_definition_bytes == 2 * 1024 * 1024
+    assert trigger_body_bytes(LIMITS) <= largest_body_bytes(LIMITS)
+    bigger = Limits(max_payload_bytes=1024 * 1024)
+    assert largest_body_bytes(bigger) == trigger_body_bytes(bigger) > bigger.max_definition_bytes

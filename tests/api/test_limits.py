@@ -15,6 +15,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from conveyor.api.errors import MAX_ERROR_TEXT, MAX_VIOLATIONS
 from conveyor.api.requests import (
     BULK_FIELDS,
+    DOCUMENT_PROTOBUF_GROWTH,
     FILTER_FIELDS,
     ID_FIELDS,
     SHORT_TEXT_FIELDS,
@@ -22,6 +23,7 @@ from conveyor.api.requests import (
     TAG_FIELDS,
     TEXT_FIELDS,
     VARIABLE_FIELDS,
+    _document,
 )
 from conveyor.domain.limits import Limits
 from conveyor.v1 import resources_pb2 as pb
@@ -358,3 +360,95 @@ def test_every_string_and_repeated_field_of_every_request_has_a_limit() -> None:
                 assert sum(field.name in c for c in count_classes) == 1, field.full_name
             if field.type == FieldDescriptor.TYPE_STRING:
                 assert sum(field.name in c for c in string_classes) == 1, field.full_name
+
+
+# --- sizes and counts refused before anything is converted (issue 5, item 4) ---------------------
+
+def numbers_payload(count: int) -> struct_pb2.Struct:
+    payload = struct_pb2.Struct()
+    payload.get_or_create_list("l").extend([1.0] * count)
+    return payload
+
+
+async def test_a_payload_too_large_as_protobuf_is_refused_unconverted(api: Api) -> None:
+    # 300,000 numbers: 3.3 MB of protobuf, over DOCUMENT_PROTOBUF_GROWTH x max_payload_bytes.
+    wf = await api.create_workflow(two_steps())
+    payload = numbers_payload(300_000)
+    assert payload.ByteSize() > DOCUMENT_PROTOBUF_GROWTH * LIMITS.max_payload_bytes
+
+    error = await failure(api.runs.TriggerWorkflowRun(
+        runs_pb.TriggerWorkflowRunRequest(workflow_id=wf.id, payload=payload)))
+
+    assert_invalid(error, "JSON_TOO_LARGE", "payload")
+    assert "as protobuf" in error.message
+    assert await stored_runs(api) == []
+
+
+async def test_a_payload_too_large_only_as_json_is_refused_after_conversion(api: Api) -> None:
+    # 70,000 numbers: 280 KB as JSON ("1.0," each), 770 KB as protobuf (under 3 x 256 KiB).
+    wf = await api.create_workflow(two_steps())
+    payload = numbers_payload(70_000)
+    assert payload.ByteSize() <= DOCUMENT_PROTOBUF_GROWTH * LIMITS.max_payload_bytes
+
+    error = await failure(api.runs.TriggerWorkflowRun(
+        runs_pb.TriggerWorkflowRunRequest(workflow_id=wf.id, payload=payload)))
+
+    assert_invalid(error, "JSON_TOO_LARGE", "payload")
+    assert "as JSON" in error.message
+    assert await stored_runs(api) == []
+
+
+async def test_the_largest_payload_of_numbers_is_accepted(api: Api) -> None:
+    wf = await api.create_workflow(two_steps())
+    count = LIMITS.max_payload_bytes // 4 - 10  # {"l":[1.0,1.0,...]} just under the limit
+    run = await api.trigger(wf.id, payload={"l": [1.0] * count})
+    assert len(run.payload["l"]) == count
+
+
+async def test_a_force_complete_result_too_large_as_protobuf_changes_nothing(api: Api) -> None:
+    wf = await api.create_workflow(gated())
+    run = await api.trigger(wf.id)
+    await api.engine.tick()
+
+    error = await failure(api.steps.ForceCompleteStep(steps_pb.ForceCompleteStepRequest(
+        workflow_run_id=run.id, step_ref="gate", result=numbers_payload(300_000))))
+
+    assert_invalid(error, "JSON_TOO_LARGE", "result")
+    steps, _ = await listed(api.steps.ListStepRuns(steps_pb.ListStepRunsRequest(workflow_run_id=run.id)))
+    assert {s.step_ref: s.status for s in steps}["gate"] == pb.StepStatus.waiting
+
+
+async def test_a_grpc_definition_over_max_definition_bytes_is_refused_by_its_size(api: Api) -> None:
+    # Nine configs of 250 KB: each within max_payload_bytes, together over max_definition_bytes.
+    steps = [{"ref": f"s{i}", "kind": "task", "config": {"blob": "x" * 250_000}} for i in range(9)]
+    workflow = json_format.ParseDict({"name": "big", "steps": steps}, pb.Workflow())
+    assert workflow.ByteSize() > LIMITS.max_definition_bytes
+
+    error = await failure(api.workflows.CreateWorkflow(wf_pb.CreateWorkflowRequest(workflow=workflow)))
+
+    assert_invalid(error, "REQUEST_TOO_LARGE", "workflow")
+    assert await stored_workflows(api) == []
+
+
+async def test_too_many_steps_are_refused_without_walking_them(api: Api) -> None:
+    # Every step has a NUL in its ref: walked, each would be a problem of its own.
+    steps = [{"ref": f"s{i}\x00", "kind": "noop"} for i in range(3 * LIMITS.max_steps)]
+
+    error = await failure(api.create_workflow({"name": "many", "steps": steps}))
+
+    assert_invalid(error, "TOO_MANY_VALUES", "workflow.steps")
+    assert [f for f, _ in error.violations] == ["workflow.steps"]
+    assert await stored_workflows(api) == []
+
+
+@pytest.mark.parametrize("document", [
+    {},
+    {"a": [1, 2.5, -3e300, "x", True, False, None, {"b": []}, [[{}]]], "": {"k": "é\u2028"}},
+    nested(LIMITS.max_json_depth),
+])
+def test_documents_are_measured_as_json_format_converts_them(document: Any) -> None:
+    struct = json_format.ParseDict(document, struct_pb2.Struct())
+    converted, long_key = _document(struct, LIMITS.max_json_depth, LIMITS.max_short_text_length)
+    assert converted == json_format.MessageToDict(struct) and not long_key
+    value = struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value(number_value=1)]))
+    assert _document(value, 2, 10) == ([1.0], False)
