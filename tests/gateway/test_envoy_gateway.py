@@ -20,7 +20,10 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from conveyor.api.server import MAX_METADATA_BYTES
-from conveyor.gateway.envoy import TEMPLATE_PATH, EnvoyGateway
+from conveyor.domain.limits import Limits
+from conveyor.domain.spec import trigger_body_bytes
+from conveyor.gateway.envoy import TEMPLATE_PATH, EnvoyGateway, rest_body_bytes
+from conveyor.settings import Settings
 from conveyor.v1 import (
     resources_pb2,
     workflow_runs_service_pb2,
@@ -454,3 +457,13 @@ def test_grpc_accepts_all_the_metadata_envoy_forwards() -> None:
     assert 2 * int(kb) * 1024 <= MAX_METADATA_BYTES
     # And the URL itself is not forwarded at all.
     assert "request_headers_to_remove: [x-envoy-original-path" in template
+
+
+def test_envoys_body_limit_is_what_the_largest_request_needs() -> None:
+    # A definition (max_definition_bytes) by default; a trigger's room if payloads may be larger;
+    # never above max_request_bytes.
+    assert rest_body_bytes(Settings()) == Limits().max_definition_bytes == 2 * 1024 * 1024
+    big_payloads = Limits(max_payload_bytes=1024 * 1024)
+    settings = Settings(max_request_bytes=64 << 20, limits=big_payloads)
+    assert rest_body_bytes(settings) == trigger_body_bytes(big_payloads)
+    assert rest_body_bytes(Settings(max_request_bytes=1024)) == 1024

@@ -147,6 +147,25 @@ async def test_hostile_rest_requests_are_4xx_json_and_store_nothing(spawn: Spawn
             status, text = await raw_request(served.rest_url, "POST", path, json.dumps(document).encode())
             assert status == 413 and json.loads(text)["details"][0]["reason"] == "REQUEST_TOO_LARGE", text
 
+        # Under Envoy's limit but over what the request may need: refused on their length (a
+        # trigger) or their count (steps) before anything in them is converted.
+        numbers = b'{"payload": {"l": [' + b",".join([b"1"] * 1_900_000) + b"]}}"  # 3.8 MB
+        status, text = await raw_request(served.rest_url, "POST", "/v1/workflows/deploy/runs", numbers)
+        assert status == 413 and json.loads(text)["details"][0]["reason"] == "REQUEST_TOO_LARGE", text
+        padded = b'{"payload": {"l": [' + b",".join([b"1"] * 750_000) + b"]}}"  # 1.5 MB, under 2 MiB
+        body = assert_refused(await client.post("/v1/workflows/deploy/runs", content=padded),
+                              400, "REQUEST_TOO_LARGE")
+        assert violations(body) == ["body"]
+        compact = b'{"payload": {"l": [' + b",".join([b"1"] * 300_000) + b"]}}"  # 600 KB
+        body = assert_refused(await client.post("/v1/workflows/deploy/runs", content=compact),
+                              400, "JSON_TOO_LARGE")
+        assert violations(body) == ["payload"]
+        chain = [{"ref": f"s{i}", "kind": "noop", **({"depends_on": [f"s{i - 1}"]} if i else {})}
+                 for i in range(3 * LIMITS.max_steps)]
+        body = assert_refused(await client.post("/v1/workflows", json={"name": "chain", "steps": chain}),
+                              400, "TOO_MANY_VALUES")
+        assert violations(body) == ["steps"]
+
         # Lists: forged cursors, too many filters, bad filter syntax.
         forged_tokens = [base64.urlsafe_b64encode(json.dumps(v).encode()).decode()
                          for v in ({"a": 1}, ["not-a-date", "x"], [1, 2], ["2026-01-01T00:00:00", "x"])]
