@@ -300,7 +300,7 @@ async def test_a_trigger_the_database_refuses_fails_alone(engine: Engine, pg_onl
     requests.insert(2, TriggerRequest("batch", tags={"bad": "nul\x00here"}))
     results = await asyncio.gather(*[engine.runs.trigger(r, Caller("t")) for r in requests],
                                    return_exceptions=True)
-    assert isinstance(results[2], Exception)
+    assert isinstance(results[2], ConveyorError) and results[2].reason == "VALUE_REFUSED"
     ok = [r for i, r in enumerate(results) if i != 2]
     assert all(not isinstance(r, BaseException) and r.status == RunStatus.COMPLETED for r in ok)
 

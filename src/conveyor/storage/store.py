@@ -5,8 +5,9 @@ It is also the storage boundary for database trouble that is not the request's f
 away by itself (issue 5, item 11): SQLite busy/locked beyond its busy timeout, a pool checkout
 timeout, a lost or refused PostgreSQL connection, a serialization failure or deadlock. Those
 leave `read()` / `write()` as a domain UNAVAILABLE error with reason DATABASE_UNAVAILABLE and a
-generic message (gRPC UNAVAILABLE, HTTP 503), never as INTERNAL. Constraint violations,
-programming errors and anything else pass through unchanged.
+generic message (gRPC UNAVAILABLE, HTTP 503), never as INTERNAL. A value the database refuses
+(DataError) is the request's fault: INVALID_ARGUMENT, reason VALUE_REFUSED. Constraint
+violations, programming errors and anything else pass through unchanged.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from contextlib import asynccontextmanager
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from conveyor.domain.errors import ConveyorError, unavailable
+from conveyor.domain.errors import ConveyorError, invalid, unavailable
 from conveyor.storage.db import Database
 from conveyor.storage.repository import Repository
 
 logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+VALUE_REFUSED = "VALUE_REFUSED"
 UNAVAILABLE_MESSAGE = "the database is temporarily unavailable; retry the request"
 
 # SQLite primary result codes (the low byte of sqlite3.Error.sqlite_errorcode): another
@@ -57,6 +59,20 @@ def is_transient(error: BaseException) -> bool:
     return _driver_error_is_transient(error)
 
 
+def is_refused_value(error: BaseException) -> bool:
+    """True when the database refused a value (SQLSTATE class 22, data exception; SQLite has
+    none it would raise for our columns)."""
+    if isinstance(error, sa_exc.DataError):
+        return True
+    seen: BaseException | None = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state.startswith("22")
+        seen = seen.__cause__ if seen.__cause__ is not seen else None
+    return False
+
+
 def _driver_error_is_transient(error: BaseException | None) -> bool:
     if error is None:
         return False
@@ -84,6 +100,12 @@ async def _translated() -> AsyncIterator[None]:
     except ConveyorError:
         raise
     except Exception as e:
+        if is_refused_value(e):
+            # A value the database refuses (PostgreSQL: a NUL character, text too long for its
+            # column, a number out of range). The API's limits refuse these first; one that gets
+            # through is still the request's fault: its unit fails alone, as INVALID_ARGUMENT.
+            logger.warning("database refused a value: %s", next(iter(str(e).splitlines()), ""))
+            raise invalid("the database refused a value of this request", reason=VALUE_REFUSED) from e
         if not is_transient(e):
             raise
         # One line, no traceback: a locked or restarting database can fail many requests at once.
