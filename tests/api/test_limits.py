@@ -385,9 +385,10 @@ async def test_a_payload_too_large_as_protobuf_is_refused_unconverted(api: Api) 
 
 
 async def test_a_payload_too_large_only_as_json_is_refused_after_conversion(api: Api) -> None:
-    # 70,000 numbers: 280 KB as JSON ("1.0," each), 770 KB as protobuf (under 3 x 256 KiB).
+    # Numbers take 4 bytes as JSON ("1.0,") and 11 as protobuf: 0.26 x the limit of them is
+    # over the limit as JSON and under 3 x it as protobuf.
     wf = await api.create_workflow(two_steps())
-    payload = numbers_payload(70_000)
+    payload = numbers_payload(int(0.26 * LIMITS.max_payload_bytes))
     assert payload.ByteSize() <= DOCUMENT_PROTOBUF_GROWTH * LIMITS.max_payload_bytes
 
     error = await failure(api.runs.TriggerWorkflowRun(

@@ -156,7 +156,8 @@ async def test_hostile_rest_requests_are_4xx_json_and_store_nothing(spawn: Spawn
         body = assert_refused(await client.post("/v1/workflows/deploy/runs", content=padded),
                               400, "REQUEST_TOO_LARGE")
         assert violations(body) == ["body"]
-        compact = b'{"payload": {"l": [' + b",".join([b"1"] * 300_000) + b"]}}"  # 600 KB
+        # Over max_payload_bytes as JSON, under the trigger body bound (4 x that, and more).
+        compact = b'{"payload": {"l": [' + b",".join([b"1"] * (LIMITS.max_payload_bytes // 2 + 1000)) + b"]}}"
         body = assert_refused(await client.post("/v1/workflows/deploy/runs", content=compact),
                               400, "JSON_TOO_LARGE")
         assert violations(body) == ["payload"]

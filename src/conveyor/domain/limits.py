@@ -32,8 +32,10 @@ class Limits:
     # 32 a stored output could no longer be decoded by clients (measured: 32 fails). 20 leaves
     # room for every wrapper.
     max_json_depth: int = 20
-    # Serialized size of a run's payload, and of a step's input/result/data.
-    max_payload_bytes: int = 256 * 1024
+    # Serialized size of a run's payload, and of a step's input/result/data. 64 KiB keeps the
+    # worst case (a payload of nothing but small numbers, ~30,000 values) within ~100 ms of
+    # decoding and checking on the event loop; 256 KiB took ~400 ms (bench/hostile.py).
+    max_payload_bytes: int = 64 * 1024
     # Serialized size of one step's output (a larger one fails the step, OUTPUT_TOO_LARGE) and
     # of a run's output (the outputs of its steps).
     max_output_bytes: int = 256 * 1024
