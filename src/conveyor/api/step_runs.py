@@ -24,9 +24,10 @@ class StepRunsServicer(steps_grpc.StepRunsServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepRun]:
         page = await self._engine.steps.list(request.workflow_run_id, request.limit,
                                              request.page_token, caller=caller_from(context))
+        messages = [convert.step_to_proto(step) for step in page.items]  # all before sending
         await convert.send_next_page_token(context, page.next_token)
-        for step in page.items:
-            yield convert.step_to_proto(step)
+        for msg in messages:
+            yield msg
 
     async def ApproveStep(self, request: steps_pb.ApproveStepRequest,
                           context: grpc.aio.ServicerContext) -> steps_pb.ApproveStepResponse:
