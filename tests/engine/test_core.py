@@ -339,3 +339,23 @@ async def test_an_approval_that_times_out_is_retried_per_policy(engine: Engine, 
     assert step.status == StepStatus.TIMED_OUT and step.attempt == 2
     assert await status(engine, run_id) == RunStatus.FAILED
     await check_history(engine, run_id)
+
+
+@pytest.mark.parametrize("operation", ["skip", "replay-subtree", "force-complete"])
+async def test_every_exit_from_running_revokes_the_lease(engine: Engine, operation: str) -> None:
+    await engine.workflows.create(wf("work", [task("t"), noop("after", "t")]), ME)
+    run_id = await trigger(engine, "work")
+    (lease,) = await engine.leases.acquire("q", WORKER, 30, 1, ME)
+    if operation == "skip":
+        await engine.steps.skip(run_id, "t", "", ME)
+    elif operation == "replay-subtree":
+        await engine.steps.replay_subtree(run_id, "t", ME)
+    else:
+        await engine.steps.force_complete(run_id, "t", {"by": "hand"}, ME)
+    step = (await steps_of(engine, run_id))["t"]
+    assert step.lease_expires_at is None and step.status != StepStatus.RUNNING
+    with pytest.raises(ConveyorError) as lost:
+        await engine.leases.complete(lease.step.id, 1, WORKER, {"late": True}, ME)
+    assert lost.value.reason == "LEASE_LOST"
+    assert (await steps_of(engine, run_id))["t"].output != {"late": True}
+    await check_history(engine, run_id)
