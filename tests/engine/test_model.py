@@ -47,13 +47,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, Phase, note, settings
+from hypothesis import HealthCheck, Phase, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -107,10 +107,20 @@ WHENS = ["payload.flag", "!payload.flag", "payload.amount > 3", "has(payload.fla
          "payload.amount"]  # the last is not a bool
 # Condition-step expressions; the last fails at run time (no such key): a failing attempt.
 EXPRESSIONS = ["payload.amount > 5", "payload.go", "payload.missing > 1"]
+# Task steps: one queue, a few workers. A task's config is rendered into its `input` when a
+# lease starts an attempt; the last config fails to render (no such key): a failed attempt.
+QUEUE = "q"
+HOLDERS = ["w1", "w2"]
+INTRUDER = "intruder"  # a holder that never acquired anything
+# How a report claims its lease: as held (most often), or forged.
+FORGES = st.sampled_from(["", "", "", "holder", "older", "newer", "unknown"])
+TASK_CONFIGS: list[dict[str, Any]] = [{}, {"n": "{{ payload.amount }}"}, {"x": "{{ payload.missing }}"}]
 
 
 @st.composite
-def workflow_defs(draw: st.DrawFn) -> dict[str, Any]:
+def workflow_defs(draw: st.DrawFn, lead_task: bool = False) -> dict[str, Any]:
+    """A workflow of 1-5 steps of every kind; with `lead_task` its first step is a task (so that
+    most examples have work to lease from their first run on)."""
     n = draw(st.integers(1, 5))
     steps: list[dict[str, Any]] = []
     for i in range(n):
@@ -120,9 +130,17 @@ def workflow_defs(draw: st.DrawFn) -> dict[str, Any]:
         deps = draw(st.lists(st.sampled_from(earlier), unique=True, max_size=2)) if earlier else []
         if deps:
             step["depends_on"] = deps
-        kind = draw(st.sampled_from(["noop", "condition", "delay", "approval", "input"]))
+        kind = "task" if lead_task and i == 0 else \
+            draw(st.sampled_from(["noop", "condition", "delay", "approval", "input", "task", "task"]))
         step["kind"] = kind
-        if kind == "noop" and draw(st.booleans()):
+        if kind == "task":
+            step["queue"] = QUEUE
+            config = draw(st.sampled_from(TASK_CONFIGS))
+            if config:
+                step["config"] = config
+            if draw(st.booleans()):
+                step["timeout_seconds"] = draw(st.sampled_from([5, 60]))
+        elif kind == "noop" and draw(st.booleans()):
             step["config"] = {"output": {"v": i}}
         elif kind == "condition":
             step["config"] = {"expression": draw(st.sampled_from(EXPRESSIONS))}
@@ -132,7 +150,7 @@ def workflow_defs(draw: st.DrawFn) -> dict[str, Any]:
             step["timeout_seconds"] = draw(st.sampled_from([5, 60]))
         cond_deps = [d for d in deps if next(s for s in steps if s["ref"] == d)["kind"] == "condition"]
         whens = WHENS + [f"steps.{d}.output.result == true" for d in cond_deps]
-        when = draw(st.none() | st.sampled_from(whens))
+        when = None if lead_task and i == 0 else draw(st.none() | st.sampled_from(whens))
         if when:
             step["when"] = when
         if draw(st.booleans()):
@@ -147,6 +165,14 @@ def workflow_defs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         data["condition"] = "payload.go == true"
     return data
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """An output nested deeper than max_json_depth: OUTPUT_TOO_LARGE."""
+    out: dict[str, Any] = {}
+    for _ in range(depth):
+        out = {"a": out}
+    return out
 
 
 payloads = st.fixed_dictionaries(
@@ -202,6 +228,18 @@ class RunModel:
 
 
 @dataclass
+class HeldLease:
+    """One lease an acquire handed out, as the model knows it (`until` moves with heartbeats)."""
+
+    run_id: str
+    step_id: str
+    ref: str
+    attempt: int
+    holder: str
+    until: datetime
+
+
+@dataclass
 class View:
     """One run as read through the public API."""
 
@@ -211,6 +249,9 @@ class View:
 
     def step(self, ref: str) -> StepRecord | None:
         return next((s for s in self.steps if s.step_ref == ref), None)
+
+    def step_by_id(self, step_id: str) -> StepRecord:
+        return next(s for s in self.steps if s.id == step_id)
 
 
 Snapshot = dict[str, View]
@@ -354,6 +395,26 @@ def expect_replay_subtree(view: View, ref: str) -> Expect:
     return view.run.status != R.PENDING
 
 
+# A complete/fail report of the live attempt after its lease's expiry, before the runner swept it.
+# A heartbeat at that instant answers LEASE_LOST; see test_a_report_after_its_lease_expired_is_lease_lost.
+LATE_REPORT: Expect = None
+
+
+def expect_report(step: StepRecord, attempt: int, holder: str, now: datetime, heartbeat: bool) -> Expect:
+    """A worker report (heartbeat, complete, fail) is accepted only for the live lease of this
+    holder's attempt; anything else (an old attempt, another holder, a step no longer running
+    because it was reported, canceled, skipped, replayed, timed out or its lease swept) is
+    LEASE_LOST and changes nothing."""
+    live = (step.status == S.RUNNING and step.attempt == attempt and step.worker_id == holder
+            and step.lease_expires_at is not None)
+    if not live:
+        return False
+    assert step.lease_expires_at is not None
+    if step.lease_expires_at > now:
+        return True
+    return False if heartbeat else LATE_REPORT
+
+
 # -- the state machine -------------------------------------------------------------------------
 
 
@@ -375,6 +436,11 @@ class EngineMachine(RuleBasedStateMachine):
         self.keys: dict[tuple[str, str], tuple[Any, str, datetime]] = {}
         self.snap: Snapshot = {}
         self.ticked = False
+        # Every lease ever handed out (late reports pick from these), every (step, attempt) ever
+        # leased, and the snapshot taken just before the last tick.
+        self.leases: list[HeldLease] = []
+        self.acquired: dict[tuple[str, int], HeldLease] = {}
+        self.pre_tick: Snapshot = {}
 
     def teardown(self) -> None:
         try:
@@ -406,9 +472,13 @@ class EngineMachine(RuleBasedStateMachine):
         self.call(self.engine.workflows.create({"name": name, **data}, ME))
         self.workflows[name] = WorkflowModel.of(name, data)
 
-    @initialize(data=workflow_defs())
-    def first_workflow(self, data: dict[str, Any]) -> None:
+    @initialize(target=runs, data=workflow_defs(lead_task=True), payload=payloads)
+    def first_workflow(self, data: dict[str, Any], payload: dict[str, Any]) -> Any:
+        """Every example starts with a workflow whose first step is a task, and one run of it."""
         self._create(data)
+        run = self.trigger(0, payload, None, False, False, 0, 0)
+        self.tick(0)  # a run that waits for a concurrency slot starts
+        return run
 
     @precondition(lambda self: len(self.workflows) < 3)
     @rule(data=workflow_defs())
@@ -461,9 +531,23 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0, 1, 2, 5, 10, 30, 61, 300]))
     def tick(self, seconds: int) -> None:
+        self.pre_tick = self.snap
         self.clock.advance(seconds)
-        self.call(self.engine.tick())
+        # Engine.tick() passes until nothing is due; a run the runner keeps claiming without
+        # settling it would make that loop forever, so the passes are counted here.
+        for _ in range(50):
+            if self.call(self.engine.runner.tick()) == 0:
+                break
+        else:
+            raise AssertionError("the runner never goes idle: a run stays due after every pass\n"
+                                 + diff(self.pre_tick, self.read()))
         self.ticked = True
+
+    @rule(seconds=st.sampled_from([1, 5, 30, 61]))
+    def wait(self, seconds: int) -> None:
+        """Time passes before the runner looks (it is busy, or a replica is down): deadlines and
+        leases are past but not yet swept, so operations and reports meet them first."""
+        self.clock.advance(seconds)
 
     @rule()
     def restart(self) -> None:
@@ -690,6 +774,190 @@ class EngineMachine(RuleBasedStateMachine):
                 assert s is not None and s.status == S.PENDING
             self._reopened_ok(run, was)
 
+    # -- leases ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _leasable(snap: Snapshot, now: datetime) -> dict[str, StepRecord]:
+        """Steps an acquire on QUEUE may start now: queued task steps of running runs whose slot
+        is ready (given by the planner, not backing off)."""
+        return {s.id: s for v in snap.values() if v.run.status == R.RUNNING for s in v.steps
+                if s.kind == "task" and s.status == S.QUEUED and s.ready_at is not None and s.ready_at <= now}
+
+    @rule(holder=st.sampled_from(HOLDERS), seconds=st.sampled_from([5, 30, 120]),
+          most=st.sampled_from([1, 3]))
+    def acquire(self, holder: str, seconds: int, most: int) -> None:
+        before = self.snap
+        now = self.clock.now()
+        leasable = self._leasable(before, now)
+        leases = self.call(self.engine.leases.acquire(QUEUE, holder, seconds, most, ME))
+        after = self.read()
+        self.snap = after
+        note(f"acquire {holder} {seconds}s max {most}: {[(x.step.step_ref, x.step.attempt) for x in leases]} "
+             f"of {len(leasable)} ready")
+        event(f"acquire: {min(len(leases), 2)}+ leased" if leases else
+              f"acquire: none ({'some' if leasable else 'nothing'} ready)")
+        until = now + timedelta(seconds=seconds)
+        assert len(leases) <= most, f"acquire(max_steps={most}) handed out {len(leases)} leases"
+        for lease in leases:
+            step, run_id = lease.step, lease.run.id
+            assert step.id in leasable, \
+                f"leased step {step.step_ref} of {run_id} was not ready in a running run"
+            assert step.attempt == leasable[step.id].attempt + 1, "a lease starts the next attempt"
+            assert (step.status, step.worker_id, lease.expires_at) == (S.RUNNING, holder, until)
+            key = (step.id, step.attempt)
+            assert key not in self.acquired, f"step {step.step_ref} attempt {step.attempt} leased twice"
+            held = HeldLease(run_id, step.id, step.step_ref, step.attempt, holder, until)
+            self.acquired[key] = held
+            self.leases.append(held)
+            stored = after[run_id].step_by_id(step.id)
+            assert (stored.status, stored.attempt, stored.worker_id, stored.lease_expires_at) == \
+                (S.RUNNING, step.attempt, holder, until), \
+                f"lease of {step.step_ref} (run {run_id}) is not what is stored: {stored}"
+            new = after[run_id].events[len(before[run_id].events):]
+            assert any(e.type == "step.running" and e.step_ref == step.step_ref and e.actor == holder
+                       and (e.data or {}).get("attempt") == step.attempt
+                       and (e.data or {}).get("worker_id") == holder for e in new), \
+                f"the lease of {step.step_ref} is not recorded: {[(e.type, e.step_ref, e.data) for e in new]}"
+        leased = {lease.step.id for lease in leases}
+        started = {sid for sid, s in leasable.items()
+                   if after[s.workflow_run_id].step_by_id(sid).attempt > s.attempt}
+        assert leased <= started
+        for sid in started - leased:
+            s = leasable[sid]
+            now_s = after[s.workflow_run_id].step_by_id(sid)
+            assert now_s.attempt == s.attempt + 1 and now_s.error.startswith("template:"), \
+                f"step {s.step_ref} was started by an acquire without a lease: {now_s}"
+        if len(leased) < most and started == leased:
+            assert leased == set(leasable), \
+                f"acquire(max_steps={most}) left ready steps: {set(leasable) - leased}"
+        touched = {s.workflow_run_id for s in leasable.values()}
+        for rid, view in before.items():
+            if rid not in touched:
+                assert after[rid] == view, f"acquire changed run {rid} that had nothing to lease:\n" + \
+                    diff({rid: view}, {rid: after[rid]})
+
+    def _report(self, what: str, call: Callable[[], Awaitable[T]], expect: Expect) -> tuple[bool, Any]:
+        """Send one worker report; a refusal must be LEASE_LOST (NOT_FOUND for an unknown task)
+        and change nothing."""
+        before = self.snap
+        try:
+            result = self.call(call())
+        except ConveyorError as e:
+            note(f"{what}: refused {e}")
+            event(f"{what.split()[0]}: refused ({e.reason}, expected {expect!r})")
+            assert expect is not True, f"{what} should be accepted but was refused: {e}"
+            if expect == "missing":
+                assert e.kind == ErrorKind.NOT_FOUND, f"{what}: expected NOT_FOUND, got {e}"
+            else:
+                assert (e.kind, e.reason) == (ErrorKind.FAILED_PRECONDITION, "LEASE_LOST"), \
+                    f"{what}: expected LEASE_LOST, got {e}"
+            after = self.read()
+            assert after == before, f"a refused {what} changed something:\n" + diff(before, after)
+            self.snap = after
+            return False, None
+        note(f"{what}: accepted -> {result!r}")
+        event(f"{what.split()[0]}: accepted (expected {expect!r})")
+        assert expect is True or expect is None, f"{what} should have been refused (LEASE_LOST)"
+        self.snap = self.read()
+        return True, result
+
+    def _forged(self, index: int, forge: str) -> tuple[HeldLease, str, int, str]:
+        """A lease the model holds, and the (task id, attempt, holder) a report about it claims:
+        its own, another holder's, an attempt before or after it, or a task that does not exist."""
+        lease = self.leases[index % len(self.leases)]
+        if forge == "unknown":
+            return lease, MISSING_RUN, lease.attempt, lease.holder
+        if forge == "holder":
+            others = [h for h in [*HOLDERS, INTRUDER] if h != lease.holder]
+            return lease, lease.step_id, lease.attempt, others[index % len(others)]
+        return lease, lease.step_id, lease.attempt + {"": 0, "older": -1, "newer": 1}[forge], lease.holder
+
+    def _expect(self, lease: HeldLease, task: str, attempt: int, holder: str, heartbeat: bool) -> Expect:
+        if task == MISSING_RUN:
+            return "missing"
+        step = self.snap[lease.run_id].step_by_id(task)
+        return expect_report(step, attempt, holder, self.clock.now(), heartbeat)
+
+    @precondition(lambda self: self.leases)
+    @rule(index=st.integers(0, 30), forge=FORGES,
+          seconds=st.sampled_from([5, 30, 120]))
+    def heartbeat(self, index: int, forge: str, seconds: int) -> None:
+        lease, task, attempt, holder = self._forged(index, forge)
+        before = self.snap
+        step = before[lease.run_id].step_by_id(lease.step_id)
+        now = self.clock.now()
+        ok, until = self._report(
+            f"heartbeat {lease.ref} attempt {attempt} by {holder}{' (unknown task)' * (task != step.id)}",
+            lambda: self.engine.leases.heartbeat(task, attempt, holder, seconds, ME),
+            self._expect(lease, task, attempt, holder, heartbeat=True))
+        if not ok:
+            return
+        assert until == now + timedelta(seconds=seconds)
+        self.acquired[(lease.step_id, attempt)].until = until
+        after = self.snap
+        # A heartbeat touches the step's lease and nothing else: no event, no other row.
+        stored = after[lease.run_id].step_by_id(lease.step_id)
+        assert stored.lease_expires_at == until
+        mine = after[lease.run_id]
+        moved = {**after, lease.run_id: View(mine.run, [
+            replace(s, lease_expires_at=step.lease_expires_at, updated_at=step.updated_at)
+            if s.id == step.id else s for s in mine.steps], mine.events)}
+        assert moved == before, "a heartbeat changed more than its lease:\n" + diff(before, moved)
+
+    @precondition(lambda self: self.leases)
+    @rule(index=st.integers(0, 30), forge=FORGES,
+          output=st.sampled_from(["small", "empty", "deep"]))
+    def complete(self, index: int, forge: str, output: str) -> None:
+        lease, task, attempt, holder = self._forged(index, forge)
+        before = self.snap
+        result = {"small": {"by": holder, "attempt": attempt}, "empty": {}, "deep": _nested(30)}[output]
+        ok, _ = self._report(
+            f"complete {lease.ref} attempt {attempt} by {holder} ({output})"
+            f"{' (unknown task)' * (task != lease.step_id)}",
+            lambda: self.engine.leases.complete(task, attempt, holder, result, ME),
+            self._expect(lease, task, attempt, holder, heartbeat=False))
+        if not ok:
+            return
+        stored = self.snap[lease.run_id].step_by_id(lease.step_id)
+        if output == "deep":
+            assert stored.status == S.FAILED and stored.error.startswith("OUTPUT_TOO_LARGE"), stored
+        else:
+            assert stored.status == S.COMPLETED and stored.output == result, stored
+        self._reported(before, lease.run_id, lease.ref, attempt)
+
+    @precondition(lambda self: self.leases)
+    @rule(index=st.integers(0, 30), forge=FORGES,
+          retryable=st.booleans())
+    def fail(self, index: int, forge: str, retryable: bool) -> None:
+        lease, task, attempt, holder = self._forged(index, forge)
+        before = self.snap
+        error = f"{holder} failed attempt {attempt}"
+        ok, _ = self._report(
+            f"fail {lease.ref} attempt {attempt} by {holder} (retryable={retryable})"
+            f"{' (unknown task)' * (task != lease.step_id)}",
+            lambda: self.engine.leases.fail(task, attempt, holder, error, retryable, ME),
+            self._expect(lease, task, attempt, holder, heartbeat=False))
+        if not ok:
+            return
+        view = self.snap[lease.run_id]
+        stored = view.step_by_id(lease.step_id)
+        again = retryable and attempt < self._wf(lease.run_id).max_attempts(lease.ref)
+        expected = {S.QUEUED if again else S.FAILED}
+        if view.run.status == R.TIMED_OUT:
+            expected.add(S.CANCELED)  # the run's deadline had passed: planning it on ended it
+        assert stored.status in expected and stored.error == error, \
+            f"fail(retryable={retryable}) of attempt {attempt}: step is {stored.status} ({stored.error!r})"
+        self._reported(before, lease.run_id, lease.ref, attempt)
+
+    def _reported(self, before: Snapshot, run_id: str, ref: str, attempt: int) -> None:
+        """An accepted report is recorded as an event of its step and attempt, and ends the lease."""
+        new = self.snap[run_id].events[len(before[run_id].events):]
+        assert any(e.step_ref == ref and e.actor == ME.name and (e.data or {}).get("attempt") == attempt
+                   for e in new), \
+            f"report on {ref} not recorded: {[(e.type, e.step_ref, e.data) for e in new]}"
+        stored = self.snap[run_id].step(ref)
+        assert stored is not None and stored.lease_expires_at is None
+
     # -- invariants -----------------------------------------------------------------------------
 
     @invariant()
@@ -702,6 +970,8 @@ class EngineMachine(RuleBasedStateMachine):
         for view in snap.values():
             self.check_history(view)
             self.check_agreement(view, after_tick, now)
+        if after_tick:
+            self.check_swept(self.pre_tick, snap, now)
         for wf in self.workflows.values():
             if wf.capped:
                 running = [v.run.id for v in snap.values() if v.run.workflow_name == wf.name
@@ -716,6 +986,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert seqs == list(range(1, len(seqs) + 1)), f"run {run.id}: seq gaps {seqs}"
         status: RunStatus | None = None
         steps: dict[str, StepStatus] = dict(model.initial)
+        started: dict[str, int] = {}  # the last attempt each step's events started
         limit = run.max_parallel_steps
         for ev in view.events:
             kind, _, suffix = ev.type.partition(".")
@@ -740,6 +1011,15 @@ class EngineMachine(RuleBasedStateMachine):
                 if new_s == S.RUNNING:
                     assert status == R.RUNNING, \
                         f"run {run.id}: step {ev.step_ref} started at seq {ev.seq} while the run was {status}"
+                    attempt = (ev.data or {}).get("attempt")
+                    assert isinstance(attempt, int) and attempt > started.get(ev.step_ref, 0), \
+                        f"run {run.id}: step {ev.step_ref} started attempt {attempt} at seq {ev.seq} " \
+                        f"after attempt {started.get(ev.step_ref)}"
+                    started[ev.step_ref] = attempt
+                    if wf.kinds[ev.step_ref] == "task":
+                        holder = (ev.data or {}).get("worker_id")
+                        assert holder and ev.actor == holder, \
+                            f"run {run.id}: lease of {ev.step_ref} at seq {ev.seq} does not name its holder"
                 steps[ev.step_ref] = new_s
                 if limit:
                     busy = [r for r, s in steps.items() if s in (S.RUNNING, S.WAITING)]
@@ -754,6 +1034,31 @@ class EngineMachine(RuleBasedStateMachine):
             assert s.attempt - base <= most, \
                 f"run {run.id}: step {s.step_ref} attempt {s.attempt} > max_attempts {most} (+{base})"
 
+    def check_swept(self, before: Snapshot, after: Snapshot, now: datetime) -> None:
+        """Every attempt that was running before a tick past its lease's expiry (or its timeout)
+        no longer runs, and its end is recorded as an event of that step saying why."""
+        for held in self.acquired.values():
+            if held.run_id not in before:
+                continue
+            was = before[held.run_id].step_by_id(held.step_id)
+            if (was.status, was.attempt) != (S.RUNNING, held.attempt):
+                continue
+            past = held.until <= now or (was.due_at is not None and was.due_at <= now)
+            deadline = before[held.run_id].run.expires_at
+            run_past = deadline is not None and deadline <= now
+            if not (past or run_past):
+                continue
+            is_ = after[held.run_id].step_by_id(held.step_id)
+            event(f"tick: ended a running attempt ({'lease' if held.until <= now else 'deadline'})")
+            assert (is_.status, is_.attempt) != (S.RUNNING, held.attempt), \
+                f"step {held.ref} of {held.run_id} attempt {held.attempt} still runs after a tick past " \
+                f"its lease ({held.until}) / timeout ({was.due_at}) / run deadline"
+            new = [e for e in after[held.run_id].events[len(before[held.run_id].events):]
+                   if e.step_ref == held.ref]
+            assert new and any(w in new[0].message for w in ("expired", "timed out", "timed_out")), \
+                f"the end of {held.ref} attempt {held.attempt} is not recorded with why: " \
+                f"{[(e.type, e.message) for e in new]}"
+
     def check_agreement(self, view: View, after_tick: bool, now: datetime) -> None:
         run = view.run
         wf = self.workflows[self.models[run.id].workflow]
@@ -764,11 +1069,32 @@ class EngineMachine(RuleBasedStateMachine):
             assert not any(s in UNFINISHED for s in statuses.values()), \
                 f"{run.status} run {run.id} has {statuses}"
         for s in view.steps:
-            assert s.status != S.RUNNING, f"in-engine step {s.step_ref} of {run.id} rests in running"
+            if s.status == S.RUNNING:
+                # Only a leased attempt rests in running (in-engine kinds start and stop in one
+                # pass), and only while its run may still hear from it.
+                assert s.kind == "task", f"in-engine step {s.step_ref} of {run.id} rests in running"
+                assert run.status in (R.RUNNING, R.PAUSED), \
+                    f"step {s.step_ref} of a {run.status} run {run.id} is running (leased by {s.worker_id!r})"
+                held = self.acquired.get((s.id, s.attempt))
+                assert held is not None and held.holder == s.worker_id, \
+                    f"step {s.step_ref} of {run.id} runs attempt {s.attempt} for {s.worker_id!r}, " \
+                    "which no acquire handed out"
+                assert s.lease_expires_at == held.until, \
+                    f"step {s.step_ref} of {run.id}: lease until {s.lease_expires_at}, " \
+                    f"acquire/heartbeat said {held.until}"
+            assert (s.lease_expires_at is not None) == (s.status == S.RUNNING), \
+                f"step {s.step_ref} of {run.id} is {s.status} with lease_expires_at {s.lease_expires_at}"
             if s.status == S.WAITING:
                 assert s.kind in WAITING_KINDS, f"a {s.kind} step waits"
         if not after_tick:
             return
+        for s in view.steps:
+            if s.status == S.RUNNING:
+                assert s.lease_expires_at is not None and s.lease_expires_at > now, \
+                    f"step {s.step_ref} of {run.id} still running after a tick past its lease " \
+                    f"({s.lease_expires_at})"
+                assert s.due_at is None or s.due_at > now, \
+                    f"step {s.step_ref} of {run.id} still running after a tick past its timeout ({s.due_at})"
         if run.status in ACTIVE and run.expires_at is not None:
             assert run.expires_at > now, f"run {run.id} is {run.status} past its expires_at {run.expires_at}"
         if run.status != R.RUNNING:
