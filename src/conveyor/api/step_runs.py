@@ -24,10 +24,9 @@ class StepRunsServicer(steps_grpc.StepRunsServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepRun]:
         page = await self._engine.steps.list(request.workflow_run_id, request.limit,
                                              request.page_token, caller=caller_from(context))
-        messages = [convert.step_to_proto(step) for step in page.items]  # all before sending
         await convert.send_next_page_token(context, page.next_token)
-        for msg in messages:
-            yield msg
+        for step in page.items:
+            yield convert.step_to_proto(step)
 
     async def ApproveStep(self, request: steps_pb.ApproveStepRequest,
                           context: grpc.aio.ServicerContext) -> steps_pb.ApproveStepResponse:

@@ -50,15 +50,14 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
             return
         page = await self._engine.runs.list(query, request.limit, request.page_token,
                                             caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
         now = self._engine.clock.now()  # one instant for the page's live durations
         to_proto = convert.run_to_proto
-        # The whole page is converted before anything is sent: a run that cannot be converted
-        # then fails the call with a proper status instead of cutting a started stream (a 200
-        # with a truncated array through Envoy).
-        messages = [to_proto(run, now) for run in page.items]
-        await convert.send_next_page_token(context, page.next_token)
-        for msg in messages:
-            yield msg
+        # One run converted per message, not the page up front: only one message is alive at a
+        # time (a 1,000-run page of maximum-size documents would take gigabytes as messages),
+        # and the loop gets a turn between runs.
+        for run in page.items:
+            yield to_proto(run, now)
 
     async def CancelWorkflowRun(self, request: runs_pb.CancelWorkflowRunRequest,
                                 context: grpc.aio.ServicerContext) -> runs_pb.CancelWorkflowRunResponse:
@@ -99,10 +98,9 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
         page = await self._engine.runs.events(request.workflow_run_id, request.after_seq,
                                               request.limit, request.page_token,
                                               caller=caller_from(context))
-        messages = [convert.event_to_proto(event) for event in page.items]  # all before sending
         await convert.send_next_page_token(context, page.next_token)
-        for msg in messages:
-            yield msg
+        for event in page.items:
+            yield convert.event_to_proto(event)
 
     async def WatchWorkflowRun(
             self, request: runs_pb.WatchWorkflowRunRequest,
