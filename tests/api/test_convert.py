@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conveyor.api import convert
 from conveyor.domain.errors import ConveyorError, ErrorKind
@@ -216,3 +219,41 @@ def test_run_query_decoding() -> None:
     assert query.started_before is None
     assert query.tags == [("k", "v")]
     assert convert.run_query(runs_pb.ListWorkflowRunsRequest(status=[pb.RunStatus.unspecified])) is None
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers(-(2**63), 2**63)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=40)
+
+
+@given(st.dictionaries(st.text(max_size=10), _json_values, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_documents_become_the_struct_that_struct_update_builds(document: dict[str, object]) -> None:
+    expected = struct_pb2.Struct()
+    expected.update(document)
+
+    msg = convert.run_to_proto(run_record(payload=document, output=document), T0)
+
+    assert msg.payload == expected
+    assert msg.output == expected
+    assert msg.HasField("payload") and msg.HasField("output")
+
+
+def test_document_edge_values() -> None:
+    document = {"": None, "f": False, "t": True, "zero": 0, "neg": -1.5, "big": 2**70, "inf": math.inf,
+                "nan": math.nan, "s": "é✓\U0001f600" * 50, "long": [1] * 200, "empty": {}, "none": [],
+                "nested": [[], {}, [{"a": [None, "x", 2]}]], "k" * 300: "v" * 300}
+    expected = struct_pb2.Struct()
+    expected.update(document)
+
+    got = convert.run_to_proto(run_record(payload=document), T0).payload
+
+    assert math.isnan(got.fields["nan"].number_value)
+    del document["nan"], expected.fields["nan"], got.fields["nan"]
+    assert got == expected
+    del expected.fields["inf"], got.fields["inf"]  # JSON printing refuses infinities
+    assert json_format.MessageToDict(got) == json_format.MessageToDict(expected)
+    with pytest.raises(ValueError):
+        convert.run_to_proto(run_record(payload={"x": object()}), T0)

@@ -9,6 +9,7 @@ violation, like any other domain error.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -65,9 +66,83 @@ def _set_struct(target: struct_pb2.Struct, value: Mapping[str, Any] | None) -> N
         # SetInParent marks the field present even for {}, so it prints as {} rather than vanishing.
         target.SetInParent()
         if value:
-            # Struct.update beats json_format.ParseDict (~2.5x) and a hand-written encoder
-            # parsed with MergeFromString (measured on a 15-node payload).
-            target.update(value)
+            # Parsed from its wire bytes, which is what Struct.update builds, node by node in
+            # Python: ~10 % faster on ordinary documents, ~6x on long lists (128k numbers: 14 ms
+            # instead of 89), so a run at the size limits converts well within the loop's budget.
+            target.MergeFromString(_struct_bytes(value))
+
+
+# google.protobuf.Struct / Value / ListValue wire bytes of a JSON document (struct.proto: Struct
+# `fields` = 1, a map entry's key = 1 and value = 2; Value null = 1, number = 2 (double), string
+# = 3, bool = 4, struct = 5, list = 6; ListValue `values` = 1). Values are typed as Struct.update
+# types them (bool before int; any int or float is a double) and fail where it fails.
+_pack_double = struct.Struct("<d").pack
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _value_bytes(value: Any) -> bytes:
+    """A serialized Value (without its own tag and length)."""
+    kind = type(value)
+    if kind is str:
+        data = value.encode()
+        return b"\x1a" + _varint(len(data)) + data
+    if kind is bool:
+        return b"\x20\x01" if value else b"\x20\x00"
+    if kind is int or kind is float:
+        return b"\x11" + _pack_double(value)
+    if value is None:
+        return b"\x08\x00"
+    if kind is dict:
+        data = _struct_bytes(value)
+        return b"\x2a" + _varint(len(data)) + data
+    if kind is list:
+        data = _list_bytes(value)
+        return b"\x32" + _varint(len(data)) + data
+    # Subclasses, in Struct.update's order of checks.
+    if isinstance(value, bool):
+        return b"\x20\x01" if value else b"\x20\x00"
+    if isinstance(value, str):
+        return _value_bytes(str(value))
+    if isinstance(value, (int, float)):
+        return b"\x11" + _pack_double(value)
+    if isinstance(value, Mapping):
+        return _value_bytes(dict(value))
+    if isinstance(value, (list, tuple)):
+        return _value_bytes(list(value))
+    raise ValueError(f"unexpected type {kind.__name__} in a JSON document")
+
+
+def _list_bytes(items: Sequence[Any]) -> bytes:
+    parts = []
+    for item in items:
+        kind = type(item)
+        if kind is int or kind is float:  # the common long list: one concatenation per number
+            parts.append(b"\x0a\x09\x11" + _pack_double(item))
+        else:
+            data = _value_bytes(item)
+            parts.append(b"\x0a" + _varint(len(data)) + data)
+    return b"".join(parts)
+
+
+def _struct_bytes(fields: Mapping[str, Any]) -> bytes:
+    parts = []
+    for key, item in fields.items():
+        name = key.encode()
+        data = _value_bytes(item)
+        entry = b"\x0a" + _varint(len(name)) + name + b"\x12" + _varint(len(data)) + data
+        parts.append(b"\x0a" + _varint(len(entry)) + entry)
+    return b"".join(parts)
 
 
 def run_to_proto(run: RunRecord, now: datetime) -> pb.WorkflowRun:
