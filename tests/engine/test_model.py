@@ -403,8 +403,9 @@ def expect_replay_subtree(view: View, ref: str) -> Expect:
 # test at the end of this file. While one is open the model tolerates exactly its symptom where it
 # shows (search for the flag); once the engine is fixed its test XPASSes, which fails the suite
 # (strict), and the mark is removed with the flag set to False, which makes the model strict again.
-# - acquire leased a step of a run past its deadline, then timed the run out in the same
-#   transaction: the lease it returns is already revoked (test_acquire_hands_out_only_live_leases).
+# - acquire leases a step, then ends its run in the same transaction (the run was past its deadline,
+#   or another step's start failed for good): the lease it returns is already revoked
+#   (test_acquire_hands_out_only_live_leases).
 BUG_DEAD_LEASE = True
 # - complete/fail of the live attempt after its lease expired (not yet swept) is accepted, while a
 #   heartbeat at the same instant is LEASE_LOST (test_a_report_after_its_lease_expired_is_lease_lost).
@@ -838,9 +839,10 @@ class EngineMachine(RuleBasedStateMachine):
             self.acquired[key] = held
             self.leases.append(held)
             stored = after[run_id].step_by_id(step.id)
-            if BUG_DEAD_LEASE and step.status == S.CANCELED and after[run_id].run.status == R.TIMED_OUT:
-                # Open bug: the run was past its deadline, and the acquire's own transaction timed
-                # it out after leasing its step (test_acquire_hands_out_only_live_leases).
+            if BUG_DEAD_LEASE and step.status == S.CANCELED and after[run_id].run.status in FINAL:
+                # Open bug: the acquire's own transaction ended the run after leasing its step (its
+                # deadline had passed, or another step's start failed for good), which canceled the
+                # step (test_acquire_hands_out_only_live_leases).
                 event("acquire: a lease revoked by its own transaction (open bug)")
                 assert stored.status == S.CANCELED and stored.lease_expires_at is None
                 continue
@@ -1410,24 +1412,31 @@ async def test_retried_in_engine_attempts_record_legal_transitions(engine: Engin
 TASK = {"steps": [{"ref": "t", "kind": "task", "queue": QUEUE}]}
 
 
-@pytest.mark.xfail(strict=True, reason="Leases.acquire (engine/leases.py) starts leases before it plans "
-                   "the run (domain/planner.py plan -> _Pass.advance), so a run past its deadline is "
-                   "timed out after its step was leased, in the same transaction")
+@pytest.mark.xfail(strict=True, reason="Leases.acquire (engine/leases.py, start()) leases steps and only "
+                   "then plans their run (domain/planner.py plan), which may end the run and cancel "
+                   "the steps it just leased; the leases are returned anyway")
 async def test_acquire_hands_out_only_live_leases(engine: Engine, clock: ManualClock) -> None:
-    """Found by the model: a run whose deadline passed before the runner looked at it. acquire
-    leased its task, then planned the run, which timed it out and canceled the step: the returned
-    Lease is revoked on arrival (its `expires_at` raises AssertionError), and the run's history
-    shows an attempt started and canceled by nobody's work. Invariant: every lease acquire returns
-    is live when it returns (the step running, that attempt, that holder, that expiry)."""
+    """Found by the model, in two ways. (1) A run whose deadline passed before the runner looked
+    at it: acquire leased its task, then planned the run, which timed it out and canceled the step.
+    (2) A run with two ready tasks, the second with a config template that fails and no retries:
+    acquire leased the first, failed the second's start for good, and planning then failed the
+    run and canceled the first. Either way the Lease returned is revoked on arrival (its
+    `expires_at` raises AssertionError) and an attempt is spent on nobody's work. Invariant: every
+    lease acquire returns is live when it returns (the step running, that attempt, that holder)."""
     await engine.workflows.create({"name": "w", **TASK}, ME)
-    run_id = (await engine.runs.trigger(TriggerRequest("w", timeout_seconds=10), ME)).id
+    late = (await engine.runs.trigger(TriggerRequest("w", timeout_seconds=10), ME)).id
     clock.advance(11)  # the runner has not looked yet
-    leases = await engine.leases.acquire(QUEUE, "w1", 30, 1, ME)
-    stored = await _steps(engine, run_id)
+    await engine.workflows.create({"name": "two", "steps": [
+        {"ref": "t", "kind": "task", "queue": QUEUE},
+        {"ref": "bad", "kind": "task", "queue": QUEUE, "config": {"x": "{{ payload.missing }}"}}]}, ME)
+    both = (await engine.runs.trigger(TriggerRequest("two"), ME)).id
+    leases = await engine.leases.acquire(QUEUE, "w1", 30, 5, ME)
     for lease in leases:
+        stored = (await _steps(engine, lease.run.id))[lease.step.step_ref]
         assert lease.step.status == S.RUNNING and lease.step.lease_expires_at is not None, lease.step
-        assert stored["t"].status == S.RUNNING and stored["t"].attempt == lease.step.attempt
-    assert await _status(engine, run_id) == R.TIMED_OUT
+        assert (stored.status, stored.attempt) == (S.RUNNING, lease.step.attempt), stored
+    assert await _status(engine, late) == R.TIMED_OUT
+    assert await _status(engine, both) == R.FAILED
 
 
 @pytest.mark.xfail(strict=True, reason="Leases.complete/fail check the lease with check_lease "
