@@ -51,9 +51,8 @@ sequence, which can take hypothesis up to ~5 minutes; CONVEYOR_MODEL_SHRINK=0 sk
 (a quick look at an unshrunk failure). Failing examples are kept in hypothesis' example database
 (.hypothesis/) and replayed first on the next run.
 
-Engine bugs this test found are pinned by explicit regression tests at the end of this file
-(xfail(strict=True) while open). While one is open the state machine tolerates exactly its
-symptom, behind a BUG_* flag next to LATE_REPORT below, and nothing else.
+Engine bugs this test found are pinned by explicit regression tests at the end of this file; the
+state machine tolerates none of them.
 """
 
 from __future__ import annotations
@@ -417,24 +416,9 @@ def expect_replay_subtree(view: View, ref: str) -> Expect:
     return view.run.status != R.PENDING
 
 
-# Engine bugs this model found that are still open, each pinned by an xfail(strict=True) regression
-# test at the end of this file. While one is open the model tolerates exactly its symptom where it
-# shows (search for the flag); once the engine is fixed its test XPASSes, which fails the suite
-# (strict), and the mark is removed with the flag set to False, which makes the model strict again.
-# - acquire leases a step, then ends its run in the same transaction (the run was past its deadline,
-#   or another step's start failed for good): the lease it returns is already revoked
-#   (test_acquire_hands_out_only_live_leases).
-BUG_DEAD_LEASE = True
-# - complete/fail of the live attempt after its lease expired (not yet swept) is accepted, while a
-#   heartbeat at the same instant is LEASE_LOST (test_a_report_after_its_lease_expired_is_lease_lost).
-BUG_LATE_REPORT = True
-# - resume of a paused run of a capped workflow makes it pending while its leased task still runs;
-#   the planner never sweeps leases of a pending run, so the runner claims it on every pass and
-#   Engine.tick() never returns (test_a_pending_run_sweeps_its_expired_lease).
-BUG_PENDING_LEASE = True
-
-# A complete/fail report of the live attempt after its lease's expiry, before the runner swept it.
-LATE_REPORT: Expect = None if BUG_LATE_REPORT else False
+# Engine bugs this model found are pinned by regression tests at the end of this file (all fixed).
+# A report of the live attempt after its lease's expiry, before the runner swept it, is refused.
+LATE_REPORT: Expect = False
 
 
 def expect_report(step: StepRecord, attempt: int, holder: str, now: datetime, heartbeat: bool) -> Expect:
@@ -580,13 +564,8 @@ class EngineMachine(RuleBasedStateMachine):
             if self.call(self.engine.runner.tick()) == 0:
                 break
         else:
-            now = self.clock.now()
-            stuck = [v.run.id for v in self.read().values() if v.run.status == R.PENDING and any(
-                s.lease_expires_at is not None and s.lease_expires_at <= now for s in v.steps)]
-            if not (BUG_PENDING_LEASE and stuck):
-                raise AssertionError("the runner never goes idle: a run stays due after every pass\n"
-                                     + diff(self.pre_tick, self.read()))
-            event("tick: runner spins on a pending run holding an expired lease (open bug)")
+            raise AssertionError("the runner never goes idle: a run stays due after every pass\n"
+                                 + diff(self.pre_tick, self.read()))
         self.ticked = True
 
     @rule(seconds=st.sampled_from([1, 5, 30, 61]))
@@ -857,13 +836,6 @@ class EngineMachine(RuleBasedStateMachine):
             self.acquired[key] = held
             self.leases.append(held)
             stored = after[run_id].step_by_id(step.id)
-            if BUG_DEAD_LEASE and step.status == S.CANCELED and after[run_id].run.status in FINAL:
-                # Open bug: the acquire's own transaction ended the run after leasing its step (its
-                # deadline had passed, or another step's start failed for good), which canceled the
-                # step (test_acquire_hands_out_only_live_leases).
-                event("acquire: a lease revoked by its own transaction (open bug)")
-                assert stored.status == S.CANCELED and stored.lease_expires_at is None
-                continue
             assert (step.status, step.worker_id, step.lease_expires_at) == (S.RUNNING, holder, until), \
                 f"acquire handed out a lease that is not live: {step}"
             assert (stored.status, stored.attempt, stored.worker_id, stored.lease_expires_at) == \
@@ -1124,8 +1096,6 @@ class EngineMachine(RuleBasedStateMachine):
             if not (past or run_past):
                 continue
             is_ = after[held.run_id].step_by_id(held.step_id)
-            if BUG_PENDING_LEASE and after[held.run_id].run.status == R.PENDING:
-                continue
             event(f"tick: ended a running attempt ({'lease' if held.until <= now else 'deadline'})")
             self.lease_reports += 1
             assert (is_.status, is_.attempt) != (S.RUNNING, held.attempt), \
@@ -1169,7 +1139,7 @@ class EngineMachine(RuleBasedStateMachine):
         if not after_tick:
             return
         for s in view.steps:
-            if s.status == S.RUNNING and not (BUG_PENDING_LEASE and run.status == R.PENDING):
+            if s.status == S.RUNNING:
                 assert s.lease_expires_at is not None and s.lease_expires_at > now, \
                     f"step {s.step_ref} of {run.id} still running after a tick past its lease " \
                     f"({s.lease_expires_at})"
@@ -1432,9 +1402,6 @@ async def test_retried_in_engine_attempts_record_legal_transitions(engine: Engin
 TASK = {"steps": [{"ref": "t", "kind": "task", "queue": QUEUE}]}
 
 
-@pytest.mark.xfail(strict=True, reason="Leases.acquire (engine/leases.py, start()) leases steps and only "
-                   "then plans their run (domain/planner.py plan), which may end the run and cancel "
-                   "the steps it just leased; the leases are returned anyway")
 async def test_acquire_hands_out_only_live_leases(engine: Engine, clock: ManualClock) -> None:
     """Found by the model, in two ways. (1) A run whose deadline passed before the runner looked
     at it: acquire leased its task, then planned the run, which timed it out and canceled the step.
@@ -1459,9 +1426,6 @@ async def test_acquire_hands_out_only_live_leases(engine: Engine, clock: ManualC
     assert await _status(engine, both) == R.FAILED
 
 
-@pytest.mark.xfail(strict=True, reason="Leases.complete/fail check the lease with check_lease "
-                   "(domain/planner.py), which ignores lease_expires_at, while Leases.heartbeat "
-                   "(Repository.extend_lease) requires lease_expires_at > now")
 async def test_a_report_after_its_lease_expired_is_lease_lost(engine: Engine, clock: ManualClock) -> None:
     """Found by the model: once a lease has expired, a heartbeat answers LEASE_LOST ("the lease
     has expired"), yet complete (or fail) at the same instant is accepted as long as the runner
@@ -1482,11 +1446,6 @@ async def test_a_report_after_its_lease_expired_is_lease_lost(engine: Engine, cl
     assert await _view(engine, run_id) == before
 
 
-@pytest.mark.xfail(strict=True, reason="resume_run (domain/operations.py) sends a paused run of a "
-                   "capped workflow to pending while its leased task still runs, and _Pass.advance "
-                   "(domain/planner.py) returns for a pending run without a slot before it sweeps "
-                   "expired leases and running deadlines; Runner.tick claims it again on every pass")
-@pytest.mark.timeout(60)
 async def test_a_pending_run_sweeps_its_expired_lease(engine: Engine, clock: ManualClock) -> None:
     """Found by the model: a run of a workflow with max_concurrent_runs holds a lease, is paused
     (so it frees its slot), another run takes the slot, and the first is resumed: it goes back

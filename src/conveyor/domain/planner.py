@@ -88,13 +88,8 @@ class _Pass:
         if run.expires_at is not None and self.now >= run.expires_at:
             self.finish_run(RunStatus.TIMED_OUT, "run timed out", "run deadline passed")
             return
-        if run.status == RunStatus.PENDING:
-            if not may_start:
-                # Waiting for a concurrency slot: whoever frees one wakes this run (or its
-                # deadline does).
-                self.set_wake(run.expires_at)
-                return
-            self.c.run_to(RunStatus.RUNNING)
+        # Deadlines and expired leases fire whatever the run is doing (a run resumed into
+        # pending may still have an attempt running).
         for step in self.steps:
             if step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
                 self.timer_due(step)
@@ -102,6 +97,13 @@ class _Pass:
                 # Its holder stopped heartbeating: the attempt failed, retried per policy.
                 self.fail(step, self.spec.step(step.step_ref), f"lease of {step.worker_id!r} expired")
                 self.moved(step)
+        if run.status == RunStatus.PENDING:
+            if not may_start:
+                # Waiting for a concurrency slot: whoever frees one wakes this run (or its
+                # deadline, or a step's).
+                self.set_wake(self.next_timer(include_ready=False))
+                return
+            self.c.run_to(RunStatus.RUNNING)
         while self.sweep():
             pass
         self.settle()
@@ -262,12 +264,18 @@ class _Pass:
                 self.finish_run(RunStatus.FAILED, f"step {bad.step_ref!r} {bad.status}",
                                 f"step {bad.step_ref!r} {bad.status}")
             return
+        self.set_wake(self.next_timer(include_ready=True))
+
+    def next_timer(self, include_ready: bool) -> datetime | None:
+        """When the run next needs a look: a step deadline, the run's deadline and, when the run
+        may start steps, the end of a retry's backoff. (Leases are swept by their own index.)"""
         timers = [s.due_at for s in self.steps if s.status in TIMED_STEP and s.due_at]
-        timers += [s.ready_at for s in self.steps
-                   if s.status == S.QUEUED and s.ready_at and s.ready_at > self.now]
-        if run.expires_at is not None:
-            timers.append(run.expires_at)
-        self.set_wake(min(timers) if timers else None)
+        if include_ready:
+            timers += [s.ready_at for s in self.steps
+                       if s.status == S.QUEUED and s.ready_at and s.ready_at > self.now]
+        if self.run.expires_at is not None:
+            timers.append(self.run.expires_at)
+        return min(timers) if timers else None
 
     def set_output(self) -> None:
         """The run's output: every completed step's output by ref, unless that is too large to
@@ -351,11 +359,12 @@ def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: St
     return True
 
 
-def check_lease(step: StepRecord, attempt: int, holder: str) -> None:
-    """Refuse a report for anything but the live lease of this holder's attempt: a late,
-    duplicate or foreign report changes nothing (LEASE_LOST)."""
+def check_lease(step: StepRecord, attempt: int, holder: str, now: datetime) -> None:
+    """Refuse a report for anything but the live lease of this holder's attempt: a late (also
+    one whose lease expired but is not swept yet), duplicate or foreign report changes nothing
+    (LEASE_LOST)."""
     if step.status != S.RUNNING or step.attempt != attempt or step.worker_id != holder \
-            or step.lease_expires_at is None:
+            or step.lease_expires_at is None or step.lease_expires_at <= now:
         raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "LEASE_LOST",
                             f"task {step.id!r} attempt {attempt} is not leased by {holder!r} "
                             f"(the step is {step.status}, attempt {step.attempt})")

@@ -88,6 +88,9 @@ class Leases:
 
             units = await self.runner.offload.run(start)
             await repo.save(units)
+        # Planning a run on may have ended it (a template that failed another step): only the
+        # attempts still running are handed out; the others were revoked with their run.
+        leases = [lease for lease in leases if lease.step.status == StepStatus.RUNNING]
         if units:
             self.runner.committed.fire()
         return leases
@@ -103,7 +106,7 @@ class Leases:
             step = await repo.get_step(task_id, caller.project)
             if await repo.extend_lease(step.id, attempt, holder, until, now):
                 return until
-        check_lease(step, attempt, holder)  # explains why, from the step as last read
+        check_lease(step, attempt, holder, now)  # explains why, from the step as last read
         raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "LEASE_LOST",
                             f"the lease of task {task_id!r} attempt {attempt} has expired")
 
@@ -112,7 +115,7 @@ class Leases:
         """The attempt succeeded: the step completes with `output` and its run goes on."""
         def op(c: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
             step = find_step_by_id(steps, task_id)
-            check_lease(step, attempt, holder)
+            check_lease(step, attempt, holder, c.now)
             complete_step(c, step, spec.step(step.step_ref), output, self.limits)
             self._go_on(c, steps, spec)
         await self.units.mutate(await self._run_of(task_id, caller), caller, op)
@@ -122,7 +125,7 @@ class Leases:
         """The attempt failed: retried per the step's policy unless `retryable` is false."""
         def op(c: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
             step = find_step_by_id(steps, task_id)
-            check_lease(step, attempt, holder)
+            check_lease(step, attempt, holder, c.now)
             fail_step(c, step, spec.step(step.step_ref), error, retryable=retryable)
             self._go_on(c, steps, spec)
         await self.units.mutate(await self._run_of(task_id, caller), caller, op)

@@ -20,6 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.util import await_only
 
 Backend = Literal["sqlite", "postgresql"]
 
@@ -98,13 +99,15 @@ class Database:
             Path(self._url.database or "").parent.mkdir(parents=True, exist_ok=True)
             # One writer connection: SQLite serializes writers anyway, and in-process writers
             # then queue on the pool instead of spinning on busy_timeout.
+            # No reset on return: every unit of work ends in COMMIT or ROLLBACK (write(), read()),
+            # so the pool's own ROLLBACK would be one more round trip to the driver's thread.
             self._writer = create_async_engine(
                 self._url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
-                pool_timeout=pool_timeout, **codec,
+                pool_timeout=pool_timeout, pool_reset_on_return=None, **codec,
             )
             self._reader = create_async_engine(
                 self._url, poolclass=AsyncAdaptedQueuePool, pool_size=_SQLITE_READERS,
-                max_overflow=0, pool_timeout=pool_timeout, **codec,
+                max_overflow=0, pool_timeout=pool_timeout, pool_reset_on_return=None, **codec,
             )
             # The write lock is taken at BEGIN, so a read-then-write unit never fails upgrading it.
             _setup_sqlite(self._writer, pragmas, begin="BEGIN IMMEDIATE")
@@ -222,4 +225,8 @@ def _setup_sqlite(engine: AsyncEngine, pragmas: tuple[tuple[str, object], ...], 
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
+        # Straight to the driver: one hop to aiosqlite's thread instead of three through a
+        # SQLAlchemy cursor (create, execute, close); every unit of work begins here.
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        await_only(driver.execute(begin))
