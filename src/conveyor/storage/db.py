@@ -29,7 +29,8 @@ Backend = Literal["sqlite", "postgresql"]
 _json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _json_serializer(value: object) -> str:
+def json_text(value: object) -> str:
+    """A JSON document as both databases store it."""
     return _json_encoder.encode(value)
 
 
@@ -92,7 +93,7 @@ class Database:
     def __init__(self, url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
                  pool_timeout: float = DEFAULT_POOL_TIMEOUT) -> None:
         self._url = normalize_url(url)
-        codec: dict[str, Any] = {"json_serializer": _json_serializer, "json_deserializer": json.loads}
+        codec: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json.loads}
         if self._url.get_backend_name() == "sqlite":
             pragmas = tuple((name, int(busy_timeout_ms) if name == "busy_timeout" else value)
                             for name, value in _SQLITE_PRAGMAS)
