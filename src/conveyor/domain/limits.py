@@ -88,6 +88,8 @@ def json_size(value: object) -> int:
 def document_problem(value: object, max_depth: int, max_bytes: int) -> str | None:
     """Why a JSON document may not be stored (too deep, too large, or holding a NUL character,
     which PostgreSQL's jsonb refuses), or None when it may."""
+    if not value:
+        return None  # {}, [], "" or None: the output of most steps
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     except RecursionError:

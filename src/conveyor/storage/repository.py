@@ -19,7 +19,6 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import (
     JSON,
     Select,
-    String,
     Table,
     and_,
     bindparam,
@@ -183,13 +182,9 @@ def _sqlite_time(value: datetime | None) -> str | None:
     written here compare as strings with those SQLAlchemy binds."""
     if value is None:
         return None
-    v = value.astimezone(UTC)
-    return (f"{v.year:04d}-{v.month:02d}-{v.day:02d} {v.hour:02d}:{v.minute:02d}:{v.second:02d}"
-            f".{v.microsecond:06d}")
-
-
-def _sqlite_text(value: Any) -> str | None:
-    return None if value is None else str(value)  # StrEnum statuses as plain text
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _sqlite_json(value: Any) -> str | None:
@@ -198,7 +193,8 @@ def _sqlite_json(value: Any) -> str | None:
 
 @functools.cache
 def _sqlite_insert(table: Table, names: tuple[str, ...]) -> tuple[str, list[Any]]:
-    """The INSERT statement of these columns and each column's value converter (None: as is)."""
+    """The INSERT statement of these columns and each column's value converter (None: as is;
+    sqlite3 binds str subclasses such as the status enums as text)."""
     converters: list[Any] = []
     for name in names:
         kind = table.c[name].type
@@ -206,8 +202,6 @@ def _sqlite_insert(table: Table, names: tuple[str, ...]) -> tuple[str, list[Any]
             converters.append(_sqlite_time)
         elif isinstance(kind, JSON):
             converters.append(_sqlite_json)
-        elif isinstance(kind, String):
-            converters.append(_sqlite_text)
         else:
             converters.append(None)
     columns = ", ".join(f'"{n}"' for n in names)
@@ -331,14 +325,17 @@ class Repository:
     async def idempotency_lookup(self, keys: Sequence[tuple[str, str, str]],
                                  now: datetime) -> dict[tuple[str, str, str], tuple[str, str]]:
         """Live idempotency records of these (project, workflow, key)s -> (request_hash, run_id).
-        Expired records of the same keys are deleted first, so new ones can take their place:
-        two statements for a whole batch."""
+        Expired records of the same keys are deleted, so new ones can take their place: one
+        statement for a whole batch, two when some of its keys have expired."""
         wanted = tuple_(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key).in_(sorted(set(keys)))
-        await self.conn.execute(delete(idem_t).where(wanted, idem_t.c.expires_at <= now))
-        rows = await self.conn.execute(
+        rows = (await self.conn.execute(
             select(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key, idem_t.c.request_hash,
-                   idem_t.c.run_id).where(wanted))
-        return {(r.project_id, r.workflow_id, r.key): (r.request_hash, r.run_id) for r in rows}
+                   idem_t.c.run_id, idem_t.c.expires_at).where(wanted))).all()
+        live = {(r.project_id, r.workflow_id, r.key): (r.request_hash, r.run_id)
+                for r in rows if r.expires_at > now}
+        if len(live) < len(rows):
+            await self.conn.execute(delete(idem_t).where(wanted, idem_t.c.expires_at <= now))
+        return live
 
     async def insert_runs(self, runs: list[RunRecord], steps: list[StepRecord], events: list[EventRecord],
                           idempotency: list[dict[str, Any]]) -> None:
@@ -346,7 +343,7 @@ class Repository:
         Raises DuplicateKey when another writer recorded one of the idempotency keys first."""
         if idempotency:
             try:
-                await self.conn.execute(insert(idem_t), idempotency)
+                await self._insert(idem_t, list(idempotency[0]), idempotency)
             except IntegrityError as e:
                 raise DuplicateKey("idempotency key recorded concurrently") from e
         if not runs:
@@ -358,19 +355,22 @@ class Repository:
         await self._insert(steps_t, _STEP_FIELDS, steps)
         await self._insert(events_t, _EVENT_FIELDS, events)
 
-    async def _insert(self, table: Table, names: list[str], records: Sequence[object]) -> None:
-        """INSERT one row per record. On SQLite the rows go to the driver as tuples converted
-        here (what SQLAlchemy's per-value bind processing would make of them, at a fraction of
-        its cost: the inserts of new runs, steps and events are the trigger's hot path)."""
+    async def _insert(self, table: Table, names: list[str], records: Sequence[Any]) -> None:
+        """INSERT one row per record (a dataclass, or a dict of these names). On SQLite the
+        rows go to the driver as tuples converted here (what SQLAlchemy's per-value bind
+        processing would make of them, at a fraction of its cost: the inserts of new runs,
+        steps, events and idempotency keys are the trigger's hot path)."""
         if not records:
             return
+        as_dicts = isinstance(records[0], dict)
         if self.dialect != "sqlite":
-            await self.conn.execute(insert(table), [_row(r, names) for r in records])
+            await self.conn.execute(insert(table), records if as_dicts else [_row(r, names) for r in records])
             return
         sql, converters = _sqlite_insert(table, tuple(names))
         columns = list(zip(names, converters, strict=True))
+        get: Any = dict.__getitem__ if as_dicts else getattr
         await self.conn.exec_driver_sql(sql, [
-            tuple(conv(getattr(r, n)) if conv else getattr(r, n) for n, conv in columns) for r in records])
+            tuple([get(r, n) if conv is None else conv(get(r, n)) for n, conv in columns]) for r in records])
 
     async def purge_idempotency(self, now: datetime, batch: int) -> int:
         """Delete at most `batch` expired idempotency records, oldest first; returns how many.
