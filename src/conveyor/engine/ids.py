@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 
 def new_id() -> str:
@@ -15,4 +14,5 @@ def new_id() -> str:
     value = (ms & 0xFFFFFFFFFFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # uuid.UUID's own str(), without building the object (hot: ~7 per trigger)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
