@@ -7,6 +7,8 @@ flight, then the engine's loop, then the database pool.
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 
 from conveyor.api.server import build_server
@@ -19,6 +21,9 @@ from conveyor.storage.store import SqlStore
 
 # Seconds in-flight RPCs get to finish on shutdown before they are cancelled.
 SHUTDOWN_GRACE = 5.0
+# How often the interpreter hands the GIL between threads (default 5 ms): while the engine's CPU
+# thread validates or plans something big, the event loop waits at most this long for its turn.
+GIL_SWITCH_SECONDS = 0.0005
 
 
 class App:
@@ -33,6 +38,7 @@ class App:
         self.gateway: EnvoyGateway | None = None
 
     async def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         await migrate(self.settings.db_url)
         self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
                            pool_timeout=self.settings.db_pool_timeout_seconds)
