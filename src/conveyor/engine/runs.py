@@ -25,9 +25,6 @@ from conveyor.engine.runner import Runner
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.units import Operation, RunUnits
 
-# Bulk operations take at most this many ids per request, so one call stays one short burst.
-MAX_BULK = 1000
-
 
 class RunService:
     """Use cases on workflow runs."""
@@ -103,9 +100,12 @@ class RunService:
 
     async def _bulk(self, run_ids: Sequence[str], caller: Caller, op: Operation[None]) -> tuple[int, int]:
         """Best effort per id, each in its own transaction: one id's failure never stops the rest."""
-        if len(run_ids) > MAX_BULK:
+        # At most Limits.max_bulk_ids per request (the API refuses more first), so one call
+        # stays one short burst.
+        most = self.runner.limits.max_bulk_ids
+        if len(run_ids) > most:
             raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "TOO_MANY_IDS",
-                                f"at most {MAX_BULK} workflow_run_ids per request")
+                                f"at most {most} workflow_run_ids per request")
         done = failed = 0
         for run_id in dict.fromkeys(run_ids):
             try:
