@@ -367,7 +367,20 @@ class Repository:
             await self.conn.execute(insert(table), records if as_dicts else [_row(r, names) for r in records])
             return
         sql, converters = _sqlite_insert(table, tuple(names))
-        columns = list(zip(names, converters, strict=True))
+        # A batch's rows share most of their values' times (all stamped with one `now`):
+        # each distinct one is formatted once.
+        times: dict[datetime, str | None] = {}
+
+        def time_text(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            text = times.get(value)
+            if text is None:
+                text = times[value] = _sqlite_time(value)
+            return text
+
+        columns = [(n, time_text if conv is _sqlite_time else conv)
+                   for n, conv in zip(names, converters, strict=True)]
         get: Any = dict.__getitem__ if as_dicts else getattr
         await self.conn.exec_driver_sql(sql, [
             tuple([get(r, n) if conv is None else conv(get(r, n)) for n, conv in columns]) for r in records])
