@@ -209,3 +209,29 @@ async def test_purge_idempotency_is_bounded_and_oldest_first(store: SqlStore) ->
 
     sql, params = await seen.of(purge)
     _assert_indexed(await _plan(store, sql, params), store.db.dialect, "ix_idempotency_expires")
+
+
+async def test_idempotency_lookup_searches_the_primary_key(store: SqlStore) -> None:
+    """A batch's keys, across two workflows, are found through the primary key, never a scan of
+    the whole table (which holds every key of the last 24 hours)."""
+    rows = [{"project_id": "acme", "workflow_id": w, "key": f"k{i}", "request_hash": "h",
+             "run_id": f"r{i}", "expires_at": AT + timedelta(hours=1)}
+            for w in ("w1", "w2") for i in range(50)]
+    async with store.write() as repo:
+        await repo.conn.execute(insert(IdempotencyRow), rows)
+    keys = [("acme", "w1", "k1"), ("acme", "w1", "k2"), ("acme", "w2", "k3"), ("acme", "w2", "nope")]
+    async with store.write() as repo:
+        found = await repo.idempotency_lookup(keys, AT)
+    assert found == {("acme", "w1", "k1"): ("h", "r1"), ("acme", "w1", "k2"): ("h", "r2"),
+                     ("acme", "w2", "k3"): ("h", "r3")}
+
+    seen = Statements(store.db)
+
+    async def lookup() -> None:
+        async with store.write() as repo:
+            await repo.idempotency_lookup(keys, AT)
+
+    sql, params = await seen.of(lookup)
+    sqlite = store.db.dialect == "sqlite"
+    primary_key = "sqlite_autoindex_idempotency_keys_1" if sqlite else "pk_idempotency_keys"
+    _assert_indexed(await _plan(store, sql, params), store.db.dialect, primary_key, ordered=False)

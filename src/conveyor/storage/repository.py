@@ -327,7 +327,14 @@ class Repository:
         """Live idempotency records of these (project, workflow, key)s -> (request_hash, run_id).
         Expired records of the same keys are deleted, so new ones can take their place: one
         statement for a whole batch, two when some of its keys have expired."""
-        wanted = tuple_(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key).in_(sorted(set(keys)))
+        # Per (project, workflow), `key IN (...)`: a search of the primary key. (A row-value IN
+        # of whole triples is a full scan of the table on SQLite.)
+        by_workflow: dict[tuple[str, str], list[str]] = {}
+        for project_id, workflow_id, key in sorted(set(keys)):
+            by_workflow.setdefault((project_id, workflow_id), []).append(key)
+        wanted = or_(*(and_(idem_t.c.project_id == project_id, idem_t.c.workflow_id == workflow_id,
+                            idem_t.c.key.in_(group))
+                       for (project_id, workflow_id), group in by_workflow.items()))
         rows = (await self.conn.execute(
             select(idem_t.c.project_id, idem_t.c.workflow_id, idem_t.c.key, idem_t.c.request_hash,
                    idem_t.c.run_id, idem_t.c.expires_at).where(wanted))).all()
