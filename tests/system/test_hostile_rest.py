@@ -195,3 +195,36 @@ async def test_hostile_rest_requests_are_4xx_json_and_store_nothing(spawn: Spawn
                                json={"payload": {"env": "prod"}, "maxParallelSteps": 1, "tags": {"t": "v"}})
         assert ok.status_code == 200, ok.text
         assert ok.json()["max_parallel_steps"] == 1 and ok.json()["tags"] == {"t": "v"}
+
+
+async def test_runs_with_large_or_deep_outputs_read_back_whole(spawn: SpawnFactory, db_url: str) -> None:
+    """A run whose steps produce big outputs, one too big and one too deep to keep (both fail
+    with OUTPUT_TOO_LARGE), reads back through Envoy as complete JSON on every read endpoint
+    (issue 5: such runs made GET 500/502 and lists answer 200 with an empty or cut body)."""
+    blob = "x" * (LIMITS.max_payload_bytes - 1024)
+    big = {"out": "{{ payload.blob }}"}
+    too_big = {f"o{i}": "{{ payload.blob }}" for i in range(LIMITS.max_output_bytes // len(blob) + 1)}
+    # A CEL list one level deeper than a stored document may be (the parser allows it).
+    too_deep = "[" * (LIMITS.max_json_depth + 1) + "1" + "]" * (LIMITS.max_json_depth + 1)
+    workflow = {"name": "heavy", "steps": [
+        {"ref": "a", "kind": "noop", "config": {"output": big}},
+        {"ref": "b", "kind": "noop", "config": {"output": big}},
+        {"ref": "wide", "kind": "noop", "depends_on": ["a", "b"], "config": {"output": too_big}},
+        {"ref": "deep", "kind": "condition", "depends_on": ["a"], "config": {"expression": too_deep}}]}
+    async with (spawn(db_url, envoy=True) as served,
+                httpx.AsyncClient(base_url=served.rest_url, timeout=30) as client):
+        assert (await client.post("/v1/workflows", json=workflow)).status_code == 200, workflow
+        runs = [(await client.post("/v1/workflows/heavy/runs", json={"payload": {"blob": blob}})).json()
+                for _ in range(3)]
+        for run in runs:
+            got = await client.get(f"/v1/workflow-runs/{run['id']}")
+            assert got.status_code == 200 and got.json()["status"] == "failed", got.text[:300]
+            listed_steps = (await client.get(f"/v1/workflow-runs/{run['id']}/steps")).json()
+            steps = {s["step_ref"]: s for s in listed_steps}
+            assert steps["a"]["output"] == {"out": blob} and steps["b"]["status"] == "completed"
+            for ref in ("wide", "deep"):
+                assert steps[ref]["status"] == "failed" and steps[ref]["error"].startswith("OUTPUT_TOO_LARGE")
+            events = (await client.get(f"/v1/workflow-runs/{run['id']}/events")).json()
+            assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        listed = await client.get("/v1/workflow-runs", params={"workflow_id": "heavy", "limit": 10})
+        assert listed.status_code == 200 and {r["id"] for r in listed.json()} == {r["id"] for r in runs}
