@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import insert
 
+from conveyor.domain.errors import DuplicateKey
 from conveyor.domain.records import EventRecord, RunRecord, StepRecord, WorkflowRecord
 from conveyor.domain.spec import parse_workflow
 from conveyor.domain.states import RunStatus, StepStatus
@@ -53,3 +55,19 @@ async def test_inserted_rows_read_back_as_given(database: Database) -> None:
     assert steps == [step] and steps[0].input is None
     assert events[0] == event and events[1].at == events[0].at
     assert [r.id for r in due] == [run.id] and not_yet == []
+
+
+async def test_an_idempotency_key_recorded_first_elsewhere_is_duplicate_key(database: Database) -> None:
+    """The insert path reports a key another writer recorded first as the domain's DuplicateKey
+    (on SQLite the rows go straight to the driver, whose own IntegrityError must not leak)."""
+    store = SqlStore(database)
+    record = {"project_id": "p", "workflow_id": "w", "key": "k", "request_hash": "h", "run_id": "r",
+              "expires_at": AT}
+    async with store.write() as repo:
+        await repo.insert_runs([], [], [], [record])
+    with pytest.raises(DuplicateKey):
+        async with store.write() as repo:
+            await repo.insert_runs([], [], [], [dict(record, run_id="r2")])
+    async with store.read() as repo:
+        assert await repo.idempotency_lookup([("p", "w", "k")], AT - timedelta(seconds=1)) == {
+            ("p", "w", "k"): ("h", "r")}

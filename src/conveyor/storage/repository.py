@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -389,8 +390,16 @@ class Repository:
         columns = [(n, time_text if conv is _sqlite_time else conv)
                    for n, conv in zip(names, converters, strict=True)]
         get: Any = dict.__getitem__ if as_dicts else getattr
-        await self.conn.exec_driver_sql(sql, [
-            tuple([get(r, n) if conv is None else conv(get(r, n)) for n, conv in columns]) for r in records])
+        params = [tuple([get(r, n) if conv is None else conv(get(r, n)) for n, conv in columns])
+                  for r in records]
+        # Straight to aiosqlite, inside the transaction this unit began: one hop to its thread
+        # instead of three (cursor, executemany, close) through SQLAlchemy's adapter.
+        driver = (await self.conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        try:
+            await driver.executemany(sql, params)
+        except sqlite3.IntegrityError as e:
+            raise IntegrityError(sql, None, e) from e  # what every caller catches
 
     async def purge_idempotency(self, now: datetime, batch: int) -> int:
         """Delete at most `batch` expired idempotency records, oldest first; returns how many.
