@@ -11,8 +11,7 @@ from google.api import httpbody_pb2
 
 from conveyor.api.bodies import body_bytes, has_raw_body, take_raw_body
 from conveyor.domain.errors import ConveyorError, ErrorKind
-from conveyor.domain.limits import Limits
-from conveyor.domain.spec import largest_body_bytes, trigger_body_bytes
+from conveyor.domain.limits import Limits, largest_body_bytes, trigger_body_bytes
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 

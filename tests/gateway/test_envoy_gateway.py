@@ -20,8 +20,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from conveyor.api.server import MAX_METADATA_BYTES
-from conveyor.domain.limits import Limits
-from conveyor.domain.spec import trigger_body_bytes
+from conveyor.domain.limits import Limits, trigger_body_bytes
 from conveyor.gateway.envoy import TEMPLATE_PATH, EnvoyGateway, rest_body_bytes
 from conveyor.settings import Settings
 from conveyor.v1 import (

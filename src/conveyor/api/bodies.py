@@ -29,8 +29,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
-from conveyor.domain.limits import Limits, json_depth, json_size
-from conveyor.domain.spec import trigger_body_bytes
+from conveyor.domain.limits import Limits, json_depth, json_size, trigger_body_bytes
 
 # Request type -> the field its REST body stands for ("" for the request itself, as `body: "*"`
 # would bind it). The request's own `body` field and its path variables are not body fields.
@@ -79,7 +78,7 @@ def has_raw_body(request: Message) -> bool:
 def body_bytes(request_type: str, limits: Limits) -> int:
     """The longest raw body a request of `request_type` (a full name in BODY_TARGETS) may have:
     a workflow definition max_definition_bytes, a trigger room for its largest payload and
-    fields (domain.spec.trigger_body_bytes)."""
+    fields (domain.limits.trigger_body_bytes)."""
     if BODY_TARGETS[request_type]:
         return limits.max_definition_bytes
     return trigger_body_bytes(limits)

@@ -16,7 +16,7 @@ from conveyor.api.step_runs import StepRunsServicer
 from conveyor.api.workers import WorkersServicer
 from conveyor.api.workflow_runs import WorkflowRunsServicer
 from conveyor.api.workflows import WorkflowsServicer
-from conveyor.domain.spec import JSON_TO_PROTOBUF_GROWTH
+from conveyor.domain.limits import JSON_TO_PROTOBUF_GROWTH
 from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import rest_body_bytes
 from conveyor.settings import Settings

@@ -104,3 +104,38 @@ def document_problem(value: object, max_depth: int, max_bytes: int) -> str | Non
     if "\\u0000" in text:  # json escapes every control character, NUL included
         return "contains a NUL character"
     return None
+
+
+# --- request sizes --------------------------------------------------------------------------------
+# Bounds on a request's bytes, checked before anything in it is converted: parsing and checking
+# cost time per JSON value (json_format ~1-1.5 µs each), so a body must be refused by its length
+# while that is still a `len()`. They sit here, in the domain, because the API (api/bodies.py,
+# api/server.py) and the gateway (Envoy's body limit) both derive their numbers from them.
+
+# How much longer than its compact JSON a REST body may be: whitespace (pretty-printed with
+# indentation), `\uXXXX` escapes (6 bytes for a character of 1-3), spaces after `,` and `:`.
+BODY_SLACK = 4
+# A gRPC message can be this many times larger than the compact JSON it stands for: a JSON array
+# of single-digit numbers ("1," is 2 bytes) becomes protobuf Values of 11 bytes each (5.5x, the
+# worst case; objects, strings, bools and nulls grow less).
+JSON_TO_PROTOBUF_GROWTH = 6
+
+
+def trigger_body_bytes(limits: Limits) -> int:
+    """The longest REST body of a trigger: BODY_SLACK times the largest payload plus the largest
+    tags and every other field at its longest."""
+    tags = limits.max_tags * (limits.max_id_length + limits.max_short_text_length)
+    others = 8 * limits.max_id_length  # project_id, idempotency_key, entity_id, run_as, numbers
+    return BODY_SLACK * (limits.max_payload_bytes + tags + others)
+
+
+def document_body_bytes(limits: Limits) -> int:
+    """The longest REST body holding one JSON document and a few short fields (a step's
+    force-complete result, an input's data), which Envoy transcodes."""
+    return BODY_SLACK * (limits.max_payload_bytes + limits.max_short_text_length)
+
+
+def largest_body_bytes(limits: Limits) -> int:
+    """The longest REST body any legitimate request needs: a workflow definition, by default
+    (max_definition_bytes, 2 MiB), against ~580 KiB for a trigger and ~260 KiB for a document."""
+    return max(limits.max_definition_bytes, trigger_body_bytes(limits), document_body_bytes(limits))

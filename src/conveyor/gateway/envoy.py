@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 
 import conveyor
-from conveyor.domain.spec import largest_body_bytes
+from conveyor.domain.limits import largest_body_bytes
 from conveyor.gateway.descriptor import build_descriptor_set
 from conveyor.settings import Settings
 
@@ -73,7 +73,7 @@ logger = logging.getLogger(__name__)
 def rest_body_bytes(settings: Settings) -> int:
     """The longest REST body Envoy lets through (413 REQUEST_TOO_LARGE above it): what the
     largest legitimate request needs (a workflow definition: max_definition_bytes, 2 MiB by
-    default; domain.spec.largest_body_bytes), never more than settings.max_request_bytes.
+    default; domain.limits.largest_body_bytes), never more than settings.max_request_bytes.
     Every byte Envoy accepts is one the server may have to parse and Envoy to transcode, and
     a 3.8 MB body of small numbers used to cost the server 10 s; the server's gRPC message
     limit is derived from this number too (api/server.py)."""
