@@ -359,3 +359,39 @@ async def test_every_exit_from_running_revokes_the_lease(engine: Engine, operati
     assert lost.value.reason == "LEASE_LOST"
     assert (await steps_of(engine, run_id))["t"].output != {"late": True}
     await check_history(engine, run_id)
+
+
+async def test_a_retried_run_waits_for_a_slot_when_its_workflow_is_capped_now(engine: Engine) -> None:
+    await engine.workflows.create(wf("grows", [{"ref": "c", "kind": "condition",
+                                                "config": {"expression": "payload.x > 1"}}]), ME)
+    failed = await trigger(engine, "grows")  # payload.x missing: fails, on an uncapped version
+    assert await status(engine, failed) == RunStatus.FAILED
+    await engine.workflows.update("grows", wf("grows", [{"ref": "ok", "kind": "approval"}],
+                                              max_concurrent_runs=1), ME)
+    holder = await trigger(engine, "grows")
+    await engine.tick()
+    assert await status(engine, holder) == RunStatus.RUNNING
+    retried = await engine.runs.retry(failed, ME)
+    await engine.tick()
+    # The workflow's cap now counts, not the old version's: the retry waits for the slot.
+    assert (await engine.runs.get(retried.id, ME)).status == RunStatus.PENDING
+    await engine.steps.approve(holder, "ok", "", ME)
+    await engine.tick()
+    assert await status(engine, retried.id) == RunStatus.FAILED  # ran once the slot was free
+    await check_history(engine, retried.id)
+
+
+async def test_a_lease_start_that_ends_a_capped_run_hands_on_its_slot(engine: Engine) -> None:
+    await engine.workflows.create(wf("one", [task("t", config={"n": "{{ payload.n + 1 }}"})],
+                                     max_concurrent_runs=1), ME)
+    broken = await trigger(engine, "one", payload={"n": "text"})  # the template cannot render
+    waiting = await trigger(engine, "one", payload={"n": 1})
+    await engine.tick()
+    assert (await status(engine, broken), await status(engine, waiting)) == (RunStatus.RUNNING,
+                                                                             RunStatus.PENDING)
+    assert await engine.leases.acquire("q", WORKER, 30, 5, ME) == []  # its start failed the run
+    assert await status(engine, broken) == RunStatus.FAILED
+    await engine.tick()
+    assert await status(engine, waiting) == RunStatus.RUNNING
+    (lease,) = await engine.leases.acquire("q", WORKER, 30, 5, ME)
+    assert lease.run.id == waiting and lease.step.input == {"n": 2.0}

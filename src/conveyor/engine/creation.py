@@ -26,15 +26,16 @@ from conveyor.engine.ports import Repo
 log = logging.getLogger(__name__)
 
 
-def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *,
+def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *, capped: bool,
               check_condition: bool = False, kept: Mapping[str, StepRecord] | None = None,
               message: str = "", data: dict[str, Any] | None = None) -> NewRun:
     """A new run (filled in by the caller, status pending), its steps and first events; planned
-    already when its workflow caps no concurrent runs."""
+    already unless its workflow caps concurrent runs (`capped`: then the runner's slot
+    accounting starts it)."""
     pristine = dataclasses.replace(run)
     new = open_run(run, spec, actor, new_id, limits, check_condition=check_condition, kept=kept,
                    message=message, data=data)
-    if new.run.status != RunStatus.PENDING or spec.max_concurrent_runs:
+    if new.run.status != RunStatus.PENDING or capped:
         return new  # canceled by its condition, or waiting for the runner's slot accounting
     try:
         plan(new.changes, new.steps, spec, limits=limits)

@@ -67,8 +67,10 @@ class Leases:
             # Runs first, then their steps (the lock order everywhere); a run another replica or
             # poller holds is skipped, its steps are left for the next poll.
             runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
+            await self.runner.capped(repo, runs)  # planning on may end a run and free its slot
             steps = await repo.steps_of([r.id for r in runs])
             specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
+
             def start() -> list[Changes]:
                 # On the offload thread: each lease renders its step's config templates.
                 units = []
@@ -88,6 +90,7 @@ class Leases:
 
             units = await self.runner.offload.run(start)
             await repo.save(units)
+            await self.runner.wake_waiting(repo, units, now)
         # Planning a run on may have ended it (a template that failed another step): only the
         # attempts still running are handed out; the others were revoked with their run.
         leases = [lease for lease in leases if lease.step.status == StepStatus.RUNNING]

@@ -83,19 +83,13 @@ class Runner:
             return []
         steps = await repo.steps_of([r.id for r in runs])
         specs = await self.specs(repo, {r.workflow_version_id for r in runs})
-        capped = await self._capped(repo, runs)
+        capped = await self.capped(repo, runs)
         may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], capped, now)
         planned = await self.offload.run(self._plan_all, runs, steps, specs, may_start, now)
-        units: list[Changes] = []
-        freed: dict[str, int] = {}
-        for run, c in zip(runs, planned, strict=True):
-            if c is None:
-                c = await self._unplannable(repo, run.id, now)
-            if c.left_running:
-                freed[run.workflow_id] = freed.get(run.workflow_id, 0) + 1
-            units.append(c)
+        units = [c if c is not None else await self._unplannable(repo, run.id, now)
+                 for run, c in zip(runs, planned, strict=True)]
         await repo.save(units)
-        await self.wake_waiting(repo, freed, now)
+        await self.wake_waiting(repo, units, now)
         return units
 
     def _plan_all(self, runs: Sequence[RunRecord], steps: dict[str, list[StepRecord]],
@@ -119,10 +113,11 @@ class Runner:
         fail_unplannable(c, (await repo.steps_of([run_id]))[run_id], _SET_ASIDE_SECONDS)
         return c
 
-    async def _capped(self, repo: Repo, runs: Sequence[RunRecord]) -> dict[str, int]:
+    async def capped(self, repo: Repo, runs: Sequence[RunRecord]) -> dict[str, int]:
         """max_concurrent_runs of the capped workflows among these runs, their rows locked: the
         lock order is runs, then workflows (sorted), so replicas count, take and free a
-        workflow's slots one at a time and a pass that frees a slot is seen by the next."""
+        workflow's slots one at a time and a pass that frees a slot is seen by the next. Every
+        unit that may start or end runs (passes, operations, reports, leases) takes them here."""
         limits = await repo.workflow_limits({r.workflow_id for r in runs})
         capped = {wf: n for wf, n in limits.items() if n > 0}
         if capped:
@@ -148,8 +143,13 @@ class Runner:
             await repo.wake([h for h in heads if h not in in_batch], now)
         return allowed
 
-    async def wake_waiting(self, repo: Repo, freed: dict[str, int], now: datetime) -> None:
-        """Runs that left `running` freed slots: wake the oldest pending runs of those workflows."""
+    async def wake_waiting(self, repo: Repo, units: Sequence[Changes], now: datetime) -> None:
+        """Runs these saved units took out of `running` freed slots: wake the oldest pending
+        runs of those workflows."""
+        freed: dict[str, int] = {}
+        for u in units:
+            if u.left_running:
+                freed[u.run.workflow_id] = freed.get(u.run.workflow_id, 0) + 1
         for wf, n in freed.items():
             await repo.wake(await repo.oldest_pending(wf, n), now)
 

@@ -82,9 +82,12 @@ class RunService:
                 retry_of_run_id=old.id, parent_workflow_run_id=old.parent_workflow_run_id,
                 parent_step_run_id=old.parent_step_run_id, depth=old.depth,
                 expires_at=now + (old.expires_at - old.created_at) if old.expires_at else None)
-            new = creation.start_run(run, spec, caller.name, self.runner.limits,
-                                     kept={s.step_ref: s for s in old_steps},
-                                     message=f"retry of {old.id}", data={"retry_of_run_id": old.id})
+            # The workflow's cap now, not the old version's; planned on the CPU thread.
+            capped = old.workflow_id in await self.runner.capped(repo, [old])
+            new = await self.runner.offload.run(
+                creation.start_run, run, spec, caller.name, self.runner.limits, capped=capped,
+                kept={s.step_ref: s for s in old_steps}, message=f"retry of {old.id}",
+                data={"retry_of_run_id": old.id})
             await creation.insert(repo, [new], [])
             c = Changes(old, now, caller.name)
             c.event("run.retried", message=f"retried by {caller.name} as {run.id}", data={"run_id": run.id})

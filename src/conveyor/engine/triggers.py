@@ -286,7 +286,9 @@ class Triggers:
         if req.idempotency_key:
             item.key = (wf.project_id, wf.id, req.idempotency_key)
             item.request_hash = request_hash(req, wf.id)
+        # The current version's cap is the workflow's (both change together on update).
         item.new = creation.start_run(run, spec, run.triggered_by, self.limits,
+                                      capped=spec.max_concurrent_runs > 0,
                                       check_condition=req.check_conditions)
 
     @staticmethod

@@ -55,12 +55,9 @@ class RunUnits:
             run = await repo.get_run(run_id, caller.project, lock=True)
             steps = (await repo.steps_of([run.id]))[run.id]
             spec = (await self.runner.specs(repo, {run.workflow_version_id}))[run.workflow_version_id]
-            # The workflow row is held (after the run's, the lock order everywhere) so that a
-            # slot this operation frees or takes is seen by the next pass that counts them.
-            capped = (await repo.workflow_limits([run.workflow_id], lock=True)).get(run.workflow_id, 0) > 0
+            capped = run.workflow_id in await self.runner.capped(repo, [run])
             c = Changes(run, now, caller.name, capped)
             result = await self.runner.offload.run(op, c, steps, spec)  # it may plan the run on
             await repo.save([c])
-            if c.left_running:
-                await self.runner.wake_waiting(repo, {run.workflow_id: 1}, now)
+            await self.runner.wake_waiting(repo, [c], now)
         return result
