@@ -862,10 +862,19 @@ class EngineMachine(RuleBasedStateMachine):
             assert leased == set(leasable), \
                 f"acquire(max_steps={most}) left ready steps: {set(leasable) - leased}"
         touched = {s.workflow_run_id for s in leasable.values()}
+        # A run the acquire ended (its start failed for good) frees its concurrency slot: the
+        # oldest pending run of its workflow is then made due now, and nothing else about it moves.
+        freed = {after[rid].run.workflow_id for rid in touched
+                 if before[rid].run.status == R.RUNNING and after[rid].run.status != R.RUNNING}
         for rid, view in before.items():
-            if rid not in touched:
-                assert after[rid] == view, f"acquire changed run {rid} that had nothing to lease:\n" + \
-                    diff({rid: view}, {rid: after[rid]})
+            if rid in touched:
+                continue
+            woken = view.run.status == R.PENDING and view.run.workflow_id in freed
+            now = self.clock.now()
+            expected = (replace(view, run=replace(view.run, wake_at=now))
+                        if woken and after[rid].run.wake_at == now else view)
+            assert after[rid] == expected, f"acquire changed run {rid} that had nothing to lease:\n" + \
+                diff({rid: view}, {rid: after[rid]})
         for lease, action in zip(leases, then, strict=False):
             held = self.acquired[(lease.step.id, lease.step.attempt)]
             self.send(held, held.step_id, held.attempt, holder, action)
