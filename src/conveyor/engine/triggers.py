@@ -61,7 +61,7 @@ class _Pending:
     req: TriggerRequest
     caller: Caller
     future: asyncio.Future[RunRecord] = field(repr=False)
-    # Filled in before the write: the run this request would create, or why it cannot.
+    # Filled in before the write: the run this request would create and its idempotency key.
     new: NewRun | None = None
     key: IdemKey | None = None
     request_hash: str = ""
