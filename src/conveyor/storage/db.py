@@ -11,6 +11,7 @@ only through `write()` (`read()` transactions are read-only on both backends).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -211,8 +212,27 @@ class Database:
             await engine.dispose()
 
 
+def _set_journal_mode(cursor: Any, mode: str, busy_ms: int) -> None:
+    """Set the (persistent) journal mode unless the file has it already. Switching needs the
+    file exclusively and SQLite does not wait for that on busy_timeout: connections opened
+    together on a new file, or while another migrates it, would fail at once, so they retry
+    (only ever while a file is first set up: then the mode is in the file)."""
+    deadline = time.monotonic() + busy_ms / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            if str(cursor.fetchone()[0]).lower() != mode.lower():
+                cursor.execute(f"PRAGMA journal_mode = {mode}")
+            return
+        except Exception as e:  # the driver adapter's OperationalError
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _setup_sqlite(engine: AsyncEngine, pragmas: tuple[tuple[str, object], ...], begin: str) -> None:
     """Apply `pragmas` to each new connection of `engine` and open its transactions with `begin`."""
+    busy_ms = int(dict(pragmas).get("busy_timeout", DEFAULT_BUSY_TIMEOUT_MS))  # type: ignore[call-overload]
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -221,7 +241,10 @@ def _setup_sqlite(engine: AsyncEngine, pragmas: tuple[tuple[str, object], ...], 
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for name, value in pragmas:
-            cursor.execute(f"PRAGMA {name} = {value}")
+            if name == "journal_mode":
+                _set_journal_mode(cursor, str(value), busy_ms)
+            else:
+                cursor.execute(f"PRAGMA {name} = {value}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -70,6 +70,7 @@ class WorkflowRow(Base):
     cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
     cron_timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
     next_fire_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    schedule_paused: Mapped[bool] = mapped_column(Boolean, default=False)
     archived_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime]
@@ -82,6 +83,8 @@ class WorkflowRow(Base):
         Index("ix_workflows_project_created", "project_id", "created_at", "id"),
         # list_workflows over every project, newest first.
         Index("ix_workflows_created", "created_at", "id"),
+        # The schedule sweep: due schedules, oldest first.
+        Index("ix_workflows_next_fire", "next_fire_at"),
     )
 
 
@@ -125,6 +128,10 @@ class RunRow(Base):
     parent_workflow_run_id: Mapped[str] = mapped_column(String(36), default="")
     parent_step_run_id: Mapped[str] = mapped_column(String(36), default="")
     depth: Mapped[int] = mapped_column(Integer, default=0)
+    # The first run of this run's family of child runs ("" for a run nobody started).
+    root_run_id: Mapped[str] = mapped_column(String(36), default="")
+    # Workflow ids of this run and its ancestors: a child's loop check is one membership test.
+    lineage: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     # Last RunEvent seq written for this run; events take last_seq+1 under the run's row lock.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     wake_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -228,6 +235,18 @@ class RunEventRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
     actor: Mapped[str] = mapped_column(String(200), default="")
+    at: Mapped[datetime]
+
+
+class RunWakeupRow(Base):
+    """A "look at this run" left by another run's unit of work (a child that ended, a parent
+    step that stopped waiting for its child). Inserting one locks nothing of the other run; the
+    runner moves it into the run's wake_at under that run's own lock and deletes it."""
+
+    __tablename__ = "run_wakeups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36))
     at: Mapped[datetime]
 
 
