@@ -33,7 +33,8 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("workflows") as batch:
-        batch.add_column(sa.Column("schedule_paused", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(sa.Column("schedule_paused", sa.Boolean(), nullable=False,
+                                   server_default=sa.false()))
     op.create_index("ix_workflows_next_fire", "workflows", ["next_fire_at"])
     with op.batch_alter_table("workflow_runs") as batch:
         batch.add_column(sa.Column("root_run_id", sa.String(36), nullable=False, server_default=""))
