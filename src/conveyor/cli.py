@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db-url", help="sqlite:///path or postgresql://… (default .conveyor/conveyor.db)")
     serve.add_argument("--data-dir", help="directory for the SQLite file and Envoy's files")
     serve.add_argument("--no-envoy", action="store_true", help="serve gRPC only")
+    worker = sub.add_parser("worker", help="run a worker: MODULE:ATTR names a conveyor.sdk.Worker")
+    worker.add_argument("spec", metavar="MODULE:ATTR",
+                        help="e.g. examples.hello_worker:worker (the current directory is importable)")
+    worker.add_argument("--target", help="gRPC address of the server (default: the Worker's own)")
+    worker.add_argument("--slots", type=int, help="tasks held at once (default: the Worker's)")
     return parser
 
 
@@ -56,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      data_dir=Path(args.data_dir) if args.data_dir else None,
                                      envoy_enabled=False if args.no_envoy else None)
         asyncio.run(serve(settings))
+    elif args.command == "worker":
+        # The SDK, not the server: a worker process never touches the engine or the database.
+        from conveyor.sdk.command import run_worker
+
+        return run_worker(args.spec, target=args.target, slots=args.slots)
     return 0
 
 
