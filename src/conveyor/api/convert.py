@@ -35,7 +35,8 @@ IDEMPOTENCY_METADATA_KEY = "idempotency-key"
 
 # Workflow fields the server assigns; a client's values for them are ignored on create/update.
 _WORKFLOW_OUTPUT_ONLY = frozenset(
-    {"id", "version", "workflow_version_id", "archived", "created_by", "created_at", "updated_at"})
+    {"id", "version", "workflow_version_id", "archived", "created_by", "created_at", "updated_at",
+     "next_fire_at", "schedule_paused"})
 
 
 # --- records -> protos ---------------------------------------------------------------------------
@@ -241,6 +242,8 @@ def workflow_to_proto(wf: WorkflowRecord) -> pb.Workflow:
     msg.created_by = wf.created_by
     _set_time(msg.created_at, wf.created_at)
     _set_time(msg.updated_at, wf.updated_at)
+    _set_time(msg.next_fire_at, wf.next_fire_at)
+    msg.schedule_paused = wf.schedule_paused
     return msg
 
 

@@ -15,7 +15,7 @@ from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
 
 
 class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
-    """Create, read, list, version and archive workflow definitions."""
+    """Create, read, list, version and archive workflow definitions; pause and resume schedules."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -52,3 +52,15 @@ class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
         await self._engine.workflows.archive(request.workflow_id, request.project_id,
                                              caller=caller_from(context))
         return wf_pb.ArchiveWorkflowResponse()
+
+    async def PauseSchedule(self, request: wf_pb.PauseScheduleRequest,
+                            context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.pause_schedule(request.workflow_id, request.project_id,
+                                                         caller=caller_from(context))
+        return convert.workflow_to_proto(wf)
+
+    async def ResumeSchedule(self, request: wf_pb.ResumeScheduleRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.resume_schedule(request.workflow_id, request.project_id,
+                                                          caller=caller_from(context))
+        return convert.workflow_to_proto(wf)

@@ -28,6 +28,9 @@ class WorkflowRecord:
     created_at: datetime
     updated_at: datetime
     archived_at: datetime | None = None
+    # The schedule's next tick (UTC); None without a schedule, while paused or once archived.
+    next_fire_at: datetime | None = None
+    schedule_paused: bool = False
 
     @property
     def archived(self) -> bool:

@@ -1,8 +1,9 @@
 """Engine: the one object the API and the CLI talk to.
 
 It assembles the use cases (`workflows`, `runs`, `steps`) over one store and one clock, and
-owns the background loop that advances runs. Every method takes the `Caller` whose project
-scopes what it may see; a resource outside that scope is NOT_FOUND, as if absent.
+owns the background loops that advance runs and fire due schedules. Every method takes the
+`Caller` whose project scopes what it may see; a resource outside that scope is NOT_FOUND, as if
+absent.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
+from conveyor.engine.schedules import Schedules
 from conveyor.engine.steps import StepService
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.watch import Watches
@@ -45,11 +47,14 @@ class Engine:
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
         self.watches = Watches(store, self.clock, self.runner.committed)
+        self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
+                                   idle_seconds=settings.engine_idle_seconds)
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
         self.runner.start()
+        self.schedules.start()
         self._housekeeping = asyncio.create_task(self._purge_loop(), name="conveyor-housekeeping")
 
     async def stop(self) -> None:
@@ -57,6 +62,7 @@ class Engine:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        await self.schedules.stop()
         await self.triggers.close()
         await self.runner.stop()
         self.offload.close()

@@ -3,22 +3,31 @@
 A definition is validated by the domain's `parse_workflow` (every problem reported at once) and
 stored as an immutable version; updating writes the next version and points the workflow at it,
 so runs keep the version they started on. Archiving stops new runs; existing runs continue.
+
+A workflow's schedule (engine/schedules.py fires it) is kept here: create computes its first
+tick from now; an update that changes the cron or time zone computes it again from now (an
+unchanged one keeps its tick, due or not), and one that removes the schedule clears it and its
+pause; archiving clears it. Pause and resume change no version: pause clears the tick, resume
+computes the next one after now (ticks while paused never fire). Both are idempotent, and
+FAILED_PRECONDITION (NO_SCHEDULE) on a workflow without a schedule.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
-from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import workflow_archived
 from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecord
-from conveyor.domain.spec import WorkflowSpec, parse_workflow
+from conveyor.domain.spec import Schedule, WorkflowSpec, parse_workflow
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
+from conveyor.engine.schedules import next_tick
 
 # Project ids travel in paths and filters: keep them to a safe, boring alphabet.
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -41,6 +50,14 @@ def name_scope(project_id: str, caller: Caller) -> str:
     return project_id or caller.project or DEFAULT_PROJECT
 
 
+def first_tick(schedule: Schedule, now: datetime) -> datetime:
+    """A schedule's next tick after `now`; INVALID_ARGUMENT for a cron that never matches."""
+    try:
+        return next_tick(schedule, now)
+    except ValueError as e:
+        raise invalid("the schedule never fires", [FieldViolation("schedule.cron", "matches no date")]) from e
+
+
 class WorkflowService:
     """Use cases on workflow definitions."""
 
@@ -59,7 +76,8 @@ class WorkflowService:
         spec = await self._parse(data)
         now = self.clock.now()
         wf = WorkflowRecord(id=new_id(), project_id=project, name=spec.name, version=1, version_id=new_id(),
-                            spec=spec, created_by=caller.name, created_at=now, updated_at=now)
+                            spec=spec, created_by=caller.name, created_at=now, updated_at=now,
+                            next_fire_at=first_tick(spec.schedule, now) if spec.schedule else None)
         async with self.store.write() as repo:
             await repo.insert_workflow(wf, spec.max_concurrent_runs)
         return wf
@@ -89,10 +107,15 @@ class WorkflowService:
                                     f"a workflow's name cannot change (it is {wf.name!r})")
             if wf.archived:
                 raise workflow_archived(wf.name)
+            now = self.clock.now()
+            if spec.schedule is None:
+                wf.next_fire_at, wf.schedule_paused = None, False
+            elif spec.schedule != wf.spec.schedule and not wf.schedule_paused:
+                wf.next_fire_at = first_tick(spec.schedule, now)
             wf.version += 1
             wf.version_id = new_id()
             wf.spec = spec
-            wf.updated_at = self.clock.now()
+            wf.updated_at = now
             await repo.insert_version(wf)
             await repo.set_current_version(wf)
         return wf
@@ -102,3 +125,30 @@ class WorkflowService:
         async with self.store.write() as repo:
             wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
             await repo.archive_workflow(wf.id, self.clock.now())
+
+    async def pause_schedule(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
+        """Stop the schedule from firing until resumed; the definition is unchanged."""
+        return await self._set_paused(ident, project_id, caller, paused=True)
+
+    async def resume_schedule(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
+        """Let a paused schedule fire again from its first tick after now (no backlog)."""
+        return await self._set_paused(ident, project_id, caller, paused=False)
+
+    async def _set_paused(self, ident: str, project_id: str, caller: Caller, paused: bool) -> WorkflowRecord:
+        async with self.store.write() as repo:
+            # The row lock orders this with a schedule firing on another replica: one that is
+            # firing it now commits first (and we then see its next tick replaced), or skips it.
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
+            if wf.archived:
+                raise workflow_archived(wf.name)
+            if wf.spec.schedule is None:
+                raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "NO_SCHEDULE",
+                                    f"workflow {wf.name!r} has no schedule")
+            if wf.schedule_paused == paused:
+                return wf
+            now = self.clock.now()
+            wf.schedule_paused = paused
+            wf.next_fire_at = None if paused else first_tick(wf.spec.schedule, now)
+            wf.updated_at = now
+            await repo.set_schedule(wf.id, paused, wf.next_fire_at, now)
+        return wf

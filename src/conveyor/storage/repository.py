@@ -236,7 +236,8 @@ class Repository:
                 max_concurrent_runs=max_concurrent_runs, created_by=wf.created_by,
                 created_at=wf.created_at, updated_at=wf.updated_at,
                 cron=wf.spec.schedule.cron if wf.spec.schedule else None,
-                cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None))
+                cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
+                next_fire_at=wf.next_fire_at, schedule_paused=wf.schedule_paused))
         except IntegrityError as e:
             raise ConveyorError(ErrorKind.ALREADY_EXISTS, "WORKFLOW_ALREADY_EXISTS",
                                 f"workflow {wf.name!r} already exists in project {wf.project_id!r}") from e
@@ -253,11 +254,12 @@ class Repository:
             description=wf.spec.description, max_concurrent_runs=wf.spec.max_concurrent_runs,
             cron=wf.spec.schedule.cron if wf.spec.schedule else None,
             cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
+            next_fire_at=wf.next_fire_at, schedule_paused=wf.schedule_paused,
             updated_at=wf.updated_at))
 
     async def archive_workflow(self, workflow_id: str, now: datetime) -> None:
         await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id, wf_t.c.archived_at.is_(None))
-                                .values(archived_at=now, updated_at=now))
+                                .values(archived_at=now, updated_at=now, next_fire_at=None))
 
     def _workflow_select(self) -> Select[Any]:
         return select(wf_t, ver_t.c.spec).join(ver_t, ver_t.c.id == wf_t.c.current_version_id)
@@ -268,7 +270,8 @@ class Repository:
             id=m["id"], project_id=m["project_id"], name=m["name"], version=m["current_version"],
             version_id=m["current_version_id"], spec=WorkflowSpec.from_dict(m["spec"]),
             created_by=m["created_by"], created_at=m["created_at"], updated_at=m["updated_at"],
-            archived_at=m["archived_at"])
+            archived_at=m["archived_at"], next_fire_at=m["next_fire_at"],
+            schedule_paused=m["schedule_paused"])
 
     async def find_workflow(self, ident: str, scope: str | None, project: str,
                             lock: bool = False) -> WorkflowRecord:
@@ -648,6 +651,42 @@ class Repository:
                 matched += (await self.conn.execute(stmt, p)).rowcount
         if matched != len(params):
             raise ConcurrentChange(f"{table.name}: {len(params) - matched} rows changed concurrently")
+
+    # -- schedules ----------------------------------------------------------------------------
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[WorkflowRecord]:
+        """Workflows whose schedule is due (next_fire_at <= now, not paused, not archived),
+        oldest tick first (ix_workflows_next_fire), their rows locked for the caller's
+        transaction. PostgreSQL: rows another transaction holds are skipped, never waited for
+        (a replica firing them, or an update/archive/pause that will set next_fire_at itself),
+        and the lock is FOR NO KEY UPDATE of the workflow row only: it does not conflict with
+        the key-share locks that inserting runs of the workflow takes (their foreign key), so a
+        busy trigger stream cannot keep the schedule from being taken. SQLite: the one writer."""
+        stmt = (self._workflow_select()
+                .where(wf_t.c.next_fire_at <= now, wf_t.c.schedule_paused.is_(False),
+                       wf_t.c.archived_at.is_(None))
+                .order_by(wf_t.c.next_fire_at, wf_t.c.id).limit(limit))
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(of=wf_t, skip_locked=True, key_share=True)
+        return [self._workflow_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
+
+    async def advance_schedules(self, next_fire: dict[str, datetime | None]) -> None:
+        """Set next_fire_at of these workflows (rows the caller holds, from due_schedules)."""
+        if not next_fire:
+            return
+        await self.conn.execute(
+            update(wf_t).where(wf_t.c.id == bindparam("b_id")).values(next_fire_at=bindparam("v_at")),
+            [{"b_id": wf_id, "v_at": at} for wf_id, at in sorted(next_fire.items())])
+
+    async def set_schedule(self, workflow_id: str, paused: bool, next_fire_at: datetime | None,
+                           now: datetime) -> None:
+        """Pause or resume a workflow's schedule (its row locked by the caller)."""
+        await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id).values(
+            schedule_paused=paused, next_fire_at=next_fire_at, updated_at=now))
+
+    async def next_schedule_fire(self) -> datetime | None:
+        """The earliest next_fire_at of any workflow: set only while a schedule may fire."""
+        return (await self.conn.execute(select(func.min(wf_t.c.next_fire_at)))).scalar()
 
 
 def _before(col_at: Any, col_id: Any, at: str, ident: str) -> Any:
