@@ -1,0 +1,320 @@
+"""HttpSteps: the engine's own executor of `http` steps, on the step-lease machinery.
+
+Owns everything between "an http step is ready" and "its attempt is reported": leasing ready
+http steps in batches (`Leases.acquire`, queue "", kind http) under a concurrency cap, making each
+request with one shared httpx client through the egress transport (engine/egress.py), and
+reporting the attempt like any worker would, fenced by (step, attempt, holder). No request runs
+inside a database transaction: the lease commits first, the request runs, the report is its own
+unit of work.
+
+Outcomes: 2xx completes the step with `{status, headers, body}` (body parsed when the response
+says it is JSON, else text); any other status, a connection error or a timeout is a retryable
+failure (retried per the step's policy); a body over the cap, a refused destination
+(EGRESS_DENIED) or a config that renders to nonsense fails the attempt for good, since a retry
+would meet the same answer. Redirects are not followed.
+
+At-least-once: each lease covers its attempt's timeout plus a margin (extended once before the
+request when the attempt's timeout is longer than the default). An executor that dies
+mid-request never reports; the lease expires, the runner's sweep counts the attempt as failed and
+retries it per policy with attempt+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from conveyor.domain.errors import ConveyorError
+from conveyor.domain.records import Caller
+from conveyor.domain.spec import StepKind
+from conveyor.engine.egress import EgressDenied, EgressPolicy, EgressTransport, Resolver, resolve
+from conveyor.engine.leases import MAX_RETRY_AFTER_SECONDS, Lease, Leases
+from conveyor.engine.pulse import HTTP_KEY, KeyedPulses
+from conveyor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Added to an attempt's timeout to make its lease: covers the wait between the lease and the
+# request and between the response and its report's commit. Short, because it is also how long
+# a crashed executor's attempt waits before it is retried.
+LEASE_MARGIN_SECONDS = 10.0
+# Characters of a non-2xx response body quoted in the attempt's error.
+_EXCERPT_CHARS = 200
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+_JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+
+
+class _BadConfig(Exception):
+    """The rendered config cannot be a request: the same render fails every attempt."""
+
+
+class _TooLarge(Exception):
+    """The response body is over the cap."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: Any
+    timeout: float
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What an attempt reports: an output, or an error (retryable or not)."""
+
+    output: dict[str, Any] | None = None
+    error: str = ""
+    retryable: bool = True
+    retry_after: float = 0.0
+
+
+class HttpSteps:
+    """Leases ready http steps, performs their requests and reports them."""
+
+    def __init__(self, leases: Leases, pulses: KeyedPulses, settings: Settings,
+                 resolver: Resolver = resolve) -> None:
+        self.leases = leases
+        self.pulses = pulses
+        self.max_concurrency = settings.http_max_concurrency
+        self.max_body_bytes = settings.http_max_body_bytes
+        self.default_timeout = settings.http_default_timeout_seconds
+        # The safety poll: a retry whose backoff ends is made ready by time passing, which no
+        # commit announces, and a pulse of another process never reaches this one.
+        self.idle_seconds = settings.engine_idle_seconds
+        # Shown as the step's worker_id: which process ran the attempt.
+        self.holder = f"engine:http:{socket.gethostname()}:{os.getpid()}"
+        self._caller = Caller(name=self.holder)  # no project: http steps of every project
+        policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
+        # One client for every request (pooled connections); the environment's proxies are not
+        # used (trust_env=False): a proxy would bypass the egress check of the real destination.
+        self._client = httpx.AsyncClient(
+            transport=EgressTransport(policy, settings.http_max_concurrency, resolver),
+            trust_env=False, follow_redirects=False)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- one round (tests drive this with a ManualClock) ------------------------------------
+
+    async def run_once(self) -> int:
+        """Lease what is ready (up to the concurrency cap), perform those requests concurrently
+        and report them; returns how many attempts were handled."""
+        leases = await self._lease(self.max_concurrency)
+        await asyncio.gather(*(self._attempt(lease) for lease in leases))
+        return len(leases)
+
+    # -- background loop --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="conveyor-http-steps")
+
+    async def stop(self) -> None:
+        """Stop leasing and abandon the requests in flight without reporting them: their leases
+        expire and they are retried, exactly as after a crash (at-least-once either way)."""
+        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        await self._client.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            # Taken before leasing, so a step made ready while we lease is not missed.
+            ready = self.pulses.next(HTTP_KEY)
+            self._slot_freed.clear()
+            free = self.max_concurrency - len(self._in_flight)
+            saturated = free <= 0
+            if free > 0:
+                try:
+                    leases = await self._lease(free)
+                except Exception:
+                    # The database is unavailable or the lease failed: the steps stay ready in
+                    # the database; look again after the idle wait.
+                    log.exception("http steps: leasing failed")
+                    leases = []
+                for lease in leases:
+                    task = asyncio.create_task(self._attempt(lease), name=f"http-step-{lease.step.id}")
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._finished)
+                # Every free slot taken: more may be ready, worth a look as soon as a slot frees.
+                saturated = len(leases) == free
+            await _first(ready, self._slot_freed if saturated else None, self.idle_seconds)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slot_freed.set()
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    async def _lease(self, max_steps: int) -> list[Lease]:
+        return await self.leases.acquire("", self.holder, self.default_timeout + LEASE_MARGIN_SECONDS,
+                                         max_steps, self._caller, kinds=(StepKind.HTTP,))
+
+    async def _attempt(self, lease: Lease) -> None:
+        step = lease.step
+        try:
+            request = self._request_of(lease)
+        except _BadConfig as e:
+            await self._report(lease, _Outcome(error=f"config: {e}", retryable=False))
+            return
+        try:
+            if request.timeout > self.default_timeout:
+                # Acquired for the default timeout: extend the lease to cover this attempt's.
+                await self.leases.heartbeat(step.id, step.attempt, self.holder,
+                                            request.timeout + LEASE_MARGIN_SECONDS, self._caller)
+        except ConveyorError as e:
+            log.info("http step %s attempt %d: lease lost before the request (%s)", step.id, step.attempt, e)
+            return
+        await self._report(lease, await self._perform(request))
+
+    async def _report(self, lease: Lease, outcome: _Outcome) -> None:
+        step = lease.step
+        try:
+            if outcome.output is not None:
+                await self.leases.complete(step.id, step.attempt, self.holder, outcome.output, self._caller)
+            else:
+                await self.leases.fail(step.id, step.attempt, self.holder, outcome.error, outcome.retryable,
+                                       self._caller, retry_after=outcome.retry_after)
+        except ConveyorError as e:
+            # Usually LEASE_LOST: canceled, skipped, timed out or expired meanwhile; the result
+            # is dropped, as a late worker's would be. Anything else leaves the lease to expire.
+            log.info("http step %s attempt %d: report refused (%s: %s)", step.id, step.attempt, e.reason, e)
+        except Exception:
+            # The report did not commit (database trouble): the lease expires and the attempt
+            # is retried, which at-least-once allows.
+            log.exception("http step %s attempt %d: reporting failed", step.id, step.attempt)
+
+    def _request_of(self, lease: Lease) -> _Request:
+        """The request from the rendered config (templates may render anything, so it is
+        checked again here); the timeout is the config's or the step's, the shorter if both."""
+        config = lease.step.input or {}
+        method = config.get("method", "GET")
+        if not isinstance(method, str) or method.upper() not in _METHODS:
+            raise _BadConfig(f"method must be one of {', '.join(sorted(_METHODS))}, not {method!r}")
+        url = config.get("url")
+        if not isinstance(url, str):
+            raise _BadConfig("url must be a string")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _BadConfig(f"url must be an absolute http or https URL, not {url[:200]!r}")
+        headers = config.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise _BadConfig("headers must be an object")
+        timeout = config.get("timeout_seconds")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not 0 < timeout < math.inf):
+            raise _BadConfig(f"timeout_seconds must be a positive number, not {timeout!r}")
+        timeouts = [float(t) for t in (timeout, lease.spec.timeout_seconds) if t]
+        return _Request(method.upper(), url, {str(k): _header_value(k, v) for k, v in headers.items()},
+                        config.get("body"), min(timeouts, default=self.default_timeout))
+
+    async def _perform(self, request: _Request) -> _Outcome:
+        """Make the request; every way it can end becomes an outcome, never an exception."""
+        body = request.body
+        try:
+            # asyncio.timeout bounds the whole attempt; httpx's timeout bounds each phase
+            # (connect, each read), so a server dripping bytes cannot outlast it either.
+            async with asyncio.timeout(request.timeout), self._client.stream(
+                    request.method, request.url, headers=request.headers,
+                    content=body.encode() if isinstance(body, str) else None,
+                    json=body if body is not None and not isinstance(body, str) else None,
+                    timeout=request.timeout) as response:
+                content = await self._read_capped(response)
+        except EgressDenied as e:
+            return _Outcome(error=str(e), retryable=False)
+        except _TooLarge:
+            return _Outcome(error=f"RESPONSE_TOO_LARGE: the response body exceeds {self.max_body_bytes} "
+                                  f"bytes (http_max_body_bytes)", retryable=False)
+        except (TimeoutError, httpx.TimeoutException, httpcore.TimeoutException) as e:
+            return _Outcome(error=f"{type(e).__name__}: no response within {request.timeout:g}s")
+        except (httpx.HTTPError, httpcore.ConnectionNotAvailable, httpcore.NetworkError,
+                httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as e:
+            return _Outcome(error=f"{type(e).__name__}: {_one_line(str(e)) or 'no detail'}")
+        return self._outcome(response, content)
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():  # decoded: the cap bounds what is kept
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _outcome(self, response: httpx.Response, content: bytes) -> _Outcome:
+        text = content.decode(response.charset_encoding or "utf-8", errors="replace")
+        if 200 <= response.status_code < 300:
+            return _Outcome(output={"status": response.status_code,
+                                    "headers": dict(response.headers.items()),  # names lowercased
+                                    "body": _body(response, content, text)})
+        detail = _one_line(text)[:_EXCERPT_CHARS]
+        if response.is_redirect:
+            detail = f"redirects are not followed (location: {response.headers.get('location', '')})"
+        return _Outcome(error=f"HTTP {response.status_code}: {detail}",
+                        retry_after=_retry_after(response.headers.get("retry-after", "")))
+
+
+def _body(response: httpx.Response, content: bytes, text: str) -> Any:
+    """The JSON value when the response says it is JSON and it parses, else the text."""
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if _JSON_TYPE.match(media_type):
+        with contextlib.suppress(ValueError):
+            # NaN and Infinity are not JSON and no database column would take them back.
+            return json.loads(content, parse_constant=_refuse_constant)
+    return text
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _header_value(name: object, value: object) -> str:
+    """A header's value as sent: a whole-string template keeps its JSON type when rendered, so
+    a number or boolean is written as JSON writes it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    raise _BadConfig(f"header {name!r} must be a string, not {type(value).__name__}")
+
+
+def _retry_after(value: str) -> float:
+    """A Retry-After of delta-seconds (an HTTP date is ignored: the step's backoff applies)."""
+    return min(float(value), MAX_RETRY_AFTER_SECONDS) if value.strip().isdigit() else 0.0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+async def _first(ready: asyncio.Event, freed: asyncio.Event | None, seconds: float) -> None:
+    """Wait until an http step is announced ready, a slot frees (when given), or `seconds`."""
+    waits = [asyncio.ensure_future(e.wait()) for e in (ready, freed) if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
