@@ -31,6 +31,10 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # the `clock` fixture's start
 EVERY_MINUTE = {"cron": "* * * * *"}
 
 
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
 def scheduled(name: str, schedule: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     definition: dict[str, Any] = {"name": name, "steps": [{"ref": "a", "kind": "noop"}], **extra}
     if schedule is not None:
@@ -40,8 +44,15 @@ def scheduled(name: str, schedule: dict[str, str] | None = None, **extra: Any) -
 
 async def runs_of(engine: Engine, workflow: str) -> list[RunRecord]:
     """The workflow's runs, oldest first."""
-    page = await engine.runs.list(RunQuery(workflow_ids=(workflow,)), 1000, "", ME)
+    page = await engine.runs.list(RunQuery(workflow_ids=[workflow]), 1000, "", ME)
     return sorted(page.items, key=lambda r: (r.created_at, r.id))
+
+
+async def scheduled_at(engine: Engine, run: RunRecord) -> str:
+    """The tick a scheduled run was fired for, from its opening event."""
+    opened = (await engine.runs.events(run.id, 0, 1, "", ME)).items[0]
+    assert opened.data is not None
+    return str(opened.data["scheduled_at"])
 
 
 async def next_fire(engine: Engine, workflow: str) -> datetime | None:
@@ -84,8 +95,7 @@ async def test_missed_ticks_fire_once(engine: Engine, clock: ManualClock) -> Non
     assert await engine.schedules.fire_due() == 0
     assert await next_fire(engine, "minutely") == datetime(2026, 3, 1, 12, 11, tzinfo=UTC)
     (run,) = await runs_of(engine, "minutely")
-    opened = (await engine.runs.events(run.id, 0, 1, "", ME)).items[0]
-    assert opened.data["scheduled_at"] == "2026-03-01T12:01:00+00:00"  # the oldest missed tick
+    assert await scheduled_at(engine, run) == "2026-03-01T12:01:00+00:00"  # the oldest missed tick
 
 
 async def test_the_schedules_loop_fires_a_missed_tick_on_start(engine: Engine, clock: ManualClock) -> None:
@@ -113,7 +123,8 @@ async def test_variables_defaults_are_the_payload(engine: Engine, clock: ManualC
     assert run.max_parallel_steps == 3
 
 
-async def test_a_required_variable_fails_its_runs_and_nothing_else(engine: Engine, clock: ManualClock) -> None:
+async def test_a_required_variable_fails_its_runs_and_nothing_else(engine: Engine,
+                                                                   clock: ManualClock) -> None:
     # The definition is valid (a trigger can give the variable); each tick is recorded as a run
     # that failed at once, naming what is missing; the other workflow's schedule is unaffected.
     needs = scheduled("needs", EVERY_MINUTE, variables=[{"name": "environment", "required": True}])
@@ -286,16 +297,17 @@ async def test_a_cron_that_never_matches_is_invalid(engine: Engine) -> None:
 def test_next_tick_reads_the_cron_in_its_time_zone_across_dst() -> None:
     paris = Schedule("0 9 * * *", "Europe/Paris")
     # Winter (CET, UTC+1): 09:00 is 08:00 UTC; summer time from 29 March 2026 (UTC+2): 07:00 UTC.
-    assert next_tick(paris, datetime(2026, 1, 10, 12, 0, tzinfo=UTC)) == datetime(2026, 1, 11, 8, 0, tzinfo=UTC)
-    assert next_tick(paris, datetime(2026, 3, 28, 7, 0, tzinfo=UTC)) == datetime(2026, 3, 28, 8, 0, tzinfo=UTC)
-    assert next_tick(paris, datetime(2026, 3, 28, 8, 0, tzinfo=UTC)) == datetime(2026, 3, 29, 7, 0, tzinfo=UTC)
+    assert next_tick(paris, utc(2026, 1, 10, 12)) == utc(2026, 1, 11, 8)
+    assert next_tick(paris, utc(2026, 3, 28, 7)) == utc(2026, 3, 28, 8)
+    assert next_tick(paris, utc(2026, 3, 28, 8)) == utc(2026, 3, 29, 7)
     # Strictly after: a time on a tick gives the next one.
     every = Schedule("* * * * *")
     assert next_tick(every, T0) == T0 + timedelta(minutes=1)
     assert next_tick(every, T0 + timedelta(microseconds=1)) == T0 + timedelta(minutes=1)
 
 
-async def test_a_time_zone_schedule_fires_at_local_time_across_dst(engine: Engine, clock: ManualClock) -> None:
+async def test_a_time_zone_schedule_fires_at_local_time_across_dst(engine: Engine,
+                                                                   clock: ManualClock) -> None:
     await engine.workflows.create(scheduled("paris", {"cron": "0 9 * * *", "timezone": "Europe/Paris"}), ME)
     assert await next_fire(engine, "paris") == datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
     clock.advance((datetime(2026, 3, 28, 8, 0, 30, tzinfo=UTC) - clock.now()).total_seconds())
@@ -343,9 +355,8 @@ async def test_concurrent_fire_due_on_one_engine_fires_each_tick_once(engine: En
 async def _assert_one_run_per_tick(engine: Engine, workflows: int, ticks: int) -> None:
     for i in range(workflows):
         runs = await runs_of(engine, f"wf{i}")
-        scheduled_at = [(await engine.runs.events(r.id, 0, 1, "", ME)).items[0].data["scheduled_at"]
-                        for r in runs]
-        assert scheduled_at == [(T0 + timedelta(minutes=m)).isoformat() for m in range(1, ticks + 1)]
+        ticks_fired = [await scheduled_at(engine, r) for r in runs]
+        assert ticks_fired == [(T0 + timedelta(minutes=m)).isoformat() for m in range(1, ticks + 1)]
 
 
 @pytest.fixture
