@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller, RunQuery, RunRecord
@@ -24,6 +25,7 @@ from conveyor.engine.facade import Engine
 from conveyor.engine.schedules import NO_VARIABLES, next_tick
 from conveyor.settings import Settings
 from conveyor.storage.db import Database
+from conveyor.storage.repository import wf_t
 from conveyor.storage.store import SqlStore
 
 ME = Caller("tester")
@@ -109,6 +111,24 @@ async def test_the_schedules_loop_fires_a_missed_tick_on_start(engine: Engine, c
         await engine.schedules.stop()
     assert len(await runs_of(engine, "minutely")) == 1
     assert await next_fire(engine, "minutely") == datetime(2026, 3, 1, 12, 6, tzinfo=UTC)
+
+
+async def test_schedules_stored_without_a_tick_get_one(engine: Engine, clock: ManualClock,
+                                                       database: Database) -> None:
+    # Workflows written before schedules fired carry a cron and no next_fire_at.
+    for name in ("old", "paused", "archived"):
+        await engine.workflows.create(scheduled(name, EVERY_MINUTE), ME)
+    await engine.workflows.pause_schedule("paused", "", ME)
+    await engine.workflows.archive("archived", "", ME)
+    async with database.write() as conn:
+        await conn.execute(update(wf_t).values(next_fire_at=None))
+    clock.advance(90)
+
+    assert await engine.schedules.adopt_unscheduled() == 1
+    assert await next_fire(engine, "old") == T0 + timedelta(minutes=2)
+    assert await next_fire(engine, "paused") is None
+    assert await next_fire(engine, "archived") is None
+    assert await engine.schedules.adopt_unscheduled() == 0
 
 
 async def test_variables_defaults_are_the_payload(engine: Engine, clock: ManualClock) -> None:

@@ -4,7 +4,9 @@ A workflow whose definition has a `schedule` carries `next_fire_at`, its next ti
 cron read in the schedule's IANA time zone, so "0 9 * * *" in Europe/Paris is 08:00 UTC in
 winter and 07:00 UTC in summer). `next_fire_at` is set whenever a schedule may fire and NULL
 otherwise (no schedule, paused, archived): `next_tick` computes it, the workflow use cases keep
-it (create, update, archive, pause, resume), and `fire_due` moves it.
+it (create, update, archive, pause, resume), and `fire_due` moves it. Workflows stored before
+schedules fired have a schedule but no `next_fire_at`: the loop gives them their first tick
+after now when it starts (`adopt_unscheduled`).
 
 `fire_due` takes due workflows in ONE write transaction per batch: each due workflow row is
 locked (PostgreSQL: rows another replica holds are skipped; SQLite: the one writer), its run is
@@ -157,9 +159,19 @@ class Schedules:
                    "; ".join(f"{v.field}: {v.description}" for v in problem.violations) or problem.message)
         return new
 
+    async def adopt_unscheduled(self) -> int:
+        """Give a first tick (after now) to live schedules that have none: workflows written
+        before schedules fired. Returns how many got one. Run once when the loop starts."""
+        now = self.clock.now()
+        async with self.store.write() as repo:
+            unset = await repo.unscheduled_workflows()
+            ticks = {wf.id: self._after(wf, now) for wf in unset}
+            await repo.advance_schedules(ticks)
+        return sum(1 for at in ticks.values() if at is not None)
+
     @staticmethod
     def _after(wf: WorkflowRecord, now: datetime) -> datetime | None:
-        """The tick after a fire: the first strictly after now, so missed ticks fire once."""
+        """The tick after `now` (after a fire: so missed ticks fire once); None when there is none."""
         assert wf.spec.schedule is not None
         try:
             return next_tick(wf.spec.schedule, now)
@@ -185,6 +197,11 @@ class Schedules:
     async def _loop(self) -> None:
         # Sleeps until the earliest next_fire_at, but never longer than idle_seconds: that poll
         # is what notices schedules set by other replicas (or by requests) in the meantime.
+        try:
+            await self.adopt_unscheduled()
+        except Exception:
+            # They get their tick at the next start; every other schedule fires meanwhile.
+            log.exception("giving schedules without a next tick their first one failed")
         while True:
             wait = self.idle_seconds
             try:

@@ -684,6 +684,16 @@ class Repository:
         await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id).values(
             schedule_paused=paused, next_fire_at=next_fire_at, updated_at=now))
 
+    async def unscheduled_workflows(self) -> list[WorkflowRecord]:
+        """Live workflows with a running schedule but no next_fire_at (written before schedules
+        fired), their rows locked like due_schedules' (skipping those another transaction holds)."""
+        stmt = self._workflow_select().where(
+            wf_t.c.cron.is_not(None), wf_t.c.next_fire_at.is_(None), wf_t.c.schedule_paused.is_(False),
+            wf_t.c.archived_at.is_(None)).order_by(wf_t.c.id)
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(of=wf_t, skip_locked=True, key_share=True)
+        return [self._workflow_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
+
     async def next_schedule_fire(self) -> datetime | None:
         """The earliest next_fire_at of any workflow: set only while a schedule may fire."""
         return (await self.conn.execute(select(func.min(wf_t.c.next_fire_at)))).scalar()
