@@ -1,0 +1,1 @@
+"""Runnable examples; `hello_worker` is the one the README walks through."""

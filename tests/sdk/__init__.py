@@ -1,0 +1,1 @@
+"""Tests of the worker SDK against a real server and real worker processes."""
