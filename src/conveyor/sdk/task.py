@@ -83,7 +83,7 @@ class Context:
         # The attempt's time limit in seconds (0: none); the server enforces it and revokes.
         self.timeout_seconds = timeout_seconds
         self.worker_id = worker_id
-        self.logger = logging.LoggerAdapter(
+        self.logger: logging.LoggerAdapter[logging.Logger] = _TaskLogger(
             logging.getLogger("conveyor.sdk.handler"),
             {"task_id": task_id, "attempt": attempt, "step_ref": step_ref, "run_id": run_id})
         # A threading.Event, not an asyncio one: sync handlers read and wait on it from threads.
@@ -112,3 +112,12 @@ class Context:
     def __repr__(self) -> str:
         return (f"Context(task_id={self.task_id!r}, attempt={self.attempt}, step_ref={self.step_ref!r}, "
                 f"run_id={self.run_id!r}, queue={self.queue!r})")
+
+
+class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each line with the run, step and attempt (and keeps them as record attributes)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        x = self.extra or {}
+        kwargs.setdefault("extra", {}).update(x)
+        return f"[{x['run_id']} {x['step_ref']}#{x['attempt']}] {msg}", kwargs
