@@ -151,6 +151,8 @@ class _Lane:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     backoff: _Backoff = field(default_factory=_Backoff)
     retry_at: float = 0.0
+    # True from a stream failure until a stream delivers again (quiets the log during outages).
+    failing: bool = False
 
     def give_back(self, n: int) -> None:
         if n > 0:
@@ -221,6 +223,7 @@ class Worker:
         self._force: asyncio.Event | None = None
         self._early_stop = False
         self._tearing_down = False
+        self._heartbeat_failing = False
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._threads = DaemonThreads("conveyor-task")
         self._stub: Any = None
@@ -376,6 +379,9 @@ class Worker:
                 if not healthy:
                     healthy = True
                     lane.backoff.reset()
+                    if lane.failing:
+                        lane.failing = False
+                        log.info("queue %s: task stream connected again", queue)
                 kind = message.WhichOneof("message")
                 if kind == "task":
                     self._start(lane, stream, message.task)
@@ -385,9 +391,11 @@ class Worker:
         except grpc.aio.AioRpcError as e:
             if time.monotonic() - opened > BACKOFF_MAX:
                 lane.backoff.reset()  # it served a while: this is a fresh outage
-            level = logging.INFO if e.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
-            log.log(level, "queue %s: task stream failed (%s: %s); reconnecting", queue, e.code().name,
-                    e.details())
+            # One line per outage, not one per retry.
+            level = logging.DEBUG if lane.failing else logging.WARNING
+            lane.failing = True
+            log.log(level, "queue %s: task stream failed (%s: %s); reconnecting with backoff", queue,
+                    e.code().name, e.details())
         except TimeoutError:
             log.warning("queue %s: nothing from the server for %gs; reconnecting", queue, STREAM_IDLE_TIMEOUT)
         finally:
@@ -566,8 +574,11 @@ class Worker:
                                                        metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             # The next interval tries again; a lease outlives two missed heartbeats.
-            log.info("heartbeat of %d lease(s) failed: %s %s", len(batch), e.code().name, e.details())
+            log.log(logging.DEBUG if self._heartbeat_failing else logging.WARNING,
+                    "heartbeat of %d lease(s) failed: %s %s", len(batch), e.code().name, e.details())
+            self._heartbeat_failing = True
             return
+        self._heartbeat_failing = False
         for status in response.leases:
             if status.revoked:
                 self._revoke(status.task_id, status.attempt, "lease revoked")
