@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from conveyor.app import App
 from conveyor.settings import Settings
 
 
@@ -32,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def serve(settings: Settings) -> None:
+    # Imported here: the server's stack (SQLAlchemy, the engine) costs ~1.4 s of start-up that
+    # `conveyor worker`, a pure gRPC client, should not pay.
+    from conveyor.app import App
+
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
