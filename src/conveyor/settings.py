@@ -45,6 +45,20 @@ class Settings:
     idempotency_ttl_seconds: int = 24 * 3600
     # Child workflow nesting cap (SPEC §3).
     max_nesting_depth: int = 10
+    # -- http steps (engine/http_steps.py, engine/egress.py) --
+    # Requests the engine has in flight at once.
+    http_max_concurrency: int = 64
+    # A response body larger than this fails the attempt, not retried (a retry gets it again).
+    http_max_body_bytes: int = 256 * 1024
+    # An attempt's timeout when neither its config nor its step sets one.
+    http_default_timeout_seconds: float = 30.0
+    # Hosts a request may reach: names, "*.example.com" (its subdomains) or CIDR networks;
+    # empty = any host outside the denied networks.
+    http_allowed_hosts: tuple[str, ...] = ()
+    # Never reached, whatever a host resolves to: link-local (cloud metadata endpoints such as
+    # 169.254.169.254), "this network" 0.0.0.0/8, and the IPv6 EC2 metadata address.
+    http_denied_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8",
+                                             "fd00:ec2::254/128")
     # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
     limits: Limits = field(default_factory=Limits)
 

@@ -983,7 +983,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert stored.status == S.FAILED and stored.error.startswith("OUTPUT_TOO_LARGE"), stored
         else:
             assert stored.status == S.COMPLETED and stored.output == result, stored
-        self._reported(before, lease.run_id, lease.ref, attempt)
+        self._reported(before, lease.run_id, lease.ref, attempt, holder)
 
     def send_fail(self, lease: HeldLease, task: str, attempt: int, holder: str, retryable: bool) -> None:
         before = self.snap
@@ -1003,12 +1003,13 @@ class EngineMachine(RuleBasedStateMachine):
             expected.add(S.CANCELED)  # the run's deadline had passed: planning it on ended it
         assert stored.status in expected and stored.error == error, \
             f"fail(retryable={retryable}) of attempt {attempt}: step is {stored.status} ({stored.error!r})"
-        self._reported(before, lease.run_id, lease.ref, attempt)
+        self._reported(before, lease.run_id, lease.ref, attempt, holder)
 
-    def _reported(self, before: Snapshot, run_id: str, ref: str, attempt: int) -> None:
-        """An accepted report is recorded as an event of its step and attempt, and ends the lease."""
+    def _reported(self, before: Snapshot, run_id: str, ref: str, attempt: int, holder: str) -> None:
+        """An accepted report is recorded as an event of its step and attempt, naming the worker
+        that sent it, and ends the lease."""
         new = self.snap[run_id].events[len(before[run_id].events):]
-        assert any(e.step_ref == ref and e.actor == ME.name and (e.data or {}).get("attempt") == attempt
+        assert any(e.step_ref == ref and e.actor == holder and (e.data or {}).get("attempt") == attempt
                    for e in new), \
             f"report on {ref} not recorded: {[(e.type, e.step_ref, e.data) for e in new]}"
         stored = self.snap[run_id].step(ref)

@@ -57,8 +57,13 @@ class Changes:
         self._open_event: dict[str, tuple[EventRecord, str | None]] = {}
         # The run entered running in this unit (so it holds a concurrency slot now or held one).
         self._started = False
-        # Steps whose lease this unit revoked: their holders must be told.
-        self.revoked: list[StepRecord] = []
+        # Leases this unit ended, with why: (step as it left running, holder, reason). The
+        # holder's own report ends its lease too (reason ""); anything else is a revocation
+        # its holder must be told about.
+        self.revoked: list[tuple[StepRecord, str, str]] = []
+        # Queued steps of leased kinds whose slot is ready: lease holders waiting on their
+        # queue are woken after commit.
+        self.announced: dict[str, StepRecord] = {}
 
     @property
     def dirty(self) -> bool:
@@ -88,6 +93,10 @@ class Changes:
             self.step_fences[step.id] = step.fence or StepFence(step.status, step.attempt,
                                                                 step.lease_expires_at)
         step.updated_at = self.now
+
+    def announce(self, step: StepRecord) -> None:
+        """A queued step of a leased kind is ready for its lease holder."""
+        self.announced[step.id] = step
 
     def event(self, type_: str, *, step_ref: str = "", status: str = "", message: str = "",
               data: dict[str, Any] | None = None, actor: str | None = None) -> EventRecord:
@@ -149,7 +158,8 @@ class Changes:
             # Any exit from running ends the attempt's lease: its holder is told and any report
             # it sends later fails the step's fence.
             step.lease_expires_at = None
-            self.revoked.append(step)
+            self.revoked.append((step, step.worker_id, "" if self.actor == step.worker_id else
+                                 message or f"step {status}"))
         retry = status == StepStatus.QUEUED and bool(step.error)
         before = step.status
         step.status = status

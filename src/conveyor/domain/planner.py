@@ -128,8 +128,11 @@ class _Pass:
                 self.c.touch_step(step)
                 busy += 1
                 changed = True
-            if step.ready_at > self.now or step.kind in LEASED_KINDS:
-                continue  # a retry backing off, or a step its lease holder starts
+            if step.ready_at > self.now:
+                continue  # a retry backing off
+            if step.kind in LEASED_KINDS:
+                self.c.announce(step)  # its lease holder starts it
+                continue
             self.start(step)
             changed = True
             if step.status not in SLOT_STEP and not self.holds_slot(step):
@@ -311,12 +314,14 @@ def complete_step(c: Changes, step: StepRecord, spec: StepSpec, output: dict[str
 
 
 def fail_step(c: Changes, step: StepRecord, spec: StepSpec, error: str,
-              status: StepStatus = S.FAILED, retryable: bool = True, reason: str = "") -> None:
-    """An attempt failed: queue the next attempt after its backoff, or fail the step for good
-    (the planner then fails the run). `reason`, when given, is recorded in the event."""
+              status: StepStatus = S.FAILED, retryable: bool = True, reason: str = "",
+              retry_after: float = 0.0) -> None:
+    """An attempt failed: queue the next attempt after its backoff (at least `retry_after`
+    seconds when its executor asked for that), or fail the step for good (the planner then
+    fails the run). `reason`, when given, is recorded in the event."""
     step.error = error
     if retryable and spec.retry.has_attempts_left(step.attempt):
-        wait = spec.retry.backoff_seconds(step.attempt)
+        wait = max(spec.retry.backoff_seconds(step.attempt), retry_after)
         step.ready_at = c.now + timedelta(seconds=wait)
         step.due_at = None
         c.step_to(step, S.QUEUED, f"attempt {step.attempt} {status}: {error}; retrying in {wait:g}s",

@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from conveyor.engine.clock import Clock, SystemClock
+from conveyor.engine.http_steps import HttpSteps
 from conveyor.engine.leases import Leases
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
@@ -47,6 +48,7 @@ class Engine:
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
         self.watches = Watches(store, self.clock, self.runner.committed)
+        self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
         self._housekeeping: asyncio.Task[None] | None = None
@@ -54,6 +56,7 @@ class Engine:
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
         self.runner.start()
+        self.http.start()
         self.schedules.start()
         self._housekeeping = asyncio.create_task(self._purge_loop(), name="conveyor-housekeeping")
 
@@ -63,7 +66,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         await self.schedules.stop()
+        await self.http.stop()  # before the leases close: its reports go through them
         await self.triggers.close()
+        await self.leases.close()
         await self.runner.stop()
         self.offload.close()
 

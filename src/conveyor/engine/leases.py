@@ -12,18 +12,20 @@ from running (cancel, skip, replay, timeout, run timeout) clears the lease (`Cha
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind, not_found
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import find_step_by_id
-from conveyor.domain.planner import check_lease, complete_step, fail_step, plan, start_leased
+from conveyor.domain.planner import ENGINE, check_lease, complete_step, fail_step, plan, start_leased
 from conveyor.domain.records import Caller, RunRecord, StepRecord
-from conveyor.domain.spec import StepKind, WorkflowSpec
+from conveyor.domain.spec import StepKind, StepSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
@@ -31,13 +33,21 @@ from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.units import RunUnits
 
+log = logging.getLogger(__name__)
+
+# Longest wait a worker may ask for before its task's next attempt (RetryAfter).
+MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
+# Tries of a report batch that keeps losing its compare-and-set before the workers are told.
+_REPORT_TRIES = 3
+
 
 @dataclass
 class Lease:
-    """One leased attempt: the step (its rendered config in `input`) and its run."""
+    """One leased attempt: the step (its rendered config in `input`), its run and its spec."""
 
     run: RunRecord
     step: StepRecord
+    spec: StepSpec
 
     @property
     def expires_at(self) -> datetime:
@@ -48,16 +58,21 @@ class Lease:
 class Leases:
     """Acquire, extend and report step leases."""
 
-    def __init__(self, store: Store, clock: Clock, runner: Runner, limits: Limits) -> None:
+    def __init__(self, store: Store, clock: Clock, runner: Runner, limits: Limits,
+                 batch_size: int = 256) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
         self.limits = limits
+        self.batch_size = batch_size
         self.units = RunUnits(store, clock, runner)
+        self._reports: list[_Report] = []
+        self._drain_task: asyncio.Task[None] | None = None
 
     async def acquire(self, queue: str, holder: str, lease_seconds: float, max_steps: int, caller: Caller,
                       kinds: Collection[StepKind] = (StepKind.TASK,)) -> list[Lease]:
-        """Lease up to `max_steps` ready steps of these kinds on `queue`, oldest ready first."""
+        """Lease up to `max_steps` ready steps of these kinds on `queue` in the caller's project
+        (every project for a caller scoped to none), oldest ready first."""
         _check_positive(lease_seconds, max_steps)
         now = self.clock.now()
         until = now + timedelta(seconds=lease_seconds)
@@ -83,7 +98,8 @@ class Leases:
                         if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
                                 c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
                                 self.limits):
-                            leases.append(Lease(run, step))
+                            leases.append(Lease(run, step, spec.step(step.step_ref)))
+                    c.actor = ENGINE
                     plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
                     units.append(c)
                 return units
@@ -96,6 +112,7 @@ class Leases:
         leases = [lease for lease in leases if lease.step.status == StepStatus.RUNNING]
         if units:
             self.runner.committed.fire()
+            self.runner.publish(units)
         return leases
 
     async def heartbeat(self, task_id: str, attempt: int, holder: str, lease_seconds: float,
@@ -113,34 +130,170 @@ class Leases:
         raise ConveyorError(ErrorKind.FAILED_PRECONDITION, "LEASE_LOST",
                             f"the lease of task {task_id!r} attempt {attempt} has expired")
 
+    async def heartbeat_many(self, leases: Sequence[tuple[str, int]], holder: str, lease_seconds: float,
+                             caller: Caller) -> list[datetime | None]:
+        """Extend many leases of one holder in one transaction (what a worker sends for all it
+        holds): per lease its new expiry, or None when it is no longer this holder's attempt
+        (revoked, expired, reported, unknown or in another project)."""
+        _check_positive(lease_seconds, 1)
+        now = self.clock.now()
+        until = now + timedelta(seconds=lease_seconds)
+        out: list[datetime | None] = []
+        async with self.store.write() as repo:
+            known = await repo.get_steps([task_id for task_id, _ in leases])
+            for task_id, attempt in leases:
+                step = known.get(task_id)
+                mine = step is not None and (caller.project is None or step.project_id == caller.project)
+                ok = mine and await repo.extend_lease(task_id, attempt, holder, until, now)
+                out.append(until if ok else None)
+        return out
+
     async def complete(self, task_id: str, attempt: int, holder: str, output: dict[str, Any],
                        caller: Caller) -> None:
         """The attempt succeeded: the step completes with `output` and its run goes on."""
-        def op(c: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
-            step = find_step_by_id(steps, task_id)
-            check_lease(step, attempt, holder, c.now)
-            complete_step(c, step, spec.step(step.step_ref), output, self.limits)
-            self._go_on(c, steps, spec)
-        await self.units.mutate(await self._run_of(task_id, caller), caller, op)
+        await self._report(_Report(task_id, attempt, holder, caller, output=output))
 
     async def fail(self, task_id: str, attempt: int, holder: str, error: str, retryable: bool,
-                   caller: Caller) -> None:
-        """The attempt failed: retried per the step's policy unless `retryable` is false."""
-        def op(c: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
-            step = find_step_by_id(steps, task_id)
-            check_lease(step, attempt, holder, c.now)
-            fail_step(c, step, spec.step(step.step_ref), error, retryable=retryable)
-            self._go_on(c, steps, spec)
-        await self.units.mutate(await self._run_of(task_id, caller), caller, op)
+                   caller: Caller, retry_after: float = 0.0) -> None:
+        """The attempt failed: retried per the step's policy (no sooner than `retry_after`
+        seconds) unless `retryable` is false."""
+        if not 0 <= retry_after <= MAX_RETRY_AFTER_SECONDS:  # also refuses NaN
+            raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT",
+                                f"retry_after_seconds must be between 0 and {MAX_RETRY_AFTER_SECONDS}")
+        await self._report(_Report(task_id, attempt, holder, caller, error=error, retryable=retryable,
+                                   retry_after=retry_after))
 
-    async def _run_of(self, task_id: str, caller: Caller) -> str:
-        async with self.store.read() as repo:
-            return (await repo.get_step(task_id, caller.project)).workflow_run_id
+    # -- reports, committed in groups --------------------------------------------------------
 
-    def _go_on(self, c: Changes, steps: list[StepRecord], spec: WorkflowSpec) -> None:
-        """Plan the run on in the report's own transaction, sparing a runner round trip."""
-        if c.run.status in (RunStatus.RUNNING, RunStatus.PAUSED):
-            plan(c, steps, spec, limits=self.limits)
+    async def _report(self, report: _Report) -> None:
+        """Queue a report and wait until the transaction holding it has committed (or refused
+        it). Concurrent reports are applied together: one transaction for a whole batch, as
+        triggers are, so a worker with many slots costs one commit per batch, not per task."""
+        self._reports.append(report)
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.create_task(self._drain(), name="conveyor-report-drain")
+        await asyncio.shield(report.future)
+
+    async def close(self) -> None:
+        if self._drain_task is not None:
+            await asyncio.gather(self._drain_task, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        # Its own task, so a worker that hangs up cannot stop the other reports of its batch.
+        while self._reports:
+            batch, self._reports = self._reports[:self.batch_size], self._reports[self.batch_size:]
+            try:
+                await self._apply(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    _settle(batch[0], e)
+                    continue
+                # The database refused the batch (or it kept losing races): one by one, so only
+                # the report that causes it fails.
+                log.warning("report batch of %d failed (%s); applying them one by one", len(batch), e)
+                for report in batch:
+                    try:
+                        await self._apply([report])
+                    except Exception as e1:
+                        _settle(report, e1)
+
+    async def _apply(self, batch: list[_Report]) -> None:
+        """Apply a batch of reports in one write transaction, each run locked once; a report
+        that is refused (LEASE_LOST, unknown task) is answered alone and changes nothing. A lost
+        compare-and-set is tried again on the new state."""
+        for _ in range(_REPORT_TRIES):
+            try:
+                answers, units = await self._apply_once(batch)
+            except ConcurrentChange:
+                continue
+            self.runner.notify()
+            self.runner.publish(units)
+            for report in batch:
+                _settle(report, answers.get(id(report)))
+            return
+        raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
+                            "the run kept changing concurrently; try again")
+
+    async def _apply_once(self, batch: list[_Report]) -> tuple[dict[int, Exception | None], list[Changes]]:
+        now = self.clock.now()
+        answers: dict[int, Exception | None] = {}
+        async with self.store.write() as repo:
+            found = await repo.get_steps([r.task_id for r in batch])
+            live: list[_Report] = []
+            for r in batch:
+                step = found.get(r.task_id)
+                if step is None or (r.caller.project is not None and step.project_id != r.caller.project):
+                    answers[id(r)] = not_found("task", r.task_id)
+                else:
+                    live.append(r)
+            run_ids = sorted({found[r.task_id].workflow_run_id for r in live})
+            runs = {run.id: run for run in await repo.get_runs(run_ids, None, lock=True)}
+            await self.runner.capped(repo, list(runs.values()))
+            steps = await repo.steps_of(run_ids)
+            specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs.values()})
+
+            def apply() -> list[Changes]:
+                # On the offload thread: each report is checked against its lease before it
+                # changes anything, so a refused one leaves its run's unit as it was.
+                units: dict[str, Changes] = {}
+                accepted: set[str] = set()
+                for r in live:
+                    run_id = found[r.task_id].workflow_run_id
+                    c = units.get(run_id)
+                    if c is None:
+                        c = units[run_id] = Changes(runs[run_id], now, r.holder)
+                    c.actor = r.holder  # each report's events name its worker
+                    try:
+                        step = find_step_by_id(steps[run_id], r.task_id)
+                        check_lease(step, r.attempt, r.holder, now)
+                    except ConveyorError as e:
+                        answers[id(r)] = e
+                        continue
+                    spec = specs[runs[run_id].workflow_version_id].step(step.step_ref)
+                    if r.output is not None:
+                        complete_step(c, step, spec, r.output, self.limits)
+                    else:
+                        fail_step(c, step, spec, r.error, retryable=r.retryable, retry_after=r.retry_after)
+                    answers[id(r)] = None
+                    accepted.add(run_id)
+                # A run whose reports were all refused is left exactly as it was.
+                for run_id in accepted:
+                    # Plan the run on in the report's own transaction, sparing a runner round trip.
+                    c = units[run_id]
+                    c.actor = ENGINE
+                    if c.run.status in (RunStatus.RUNNING, RunStatus.PAUSED):
+                        plan(c, steps[run_id], specs[c.run.workflow_version_id], limits=self.limits)
+                return [units[run_id] for run_id in sorted(accepted)]
+
+            units = await self.runner.offload.run(apply)
+            await repo.save(units)
+            await self.runner.wake_waiting(repo, units, now)
+        return answers, units
+
+
+@dataclass
+class _Report:
+    """One worker report waiting for its batch: a completion (`output`) or a failure."""
+
+    task_id: str
+    attempt: int
+    holder: str
+    caller: Caller
+    output: dict[str, Any] | None = None
+    error: str = ""
+    retryable: bool = True
+    retry_after: float = 0.0
+    future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future(),
+                                         repr=False)
+
+
+def _settle(report: _Report, error: Exception | None) -> None:
+    if report.future.done():
+        return
+    if error is None:
+        report.future.set_result(None)
+    else:
+        report.future.set_exception(error)
 
 
 def _ready(step: StepRecord, queue: str, kinds: Collection[StepKind], now: datetime) -> bool:

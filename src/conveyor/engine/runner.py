@@ -24,12 +24,12 @@ from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.limits import Limits
 from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, advance, fail_unplannable
 from conveyor.domain.records import RunRecord, StepRecord
-from conveyor.domain.spec import WorkflowSpec
-from conveyor.domain.states import RunStatus
+from conveyor.domain.spec import StepKind, WorkflowSpec
+from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
-from conveyor.engine.pulse import Pulse
+from conveyor.engine.pulse import HTTP_KEY, KeyedPulses, Pulse, queue_key, worker_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ _SPEC_CACHE_SIZE = 256
 _MIN_WAIT_SECONDS = 0.01
 # A run that cannot be planned or saved (a bug, not its own error) is looked at again after this.
 _SET_ASIDE_SECONDS = 60.0
+# Ended leases remembered for the streams of their workers (a stream reads them within ms).
+_ENDED_LEASES_KEPT = 10_000
 
 
 class Runner:
@@ -59,6 +61,12 @@ class Runner:
         self._next: datetime | None = None
         # Fired after every commit that changed runs, so watchers look at once.
         self.committed = Pulse()
+        # Fired after commit per key: lease holders wait on their queue's key, streams on
+        # their worker's (see `publish`).
+        self.keyed = KeyedPulses()
+        # Leases ended lately, by (step id, attempt): "" when the holder reported it, else why
+        # it was revoked. A worker's stream reads it to free a slot or tell the worker.
+        self.ended_leases: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
 
     # -- planning over loaded state ---------------------------------------------------------
@@ -153,6 +161,23 @@ class Runner:
         for wf, n in freed.items():
             await repo.wake(await repo.oldest_pending(wf, n), now)
 
+    def publish(self, units: Sequence[Changes]) -> None:
+        """After commit: wake the lease holders of steps made ready and the streams of
+        workers whose leases ended."""
+        keys: set[tuple[str, ...]] = set()
+        for c in units:
+            for step in c.announced.values():
+                if step.status == StepStatus.QUEUED:
+                    http = step.kind == StepKind.HTTP
+                    keys.add(HTTP_KEY if http else queue_key(step.project_id, step.queue))
+            for step, holder, reason in c.revoked:
+                self.ended_leases[(step.id, step.attempt)] = reason
+                keys.add(worker_key(step.project_id, holder))
+        while len(self.ended_leases) > _ENDED_LEASES_KEPT:
+            self.ended_leases.popitem(last=False)
+        if keys:
+            self.keyed.fire(keys)
+
     # -- passes -------------------------------------------------------------------------------
 
     async def tick(self) -> int:
@@ -172,6 +197,7 @@ class Runner:
                     units = await self.advance_loaded(repo, runs, now)
                 if any(u.events for u in units):
                     self.committed.fire()
+                self.publish(units)
                 return len(runs)
             except ConcurrentChange:
                 # Another writer changed one of these runs between our read and our write (only
@@ -210,8 +236,9 @@ class Runner:
         now = self.clock.now()
         async with self.store.write() as repo:
             runs = await repo.get_runs(list(run_ids), None, lock=True)
-            await self.advance_loaded(repo, runs, now)
+            units = await self.advance_loaded(repo, runs, now)
         self.committed.fire()
+        self.publish(units)
 
     # -- background loop ----------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ class RunService:
             c.event("run.retried", message=f"retried by {caller.name} as {run.id}", data={"run_id": run.id})
             await repo.save([c])
         self.runner.notify()
+        self.runner.publish([new.changes])
         return new.run
 
     async def bulk_cancel(self, run_ids: Sequence[str], caller: Caller) -> tuple[int, int]:

@@ -221,6 +221,7 @@ class Triggers:
                 for i in written if i.key is not None and i.new is not None])
             originals = [a for a in answers.values() if isinstance(a, str)]
             found_runs = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
+        self.runner.publish([i.new.changes for i in written if i.new is not None])
         for item in live:
             answer = answers[id(item)]
             if isinstance(answer, ConveyorError):

@@ -41,15 +41,16 @@ class RunUnits:
         operation again on the new state; if it keeps losing, the caller gets ABORTED."""
         for _ in range(_ATTEMPTS):
             try:
-                result = await self._once(run_id, caller, op)
+                result, unit = await self._once(run_id, caller, op)
             except ConcurrentChange:
                 continue
             self.runner.notify()
+            self.runner.publish([unit])
             return result
         raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                             f"run {run_id!r} kept changing concurrently; try again")
 
-    async def _once(self, run_id: str, caller: Caller, op: Operation[T]) -> T:
+    async def _once(self, run_id: str, caller: Caller, op: Operation[T]) -> tuple[T, Changes]:
         now = self.clock.now()
         async with self.store.write() as repo:
             run = await repo.get_run(run_id, caller.project, lock=True)
@@ -60,4 +61,4 @@ class RunUnits:
             result = await self.runner.offload.run(op, c, steps, spec)  # it may plan the run on
             await repo.save([c])
             await self.runner.wake_waiting(repo, [c], now)
-        return result
+        return result, c

@@ -564,6 +564,11 @@ class Repository:
             .values(lease_expires_at=until, updated_at=now))
         return res.rowcount == 1
 
+    async def get_steps(self, step_ids: Sequence[str]) -> dict[str, StepRecord]:
+        """These steps by id (unknown ids are left out)."""
+        rows = await self.conn.execute(select(steps_t).where(steps_t.c.id.in_(set(step_ids))))
+        return {(s := step_from_row(m)).id: s for m in rows.mappings()}
+
     async def get_step(self, step_id: str, project: str | None) -> StepRecord:
         stmt = select(steps_t).where(steps_t.c.id == step_id)
         if project is not None:
