@@ -27,6 +27,7 @@ from conveyor.domain.records import (
     WorkflowRecord,
 )
 from conveyor.domain.states import RunStatus, StepStatus
+from conveyor.engine.leases import Lease
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
@@ -211,6 +212,18 @@ def step_to_proto(step: StepRecord) -> pb.StepRun:
     _set_time(msg.finished_at, step.finished_at)
     _set_time(msg.created_at, step.created_at)
     return msg
+
+
+def task_to_proto(lease: Lease) -> pb.Task:
+    """A leased step as its worker sees it: the rendered config, the run's payload, the lease."""
+    step, run = lease.step, lease.run
+    task = pb.Task(task_id=step.id, attempt=step.attempt, workflow_run_id=run.id, step_ref=step.step_ref,
+                   queue=step.queue, project_id=run.project_id, max_attempts=lease.spec.retry.max_attempts,
+                   timeout_seconds=lease.spec.timeout_seconds)
+    _set_struct(task.config, step.input or {})
+    _set_struct(task.payload, run.payload)
+    _set_time(task.lease_expires_at, step.lease_expires_at)
+    return task
 
 
 def event_to_proto(event: EventRecord) -> pb.RunEvent:

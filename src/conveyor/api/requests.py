@@ -56,7 +56,7 @@ TEXT_FIELDS = frozenset({"description", "when", "condition", "error"})
 
 # Repeated fields (and maps) by count class.
 FILTER_FIELDS = frozenset({"status", "workflow_id", "tag"})
-BULK_FIELDS = frozenset({"workflow_run_ids"})
+BULK_FIELDS = frozenset({"workflow_run_ids", "leases"})
 STEP_FIELDS = frozenset({"steps", "depends_on"})
 VARIABLE_FIELDS = frozenset({"variables"})
 TAG_FIELDS = frozenset({"tags"})

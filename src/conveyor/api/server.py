@@ -42,14 +42,9 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
     ))
 
 # RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED):
-# the worker protocol and the watch streams arrive with their own capabilities. A test checks
+# the project-wide watch arrives with its own capability. A test checks
 # that every other RPC of the descriptors is served.
 PENDING_RPCS: frozenset[str] = frozenset({
-    "/conveyor.v1.WorkersService/PollTasks",
-    "/conveyor.v1.WorkersService/StreamTasks",
-    "/conveyor.v1.WorkersService/HeartbeatTask",
-    "/conveyor.v1.WorkersService/CompleteTask",
-    "/conveyor.v1.WorkersService/FailTask",
     "/conveyor.v1.WorkflowRunsService/WatchProjectRuns",
 })
 

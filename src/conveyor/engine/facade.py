@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from conveyor.engine.clock import Clock, SystemClock
+from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
 from conveyor.engine.leases import Leases
 from conveyor.engine.offload import Offload
@@ -47,6 +48,7 @@ class Engine:
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
+        self.dispatch = Dispatch(store, self.clock, self.leases)
         self.watches = Watches(store, self.clock, self.runner.committed)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,

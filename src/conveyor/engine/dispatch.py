@@ -1,0 +1,192 @@
+"""Dispatch: handing `task` steps to external workers (SPEC §4.3) over the lease mechanism.
+
+`poll` is a long-poll: lease what is ready now, else wait on the queue's key until a commit makes
+a task of that queue ready (or the wait ends). `stream` keeps a worker supplied: it holds at most
+`max_in_flight` leases at once, leases more as the worker's reports free slots, and tells the
+worker when a lease it holds was revoked (cancel, skip, replay, timeout, run deadline).
+
+Wake-ups come from `Runner.keyed` after commit, keyed by queue and by worker, so an idle poller
+costs nothing until its own queue moves. The database stays the source of truth: a slow safety
+poll covers what another replica committed, and a stream re-reads the leases it handed out so a
+revocation committed elsewhere reaches its worker too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.records import Caller
+from conveyor.domain.states import StepStatus
+from conveyor.engine.clock import Clock
+from conveyor.engine.leases import Lease, Leases
+from conveyor.engine.ports import Store
+from conveyor.engine.pulse import queue_key, worker_key
+from conveyor.engine.workflows import project_of
+
+# Defaults and bounds of what a worker may ask for.
+DEFAULT_LEASE_SECONDS = 30
+MAX_LEASE_SECONDS = 3600
+MAX_WAIT_SECONDS = 60
+MAX_TASKS_PER_POLL = 100
+MAX_IN_FLIGHT = 1000
+# What another replica committed is seen within this long (also: a stream re-reads its leases).
+SAFETY_POLL_SECONDS = 1.0
+# An idle stream sends a heartbeat this often, so proxies on the way keep it open.
+STREAM_HEARTBEAT_SECONDS = 15.0
+REVOKED_ELSEWHERE = "lease no longer held"
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """A lease a stream handed out that its worker must drop."""
+
+    task_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing happened for a while."""
+
+    at: datetime
+
+
+StreamItem = Lease | Revoked | Heartbeat
+
+
+@dataclass(frozen=True)
+class Request:
+    """Who polls which queue, for how many tasks and how long a lease."""
+
+    queue: str
+    worker_id: str
+    project: str
+    lease_seconds: int
+    caller: Caller
+
+
+class Dispatch:
+    """Long-polls and task streams over `Leases`."""
+
+    def __init__(self, store: Store, clock: Clock, leases: Leases) -> None:
+        self.store = store
+        self.clock = clock
+        self.leases = leases
+        self.runner = leases.runner
+
+    def request(self, project_id: str, queue: str, worker_id: str, lease_seconds: int,
+                caller: Caller) -> Request:
+        """Check what a worker asks for; INVALID_ARGUMENT naming the field otherwise."""
+        if not queue:
+            raise _invalid("queue is required")
+        if not worker_id:
+            raise _invalid("worker_id is required")
+        project = project_of(project_id, caller)
+        # The caller's scope narrowed to that project: leases come from its queue alone.
+        return Request(queue, worker_id, project, lease_length(lease_seconds),
+                       dataclasses.replace(caller, project=project))
+
+    async def poll(self, req: Request, max_tasks: int, wait_seconds: int) -> list[Lease]:
+        """Up to `max_tasks` leases, waiting up to `wait_seconds` for the first."""
+        if not 0 <= max_tasks <= MAX_TASKS_PER_POLL:
+            raise _invalid(f"max_tasks must be at most {MAX_TASKS_PER_POLL}")
+        if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+            raise _invalid(f"wait_seconds must be at most {MAX_WAIT_SECONDS}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        key = queue_key(req.project, req.queue)
+        while True:
+            ready = self.runner.keyed.next(key)  # before looking: a commit in between wakes us
+            leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, max_tasks or 1,
+                                               req.caller)
+            left = deadline - loop.time()
+            if leases or left <= 0:
+                return leases
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, SAFETY_POLL_SECONDS)):
+                    await ready.wait()
+
+    async def stream(self, req: Request, max_in_flight: int) -> AsyncIterator[StreamItem]:
+        """Leases as tasks become ready while fewer than `max_in_flight` are held, revocations
+        of the leases handed out, and heartbeats while idle. Runs until the client goes."""
+        if not 0 <= max_in_flight <= MAX_IN_FLIGHT:
+            raise _invalid(f"max_in_flight must be at most {MAX_IN_FLIGHT}")
+        most = max_in_flight or 1
+        loop = asyncio.get_running_loop()
+        held: dict[str, int] = {}  # task id -> attempt, of the leases this stream handed out
+        quiet_since = checked_at = loop.time()
+        queue, mine = queue_key(req.project, req.queue), worker_key(req.project, req.worker_id)
+        while True:
+            ready, ended = self.runner.keyed.next(queue), self.runner.keyed.next(mine)
+            for item in self._ended(held):
+                yield item
+            if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
+                for item in await self._gone_elsewhere(held, req.worker_id):
+                    yield item
+                checked_at = loop.time()
+            sent = False
+            if len(held) < most:
+                for lease in await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds,
+                                                       most - len(held), req.caller):
+                    held[lease.step.id] = lease.step.attempt
+                    sent = True
+                    yield lease
+            if sent:
+                quiet_since = loop.time()
+                continue  # more may be ready: look again before sleeping
+            if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
+                yield Heartbeat(self.clock.now())
+                quiet_since = loop.time()
+            waits = [asyncio.ensure_future(ended.wait())]
+            if len(held) < most:
+                waits.append(asyncio.ensure_future(ready.wait()))
+            try:
+                await asyncio.wait(waits, timeout=SAFETY_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def _ended(self, held: dict[str, int]) -> list[Revoked]:
+        """Leases of `held` that ended in this process: a report by the worker frees its slot
+        silently, anything else is a revocation the worker is told about."""
+        out = []
+        for task_id, attempt in list(held.items()):
+            reason = self.runner.ended_leases.get((task_id, attempt))
+            if reason is not None:
+                del held[task_id]
+                if reason:
+                    out.append(Revoked(task_id, attempt, reason))
+        return out
+
+    async def _gone_elsewhere(self, held: dict[str, int], worker_id: str) -> list[Revoked]:
+        """Leases of `held` that another replica ended (the database says so)."""
+        if not held:
+            return []
+        async with self.store.read() as repo:
+            steps = await repo.get_steps(list(held))
+        out = self._ended(held)  # ended here while we read: known for what it was
+        for task_id, attempt in list(held.items()):
+            step = steps.get(task_id)
+            if (step is None or step.status != StepStatus.RUNNING or step.attempt != attempt
+                    or step.worker_id != worker_id):
+                del held[task_id]
+                out.append(Revoked(task_id, attempt, REVOKED_ELSEWHERE))
+        return out
+
+
+def lease_length(lease_seconds: int) -> int:
+    """The lease a worker asked for (0: the default), within bounds."""
+    if not 0 <= lease_seconds <= MAX_LEASE_SECONDS:
+        raise _invalid(f"lease_seconds must be at most {MAX_LEASE_SECONDS}")
+    return lease_seconds or DEFAULT_LEASE_SECONDS
+
+
+def _invalid(message: str) -> ConveyorError:
+    return ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT", message)
