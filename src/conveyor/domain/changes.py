@@ -20,6 +20,7 @@ from typing import Any
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import EventRecord, RunFence, RunRecord, StepFence, StepRecord
+from conveyor.domain.spec import StepKind
 from conveyor.domain.states import (
     FINAL_RUN,
     FINAL_STEP,
@@ -64,6 +65,9 @@ class Changes:
         # Queued steps of leased kinds whose slot is ready: lease holders waiting on their
         # queue are woken after commit.
         self.announced: dict[str, StepRecord] = {}
+        # Other runs this unit's changes concern, to be woken (not locked): a child run whose
+        # step stopped waiting for it, a parent whose child run ended.
+        self.signals: set[str] = set()
 
     @property
     def dirty(self) -> bool:
@@ -129,6 +133,8 @@ class Changes:
         if status in FINAL_RUN:
             run.finished_at = self.now
             run.wake_at = None
+            if run.parent_workflow_run_id:
+                self.signals.add(run.parent_workflow_run_id)  # its step takes the outcome
         elif run.status in FINAL_RUN:
             run.finished_at = None
             run.error = ""
@@ -160,6 +166,8 @@ class Changes:
             step.lease_expires_at = None
             self.revoked.append((step, step.worker_id, "" if self.actor == step.worker_id else
                                  message or f"step {status}"))
+        if step.status == StepStatus.RUNNING and step.kind == StepKind.WORKFLOW and step.job_run_id:
+            self.signals.add(step.job_run_id)  # the child run it waited for is not awaited any more
         retry = status == StepStatus.QUEUED and bool(step.error)
         before = step.status
         step.status = status

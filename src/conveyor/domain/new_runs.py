@@ -1,5 +1,5 @@
-"""New runs: the one way a run comes into being, whoever starts it (a trigger, a run retry, and
-later cron and child runs).
+"""New runs: the one way a run comes into being, whoever starts it (a trigger, a run retry, a
+schedule or a `workflow` step's child run).
 
 `open_run` takes the run record its caller filled in (status pending; who, what payload, which
 version) and builds the rest: one step row per step of the spec in topological order (a retry

@@ -8,6 +8,7 @@ chain of them finishes in one pass and one transaction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,8 +33,23 @@ OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 DEFAULT_LIMITS = Limits()
 
 # Kinds whose attempts a lease holder starts and reports (external workers for `task`, the
-# engine's executors for `http` and `workflow`); the planner only gives them a slot.
-LEASED_KINDS = frozenset({StepKind.TASK, StepKind.HTTP, StepKind.WORKFLOW})
+# engine's http executor for `http`); the planner only gives them a slot and announces them.
+LEASED_KINDS = frozenset({StepKind.TASK, StepKind.HTTP})
+# `workflow` steps too are given a slot and left queued: the runner starts their child run in
+# the same transaction (engine/children.py), and the outcome of the child ends the step.
+CHILD_KINDS = frozenset({StepKind.WORKFLOW})
+PARENT_GONE = "parent step no longer waits for this run"
+
+
+@dataclass
+class Links:
+    """What a pass knows of other runs (the runner loads it; reports and operations plan
+    without it, and the run's next runner pass catches up)."""
+
+    # Child runs of this run's running `workflow` steps, by step id, as loaded.
+    children: dict[str, RunRecord] = field(default_factory=dict)
+    # For a child run: whether its parent step still waits for it (running, with its id).
+    parent_waits: bool = True
 
 S = StepStatus
 # Step statuses whose `due_at` is a deadline the planner fires: a delay or approval timeout
@@ -58,8 +74,10 @@ class _Pass:
     """One planning pass over one run. Linear in steps: steps are kept in topological order, so
     one sweep settles a whole chain, and the expression context is built once and kept current."""
 
-    def __init__(self, changes: Changes, steps: list[StepRecord], spec: WorkflowSpec, limits: Limits) -> None:
+    def __init__(self, changes: Changes, steps: list[StepRecord], spec: WorkflowSpec, limits: Limits,
+                 links: Links | None = None) -> None:
         self.c = changes
+        self.links = links
         self.run = changes.run
         self.now = changes.now
         self.steps = steps
@@ -88,10 +106,18 @@ class _Pass:
         if run.expires_at is not None and self.now >= run.expires_at:
             self.finish_run(RunStatus.TIMED_OUT, "run timed out", "run deadline passed")
             return
+        if self.links is not None and not self.links.parent_waits:
+            # Its parent step was canceled, skipped, timed out or replayed: so is this run.
+            self.finish_run(RunStatus.CANCELED, PARENT_GONE, "")
+            return
+        children = self.links.children if self.links is not None else {}
         # Deadlines and expired leases fire whatever the run is doing (a run resumed into
-        # pending may still have an attempt running).
+        # pending may still have an attempt running); so does a child run's end.
         for step in self.steps:
-            if step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
+            child = children.get(step.id) if step.status == S.RUNNING else None
+            if child is not None and child.status in FINAL_RUN:
+                self.child_ended(step, child)
+            elif step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
                 self.timer_due(step)
             elif step.lease_expires_at is not None and step.lease_expires_at <= self.now:
                 # Its holder stopped heartbeating: the attempt failed, retried per policy.
@@ -133,6 +159,8 @@ class _Pass:
             if step.kind in LEASED_KINDS:
                 self.c.announce(step)  # its lease holder starts it
                 continue
+            if step.kind in CHILD_KINDS:
+                continue  # the runner starts its child run (next_timer makes the run due now)
             self.start(step)
             changed = True
             if step.status not in SLOT_STEP and not self.holds_slot(step):
@@ -239,6 +267,17 @@ class _Pass:
             self.fail(step, spec, f"step timed out after {spec.timeout_seconds}s", S.TIMED_OUT)
         self.moved(step)
 
+    def child_ended(self, step: StepRecord, child: RunRecord) -> None:
+        """The child run a `workflow` step waits for ended: its output is the step's; any
+        other end fails the attempt (retried per the step's policy)."""
+        if child.status == RunStatus.COMPLETED:
+            self.complete(step, child.output or {})
+        else:
+            why = child.error or child.status_message
+            self.fail(step, self.spec.step(step.step_ref),
+                      f"child run {child.id} {child.status}" + (f": {why}" if why else ""))
+        self.moved(step)
+
     def complete(self, step: StepRecord, output: dict[str, Any]) -> None:
         complete_step(self.c, step, self.spec.step(step.step_ref), output, self.limits)
 
@@ -276,6 +315,10 @@ class _Pass:
         if include_ready:
             timers += [s.ready_at for s in self.steps
                        if s.status == S.QUEUED and s.ready_at and s.ready_at > self.now]
+            if self.run.status == RunStatus.RUNNING and any(
+                    s.status == S.QUEUED and s.kind in CHILD_KINDS and s.ready_at and s.ready_at <= self.now
+                    for s in self.steps):
+                timers.append(self.now)  # a child run to start: the runner does it
         if self.run.expires_at is not None:
             timers.append(self.run.expires_at)
         return min(timers) if timers else None
@@ -364,6 +407,31 @@ def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: St
     return True
 
 
+def ready_children(run: RunRecord, steps: list[StepRecord], now: datetime) -> list[StepRecord]:
+    """The `workflow` steps of a running run whose child run may start now."""
+    if run.status != RunStatus.RUNNING:
+        return []
+    return [s for s in steps if s.status == S.QUEUED and s.kind in CHILD_KINDS
+            and s.ready_at is not None and s.ready_at <= now]
+
+
+def child_config(c: Changes, steps: list[StepRecord], spec: StepSpec, limits: Limits) -> dict[str, Any]:
+    """A `workflow` step's config rendered from its templates (ExpressionError if one fails)."""
+    return render(spec.config, expression_context(c.run, steps), limits=limits) if spec.config else {}
+
+
+def start_child(c: Changes, step: StepRecord, spec: StepSpec, child_id: str, config: dict[str, Any]) -> None:
+    """A `workflow` step starts an attempt: its child run `child_id` is created in the same
+    unit of work; the attempt's timeout bounds the wait for it."""
+    step.attempt += 1
+    step.ready_at = None
+    step.error = ""
+    step.job_run_id = child_id
+    step.input = config
+    step.due_at = c.now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None
+    c.step_to(step, S.RUNNING, data={"attempt": step.attempt, "job_run_id": child_id})
+
+
 def check_lease(step: StepRecord, attempt: int, holder: str, now: datetime) -> None:
     """Refuse a report for anything but the live lease of this holder's attempt: a late (also
     one whose lease expired but is not swept yet), duplicate or foreign report changes nothing
@@ -390,16 +458,17 @@ def fail_unplannable(c: Changes, steps: list[StepRecord], set_aside_seconds: flo
 
 
 def advance(run: RunRecord, steps: list[StepRecord], spec: WorkflowSpec, now: datetime,
-            may_start: bool = True, actor: str = ENGINE, limits: Limits = DEFAULT_LIMITS) -> Changes:
+            may_start: bool = True, actor: str = ENGINE, limits: Limits = DEFAULT_LIMITS,
+            links: Links | None = None) -> Changes:
     """Plan every change the engine can make to `run` now. `steps` are in position order;
-    `may_start` says whether a pending run has a concurrency slot. Mutates the records and
-    returns the Changes to save."""
+    `may_start` says whether a pending run has a concurrency slot; `links` what is known of its
+    child and parent runs. Mutates the records and returns the Changes to save."""
     changes = Changes(run, now, actor)
-    plan(changes, steps, spec, may_start=may_start, limits=limits)
+    plan(changes, steps, spec, may_start=may_start, limits=limits, links=links)
     return changes
 
 
 def plan(changes: Changes, steps: list[StepRecord], spec: WorkflowSpec, *, may_start: bool = True,
-         limits: Limits = DEFAULT_LIMITS) -> None:
+         limits: Limits = DEFAULT_LIMITS, links: Links | None = None) -> None:
     """`advance` within an existing unit of work (a run being created, say)."""
-    _Pass(changes, steps, spec, limits).advance(may_start)
+    _Pass(changes, steps, spec, limits, links).advance(may_start)

@@ -81,6 +81,11 @@ class RunRecord:
     parent_workflow_run_id: str = ""
     parent_step_run_id: str = ""
     depth: int = 0
+    # The run that started this run's family of child runs ("" for a run nobody started).
+    root_run_id: str = ""
+    # Workflow ids of this run and its ancestors, root first (None: a run nobody started, whose
+    # lineage is its own workflow): a child's loop check is one membership test.
+    lineage: list[str] | None = None
     last_seq: int = 0
     wake_at: datetime | None = None
     started_at: datetime | None = None

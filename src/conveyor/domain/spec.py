@@ -186,6 +186,17 @@ class WorkflowSpec:
         (which may hold templates) or a condition step's expression."""
         return bool(self.condition) or any(s.when or s.config for s in self.steps)
 
+    @functools.cached_property
+    def child_workflows(self) -> tuple[str, ...]:
+        """The workflows (ids or names) its `workflow` steps start, where the definition says
+        so (a templated `workflow_id` is known only when the step runs)."""
+        out = []
+        for s in self.steps:
+            ident = s.config.get("workflow_id") if s.kind == StepKind.WORKFLOW else None
+            if isinstance(ident, str) and ident and not _has_template(ident):
+                out.append(ident)
+        return tuple(dict.fromkeys(out))
+
     def topological_order(self) -> list[str]:
         """Every ref, dependencies first; ties keep definition order (deterministic)."""
         return list(self._order)

@@ -4,7 +4,7 @@
 slot, plans it at once, outside any transaction, so a chain of in-engine steps is written
 finished in the same insert. A failure while planning is contained to that run: it is written
 failed with a generic error, and the traceback goes to the log. `insert` writes a batch of new
-runs in the caller's transaction. Triggers and run retries use both (cron and child runs next).
+runs in the caller's transaction. Triggers, run retries, schedules and child runs use both.
 """
 
 from __future__ import annotations
@@ -50,3 +50,7 @@ async def insert(repo: Repo, runs: Sequence[NewRun], idempotency: list[dict[str,
     """Write new runs with their steps, tags, events and idempotency records."""
     await repo.insert_runs([n.run for n in runs], [s for n in runs for s in n.steps],
                            [e for n in runs for e in n.changes.events], idempotency)
+    # A child run that ended as it was created tells its parent.
+    signals = {r for n in runs for r in n.changes.signals}
+    if signals:
+        await repo.signal(signals, runs[0].run.created_at)

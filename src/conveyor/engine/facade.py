@@ -41,7 +41,8 @@ class Engine:
         self.clock: Clock = clock or SystemClock()
         self.offload = Offload()
         self.runner = Runner(store, self.clock, self.offload, batch_size=settings.engine_batch_size,
-                             idle_seconds=settings.engine_idle_seconds, limits=settings.limits)
+                             idle_seconds=settings.engine_idle_seconds, limits=settings.limits,
+                             max_nesting_depth=settings.max_nesting_depth)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
                                  idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits)
         self.workflows = WorkflowService(store, self.clock, self.offload, settings.limits)

@@ -22,10 +22,11 @@ from datetime import datetime, timedelta
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.limits import Limits
-from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, advance, fail_unplannable
+from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, Links, advance, fail_unplannable
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import StepKind, WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
+from conveyor.engine import children
 from conveyor.engine.clock import Clock
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
@@ -47,8 +48,10 @@ class Runner:
     """Claims due runs in batches and advances them."""
 
     def __init__(self, store: Store, clock: Clock, offload: Offload, batch_size: int = 256,
-                 idle_seconds: float = 1.0, limits: Limits = DEFAULT_LIMITS) -> None:
+                 idle_seconds: float = 1.0, limits: Limits = DEFAULT_LIMITS,
+                 max_nesting_depth: int = 10) -> None:
         self.store = store
+        self.max_nesting_depth = max_nesting_depth
         self.clock = clock
         self.offload = offload
         self.limits = limits
@@ -93,21 +96,26 @@ class Runner:
         specs = await self.specs(repo, {r.workflow_version_id for r in runs})
         capped = await self.capped(repo, runs)
         may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], capped, now)
-        planned = await self.offload.run(self._plan_all, runs, steps, specs, may_start, now)
+        related = await children.links(repo, runs, steps)
+        planned = await self.offload.run(self._plan_all, runs, steps, specs, may_start, related, now)
         units = [c if c is not None else await self._unplannable(repo, run.id, now)
                  for run, c in zip(runs, planned, strict=True)]
+        news = await children.start(repo, self.offload, units, steps, specs, self.limits,
+                                    self.max_nesting_depth, now)
         await repo.save(units)
         await self.wake_waiting(repo, units, now)
-        return units
+        return [*units, *(n.changes for n in news)]
 
     def _plan_all(self, runs: Sequence[RunRecord], steps: dict[str, list[StepRecord]],
-                  specs: dict[str, WorkflowSpec], may_start: set[str], now: datetime) -> list[Changes | None]:
+                  specs: dict[str, WorkflowSpec], may_start: set[str], related: dict[str, Links],
+                  now: datetime) -> list[Changes | None]:
         """Plan each run (on the offload thread); None for a run whose planning raised."""
         out: list[Changes | None] = []
         for run in runs:
             try:
                 out.append(advance(run, steps[run.id], specs[run.workflow_version_id], now,
-                                   may_start=run.id in may_start, limits=self.limits))
+                                   may_start=run.id in may_start, limits=self.limits,
+                                   links=related.get(run.id)))
             except Exception:
                 # A bug met by one run must not stop the others: this run alone is failed (or
                 # set aside) from its state as loaded, since nothing of this pass is saved yet.
@@ -187,6 +195,9 @@ class Runner:
         for _ in range(3):
             try:
                 async with self.store.write() as repo:
+                    # Signals other runs left for these (a child that ended, a step that stopped
+                    # waiting) make them due, under their own locks.
+                    await repo.take_wakeups(now, self.batch_size)
                     runs = await repo.claim_due_runs(now, self.batch_size)
                     # Expired leases are found by their own index, not by the run's wake_at (a
                     # heartbeat moves only the step's expiry); the planner fails those attempts.

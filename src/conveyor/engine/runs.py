@@ -79,8 +79,8 @@ class RunService:
                 workflow_version_id=old.workflow_version_id, status=RunStatus.PENDING, created_at=now,
                 updated_at=now, payload=old.payload, tags=dict(old.tags), triggered_by=caller.name,
                 created_by=caller.name, max_parallel_steps=old.max_parallel_steps, entity_id=old.entity_id,
-                retry_of_run_id=old.id, parent_workflow_run_id=old.parent_workflow_run_id,
-                parent_step_run_id=old.parent_step_run_id, depth=old.depth,
+                # An operator's retry of a child run is a run of its own: no parent step waits for it.
+                retry_of_run_id=old.id,
                 expires_at=now + (old.expires_at - old.created_at) if old.expires_at else None)
             # The workflow's cap now, not the old version's; planned on the CPU thread.
             capped = old.workflow_id in await self.runner.capped(repo, [old])

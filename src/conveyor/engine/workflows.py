@@ -23,10 +23,11 @@ from conveyor.domain.limits import Limits
 from conveyor.domain.operations import workflow_archived
 from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecord
 from conveyor.domain.spec import Schedule, WorkflowSpec, parse_workflow
+from conveyor.engine.children import WORKFLOW_LOOP
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.offload import Offload
-from conveyor.engine.ports import Store
+from conveyor.engine.ports import Repo, Store
 from conveyor.engine.schedules import next_tick
 
 # Project ids travel in paths and filters: keep them to a safe, boring alphabet.
@@ -79,6 +80,7 @@ class WorkflowService:
                             spec=spec, created_by=caller.name, created_at=now, updated_at=now,
                             next_fire_at=first_tick(spec.schedule, now) if spec.schedule else None)
         async with self.store.write() as repo:
+            await _check_no_loop(repo, wf)
             await repo.insert_workflow(wf, spec.max_concurrent_runs)
         return wf
 
@@ -116,6 +118,7 @@ class WorkflowService:
             wf.version_id = new_id()
             wf.spec = spec
             wf.updated_at = now
+            await _check_no_loop(repo, wf)
             await repo.insert_version(wf)
             await repo.set_current_version(wf)
         return wf
@@ -152,3 +155,29 @@ class WorkflowService:
             wf.updated_at = now
             await repo.set_schedule(wf.id, paused, wf.next_fire_at, now)
         return wf
+
+
+# Definitions followed from a new one when looking for a loop (a deeper chain is checked when it
+# runs, against the run's lineage).
+_LOOP_SEARCH_LIMIT = 200
+
+
+async def _check_no_loop(repo: Repo, wf: WorkflowRecord) -> None:
+    """FAILED_PRECONDITION / WORKFLOW_LOOP when the definition would start itself, directly or
+    through the workflows its `workflow` steps name (as their current versions say). Only what
+    the definitions spell out is followed; templated names are checked at run time."""
+    seen: set[str] = set()
+    frontier = [(ident, [wf.name]) for ident in wf.spec.child_workflows]
+    while frontier and len(seen) < _LOOP_SEARCH_LIMIT:
+        ident, path = frontier.pop()
+        if ident in (wf.id, wf.name):
+            raise ConveyorError(ErrorKind.FAILED_PRECONDITION, WORKFLOW_LOOP,
+                                f"workflow {wf.name!r} would start itself: {' -> '.join([*path, wf.name])}")
+        try:
+            child = await repo.find_workflow(ident, wf.project_id, wf.project_id)
+        except ConveyorError:
+            continue  # not there (yet): checked when a run starts it
+        if child.id in seen:
+            continue
+        seen.add(child.id)
+        frontier += [(nxt, [*path, child.name]) for nxt in child.spec.child_workflows]

@@ -62,6 +62,7 @@ from conveyor.storage.models import (
     RunEventRow,
     RunRow,
     RunTagRow,
+    RunWakeupRow,
     StepRunRow,
     UTCDateTime,
     WorkflowRow,
@@ -76,6 +77,7 @@ tags_t = cast(Table, RunTagRow.__table__)
 wf_t = cast(Table, WorkflowRow.__table__)
 ver_t = cast(Table, WorkflowVersionRow.__table__)
 idem_t = cast(Table, IdempotencyRow.__table__)
+wakeups_t = cast(Table, RunWakeupRow.__table__)
 
 _RUN_FIELDS = [f.name for f in fields(RunRecord) if f.name != "fence"]
 _STEP_FIELDS = [f.name for f in fields(StepRecord) if f.name != "fence"]
@@ -86,6 +88,9 @@ _RUN_MUTABLE = ["status", "status_message", "error", "output", "wake_at", "last_
 _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "error", "skip_reason",
                  "approved_by", "worker_id", "job_run_id", "ready_at", "due_at", "lease_expires_at",
                  "started_at", "finished_at", "updated_at"]
+
+# Runs a wake-up signal is still news to (a final run has nothing left to do).
+_LIVE_RUN = [str(RunStatus.PENDING), str(RunStatus.RUNNING), str(RunStatus.PAUSED)]
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
@@ -498,10 +503,40 @@ class Repository:
         return [run_from_row(m) for m in (await self.conn.execute(stmt)).mappings()]
 
     async def next_wake(self) -> datetime | None:
-        """The earliest timer: a run's wake_at or a step's lease expiry."""
+        """The earliest timer: a run's wake_at, a step's lease expiry or a run wake-up signal."""
         wake = (await self.conn.execute(select(func.min(runs_t.c.wake_at)))).scalar()
         lease = (await self.conn.execute(select(func.min(steps_t.c.lease_expires_at)))).scalar()
-        return min((t for t in (wake, lease) if t is not None), default=None)
+        signal = (await self.conn.execute(select(func.min(wakeups_t.c.at)))).scalar()
+        return min((t for t in (wake, lease, signal) if t is not None), default=None)
+
+    async def signal(self, run_ids: Iterable[str], at: datetime) -> None:
+        """Leave "look at this run" for other runs: an insert, which locks nothing of theirs."""
+        rows = [{"run_id": r, "at": at} for r in sorted(set(run_ids))]
+        if rows:
+            await self.conn.execute(insert(wakeups_t), rows)
+
+    async def take_wakeups(self, now: datetime, limit: int) -> int:
+        """Turn the oldest signals into the runs' wake_at = now and delete them; a run another
+        transaction holds keeps its signal for a later pass (never waited for: the holder may
+        be waiting for a lock of ours). Returns how many runs were woken."""
+        rows = (await self.conn.execute(
+            select(wakeups_t.c.id, wakeups_t.c.run_id).order_by(wakeups_t.c.id).limit(limit))).all()
+        if not rows:
+            return 0
+        ids: Any = sorted({r.run_id for r in rows})
+        if self.dialect == "postgresql":
+            ids = [r[0] for r in await self.conn.execute(self._lock(
+                select(runs_t.c.id).where(runs_t.c.id.in_(ids)).order_by(runs_t.c.id), skip_locked=True))]
+        if ids:
+            await self.conn.execute(update(runs_t).where(runs_t.c.id.in_(ids), runs_t.c.status.in_(_LIVE_RUN))
+                                    .values(wake_at=now))
+        # Delete exactly the signals read whose runs were woken (or are gone): a signal written
+        # since, or for a run held elsewhere, stays.
+        woken = set(ids)
+        done = [r.id for r in rows if r.run_id in woken or self.dialect != "postgresql"]
+        if done:
+            await self.conn.execute(delete(wakeups_t).where(wakeups_t.c.id.in_(done)))
+        return len(woken)
 
     async def running_counts(self, workflow_ids: Iterable[str]) -> dict[str, int]:
         rows = await self.conn.execute(
@@ -636,6 +671,7 @@ class Repository:
             except IntegrityError as e:
                 # (run, seq) is the key: another writer appended to one of these runs first.
                 raise ConcurrentChange("run_events: seq taken concurrently") from e
+        await self.signal({r for u in units for r in u.signals}, units[0].now)
 
     async def _cas(self, table: Any, cols: list[str], fence: list[Any], params: list[dict[str, Any]]) -> None:
         """UPDATE each row only if it still matches its fence (id, status and `fence`), and
