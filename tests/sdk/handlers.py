@@ -51,6 +51,8 @@ async def run_async(ctx: Context, input: dict[str, Any]) -> Any:
             if ctx.attempt < input["succeed_on"]:
                 raise ValueError(f"flaky attempt {ctx.attempt}")
             result = {"attempt": ctx.attempt}
+        elif mode == "big":
+            result = {"blob": "x" * input["bytes"]}
         elif mode == "sleep":
             await asyncio.sleep(input["seconds"])
             result = {"slept": input["seconds"], "attempt": ctx.attempt}

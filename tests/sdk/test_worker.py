@@ -83,6 +83,25 @@ async def test_a_generic_exception_is_retried_per_policy(client: Client, workers
     assert "Traceback" not in messages
 
 
+async def test_a_result_the_server_refuses_fails_the_step_without_retries(
+        client: Client, workers: WorkerFactory, ledger: Ledger) -> None:
+    # Beyond the output limit the request is INVALID_ARGUMENT; beyond the gRPC message size the
+    # server accepts it is RESOURCE_EXHAUSTED. Either way the same result would be refused
+    # again: the SDK reports a non-retryable failure instead of retrying the report forever.
+    sizes = {"over-limit": 300_000, "over-message": 13_000_000}
+    for name, size in sizes.items():
+        await client.create_workflow({"name": name, "steps": [
+            task_step("s", "sdk-async", {"mode": "big", "bytes": size}, max_attempts=3)]})
+    await workers()
+    for name in sizes:
+        run_id = await client.trigger(name)
+        await client.wait_run(run_id, "failed", "completed")
+        step = (await client.steps(run_id))["s"]
+        assert (step["status"], step["attempt"]) == ("failed", 1), step
+        assert step["error"].startswith("result refused: "), step["error"]
+    assert len(ledger.entries(event="start")) == 2
+
+
 async def test_retry_after_delays_the_next_attempt(client: Client, workers: WorkerFactory,
                                                    ledger: Ledger) -> None:
     await client.create_workflow({"name": "later", "steps": [

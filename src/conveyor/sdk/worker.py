@@ -86,7 +86,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX * 1000)),
 ]
 
-# Report answers that will never succeed by retrying; anything else transient is retried.
+# A CompleteTask answer that refuses the result itself (invalid, or beyond the server's
+# message size): the same result would be refused again.
+_RESULT_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Report answers worth retrying (the server is away or busy); anything else is final.
 _RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -489,7 +492,7 @@ class Worker:
             return self._fail(task, error_text(e), retry_after=e.seconds)
         except Exception as e:
             attempt.phase = "reporting"
-            ctx.logger.exception("failed")
+            ctx.logger.exception("failed (retryable): %s", error_text(e))
             return self._fail(task, error_text(e))
         attempt.phase = "reporting"
         if attempt.revoked:
@@ -531,8 +534,9 @@ class Worker:
                     log.info("task %s attempt %d: report refused (%s %s): the lease was revoked or re-leased",
                              task.task_id, task.attempt, code.name, _reason(e) or e.details())
                     return
-                if complete and code == grpc.StatusCode.INVALID_ARGUMENT:
-                    # The result itself was refused (too large, too deep): retrying cannot help.
+                if complete and code in _RESULT_REFUSED:
+                    # The result itself was refused (invalid, or beyond the server's message
+                    # size): the same result would be refused again, so the step fails.
                     log.error("task %s attempt %d: result refused (%s): %s", task.task_id, task.attempt,
                               _reason(e), e.details())
                     request = self._fail(task, f"result refused: {e.details()}"[:MAX_ERROR_LENGTH],
