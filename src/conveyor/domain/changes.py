@@ -183,7 +183,8 @@ class Changes:
         opened = self._open_event.pop(key, None)
         if opened is not None and opened[1] != status:
             ev, before = opened
-            ev.type, ev.status, ev.message = type_, status, message
+            # A new record's opening message (who started it, why) outlives a silent fold.
+            ev.type, ev.status, ev.message = type_, status, message or (ev.message if before is None else "")
             ev.data = {**(ev.data or {}), **(data or {})} or None
         else:
             ev = self.event(type_, step_ref=step_ref, status=status, message=message, data=data)
