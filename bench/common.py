@@ -324,6 +324,37 @@ async def list_runs(stub: runs_grpc.WorkflowRunsServiceStub, workflow: str,
             return runs
 
 
+async def trigger_all(target: str, workflow: str, runs: int, concurrency: int) -> tuple[float, LoadResult]:
+    """Trigger `runs` runs of `workflow` (payload {n}) from `concurrency` tasks over one channel;
+    the wall-clock time of the first trigger and the phase's figures."""
+    requests = iter(range(runs))
+    result = LoadResult(seconds=0.0)
+    async with grpc.aio.insecure_channel(target) as channel:
+        await channel.channel_ready()  # connecting is not part of the engine's throughput
+        stub = runs_grpc.WorkflowRunsServiceStub(channel)
+
+        async def client() -> None:
+            for n in requests:  # one shared iterator: each run is triggered exactly once
+                request = workflow_runs_service_pb2.TriggerWorkflowRunRequest(workflow_id=workflow)
+                request.payload.update({"n": n})
+                t0 = time.perf_counter()
+                try:
+                    await stub.TriggerWorkflowRun(request, timeout=30)
+                except grpc.aio.AioRpcError as e:
+                    result.errors += 1
+                    if len(result.error_samples) < ERROR_SAMPLES:
+                        result.error_samples.append(f"{e.code().name}: {e.details()}")
+                    continue
+                result.latencies.append(time.perf_counter() - t0)
+                result.count += 1
+
+        first = time.time()
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    result.seconds = time.perf_counter() - started
+    return first, result
+
+
 async def wait_until_settled(target: str, workflow: str, within: float, poll: float = 0.05) -> float:
     """Seconds until no run of the workflow is pending, running or paused.
 

@@ -22,7 +22,6 @@ Exits 0 whether or not the target is met (it reports, it does not assert), 1 if 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -32,44 +31,13 @@ from pathlib import Path
 import common
 import grpc
 
-from conveyor.v1 import resources_pb2, workflow_runs_service_pb2
+from conveyor.v1 import resources_pb2
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 
 WORKFLOW = "bench-chain"
 TARGET, AIM = 1000, 5000
 # Longest wait for the runs to finish after the last trigger.
 FINISH_TIMEOUT = 600.0
-
-
-async def trigger_all(target: str, runs: int, concurrency: int) -> tuple[float, common.LoadResult]:
-    """Trigger `runs` runs from `concurrency` tasks; the wall-clock time of the first trigger and
-    the phase's figures."""
-    requests = iter(range(runs))
-    result = common.LoadResult(seconds=0.0)
-    async with grpc.aio.insecure_channel(target) as channel:
-        await channel.channel_ready()  # connecting is not part of the engine's throughput
-        stub = runs_grpc.WorkflowRunsServiceStub(channel)
-
-        async def client() -> None:
-            for n in requests:  # one shared iterator: each run is triggered exactly once
-                request = workflow_runs_service_pb2.TriggerWorkflowRunRequest(workflow_id=WORKFLOW)
-                request.payload.update({"n": n})
-                t0 = time.perf_counter()
-                try:
-                    await stub.TriggerWorkflowRun(request, timeout=30)
-                except grpc.aio.AioRpcError as e:
-                    result.errors += 1
-                    if len(result.error_samples) < common.ERROR_SAMPLES:
-                        result.error_samples.append(f"{e.code().name}: {e.details()}")
-                    continue
-                result.latencies.append(time.perf_counter() - t0)
-                result.count += 1
-
-        first = time.time()
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    result.seconds = time.perf_counter() - started
-    return first, result
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -82,7 +50,8 @@ async def bench(args: argparse.Namespace) -> None:
             async with common.spawn_server(data_dir, envoy=False) as served:
                 await common.create_workflow(served.grpc_target, WORKFLOW, common.chain(args.steps))
                 cpu_before = common.cpu_seconds(served.pid)
-                first, triggered = await trigger_all(served.grpc_target, args.runs, args.concurrency)
+                first, triggered = await common.trigger_all(served.grpc_target, WORKFLOW, args.runs,
+                                                            args.concurrency)
                 print(triggered.line(f"trigger phase ({triggered.count} runs in {triggered.seconds:.2f} s)",
                                      "runs", "not a target here"))
                 triggered.print_errors("trigger")
