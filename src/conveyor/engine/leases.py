@@ -111,8 +111,7 @@ class Leases:
         # attempts still running are handed out; the others were revoked with their run.
         leases = [lease for lease in leases if lease.step.status == StepStatus.RUNNING]
         if units:
-            self.runner.committed.fire()
-            self.runner.publish(units)
+            self.runner.after_commit(units)
         return leases
 
     async def heartbeat(self, task_id: str, attempt: int, holder: str, lease_seconds: float,
@@ -206,8 +205,7 @@ class Leases:
                 answers, units = await self._apply_once(batch)
             except ConcurrentChange:
                 continue
-            self.runner.notify()
-            self.runner.publish(units)
+            self.runner.after_commit(units)
             for report in batch:
                 _settle(report, answers.get(id(report)))
             return

@@ -169,6 +169,16 @@ class Runner:
         for wf, n in freed.items():
             await repo.wake(await repo.oldest_pending(wf, n), now)
 
+    def after_commit(self, units: Sequence[Changes]) -> None:
+        """These units were committed outside a runner pass (a report, a lease, an operation):
+        tell watchers and lease holders, and wake the runner only if one of them left work due
+        before it would look anyway (a timer, or a signal to another run)."""
+        due = [u.run.wake_at for u in units if u.run.wake_at is not None]
+        if any(u.signals for u in units):
+            due.append(self.clock.now())
+        self.committed_timer(min(due, default=None))
+        self.publish(units)
+
     def publish(self, units: Sequence[Changes]) -> None:
         """After commit: wake the lease holders of steps made ready and the streams of
         workers whose leases ended."""

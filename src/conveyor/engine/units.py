@@ -44,8 +44,7 @@ class RunUnits:
                 result, unit = await self._once(run_id, caller, op)
             except ConcurrentChange:
                 continue
-            self.runner.notify()
-            self.runner.publish([unit])
+            self.runner.after_commit([unit])
             return result
         raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                             f"run {run_id!r} kept changing concurrently; try again")
