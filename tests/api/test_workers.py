@@ -306,6 +306,35 @@ async def test_a_failed_template_does_not_block_the_good_tasks_of_other_runs(api
     assert (await run_of(api, bad)).status == RUN.failed
 
 
+async def test_leasing_respects_max_parallel_steps(api: Api) -> None:
+    (run_id,) = await start(api, {"name": "fan", "max_parallel_steps": 1, "steps": [
+        {"ref": f"t{i}", "kind": "task", "queue": "q"} for i in range(3)]})
+
+    first = await poll(api, max_tasks=10)
+    assert len(first) == 1 and await poll(api, max_tasks=10) == []
+    await complete(api, first[0])
+    second = await poll(api, max_tasks=10)
+
+    assert len(second) == 1 and second[0].step_ref != first[0].step_ref
+    assert (await run_of(api, run_id)).status == RUN.running
+
+
+async def test_a_paused_run_hands_out_no_new_task_but_takes_the_running_ones_report(api: Api) -> None:
+    (run_id,) = await start(api, {"name": "pair", "max_parallel_steps": 1, "steps": [
+        {"ref": "a", "kind": "task", "queue": "q"}, {"ref": "b", "kind": "task", "queue": "q"}]})
+    (held,) = await poll(api)
+    await api.runs.PauseWorkflowRun(runs_pb.PauseWorkflowRunRequest(workflow_run_id=run_id))
+
+    await complete(api, held, result={"ok": True})  # a running step finishes
+    assert await poll(api, max_tasks=10) == []  # no new step starts
+
+    await api.runs.ResumeWorkflowRun(runs_pb.ResumeWorkflowRunRequest(workflow_run_id=run_id))
+    await api.engine.tick()
+    (other,) = await poll(api)
+    assert other.step_ref != held.step_ref
+    assert (await steps_of(api, run_id))[held.step_ref].status == STEP.completed
+
+
 # -- CompleteTask / FailTask -----------------------------------------------------------------
 
 
