@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -154,16 +155,20 @@ async def bench_tasks(args: argparse.Namespace, data_dir: Path) -> None:
             await common.create_workflow(target, "bench-noop", common.chain(10))
             await asyncio.sleep(1.0)  # the worker connects and opens its stream
 
+            cpu0 = common.cpu_seconds(served.pid), common.cpu_seconds(worker.pid)
             first, triggered = await common.trigger_all(target, "bench-tasks", args.runs, args.concurrency)
             triggered.print_errors("trigger")
             completed = await settle(target, "bench-tasks")
             elapsed = last_finish(completed) - first
+            server_cpu = (common.cpu_seconds(served.pid) - cpu0[0]) / elapsed
+            worker_cpu = (common.cpu_seconds(worker.pid) - cpu0[1]) / elapsed
             steps = len(completed) * args.steps
             print(
                 f"task steps: {steps / elapsed:.0f} steps/s (target >= {TASKS}, aim {TASKS_AIM}) = "
                 f"{len(completed)} of {args.runs} runs x {args.steps} task steps in {elapsed:.2f} s, "
                 f"one worker process, {args.slots} slots"
             )
+            print(f"  CPU: server {server_cpu:.2f} cores, worker {worker_cpu:.2f} cores (of {os.cpu_count()})")
             lat = await dispatch_latencies(target, completed)
             p50, p99 = common.percentile(lat, 50) * 1000, common.percentile(lat, 99) * 1000
             print(

@@ -10,6 +10,7 @@ advance with `settle`, which ticks until nothing is due and no signal is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 from collections.abc import AsyncIterator
@@ -26,7 +27,15 @@ from conveyor.engine.facade import Engine
 from conveyor.settings import Settings
 from conveyor.storage.db import Database
 from conveyor.storage.store import SqlStore
-from tests.engine.test_races import Outcomes, Pair, _load_all, check_consistent, check_history
+from tests.engine.test_races import (
+    BATCH,
+    Outcomes,
+    Pair,
+    _install_cap_audit,
+    _load_all,
+    check_consistent,
+    check_history,
+)
 
 ME = Caller("me")
 PARENT_GONE = "parent step no longer waits for this run"
@@ -674,6 +683,7 @@ async def test_events_name_the_parent_and_each_attempts_child(engine: Engine) ->
 @pytest.fixture
 async def pair(database: Database, clock: ManualClock, backend: str) -> AsyncIterator[Pair]:
     p = Pair(database.url, clock, backend)
+    await _install_cap_audit(p.db)
     try:
         yield p
     finally:
@@ -801,16 +811,40 @@ async def test_canceling_a_parent_races_its_grandchilds_approval(pair: Pair, bac
 
 async def test_capped_chains_on_two_engines_do_not_deadlock(pair: Pair) -> None:
     """Each pass locks the rows of the capped workflows of its batch, and inserting a child run
-    takes a key-share lock on its workflow's row (the foreign key): two replicas whose batches
-    hold each other's child workflows must still not deadlock."""
+    takes a key-share lock on its workflow's row (the foreign key). Engine A's batch holds only
+    runs of p1 (it locks p1 and starts children of x); engine B's holds runs of q and x (it locks
+    q and x and starts children of p1). Each pass, once it holds its workflow locks, waits (up
+    to a second) for the other to hold its own: the two passes must still not deadlock."""
     p, out = pair, Outcomes()
-    await p.a.workflows.create(wf("x", [noop("n")], max_concurrent_runs=1000), ME)
-    await p.a.workflows.create(wf("p1", [call("c", "x")], max_concurrent_runs=1000), ME)
-    await p.a.workflows.create(wf("q", [call("c", "p1")], max_concurrent_runs=1000), ME)
-    for _ in range(40):
-        await trigger(p.a, "q")
+    cap = {"max_concurrent_runs": 1000}
+    await p.a.workflows.create(wf("x", [noop("n")], **cap), ME)
+    await p.a.workflows.create(wf("p1", [call("c", "x")], **cap), ME)
+    await p.a.workflows.create(wf("q", [call("c", "p1")], **cap), ME)
+    for _ in range(BATCH):
         await trigger(p.a, "p1")
-        await trigger(p.a, "x")
+    p.clock.advance(1)
+    for i in range(BATCH):
+        await trigger(p.a, "q" if i % 2 else "x")
+    p.clock.advance(1)
+
+    locked = {p.a: asyncio.Event(), p.b: asyncio.Event()}
+    for me, other in ((p.a, p.b), (p.b, p.a)):
+        def hold(me: Engine = me, other: Engine = other) -> Any:
+            original = me.runner.capped
+
+            async def capped(repo: Any, runs: Any) -> dict[str, int]:
+                got = await original(repo, runs)
+                if got and not locked[me].is_set():
+                    locked[me].set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(locked[other].wait(), 1.0)
+                return got
+            return capped
+        me.runner.capped = hold()  # type: ignore[method-assign]
+    # A claims the BATCH oldest due runs (p1), B skips them and claims the next BATCH (q, x).
+    first = asyncio.create_task(out.call("tick A", p.a.runner.tick(), set()))
+    await asyncio.wait_for(locked[p.a].wait(), 5)
+    await asyncio.gather(first, out.call("tick B", p.b.runner.tick(), set()))
     await _race_settle(p, out)
     out.check()  # no tick saw a deadlock (DATABASE_UNAVAILABLE) or anything else
     runs, steps, events, _ = await _load_all(p.db)
@@ -819,7 +853,8 @@ async def test_capped_chains_on_two_engines_do_not_deadlock(pair: Pair) -> None:
                 for problem in check_history(r, steps[r.id], events[r.id])
                 if not FOLDED_START.search(problem)]
     assert not problems, "\n".join(problems[:20])
-    assert len(runs) == 240 and all(r.status == RunStatus.COMPLETED for r in runs.values())
+    assert len(runs) == 4 * BATCH
+    assert all(r.status == RunStatus.COMPLETED for r in runs.values())
 
 
 async def test_a_workflow_step_whose_config_template_fails_fails_the_step(engine: Engine) -> None:

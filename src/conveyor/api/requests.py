@@ -62,6 +62,9 @@ VARIABLE_FIELDS = frozenset({"variables"})
 TAG_FIELDS = frozenset({"tags"})
 
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+# JSON fields that become a step's output, bounded by max_output_bytes (a worker's result);
+# every other document by max_payload_bytes.
+_STEP_OUTPUT_FIELDS = frozenset({"conveyor.v1.CompleteTaskRequest.result"})
 # Requests whose `workflow` field is a definition, bounded as a whole by max_definition_bytes.
 _DEFINITION_REQUESTS = frozenset({"conveyor.v1.CreateWorkflowRequest", "conveyor.v1.UpdateWorkflowRequest"})
 _TIMESTAMP = "google.protobuf.Timestamp"
@@ -185,7 +188,9 @@ class RequestChecker:
         message_type = field.message_type
         if message_type is not None:
             if message_type.full_name in _JSON_TYPES:
-                yield from self._json(value, path)
+                size = (self._limits.max_output_bytes if field.full_name in _STEP_OUTPUT_FIELDS
+                        else self._limits.max_payload_bytes)
+                yield from self._json(value, path, size)
             elif message_type.full_name == _TIMESTAMP:
                 if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 10**9):
                     yield _Problem(path, "must be a time between years 1 and 9999", "INVALID_TIME")
@@ -214,16 +219,16 @@ class RequestChecker:
         elif not _is_utf8(text):
             yield _Problem(path, f"{subject}must be valid Unicode (no lone surrogates)", "INVALID_CHARACTER")
 
-    def _json(self, msg: Message, path: str) -> Iterator[_Problem]:
-        """A Struct/Value/ListValue as the JSON document it stands for."""
+    def _json(self, msg: Message, path: str, cap: int) -> Iterator[_Problem]:
+        """A Struct/Value/ListValue as the JSON document it stands for, at most `cap` bytes."""
         limits = self._limits
         # Converting costs ~0.3 µs a value; the encoded size ~3 ns a byte (C). A document within
         # max_payload_bytes as JSON is at most DOCUMENT_PROTOBUF_GROWTH times that as protobuf,
         # so anything larger is refused unconverted (1M numbers, 11 MB: 2.4-3.7 s before).
         encoded = msg.ByteSize()
-        if encoded > DOCUMENT_PROTOBUF_GROWTH * limits.max_payload_bytes:
+        if encoded > DOCUMENT_PROTOBUF_GROWTH * cap:
             yield _Problem(path, f"is {encoded} bytes as protobuf, more than any document of at most "
-                                 f"{limits.max_payload_bytes} bytes as JSON", "JSON_TOO_LARGE")
+                                 f"{cap} bytes as JSON", "JSON_TOO_LARGE")
             return
         try:
             document, long_key = _document(msg, limits.max_json_depth, limits.max_short_text_length)
@@ -246,9 +251,8 @@ class RequestChecker:
                 # A string value is bounded by the document's size; a key also by its own length.
                 cap = limits.max_short_text_length if is_key else len(string)
                 yield from self._string(string, where, cap, what="key" if is_key else "")
-        if size > limits.max_payload_bytes:
-            yield _Problem(path, f"is {size} bytes as JSON; at most {limits.max_payload_bytes} are allowed",
-                           "JSON_TOO_LARGE")
+        if size > cap:
+            yield _Problem(path, f"is {size} bytes as JSON; at most {cap} are allowed", "JSON_TOO_LARGE")
 
 
 class _TooDeep(Exception):
