@@ -775,16 +775,23 @@ async def test_canceling_a_parent_races_its_grandchilds_approval(pair: Pair, bac
         mid = await the_child(p.a, t, "down")
         leaves[t] = (await the_child(p.a, mid.id, "down")).id
 
-    async def cancel_later(t: str) -> None:
-        for _ in range(rng.randrange(3)):
-            await asyncio.sleep(0)
-        await out.call("cancel", p.a.runs.cancel(t, ME), {ErrorKind.FAILED_PRECONDITION, ErrorKind.ABORTED})
+    allowed = {ErrorKind.FAILED_PRECONDITION, ErrorKind.ABORTED}
+
+    async def later(label: str, make: Any) -> None:
+        # A random head start, so cancels land before, between and after the passes that carry
+        # the grandchild's end up to the top.
+        await asyncio.sleep(rng.random() * 0.2)
+        await out.call(label, make(), allowed)
+
+    async def passes(name: str, e: Engine) -> None:
+        for _ in range(30):
+            await out.call(f"tick {name}", e.runner.tick(), set())
+            await asyncio.sleep(0.01)
 
     await asyncio.gather(
-        *(cancel_later(t) for t in tops),
-        *(out.call("approve", p.b.steps.approve(leaves[t], "gate", "", ME),
-                   {ErrorKind.FAILED_PRECONDITION, ErrorKind.ABORTED}) for t in tops),
-        *(out.call(f"tick {n}", e.tick(), set()) for n, e in (("A", p.a), ("B", p.b)) for _ in range(3)))
+        *(later("cancel", lambda t=t: p.a.runs.cancel(t, ME)) for t in tops),
+        *(later("approve", lambda t=t: p.b.steps.approve(leaves[t], "gate", "", ME)) for t in tops),
+        passes("A", p.a), passes("B", p.b))
     await _race_settle(p, out)
     out.check()
 
