@@ -517,12 +517,12 @@ async def test_an_impossible_retry_after_is_invalid_and_changes_nothing(api: Api
 
 
 async def test_a_result_over_the_request_limit_is_refused_and_changes_nothing(api: Api) -> None:
-    """A result larger than a request document may be (64 KiB) never reaches the engine: the
+    """A result larger than a step's output may be (256 KiB) never reaches the engine: the
     worker is told INVALID_ARGUMENT (the SDK then reports a non-retryable failure)."""
     run_id, task = await _leased(api)
     before = await snapshot(api, run_id)
 
-    error = await failure(complete(api, task, result={"blob": "x" * (70 * 1024)}))
+    error = await failure(complete(api, task, result={"blob": "x" * (260 * 1024)}))
 
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.info is not None and error.info.reason == "JSON_TOO_LARGE"
@@ -595,8 +595,8 @@ async def test_a_heartbeat_extends_the_lease_past_its_first_expiry(api: Api) -> 
     assert (await run_of(api, run_id)).status == RUN.completed
 
 
-async def test_a_heartbeat_without_a_length_keeps_the_original_lease_length(api: Api) -> None:
-    """workers_service.proto: HeartbeatTaskRequest.lease_seconds "default: the original length"."""
+async def test_a_heartbeat_without_a_length_extends_by_the_default(api: Api) -> None:
+    """workers_service.proto: HeartbeatTaskRequest.lease_seconds "default 30", as a poll's."""
     await start(api, task_workflow())
     (task,) = await poll(api, lease_seconds=300)
     api.clock.advance(100)
@@ -604,7 +604,7 @@ async def test_a_heartbeat_without_a_length_keeps_the_original_lease_length(api:
     beat = await api.workers.HeartbeatTask(workers_pb.HeartbeatTaskRequest(
         task_id=task.task_id, attempt=1, worker_id="w1"))
 
-    assert beat.lease_expires_at.ToDatetime(tzinfo=api.clock.now().tzinfo) == expires(api, 300)
+    assert beat.lease_expires_at.ToDatetime(tzinfo=api.clock.now().tzinfo) == expires(api, 30)
 
 
 async def test_a_heartbeat_of_a_lost_lease_answers_revoked(api: Api) -> None:

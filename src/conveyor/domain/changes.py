@@ -62,6 +62,9 @@ class Changes:
         # holder's own report ends its lease too (reason ""); anything else is a revocation
         # its holder must be told about.
         self.revoked: list[tuple[StepRecord, str, str]] = []
+        # Set while the holder of a lease reports it: its lease ends by its own report, which
+        # is no revocation to tell it about.
+        self.reporter: str | None = None
         # Queued steps of leased kinds whose slot is ready: lease holders waiting on their
         # queue are woken after commit.
         self.announced: dict[str, StepRecord] = {}
@@ -164,8 +167,8 @@ class Changes:
             # Any exit from running ends the attempt's lease: its holder is told and any report
             # it sends later fails the step's fence.
             step.lease_expires_at = None
-            self.revoked.append((step, step.worker_id, "" if self.actor == step.worker_id else
-                                 message or f"step {status}"))
+            mine = self.reporter is not None and self.reporter == step.worker_id
+            self.revoked.append((step, step.worker_id, "" if mine else message or f"step {status}"))
         if step.status == StepStatus.RUNNING and step.kind == StepKind.WORKFLOW and step.job_run_id:
             self.signals.add(step.job_run_id)  # the child run it waited for is not awaited any more
         retry = status == StepStatus.QUEUED and bool(step.error)

@@ -72,8 +72,9 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     # plus operator moves (skip, force-complete, cancel) and retries (back to queued). A pending
     # or queued step may also reach waiting or failed directly: an in-engine step started and
     # stopped by one transaction records only where it ended (see domain/changes.py), and a
-    # `when` that cannot be evaluated fails its step before it is queued.
-    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELED, S.COMPLETED, S.WAITING, S.FAILED}),
+    # `when` that cannot be evaluated fails its step before it is queued. A pending step may be
+    # recorded running too: a `workflow` step queued and started with its child in one pass.
+    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELED, S.COMPLETED, S.WAITING, S.FAILED, S.RUNNING}),
     S.QUEUED: frozenset({S.RUNNING, S.SKIPPED, S.CANCELED, S.COMPLETED, S.PENDING, S.TIMED_OUT,
                          S.WAITING, S.FAILED}),
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.TIMED_OUT, S.WAITING, S.QUEUED, S.CANCELED,

@@ -114,29 +114,31 @@ async def start(repo: Repo, offload: Offload, units: Sequence[Changes], steps: d
             ended = parents.setdefault(c.run.id, (c, {}))[1]
             target = targets.get((c.run.project_id, str(w.config.get("workflow_id", "")))) \
                 if isinstance(w.config, dict) else None
+            step_spec = spec.step(step.step_ref)
             if isinstance(w.config, ExpressionError):
-                fail_step(c, step, spec.step(step.step_ref), f"template: {w.config}")  # as any attempt's
+                start_child(c, step, step_spec, "", {})  # an attempt, failed as any attempt's template
+                fail_step(c, step, step_spec, f"template: {w.config}")
                 continue
             refused = _refusal(c.run, w.config, target, max_depth)
+            if refused is None:
+                assert isinstance(target, WorkflowRecord)
+                try:
+                    payload = apply_variables(target.spec, dict(w.config.get("payload") or {}))
+                except ConveyorError as e:
+                    refused = CHILD_REFUSED, e.message
             if refused is not None:
-                # Starting it again would be refused again: the step fails for good.
+                # Starting it again would be refused again: the attempt fails the step for good.
                 reason, message = refused
-                fail_step(c, step, spec.step(step.step_ref), f"{reason}: {message}", retryable=False,
-                          reason=reason)
+                start_child(c, step, step_spec, "", w.config)
+                fail_step(c, step, step_spec, f"{reason}: {message}", retryable=False, reason=reason)
                 continue
             assert isinstance(target, WorkflowRecord)
-            try:
-                payload = apply_variables(target.spec, dict(w.config.get("payload") or {}))
-            except ConveyorError as e:
-                fail_step(c, step, spec.step(step.step_ref), f"{CHILD_REFUSED}: {e.message}",
-                          retryable=False, reason=CHILD_REFUSED)
-                continue
             child = _child_run(c.run, step, target, payload, now)
             new = creation.start_run(child, target.spec, ENGINE, limits,
                                      capped=target.spec.max_concurrent_runs > 0,
                                      message=f"started by step {step.step_ref!r} of run {c.run.id}",
                                      data={"parent_workflow_run_id": c.run.id, "parent_step_run_id": step.id})
-            start_child(c, step, spec.step(step.step_ref), new.run.id, w.config)
+            start_child(c, step, step_spec, new.run.id, w.config)
             news.append(new)
             if new.run.status in FINAL_RUN:
                 ended[step.id] = new.run  # it ended at once (noop steps, say): so does the step

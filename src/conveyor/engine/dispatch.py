@@ -131,16 +131,17 @@ class Dispatch:
                 for item in await self._gone_elsewhere(held, req.worker_id):
                     yield item
                 checked_at = loop.time()
-            sent = False
             if len(held) < most:
-                for lease in await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds,
-                                                       most - len(held), req.caller):
+                free = most - len(held)
+                leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
+                                                   req.caller)
+                for lease in leases:
                     held[lease.step.id] = lease.step.attempt
-                    sent = True
                     yield lease
-            if sent:
-                quiet_since = loop.time()
-                continue  # more may be ready: look again before sleeping
+                if leases:
+                    quiet_since = loop.time()
+                if len(leases) == free:
+                    continue  # every free slot was filled: more may be ready, look again at once
             if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
                 yield Heartbeat(self.clock.now())
                 quiet_since = loop.time()

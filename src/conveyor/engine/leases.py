@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Longest wait a worker may ask for before its task's next attempt (RetryAfter).
 MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
+# Rounds of candidate runs a lease looks at while every candidate is held by another transaction.
+_LOCKED_ROUNDS = 3
 # Tries of a report batch that keeps losing its compare-and-set before the workers are told.
 _REPORT_TRIES = 3
 
@@ -78,10 +80,17 @@ class Leases:
         until = now + timedelta(seconds=lease_seconds)
         leases: list[Lease] = []
         async with self.store.write() as repo:
-            run_ids = await repo.leasable_runs(caller.project, queue, sorted(kinds), now, max_steps)
             # Runs first, then their steps (the lock order everywhere); a run another replica or
-            # poller holds is skipped, its steps are left for the next poll.
-            runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
+            # poller holds is skipped, its steps are left for the next poll, and the next
+            # candidates are looked at instead (so a poll is not starved by runs held elsewhere).
+            skipped: list[str] = []
+            for _ in range(_LOCKED_ROUNDS):
+                run_ids = await repo.leasable_runs(caller.project, queue, sorted(kinds), now, max_steps,
+                                                   skipped)
+                runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
+                if runs or not run_ids:
+                    break
+                skipped += run_ids
             await self.runner.capped(repo, runs)  # planning on may end a run and free its slot
             steps = await repo.steps_of([r.id for r in runs])
             specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
@@ -248,10 +257,12 @@ class Leases:
                         answers[id(r)] = e
                         continue
                     spec = specs[runs[run_id].workflow_version_id].step(step.step_ref)
+                    c.reporter = r.holder
                     if r.output is not None:
                         complete_step(c, step, spec, r.output, self.limits)
                     else:
                         fail_step(c, step, spec, r.error, retryable=r.retryable, retry_after=r.retry_after)
+                    c.reporter = None
                     answers[id(r)] = None
                     accepted.add(run_id)
                 # A run whose reports were all refused is left exactly as it was.

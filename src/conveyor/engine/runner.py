@@ -199,7 +199,8 @@ class Runner:
     # -- passes -------------------------------------------------------------------------------
 
     async def tick(self) -> int:
-        """One pass: advance up to `batch_size` due runs in one transaction; returns how many."""
+        """One pass: advance up to `batch_size` due runs in one transaction; returns how many
+        (plus the wake-up signals it took, so `run_until_idle` goes on while any are left)."""
         now = self.clock.now()
         claimed: list[str] = []
         for _ in range(3):
@@ -207,7 +208,7 @@ class Runner:
                 async with self.store.write() as repo:
                     # Signals other runs left for these (a child that ended, a step that stopped
                     # waiting) make them due, under their own locks.
-                    await repo.take_wakeups(now, self.batch_size)
+                    signals = await repo.take_wakeups(now, self.batch_size)
                     runs = await repo.claim_due_runs(now, self.batch_size)
                     # Expired leases are found by their own index, not by the run's wake_at (a
                     # heartbeat moves only the step's expiry); the planner fails those attempts.
@@ -219,7 +220,8 @@ class Runner:
                 if any(u.events for u in units):
                     self.committed.fire()
                 self.publish(units)
-                return len(runs)
+                # Signals taken count as work done: more may be waiting behind them.
+                return len(runs) + signals
             except ConcurrentChange:
                 # Another writer changed one of these runs between our read and our write (only
                 # possible across PostgreSQL replicas); the transaction rolled back, plan again.

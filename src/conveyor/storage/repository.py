@@ -224,11 +224,13 @@ class Repository:
         self.conn = conn
         self.dialect = dialect
 
-    def _lock(self, stmt: Q, skip_locked: bool = False) -> Q:
+    def _lock(self, stmt: Q, skip_locked: bool = False, key_share: bool = False) -> Q:
         # Row locks serialize writers of one run across replicas on PostgreSQL; SQLite writers
         # already hold the database lock (BEGIN IMMEDIATE), and SQLAlchemy would drop the clause.
+        # `key_share`: FOR NO KEY UPDATE, which does not conflict with the key-share locks that
+        # inserting rows referring to the locked one takes (a new run of a workflow).
         if self.dialect == "postgresql":
-            return stmt.with_for_update(skip_locked=skip_locked)
+            return stmt.with_for_update(skip_locked=skip_locked, key_share=key_share)
         return stmt
 
     # -- workflows --------------------------------------------------------------------------
@@ -326,7 +328,10 @@ class Repository:
         hand out a capped workflow's run slots one at a time."""
         stmt = select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(sorted(set(workflow_ids))))
         if lock:
-            stmt = self._lock(stmt.order_by(wf_t.c.id))
+            # Serializes slot accounting, yet lets runs of these workflows be inserted meanwhile
+            # (a child run, a trigger): their foreign key's check would otherwise wait on us while
+            # we wait on theirs, a deadlock between two replicas starting each other's children.
+            stmt = self._lock(stmt.order_by(wf_t.c.id), key_share=True)
         return {r.id: r.max_concurrent_runs for r in await self.conn.execute(stmt)}
 
     # -- triggering ---------------------------------------------------------------------------
@@ -518,7 +523,7 @@ class Repository:
     async def take_wakeups(self, now: datetime, limit: int) -> int:
         """Turn the oldest signals into the runs' wake_at = now and delete them; a run another
         transaction holds keeps its signal for a later pass (never waited for: the holder may
-        be waiting for a lock of ours). Returns how many runs were woken."""
+        be waiting for a lock of ours). Returns how many signals were taken."""
         rows = (await self.conn.execute(
             select(wakeups_t.c.id, wakeups_t.c.run_id).order_by(wakeups_t.c.id).limit(limit))).all()
         if not rows:
@@ -536,7 +541,7 @@ class Repository:
         done = [r.id for r in rows if r.run_id in woken or self.dialect != "postgresql"]
         if done:
             await self.conn.execute(delete(wakeups_t).where(wakeups_t.c.id.in_(done)))
-        return len(woken)
+        return len(done)
 
     async def running_counts(self, workflow_ids: Iterable[str]) -> dict[str, int]:
         rows = await self.conn.execute(
@@ -568,9 +573,9 @@ class Repository:
     # -- leases -------------------------------------------------------------------------------
 
     async def leasable_runs(self, project: str | None, queue: str, kinds: Sequence[str], now: datetime,
-                            limit: int) -> list[str]:
+                            limit: int, skip: Sequence[str] = ()) -> list[str]:
         """Ids of running runs with a queued step of these kinds on `queue` whose slot is ready,
-        oldest ready first (ix_step_runs_queue)."""
+        oldest ready first (ix_step_runs_queue), but for the runs in `skip`."""
         stmt = (select(steps_t.c.workflow_run_id, func.min(steps_t.c.ready_at).label("ready"))
                 .join(runs_t, runs_t.c.id == steps_t.c.workflow_run_id)
                 .where(steps_t.c.queue == queue, steps_t.c.status == StepStatus.QUEUED,
@@ -579,6 +584,8 @@ class Repository:
                 .group_by(steps_t.c.workflow_run_id).order_by("ready").limit(limit))
         if project is not None:
             stmt = stmt.where(steps_t.c.project_id == project)
+        if skip:
+            stmt = stmt.where(steps_t.c.workflow_run_id.not_in(skip))
         return [r.workflow_run_id for r in await self.conn.execute(stmt)]
 
     async def expired_lease_runs(self, now: datetime, limit: int) -> list[str]:
