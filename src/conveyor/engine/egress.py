@@ -1,15 +1,16 @@
-"""Egress: where the engine's own `http` steps may connect, and the transport that enforces it.
+"""Egress: where the engine's own `http` steps may connect, and the resolver that enforces it.
 
 Owns the egress policy (Settings `http_allowed_hosts`, `http_denied_networks`) as a pure check
-over a host name and its resolved addresses, and an httpx transport that applies it at the one
-moment that matters: when a connection is opened. The transport's network backend resolves the
-host once, refuses the destination if ANY resolved address is in a denied network (or the host
-is not allowed), and connects to one of exactly those vetted addresses — a DNS answer that
-changes between the check and the connect (rebinding) cannot redirect the request. The URL keeps
-its host name, so the Host header, TLS SNI and the certificate check are for the name, and pooled
-connections are per name (each was vetted when it was opened).
+over a host name and its resolved addresses, and an aiohttp resolver that applies it at the one
+moment that matters: when a connection is opened. It resolves the host once, refuses the
+destination if ANY resolved address is in a denied network (or the host is not allowed), and
+hands the connector exactly those vetted addresses to connect to — a DNS answer that changes
+between the check and the connect (rebinding) cannot redirect the request. The URL keeps its
+host name, so the Host header, TLS SNI and the certificate check are for the name, and pooled
+connections are per name (each was vetted when it was opened). A URL naming an IP address is
+checked as that address (`check_literal`), since no resolver sees it.
 
-The transport never uses a proxy (a proxy would make the proxy the only address checked); the
+The client never uses a proxy (a proxy would make the proxy the only address checked); the
 executor does not follow redirects, so a 3xx cannot lead anywhere unvetted either.
 """
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import httpcore
-import httpx
+import aiohttp
+import aiohttp.abc
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -108,77 +108,37 @@ def _ip(address: str) -> IPAddress:
 
 
 async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to for a TCP connection, without duplicates."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise httpcore.ConnectError(f"cannot resolve {host}: {e.strerror}") from e
+    """Every address `host` resolves to for a TCP connection, without duplicates (OSError when
+    it resolves to none)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-class _VettingBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, but a TCP connection goes only to addresses the policy
-    vetted, and never over a Unix socket."""
+class VettingResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver, but a connection may go only to addresses the policy vetted: the
+    connector connects to exactly what this returns, so what was checked is what is used.
+    (An IP literal in a URL never reaches a resolver: `check_literal` covers it.)"""
 
-    def __init__(self, policy: EgressPolicy, resolver: Resolver) -> None:
+    def __init__(self, policy: EgressPolicy, resolver: Resolver = resolve) -> None:
         self._policy = policy
         self._resolve = resolver
-        self._inner = httpcore.AnyIOBackend()
 
-    # The signatures are httpcore's (it passes `timeout` by name), hence the noqa.
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
-                          local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
         addresses = await self._resolve(host, port)
         self._policy.check(host, addresses)
-        error: Exception = httpcore.ConnectError(f"{host} resolves to no address")
-        for address in addresses:  # the resolver's order, as a plain connect would try them
-            try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
-                error = e
-        raise error
+        return [{"hostname": host, "host": address, "port": port,
+                 "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST} for address in addresses]
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
-                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        raise EgressDenied(f"{EGRESS_DENIED}: unix sockets are not an http step destination")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+    async def close(self) -> None:
+        return None
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, inner: Any) -> None:  # httpcore's response stream
-        self._inner = inner
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class EgressTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over httpcore's connection pool with the vetting backend. httpcore's
-    own errors (ConnectError, ReadTimeout, ...) reach the caller as they are; EgressDenied
-    passes through the pool untouched."""
-
-    def __init__(self, policy: EgressPolicy, max_connections: int, resolver: Resolver = resolve) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=max_connections, max_keepalive_connections=max_connections,
-            keepalive_expiry=5.0, network_backend=_VettingBackend(policy, resolver))
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        response = await self._pool.handle_async_request(httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host,
-                             port=request.url.port, target=request.url.raw_path),
-            headers=request.headers.raw, content=request.stream, extensions=request.extensions))
-        return httpx.Response(status_code=response.status, headers=response.headers,
-                              stream=_ResponseStream(response.stream), extensions=response.extensions)
-
-    async def aclose(self) -> None:
-        await self._pool.aclose()
+def check_literal(policy: EgressPolicy, host: str) -> None:
+    """A URL whose host is an IP address is connected to as it is: check that address."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return  # a name: the resolver vets it when a connection is opened
+    policy.check(host, [host.strip("[]")])
