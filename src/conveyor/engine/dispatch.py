@@ -123,36 +123,38 @@ class Dispatch:
         held: dict[str, int] = {}  # task id -> attempt, of the leases this stream handed out
         quiet_since = checked_at = loop.time()
         queue, mine = queue_key(req.project, req.queue), worker_key(req.project, req.worker_id)
+        keys = (mine, queue)
         while True:
-            ready, ended = self.runner.keyed.next(queue), self.runner.keyed.next(mine)
-            for item in self._ended(held):
-                yield item
-            if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
-                for item in await self._gone_elsewhere(held, req.worker_id):
-                    yield item
-                checked_at = loop.time()
-            if len(held) < most:
-                free = most - len(held)
-                leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
-                                                   req.caller)
-                for lease in leases:
-                    held[lease.step.id] = lease.step.attempt
-                    yield lease
-                if leases:
-                    quiet_since = loop.time()
-                if len(leases) == free:
-                    continue  # every free slot was filled: more may be ready, look again at once
-            if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
-                yield Heartbeat(self.clock.now())
-                quiet_since = loop.time()
-            waits = [asyncio.ensure_future(ended.wait())]
-            if len(held) < most:
-                waits.append(asyncio.ensure_future(ready.wait()))
+            # Taken before looking: a commit in between wakes us (the queue's key: tasks became
+            # ready; the worker's: its leases ended or were revoked).
+            woken = self.runner.keyed.next_any(keys)
             try:
-                await asyncio.wait(waits, timeout=SAFETY_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                for item in self._ended(held):
+                    yield item
+                if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
+                    for item in await self._gone_elsewhere(held, req.worker_id):
+                        yield item
+                    checked_at = loop.time()
+                if len(held) < most:
+                    free = most - len(held)
+                    leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
+                                                       req.caller)
+                    for lease in leases:
+                        held[lease.step.id] = lease.step.attempt
+                        yield lease
+                    if leases:
+                        quiet_since = loop.time()
+                    if len(leases) == free:
+                        continue  # every free slot was filled: more may be ready, look again at once
+                if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
+                    yield Heartbeat(self.clock.now())
+                    quiet_since = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SAFETY_POLL_SECONDS):
+                        await woken.wait()
             finally:
-                for w in waits:
-                    w.cancel()
+                # Also when the client went away mid-yield: nothing of this wait is left behind.
+                self.runner.keyed.forget(keys, woken)
 
     def _ended(self, held: dict[str, int]) -> list[Revoked]:
         """Leases of `held` that ended in this process: a report by the worker frees its slot

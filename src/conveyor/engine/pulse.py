@@ -48,6 +48,8 @@ class KeyedPulses:
 
     def __init__(self) -> None:
         self._events: dict[Hashable, asyncio.Event] = {}
+        # Events of waiters on several keys (next_any), by key.
+        self._any: dict[Hashable, list[asyncio.Event]] = {}
 
     def next(self, key: Hashable) -> asyncio.Event:
         """The event the next `fire(key)` sets (take it before reading, wait on it after)."""
@@ -56,8 +58,27 @@ class KeyedPulses:
             event = self._events[key] = asyncio.Event()
         return event
 
+    def next_any(self, keys: Iterable[Hashable]) -> asyncio.Event:
+        """One event the next `fire` of ANY of these keys sets: a waiter with several keys waits
+        on it alone, with no task per key."""
+        event = asyncio.Event()
+        for key in keys:
+            self._any.setdefault(key, []).append(event)
+        return event
+
+    def forget(self, keys: Iterable[Hashable], event: asyncio.Event) -> None:
+        """A `next_any` waiter that stopped waiting (a timeout) leaves nothing behind."""
+        for key in keys:
+            waiters = self._any.get(key)
+            if waiters is not None and event in waiters:
+                waiters.remove(event)
+                if not waiters:
+                    del self._any[key]
+
     def fire(self, keys: Iterable[Hashable]) -> None:
         for key in keys:
             event = self._events.pop(key, None)
             if event is not None:
                 event.set()
+            for waiter in self._any.pop(key, ()):
+                waiter.set()
