@@ -116,6 +116,22 @@ def step_from_row(m: Any) -> StepRecord:
     return rec
 
 
+def _run_record(row: list[Any]) -> RunRecord:
+    """A run from its converted columns in RunRecord's field order (the SQLite fast path)."""
+    rec = RunRecord(*row)
+    rec.status = status = RunStatus(rec.status)
+    rec.fence = RunFence(status, rec.last_seq)
+    return rec
+
+
+def _step_record(row: list[Any]) -> StepRecord:
+    """A step from its converted columns in StepRecord's field order (the SQLite fast path)."""
+    rec = StepRecord(*row)
+    rec.status = StepStatus(rec.status)
+    rec.fence = StepFence(rec.status, rec.attempt, rec.lease_expires_at)
+    return rec
+
+
 def event_from_row(m: Any) -> EventRecord:
     return EventRecord(**{k: m[k] for k in _EVENT_FIELDS})
 
@@ -212,6 +228,52 @@ def _sqlite_insert(table: Table, names: tuple[str, ...]) -> tuple[str, list[Any]
             converters.append(None)
     columns = ", ".join(f'"{n}"' for n in names)
     return f"INSERT INTO {table.name} ({columns}) VALUES ({', '.join('?' * len(names))})", converters
+
+
+def _sqlite_converter(table: Table, name: str) -> Any:
+    """How a value of this column is bound on SQLite (None: as is)."""
+    kind = table.c[name].type
+    if isinstance(kind, UTCDateTime):
+        return _sqlite_time
+    if isinstance(kind, JSON):
+        return _sqlite_json
+    return None
+
+
+@functools.cache
+def _sqlite_cas(table: Table, cols: tuple[str, ...],
+                fence: tuple[str, ...]) -> tuple[str, list[Any], list[Any]]:
+    """The compare-and-set UPDATE of these columns with this fence (`IS`: null-safe), and the
+    converters of the set values and of the fence values."""
+    sets = ", ".join(f'"{c}" = ?' for c in cols)
+    fences = "".join(f' AND "{f}" IS ?' for f in fence)
+    return (f'UPDATE {table.name} SET {sets} WHERE "id" = ? AND "status" = ?{fences}',
+            [_sqlite_converter(table, c) for c in cols], [_sqlite_converter(table, f) for f in fence])
+
+
+def _time_from_sqlite(text: str | None) -> datetime | None:
+    """A stored time back as an aware UTC datetime (the C parser: no regex per value)."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _json_from_sqlite(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@functools.cache
+def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[str, list[Any]]:
+    """A SELECT of these columns with a `where` clause, and each column's result converter."""
+    converters: list[Any] = []
+    for name in names:
+        kind = table.c[name].type
+        if isinstance(kind, UTCDateTime):
+            converters.append(_time_from_sqlite)
+        elif isinstance(kind, JSON):
+            converters.append(_json_from_sqlite)
+        else:
+            converters.append(None)
+    columns = ", ".join(f'"{n}"' for n in names)
+    return f"SELECT {columns} FROM {table.name} WHERE {where}", converters
 
 
 Q = TypeVar("Q", bound=Select[Any])
@@ -441,6 +503,15 @@ class Repository:
                        lock: bool = False, skip_locked: bool = False) -> list[RunRecord]:
         """These runs; `lock` holds them (in id order, so two lockers never deadlock), and
         `skip_locked` leaves out the ones another transaction holds instead of waiting."""
+        if self.dialect == "sqlite":
+            # Every report, lease and pass loads its runs (SQLite's writer lock already holds them).
+            where = f"id IN ({', '.join('?' * len(run_ids))})"
+            params = list(run_ids)
+            if project is not None:
+                where += " AND project_id = ?"
+                params.append(project)
+            return [_run_record(row) for row in
+                    await self._sqlite_rows(runs_t, _RUN_FIELDS, where + " ORDER BY id", params)]
         stmt = select(runs_t).where(runs_t.c.id.in_(run_ids))
         if project is not None:
             stmt = stmt.where(runs_t.c.project_id == project)
@@ -608,8 +679,13 @@ class Repository:
 
     async def get_steps(self, step_ids: Sequence[str]) -> dict[str, StepRecord]:
         """These steps by id (unknown ids are left out)."""
-        rows = await self.conn.execute(select(steps_t).where(steps_t.c.id.in_(set(step_ids))))
-        return {(s := step_from_row(m)).id: s for m in rows.mappings()}
+        ids = sorted(set(step_ids))
+        if self.dialect == "sqlite":
+            where = f"id IN ({', '.join('?' * len(ids))})"
+            return {(s := _step_record(row)).id: s for row in
+                    await self._sqlite_rows(steps_t, _STEP_FIELDS, where, ids)}
+        result = await self.conn.execute(select(steps_t).where(steps_t.c.id.in_(ids)))
+        return {(s := step_from_row(m)).id: s for m in result.mappings()}
 
     async def get_step(self, step_id: str, project: str | None) -> StepRecord:
         stmt = select(steps_t).where(steps_t.c.id == step_id)
@@ -623,13 +699,36 @@ class Repository:
     # -- steps and events ---------------------------------------------------------------------
 
     async def steps_of(self, run_ids: Sequence[str]) -> dict[str, list[StepRecord]]:
+        """Every step of these runs, in position order."""
         out: dict[str, list[StepRecord]] = {r: [] for r in run_ids}
+        if self.dialect == "sqlite":
+            # Every unit of work that plans a run reads all its steps: on SQLite straight from the
+            # driver, converted here (SQLAlchemy's per-value processing parsed each time with a
+            # regex; this was the largest cost of a report batch).
+            where = f"workflow_run_id IN ({', '.join('?' * len(run_ids))}) ORDER BY workflow_run_id, position"
+            for row in await self._sqlite_rows(steps_t, _STEP_FIELDS, where, list(run_ids)):
+                rec = _step_record(row)
+                out[rec.workflow_run_id].append(rec)
+            return out
         rows = await self.conn.execute(
             select(steps_t).where(steps_t.c.workflow_run_id.in_(run_ids))
             .order_by(steps_t.c.workflow_run_id, steps_t.c.position))
         for m in rows.mappings():
             out[m["workflow_run_id"]].append(step_from_row(m))
         return out
+
+    async def _sqlite_rows(self, table: Table, names: list[str], where: str,
+                           params: list[Any]) -> list[list[Any]]:
+        """Rows of `table` (these columns, converted) from the driver, inside this unit's
+        transaction: one hop to aiosqlite's thread instead of three through SQLAlchemy."""
+        if not params:
+            return []
+        sql, converters = _sqlite_select(table, tuple(names), where)
+        driver = (await self.conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        pairs = list(zip(range(len(names)), converters, strict=True))
+        return [[row[i] if conv is None else conv(row[i]) for i, conv in pairs]
+                for row in await driver.execute_fetchall(sql, params)]
 
     async def list_steps(self, run_id: str, limit: int, token: str) -> Page[StepRecord]:
         n = page_size(limit)
@@ -660,17 +759,16 @@ class Repository:
         units = [u for u in units if u.dirty]
         if not units:
             return
-        run_params = [{"b_id": u.run.id, "b_status": str(u.run_fence.status), "b_seq": u.run_fence.last_seq,
+        run_params = [{"b_id": u.run.id, "b_status": str(u.run_fence.status),
+                       "b_last_seq": u.run_fence.last_seq,
                        **{f"v_{k}": getattr(u.run, k) for k in _RUN_MUTABLE}}
                       for u in units if u.run_fence is not None]
         step_params = [{"b_id": s.id, "b_status": str(f.status), "b_attempt": f.attempt,
-                        "b_lease": f.lease_expires_at, **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
+                        "b_lease_expires_at": f.lease_expires_at,
+                        **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
                        for u in units for s in u.steps.values() for f in (u.step_fences[s.id],)]
-        await self._cas(runs_t, _RUN_MUTABLE, [runs_t.c.last_seq == bindparam("b_seq")], run_params)
-        lease = steps_t.c.lease_expires_at
-        await self._cas(steps_t, _STEP_MUTABLE, [
-            steps_t.c.attempt == bindparam("b_attempt"),
-            lease.is_not_distinct_from(bindparam("b_lease", type_=lease.type))], step_params)
+        await self._cas(runs_t, _RUN_MUTABLE, ("last_seq",), run_params)
+        await self._cas(steps_t, _STEP_MUTABLE, ("attempt", "lease_expires_at"), step_params)
         events = [e for u in units for e in u.events]
         if events:
             try:
@@ -680,19 +778,33 @@ class Repository:
                 raise ConcurrentChange("run_events: seq taken concurrently") from e
         await self.signal({r for u in units for r in u.signals}, units[0].now)
 
-    async def _cas(self, table: Any, cols: list[str], fence: list[Any], params: list[dict[str, Any]]) -> None:
-        """UPDATE each row only if it still matches its fence (id, status and `fence`), and
-        check that every row matched: a row that did not was changed by another writer."""
+    async def _cas(self, table: Table, cols: list[str], fence: tuple[str, ...],
+                   params: list[dict[str, Any]]) -> None:
+        """UPDATE each row only if it still matches its fence (id, status and the `fence`
+        columns, null-safe), and check that every row matched: a row that did not was changed
+        by another writer."""
         if not params:
             return
-        stmt = (update(table)
-                .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"), *fence)
-                .values({k: bindparam(f"v_{k}") for k in cols}))
-        if self.conn.dialect.supports_sane_multi_rowcount:
-            # SQLite's executemany sums the rows each parameter set matched; ids are unique, so
-            # the sum equals the count only when every row matched.
-            matched = (await self.conn.execute(stmt, params)).rowcount
+        if self.dialect == "sqlite":
+            # Straight to the driver (see _insert): every unit of work saves this way. SQLite's
+            # executemany sums the rows each parameter set matched; ids are unique, so the sum
+            # equals the count only when every row matched.
+            sql, set_conv, fence_conv = _sqlite_cas(table, tuple(cols), fence)
+            sets = list(zip(cols, set_conv, strict=True))
+            fences = list(zip(fence, fence_conv, strict=True))
+            rows = [[p[f"v_{k}"] if c is None else c(p[f"v_{k}"]) for k, c in sets]
+                    + [p["b_id"], p["b_status"]]
+                    + [p[f"b_{k}"] if c is None else c(p[f"b_{k}"]) for k, c in fences]
+                    for p in params]
+            driver = (await self.conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            matched = (await driver.executemany(sql, rows)).rowcount
         else:
+            stmt = (update(table)
+                    .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"),
+                           *(table.c[k].is_not_distinct_from(bindparam(f"b_{k}", type_=table.c[k].type))
+                             for k in fence))
+                    .values({k: bindparam(f"v_{k}") for k in cols}))
             # asyncpg reports no row count for executemany: one statement per row, each checked.
             matched = 0
             for p in params:
