@@ -388,7 +388,14 @@ class Repository:
     async def workflow_limits(self, workflow_ids: Iterable[str], lock: bool = False) -> dict[str, int]:
         """max_concurrent_runs per workflow; `lock` holds the workflow rows so that replicas
         hand out a capped workflow's run slots one at a time."""
-        stmt = select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(sorted(set(workflow_ids))))
+        ids = sorted(set(workflow_ids))
+        if not ids:
+            return {}
+        if self.dialect == "sqlite":  # every unit that may start or end runs asks (the writer lock holds)
+            marks = ", ".join("?" * len(ids))
+            return dict(await self._sqlite_fetch(
+                f"SELECT id, max_concurrent_runs FROM workflows WHERE id IN ({marks})", ids))
+        stmt = select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(ids))
         if lock:
             # Serializes slot accounting, yet lets runs of these workflows be inserted meanwhile
             # (a child run, a trigger): their foreign key's check would otherwise wait on us while
@@ -647,6 +654,23 @@ class Repository:
                             limit: int, skip: Sequence[str] = ()) -> list[str]:
         """Ids of running runs with a queued step of these kinds on `queue` whose slot is ready,
         oldest ready first (ix_step_runs_queue), but for the runs in `skip`."""
+        if self.dialect == "sqlite":
+            # Every poll and stream asks, most of them to find nothing: straight to the driver.
+            sql = ("SELECT s.workflow_run_id, MIN(s.ready_at) AS ready FROM step_runs s "
+                   "JOIN workflow_runs r ON r.id = s.workflow_run_id "
+                   f"WHERE s.queue = ? AND s.status = ? AND s.ready_at <= ? "
+                   f"AND s.kind IN ({', '.join('?' * len(kinds))}) AND r.status = ?")
+            params: list[Any] = [queue, str(StepStatus.QUEUED), _sqlite_time(now), *kinds,
+                                 str(RunStatus.RUNNING)]
+            if project is not None:
+                sql += " AND s.project_id = ?"
+                params.append(project)
+            if skip:
+                sql += f" AND s.workflow_run_id NOT IN ({', '.join('?' * len(skip))})"
+                params += skip
+            rows = await self._sqlite_fetch(sql + " GROUP BY s.workflow_run_id ORDER BY ready LIMIT ?",
+                                            [*params, limit])
+            return [r[0] for r in rows]
         stmt = (select(steps_t.c.workflow_run_id, func.min(steps_t.c.ready_at).label("ready"))
                 .join(runs_t, runs_t.c.id == steps_t.c.workflow_run_id)
                 .where(steps_t.c.queue == queue, steps_t.c.status == StepStatus.QUEUED,
@@ -717,6 +741,12 @@ class Repository:
             out[m["workflow_run_id"]].append(step_from_row(m))
         return out
 
+    async def _sqlite_fetch(self, sql: str, params: list[Any]) -> list[Any]:
+        """Rows of a statement run on the driver inside this unit's transaction (SQLite only)."""
+        driver = (await self.conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        return list(await driver.execute_fetchall(sql, params))
+
     async def _sqlite_rows(self, table: Table, names: list[str], where: str,
                            params: list[Any]) -> list[list[Any]]:
         """Rows of `table` (these columns, converted) from the driver, inside this unit's
@@ -724,11 +754,9 @@ class Repository:
         if not params:
             return []
         sql, converters = _sqlite_select(table, tuple(names), where)
-        driver = (await self.conn.get_raw_connection()).driver_connection
-        assert driver is not None
         pairs = list(zip(range(len(names)), converters, strict=True))
         return [[row[i] if conv is None else conv(row[i]) for i, conv in pairs]
-                for row in await driver.execute_fetchall(sql, params)]
+                for row in await self._sqlite_fetch(sql, params)]
 
     async def list_steps(self, run_id: str, limit: int, token: str) -> Page[StepRecord]:
         n = page_size(limit)
