@@ -21,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from conveyor.domain.errors import ConcurrentChange
 from conveyor.engine import dispatch as dispatch_module
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import step_runs_service_pb2 as steps_pb
@@ -541,9 +542,9 @@ async def test_fifty_concurrent_completes_all_succeed_in_grouped_commits(
     leases = api.engine.leases
     original = leases._apply_once
 
-    async def counted(batch: list[Any]) -> Any:
+    async def counted(batch: list[Any], handed: list[Any]) -> Any:
         batches.append(len(batch))
-        return await original(batch)
+        return await original(batch, handed)
 
     monkeypatch.setattr(leases, "_apply_once", counted)
 
@@ -884,6 +885,57 @@ async def test_completing_one_sends_the_third_ready_task(api: Api, streams: list
 
     third = (await next_message(call)).task
     assert {first.workflow_run_id, second.workflow_run_id, third.workflow_run_id} == set(run_ids)
+
+
+async def test_a_report_leases_its_workers_next_task_in_its_own_transaction(
+        api: Api, streams: list[Any], slow_safety_poll: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next step of a chain reaches the stream of the worker that completed the step before
+    it without the stream leasing it itself: the report's transaction took it (and held it for
+    the stream), so the stream never holds more than max_in_flight."""
+    (run_id,) = await start(api, {"name": "chain", "steps": [
+        {"ref": f"s{i}", "kind": "task", "queue": "q", **({"depends_on": [f"s{i - 1}"]} if i else {})}
+        for i in range(4)]})
+    call = open_stream(api, streams, max_in_flight=1)
+    task = (await next_message(call)).task
+    acquires = count_acquires(api, monkeypatch)
+    for ref in ("s1", "s2", "s3"):
+        await complete(api, task)
+        message = await next_message(call)
+        assert message.WhichOneof("message") == "task", message
+        task = message.task
+        assert task.step_ref == ref and task.workflow_run_id == run_id
+    assert acquires.get("q", 0) == 0, acquires  # every next task came with the report
+    demands = [d for ds in api.engine.leases._demands.values() for d in ds]
+    assert len(demands) == 1 and demands[0].reserved == 0 and len(demands[0].held) == 1
+    await complete(api, task)
+    assert (await run_of(api, run_id)).status == RUN.completed
+
+
+async def test_a_report_that_fails_to_commit_leaves_no_reserved_slots(
+        api: Api, streams: list[Any], quiet_is_heartbeat: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report batch whose transaction rolls back hands out nothing and releases the slots it
+    had reserved for the stream; the stream goes on leasing by itself."""
+    await start(api, task_workflow(), runs=2)
+    call = open_stream(api, streams, max_in_flight=1)
+    first = (await next_message(call)).task
+    leases = api.engine.leases
+    original = leases._lease_next
+
+    async def failing(*args: Any) -> Any:
+        await original(*args)
+        raise ConcurrentChange("injected: the batch lost a race after leasing for the stream")
+
+    monkeypatch.setattr(leases, "_lease_next", failing)
+    error = await failure(complete(api, first))
+    assert error.code == grpc.StatusCode.ABORTED
+    demand = next(d for ds in leases._demands.values() for d in ds)
+    assert demand.reserved == 0 and demand.inbox == []
+    monkeypatch.setattr(leases, "_lease_next", original)
+    await complete(api, first)
+    second = await next_message(call)
+    while second.WhichOneof("message") != "task":
+        second = await next_message(call)
+    assert second.task.task_id != first.task_id
 
 
 async def test_an_idle_stream_sends_heartbeats(api: Api, streams: list[Any],

@@ -238,9 +238,9 @@ async def test_reports_in_one_batch_are_fenced_one_by_one(engine: Engine,
     batches: list[int] = []
     original = engine.leases._apply_once
 
-    async def counted(batch: list[Any]) -> Any:
+    async def counted(batch: list[Any], handed: list[Any]) -> Any:
         batches.append(len(batch))
-        return await original(batch)
+        return await original(batch, handed)
 
     monkeypatch.setattr(engine.leases, "_apply_once", counted)
     x, y = leases[(run_id, "x")], leases[(run_id, "y")]

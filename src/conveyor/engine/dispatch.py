@@ -24,7 +24,7 @@ from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller
 from conveyor.domain.states import StepStatus
 from conveyor.engine.clock import Clock
-from conveyor.engine.leases import Lease, Leases
+from conveyor.engine.leases import Demand, Lease, Leases
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import queue_key, worker_key
 from conveyor.engine.workflows import project_of
@@ -124,37 +124,51 @@ class Dispatch:
         quiet_since = checked_at = loop.time()
         queue, mine = queue_key(req.project, req.queue), worker_key(req.project, req.worker_id)
         keys = (mine, queue)
-        while True:
-            # Taken before looking: a commit in between wakes us (the queue's key: tasks became
-            # ready; the worker's: its leases ended or were revoked).
-            woken = self.runner.keyed.next_any(keys)
-            try:
-                for item in self._ended(held):
-                    yield item
-                if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
-                    for item in await self._gone_elsewhere(held, req.worker_id):
-                        yield item
-                    checked_at = loop.time()
-                if len(held) < most:
-                    free = most - len(held)
-                    leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
-                                                       req.caller)
-                    for lease in leases:
+        # What this stream still wants, where its worker's reports can see it and lease its next
+        # tasks in their own transaction (they land in the inbox).
+        demand = Demand(req.project, req.queue, req.worker_id, req.lease_seconds, most, held)
+        self.leases.attach(demand)
+        try:
+            while True:
+                # Taken before looking: a commit in between wakes us (the queue's key: tasks
+                # became ready; the worker's: its leases ended, were revoked or were leased anew).
+                woken = self.runner.keyed.next_any(keys)
+                try:
+                    while demand.inbox:
+                        lease = demand.inbox.pop(0)
                         held[lease.step.id] = lease.step.attempt
-                        yield lease
-                    if leases:
                         quiet_since = loop.time()
-                    if len(leases) == free:
-                        continue  # every free slot was filled: more may be ready, look again at once
-                if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
-                    yield Heartbeat(self.clock.now())
-                    quiet_since = loop.time()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SAFETY_POLL_SECONDS):
-                        await woken.wait()
-            finally:
-                # Also when the client went away mid-yield: nothing of this wait is left behind.
-                self.runner.keyed.forget(keys, woken)
+                        yield lease
+                    for item in self._ended(held):
+                        yield item
+                    if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
+                        for item in await self._gone_elsewhere(held, req.worker_id):
+                            yield item
+                        checked_at = loop.time()
+                    free = demand.free()
+                    if free > 0:
+                        leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
+                                                           req.caller)
+                        for lease in leases:
+                            held[lease.step.id] = lease.step.attempt
+                            yield lease
+                        if leases:
+                            quiet_since = loop.time()
+                        if len(leases) == free:
+                            continue  # every free slot was filled: more may be ready, look again at once
+                    if demand.inbox:
+                        continue  # a report leased for us meanwhile
+                    if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
+                        yield Heartbeat(self.clock.now())
+                        quiet_since = loop.time()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SAFETY_POLL_SECONDS):
+                            await woken.wait()
+                finally:
+                    # Also when the client went away mid-yield: nothing of this wait is left behind.
+                    self.runner.keyed.forget(keys, woken)
+        finally:
+            self.leases.detach(demand)
 
     def _ended(self, held: dict[str, int]) -> list[Revoked]:
         """Leases of `held` that ended in this process: a report by the worker frees its slot

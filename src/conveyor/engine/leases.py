@@ -29,7 +29,7 @@ from conveyor.domain.spec import StepKind, StepSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
-from conveyor.engine.ports import Store
+from conveyor.engine.ports import Repo, Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.units import RunUnits
 
@@ -70,6 +70,8 @@ class Leases:
         self.units = RunUnits(store, clock, runner)
         self._reports: list[_Report] = []
         self._drain_task: asyncio.Task[None] | None = None
+        # Streams' standing demands by (project, worker).
+        self._demands: dict[tuple[str, str], list[Demand]] = {}
 
     async def acquire(self, queue: str, holder: str, lease_seconds: float, max_steps: int, caller: Caller,
                       kinds: Collection[StepKind] = (StepKind.TASK,)) -> list[Lease]:
@@ -77,51 +79,68 @@ class Leases:
         (every project for a caller scoped to none), oldest ready first."""
         _check_positive(lease_seconds, max_steps)
         now = self.clock.now()
-        until = now + timedelta(seconds=lease_seconds)
-        leases: list[Lease] = []
         async with self.store.write() as repo:
-            # Runs first, then their steps (the lock order everywhere); a run another replica or
-            # poller holds is skipped, its steps are left for the next poll, and the next
-            # candidates are looked at instead (so a poll is not starved by runs held elsewhere).
-            skipped: list[str] = []
-            for _ in range(_LOCKED_ROUNDS):
-                run_ids = await repo.leasable_runs(caller.project, queue, sorted(kinds), now, max_steps,
-                                                   skipped)
-                runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
-                if runs or not run_ids:
-                    break
-                skipped += run_ids
-            await self.runner.capped(repo, runs)  # planning on may end a run and free its slot
-            steps = await repo.steps_of([r.id for r in runs])
-            specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
-
-            def start() -> list[Changes]:
-                # On the offload thread: each lease renders its step's config templates.
-                units = []
-                for run in sorted(runs, key=lambda r: run_ids.index(r.id)):
-                    if run.status != RunStatus.RUNNING:
-                        continue
-                    c = Changes(run, now, holder)
-                    spec = specs[run.workflow_version_id]
-                    for step in steps[run.id]:
-                        if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
-                                c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
-                                self.limits):
-                            leases.append(Lease(run, step, spec.step(step.step_ref)))
-                    c.actor = ENGINE
-                    plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
-                    units.append(c)
-                return units
-
-            units = await self.runner.offload.run(start)
-            await repo.save(units)
-            await self.runner.wake_waiting(repo, units, now)
-        # Planning a run on may have ended it (a template that failed another step): only the
-        # attempts still running are handed out; the others were revoked with their run.
-        leases = [lease for lease in leases if lease.step.status == StepStatus.RUNNING]
+            leases, units = await self._lease_in(repo, queue, holder, lease_seconds, max_steps,
+                                                 caller.project, kinds, now)
         if units:
             self.runner.after_commit(units)
-        return leases
+        return _live(leases)
+
+    async def _lease_in(self, repo: Repo, queue: str, holder: str, lease_seconds: float, max_steps: int,
+                        project: str | None, kinds: Collection[StepKind],
+                        now: datetime) -> tuple[list[Lease], list[Changes]]:
+        """`acquire` inside the caller's transaction: the leases and the units it saved."""
+        until = now + timedelta(seconds=lease_seconds)
+        leases: list[Lease] = []
+        # Runs first, then their steps (the lock order everywhere); a run another replica or
+        # poller holds is skipped, its steps are left for the next poll, and the next
+        # candidates are looked at instead (so a poll is not starved by runs held elsewhere).
+        skipped: list[str] = []
+        for _ in range(_LOCKED_ROUNDS):
+            run_ids = await repo.leasable_runs(project, queue, sorted(kinds), now, max_steps, skipped)
+            runs = await repo.get_runs(run_ids, None, lock=True, skip_locked=True)
+            if runs or not run_ids:
+                break
+            skipped += run_ids
+        if not runs:
+            return [], []
+        await self.runner.capped(repo, runs)  # planning on may end a run and free its slot
+        steps = await repo.steps_of([r.id for r in runs])
+        specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
+
+        def start() -> list[Changes]:
+            # On the offload thread: each lease renders its step's config templates.
+            units = []
+            for run in sorted(runs, key=lambda r: run_ids.index(r.id)):
+                if run.status != RunStatus.RUNNING:
+                    continue
+                c = Changes(run, now, holder)
+                spec = specs[run.workflow_version_id]
+                for step in steps[run.id]:
+                    if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
+                            c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
+                            self.limits):
+                        leases.append(Lease(run, step, spec.step(step.step_ref)))
+                c.actor = ENGINE
+                plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
+                units.append(c)
+            return units
+
+        units = await self.runner.offload.run(start)
+        await repo.save(units)
+        await self.runner.wake_waiting(repo, units, now)
+        return leases, units
+
+    def attach(self, demand: Demand) -> None:
+        """A stream's standing demand: reports of its worker lease its next tasks for it."""
+        self._demands.setdefault((demand.project, demand.worker_id), []).append(demand)
+
+    def detach(self, demand: Demand) -> None:
+        demands = self._demands.get((demand.project, demand.worker_id), [])
+        if demand in demands:
+            demands.remove(demand)
+        if not demands:
+            self._demands.pop((demand.project, demand.worker_id), None)
 
     async def heartbeat(self, task_id: str, attempt: int, holder: str, lease_seconds: float,
                         caller: Caller) -> datetime:
@@ -210,10 +229,16 @@ class Leases:
         that is refused (LEASE_LOST, unknown task) is answered alone and changes nothing. A lost
         compare-and-set is tried again on the new state."""
         for _ in range(_REPORT_TRIES):
+            handed: list[tuple[Demand, int, list[Lease]]] = []
             try:
-                answers, units = await self._apply_once(batch)
+                answers, units = await self._apply_once(batch, handed)
             except ConcurrentChange:
                 continue
+            finally:
+                for demand, reserved, _ in handed:
+                    demand.reserved -= reserved
+            for demand, _, leases in handed:  # committed: the stream takes them from its inbox
+                demand.inbox += _live(leases)
             self.runner.after_commit(units)
             for report in batch:
                 _settle(report, answers.get(id(report)))
@@ -221,7 +246,8 @@ class Leases:
         raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                             "the run kept changing concurrently; try again")
 
-    async def _apply_once(self, batch: list[_Report]) -> tuple[dict[int, Exception | None], list[Changes]]:
+    async def _apply_once(self, batch: list[_Report], handed: list[tuple[Demand, int, list[Lease]]]
+                          ) -> tuple[dict[int, Exception | None], list[Changes]]:
         now = self.clock.now()
         answers: dict[int, Exception | None] = {}
         async with self.store.write() as repo:
@@ -277,7 +303,58 @@ class Leases:
             units = await self.runner.offload.run(apply)
             await repo.save(units)
             await self.runner.wake_waiting(repo, units, now)
+            units += await self._lease_next(repo, [r for r in live if answers.get(id(r)) is None], found,
+                                            handed, now)
         return answers, units
+
+    async def _lease_next(self, repo: Repo, accepted: list[_Report], found: dict[str, StepRecord],
+                          handed: list[tuple[Demand, int, list[Lease]]], now: datetime) -> list[Changes]:
+        """A worker that reported frees slots on its stream: lease its next tasks in the same
+        transaction (often the next step of the very run it reported), instead of one more
+        transaction after a round trip through the stream. The slots are reserved at once, so
+        the stream does not lease them itself meanwhile; they are handed over after commit."""
+        units: list[Changes] = []
+        for (project, worker), demands in list(self._demands.items()):
+            for demand in list(demands):
+                freed = sum(1 for r in accepted if r.holder == worker and r.task_id in demand.held
+                            and found[r.task_id].project_id == project)
+                wanted = demand.free() + freed
+                if not freed or wanted <= 0:
+                    continue
+                demand.reserved += wanted
+                leases: list[Lease] = []
+                handed.append((demand, wanted, leases))
+                got, more = await self._lease_in(repo, demand.queue, worker, demand.lease_seconds, wanted,
+                                                 project, (StepKind.TASK,), now)
+                leases += got
+                units += more
+        return units
+
+
+@dataclass(eq=False)
+class Demand:
+    """A task stream's standing demand for tasks of its queue: at most `most` held at once."""
+
+    project: str
+    queue: str
+    worker_id: str
+    lease_seconds: float
+    most: int
+    # The stream's own map of the leases it handed out (task id -> attempt).
+    held: dict[str, int]
+    # Leases a report's transaction took for the stream, not yet handed out by it.
+    inbox: list[Lease] = field(default_factory=list)
+    # Slots a report's transaction in flight is leasing for the stream.
+    reserved: int = 0
+
+    def free(self) -> int:
+        return self.most - len(self.held) - len(self.inbox) - self.reserved
+
+
+def _live(leases: list[Lease]) -> list[Lease]:
+    """Planning a run on may have ended it (a template that failed another step): only the
+    attempts still running are handed out; the others were revoked with their run."""
+    return [lease for lease in leases if lease.step.status == StepStatus.RUNNING]
 
 
 @dataclass
