@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import random
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -31,7 +30,6 @@ from tests.engine.test_races import (
     BATCH,
     Outcomes,
     Pair,
-    _install_cap_audit,
     _load_all,
     check_consistent,
     check_history,
@@ -679,16 +677,6 @@ async def test_events_name_the_parent_and_each_attempts_child(engine: Engine) ->
 
 
 # -- races: two engines on one database ------------------------------------------------------------
-
-@pytest.fixture
-async def pair(database: Database, clock: ManualClock, backend: str) -> AsyncIterator[Pair]:
-    p = Pair(database.url, clock, backend)
-    await _install_cap_audit(p.db)
-    try:
-        yield p
-    finally:
-        await p.close()
-
 
 async def _race_settle(p: Pair, out: Outcomes, rounds: int = 200) -> None:
     for _ in range(rounds):

@@ -26,9 +26,7 @@ from conveyor.engine.clock import ManualClock
 from conveyor.engine.dispatch import REVOKED_ELSEWHERE, Heartbeat, Revoked
 from conveyor.engine.facade import Engine
 from conveyor.engine.leases import Lease
-from conveyor.settings import Settings
 from conveyor.storage.db import Database
-from conveyor.storage.store import SqlStore
 
 ME = Caller("tester")
 RUNS = 100
@@ -55,20 +53,6 @@ async def step_of(engine: Engine, run_id: str, ref: str = "t") -> Any:
 
 async def events_of(engine: Engine, run_id: str) -> list[Any]:
     return list((await engine.runs.events(run_id, 0, 1000, "", ME)).items)
-
-
-@pytest.fixture
-async def replicas(database: Database, clock: ManualClock) -> AsyncIterator[list[Engine]]:
-    """Two engines with their own pools on one database, as two server replicas."""
-    dbs = [Database(database.url), Database(database.url)]
-    out = [Engine(SqlStore(db), Settings(db_url=database.url), clock) for db in dbs]
-    try:
-        yield out
-    finally:
-        for engine in out:
-            await engine.stop()
-        for db in dbs:
-            await db.dispose()
 
 
 async def next_item(stream: AsyncIterator[Any], seconds: float) -> Any:

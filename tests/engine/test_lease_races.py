@@ -1,4 +1,4 @@
-"""Leasing is exact under concurrency: pollers on two engines (each with its own pool, as two
+"""Leasing is exact under concurrency: pollers on two replicas (each with its own pool, as two
 replicas) racing over the same ready tasks never hold the same attempt, and every task is leased
 exactly once per attempt; a heartbeat racing the expiry sweep either extends the lease or loses
 it, never both."""
@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.records import Caller, RunQuery, TriggerRequest
@@ -25,21 +22,8 @@ ME = Caller("racer")
 RUNS = 60
 
 
-@pytest.fixture
-async def engines(database: Database, clock: ManualClock) -> AsyncIterator[list[Engine]]:
-    dbs = [Database(database.url), Database(database.url)]
-    out = [Engine(SqlStore(db), Settings(db_url=database.url), clock) for db in dbs]
-    try:
-        yield out
-    finally:
-        for engine in out:
-            await engine.stop()
-        for db in dbs:
-            await db.dispose()
-
-
-async def test_two_replicas_never_lease_the_same_attempt(engines: list[Engine]) -> None:
-    a, b = engines
+async def test_two_replicas_never_lease_the_same_attempt(replicas: list[Engine]) -> None:
+    a, b = replicas
     await a.workflows.create({"name": "work", "steps": [
         {"ref": "t1", "kind": "task", "queue": "q"}, {"ref": "t2", "kind": "task", "queue": "q"}]}, ME)
     for i in range(RUNS):

@@ -79,17 +79,6 @@ class Pair:
             await db.dispose()
 
 
-@pytest.fixture
-async def pair(database: Database, clock: ManualClock, backend: str) -> AsyncIterator[Pair]:
-    """Engines A and B on the test database (migrated by `database`), plus the cap audit."""
-    p = Pair(database.url, clock, backend)
-    await _install_cap_audit(p.db)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
 async def _install_cap_audit(db: Database) -> None:
     """PostgreSQL: a deferred constraint trigger that, at each commit that leaves a run running,
     records the commit if its workflow then has more running runs than max_concurrent_runs.

@@ -9,9 +9,9 @@ absent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock, SystemClock
 from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
@@ -54,20 +54,17 @@ class Engine:
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
-        self._housekeeping: asyncio.Task[None] | None = None
+        self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
         self.runner.start()
         self.http.start()
         self.schedules.start()
-        self._housekeeping = asyncio.create_task(self._purge_loop(), name="conveyor-housekeeping")
+        self._housekeeping.start()
 
     async def stop(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        await self._housekeeping.stop()
         await self.schedules.stop()
         await self.http.stop()  # before the leases close: its reports go through them
         await self.triggers.close()

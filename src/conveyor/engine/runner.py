@@ -27,6 +27,7 @@ from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import StepKind, WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine import children
+from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
@@ -70,7 +71,7 @@ class Runner:
         # Leases ended lately, by (step id, attempt): "" when the holder reported it, else why
         # it was revoked. A worker's stream reads it to free a slot or tell the worker.
         self.ended_leases: OrderedDict[tuple[str, int], str] = OrderedDict()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("conveyor-runner", self._loop)
 
     # -- planning over loaded state ---------------------------------------------------------
 
@@ -278,15 +279,10 @@ class Runner:
             self._wakeup.set()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="conveyor-runner")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def _loop(self) -> None:
         while True:

@@ -31,7 +31,6 @@ both instants. A time skipped by spring-forward fires at the first instant after
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -46,6 +45,7 @@ from conveyor.domain.records import RunRecord, WorkflowRecord
 from conveyor.domain.spec import Schedule, apply_variables
 from conveyor.domain.states import RunStatus
 from conveyor.engine import creation
+from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.ports import Store
@@ -83,7 +83,7 @@ class Schedules:
         self.limits = limits
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("conveyor-schedules", self._loop)
 
     async def fire_due(self) -> int:
         """Fire every schedule due at the clock's now, a batch per transaction; returns how many
@@ -184,15 +184,10 @@ class Schedules:
     # -- background loop ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="conveyor-schedules")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def _loop(self) -> None:
         # Sleeps until the earliest next_fire_at, but never longer than idle_seconds: that poll

@@ -217,26 +217,18 @@ def _sqlite_json(value: Any) -> str | None:
 def _sqlite_insert(table: Table, names: tuple[str, ...]) -> tuple[str, list[Any]]:
     """The INSERT statement of these columns and each column's value converter (None: as is;
     sqlite3 binds str subclasses such as the status enums as text)."""
-    converters: list[Any] = []
-    for name in names:
-        kind = table.c[name].type
-        if isinstance(kind, UTCDateTime):
-            converters.append(_sqlite_time)
-        elif isinstance(kind, JSON):
-            converters.append(_sqlite_json)
-        else:
-            converters.append(None)
     columns = ", ".join(f'"{n}"' for n in names)
-    return f"INSERT INTO {table.name} ({columns}) VALUES ({', '.join('?' * len(names))})", converters
+    return (f"INSERT INTO {table.name} ({columns}) VALUES ({', '.join('?' * len(names))})",
+            [_sqlite_converter(table, n) for n in names])
 
 
-def _sqlite_converter(table: Table, name: str) -> Any:
-    """How a value of this column is bound on SQLite (None: as is)."""
+def _sqlite_converter(table: Table, name: str, read: bool = False) -> Any:
+    """How a value of this column is bound on SQLite, or (`read`) read back (None: as is)."""
     kind = table.c[name].type
     if isinstance(kind, UTCDateTime):
-        return _sqlite_time
+        return _time_from_sqlite if read else _sqlite_time
     if isinstance(kind, JSON):
-        return _sqlite_json
+        return _json_from_sqlite if read else _sqlite_json
     return None
 
 
@@ -263,17 +255,9 @@ def _json_from_sqlite(text: str | None) -> Any:
 @functools.cache
 def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[str, list[Any]]:
     """A SELECT of these columns with a `where` clause, and each column's result converter."""
-    converters: list[Any] = []
-    for name in names:
-        kind = table.c[name].type
-        if isinstance(kind, UTCDateTime):
-            converters.append(_time_from_sqlite)
-        elif isinstance(kind, JSON):
-            converters.append(_json_from_sqlite)
-        else:
-            converters.append(None)
     columns = ", ".join(f'"{n}"' for n in names)
-    return f"SELECT {columns} FROM {table.name} WHERE {where}", converters
+    return (f"SELECT {columns} FROM {table.name} WHERE {where}",
+            [_sqlite_converter(table, n, read=True) for n in names])
 
 
 Q = TypeVar("Q", bound=Select[Any])

@@ -1,0 +1,29 @@
+"""Background: the one way the engine runs a loop beside the requests (the runner, schedules,
+housekeeping): started once, cancelled and awaited on stop, startable again after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+class Background:
+    """One named background task running `loop`."""
+
+    def __init__(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._loop = loop
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
