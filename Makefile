@@ -45,6 +45,8 @@ bench: install
 	$(BIN)/python bench/list.py
 	$(BIN)/python bench/list.py --db postgresql
 	$(BIN)/python bench/hostile.py
+	$(BIN)/python bench/workers.py
+	$(BIN)/python bench/workers.py --http
 
 clean:
 	rm -rf $(VENV) .conveyor
