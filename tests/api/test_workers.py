@@ -919,18 +919,18 @@ async def test_a_report_that_fails_to_commit_leaves_no_reserved_slots(
     call = open_stream(api, streams, max_in_flight=1)
     first = (await next_message(call)).task
     leases = api.engine.leases
-    original = leases._lease_next
+    original = leases._lease_ready
 
-    async def failing(*args: Any) -> Any:
-        await original(*args)
+    def failing(*args: Any) -> Any:
+        original(*args)
         raise ConcurrentChange("injected: the batch lost a race after leasing for the stream")
 
-    monkeypatch.setattr(leases, "_lease_next", failing)
+    monkeypatch.setattr(leases, "_lease_ready", failing)
     error = await failure(complete(api, first))
     assert error.code == grpc.StatusCode.ABORTED
     demand = next(d for ds in leases._demands.values() for d in ds)
     assert demand.reserved == 0 and demand.inbox == []
-    monkeypatch.setattr(leases, "_lease_next", original)
+    monkeypatch.setattr(leases, "_lease_ready", original)
     await complete(api, first)
     second = await next_message(call)
     while second.WhichOneof("message") != "task":

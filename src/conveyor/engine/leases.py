@@ -25,7 +25,7 @@ from conveyor.domain.limits import Limits
 from conveyor.domain.operations import find_step_by_id
 from conveyor.domain.planner import ENGINE, check_lease, complete_step, fail_step, plan, start_leased
 from conveyor.domain.records import Caller, RunRecord, StepRecord
-from conveyor.domain.spec import StepKind, StepSpec
+from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
@@ -259,6 +259,9 @@ class Leases:
                     answers[id(r)] = not_found("task", r.task_id)
                 else:
                     live.append(r)
+            # Slots these reports free on their workers' streams, reserved now (on the loop, so
+            # the stream cannot lease them meanwhile) for the tasks these runs make ready.
+            handed += self._reserve(live, found)
             run_ids = sorted({found[r.task_id].workflow_run_id for r in live})
             runs = {run.id: run for run in await repo.get_runs(run_ids, None, lock=True)}
             await self.runner.capped(repo, list(runs.values()))
@@ -297,38 +300,53 @@ class Leases:
                     c = units[run_id]
                     c.actor = ENGINE
                     if c.run.status in (RunStatus.RUNNING, RunStatus.PAUSED):
-                        plan(c, steps[run_id], specs[c.run.workflow_version_id], limits=self.limits)
+                        workflow = specs[c.run.workflow_version_id]
+                        plan(c, steps[run_id], workflow, limits=self.limits)
+                        if self._lease_ready(c, steps[run_id], workflow, handed, now):
+                            plan(c, steps[run_id], workflow, limits=self.limits)  # the new attempts' timers
                 return [units[run_id] for run_id in sorted(accepted)]
 
             units = await self.runner.offload.run(apply)
             await repo.save(units)
             await self.runner.wake_waiting(repo, units, now)
-            units += await self._lease_next(repo, [r for r in live if answers.get(id(r)) is None], found,
-                                            handed, now)
         return answers, units
 
-    async def _lease_next(self, repo: Repo, accepted: list[_Report], found: dict[str, StepRecord],
-                          handed: list[tuple[Demand, int, list[Lease]]], now: datetime) -> list[Changes]:
-        """A worker that reported frees slots on its stream: lease its next tasks in the same
-        transaction (often the next step of the very run it reported), instead of one more
-        transaction after a round trip through the stream. The slots are reserved at once, so
-        the stream does not lease them itself meanwhile; they are handed over after commit."""
-        units: list[Changes] = []
-        for (project, worker), demands in list(self._demands.items()):
-            for demand in list(demands):
-                freed = sum(1 for r in accepted if r.holder == worker and r.task_id in demand.held
+    def _reserve(self, live: list[_Report],
+                 found: dict[str, StepRecord]) -> list[tuple[Demand, int, list[Lease]]]:
+        """For each stream of a reporting worker: the slots its reports free plus those it had
+        free, reserved at once (`Demand.reserved`), with the list their leases will go to."""
+        out: list[tuple[Demand, int, list[Lease]]] = []
+        for (project, worker), demands in self._demands.items():
+            for demand in demands:
+                freed = sum(1 for r in live if r.holder == worker and r.task_id in demand.held
                             and found[r.task_id].project_id == project)
                 wanted = demand.free() + freed
-                if not freed or wanted <= 0:
-                    continue
-                demand.reserved += wanted
-                leases: list[Lease] = []
-                handed.append((demand, wanted, leases))
-                got, more = await self._lease_in(repo, demand.queue, worker, demand.lease_seconds, wanted,
-                                                 project, (StepKind.TASK,), now)
-                leases += got
-                units += more
-        return units
+                if freed and wanted > 0:
+                    demand.reserved += wanted
+                    out.append((demand, wanted, []))
+        return out
+
+    def _lease_ready(self, c: Changes, steps: list[StepRecord], spec: WorkflowSpec,
+                     handed: list[tuple[Demand, int, list[Lease]]], now: datetime) -> bool:
+        """Lease the task steps this unit made ready to the reserved streams of their queue, in
+        this same unit: the next step of a chain goes to the worker that finished the step
+        before it with no further transaction. True when any was leased."""
+        started = False
+        for step in list(c.announced.values()):
+            if step.status != StepStatus.QUEUED or step.kind != StepKind.TASK:
+                continue
+            for demand, wanted, leases in handed:
+                if (len(leases) < wanted and demand.queue == step.queue
+                        and demand.project == step.project_id):
+                    step_spec = spec.step(step.step_ref)
+                    c.actor = demand.worker_id  # the lease's event names its worker, as acquire's does
+                    if start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
+                                    now + timedelta(seconds=demand.lease_seconds), self.limits):
+                        leases.append(Lease(c.run, step, step_spec))
+                    c.actor = ENGINE
+                    started = True
+                    break
+        return started
 
 
 @dataclass(eq=False)
