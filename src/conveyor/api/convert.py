@@ -263,10 +263,26 @@ def workflow_to_proto(wf: WorkflowRecord) -> pb.Workflow:
 # --- requests -> engine values -------------------------------------------------------------------
 
 def struct_to_dict(msg: Any, field: str) -> dict[str, Any]:
-    """The JSON object in Struct field `field` of `msg`; {} when the field is absent."""
+    """The JSON object in Struct field `field` of `msg`; {} when the field is absent. Protobuf
+    holds every number as a double: whole ones come back as ints, as the same JSON sent over
+    REST would (so a payload's 5 is rendered, stored and sent on as 5, not 5.0)."""
     if not msg.HasField(field):
         return {}
-    return json_format.MessageToDict(getattr(msg, field))
+    return cast(dict[str, Any], _whole_numbers(json_format.MessageToDict(getattr(msg, field))))
+
+
+# Doubles within this magnitude are exact integers when whole.
+_EXACT_INTEGERS = 2 ** 53
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_INTEGERS else value
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def workflow_data(msg: pb.Workflow) -> dict[str, Any]:
