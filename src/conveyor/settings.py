@@ -72,6 +72,14 @@ class Settings:
             env["grpc_port"] = int(os.environ["CONVEYOR_GRPC_PORT"])
         if "CONVEYOR_HTTP_PORT" in os.environ:
             env["http_port"] = int(os.environ["CONVEYOR_HTTP_PORT"])
+        # The egress policy of http steps: comma-separated hosts (names, *.suffix, CIDR) and
+        # networks; an empty CONVEYOR_HTTP_DENIED_NETWORKS denies nothing.
+        for name, key in (("http_allowed_hosts", "CONVEYOR_HTTP_ALLOWED_HOSTS"),
+                          ("http_denied_networks", "CONVEYOR_HTTP_DENIED_NETWORKS")):
+            if key in os.environ:
+                env[name] = tuple(v.strip() for v in os.environ[key].split(",") if v.strip())
+        if "CONVEYOR_HTTP_MAX_CONCURRENCY" in os.environ:
+            env["http_max_concurrency"] = int(os.environ["CONVEYOR_HTTP_MAX_CONCURRENCY"])
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         env.update({k: v for k, v in overrides.items() if v is not None})
