@@ -24,13 +24,16 @@ proto:
 run: install
 	$(BIN)/conveyor serve
 
-# The whole suite on SQLite, then again on PostgreSQL (a fresh database per run).
-test: install
-	$(BIN)/buf lint
-	$(BIN)/ruff check
-	$(BIN)/mypy
-	$(BIN)/lint-imports
+# Lint, then the whole suite on SQLite and on PostgreSQL (a fresh database per test) side by
+# side: each waits on its database and child processes much of the time, so together they take
+# little more than the longer one (each one's output is shown whole when it ends).
+test: lint
+	$(MAKE) -j2 --output-sync=target test-sqlite test-postgres
+
+test-sqlite: install
 	$(BIN)/pytest
+
+test-postgres: install
 	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only"
 
 lint: install
