@@ -243,6 +243,9 @@ def _sqlite_cas(table: Table, cols: tuple[str, ...],
             [_sqlite_converter(table, c) for c in cols], [_sqlite_converter(table, f) for f in fence])
 
 
+_MISSING: Any = object()
+
+
 def _time_from_sqlite(text: str | None) -> datetime | None:
     """A stored time back as an aware UTC datetime (the C parser: no regex per value)."""
     return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
@@ -738,7 +741,17 @@ class Repository:
         if not params:
             return []
         sql, converters = _sqlite_select(table, tuple(names), where)
-        pairs = list(zip(range(len(names)), converters, strict=True))
+        # Rows written by one unit share their times (all stamped with its `now`): each distinct
+        # one is parsed once per call.
+        times: dict[str | None, datetime | None] = {None: None}
+
+        def time_of(text: str | None) -> datetime | None:
+            value = times.get(text, _MISSING)
+            if value is _MISSING:
+                value = times[text] = _time_from_sqlite(text)
+            return cast(datetime | None, value)
+
+        pairs = [(i, time_of if conv is _time_from_sqlite else conv) for i, conv in enumerate(converters)]
         return [[row[i] if conv is None else conv(row[i]) for i, conv in pairs]
                 for row in await self._sqlite_fetch(sql, params)]
 
