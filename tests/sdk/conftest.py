@@ -34,6 +34,7 @@ from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
+from tests.processes import WorkerProc
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
@@ -137,25 +138,6 @@ class Ledger:
         rows: list[dict[str, Any]] = await eventually(lambda: self.entries(**match), within,
                                                       what=f"ledger entry {match}")
         return rows[0]
-
-
-@dataclass
-class WorkerProc:
-    """A `conveyor worker` child process."""
-
-    proc: asyncio.subprocess.Process
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    async def wait_exit(self, within: float) -> int:
-        async with asyncio.timeout(within):
-            return await self.proc.wait()
 
 
 WorkerFactory = Callable[..., Any]

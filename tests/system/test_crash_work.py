@@ -51,6 +51,7 @@ from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
+from tests.processes import WorkerProc
 from tests.system.conftest import Served, SpawnFactory
 from tests.system.crash_worker import DESIGNED_FAILURE, QUEUE
 
@@ -292,28 +293,15 @@ class Api:
                     await self.approve(run["id"])
 
 
-@dataclass
-class WorkerProcess:
-    proc: asyncio.subprocess.Process
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-
 async def start_worker(stack: AsyncExitStack, target: str, ledger: Path, log_path: Path,
-                       lease: int = LEASE_SECONDS) -> WorkerProcess:
+                       lease: int = LEASE_SECONDS) -> WorkerProc:
     """`conveyor worker tests.system.crash_worker:worker` (imports from the repository root)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CRASH_LEDGER": str(ledger), "CRASH_LEASE": str(lease)}
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "conveyor.cli", "worker", "tests.system.crash_worker:worker",
             "--target", target, stdout=log, stderr=log, cwd=REPO, env=env)
-    worker = WorkerProcess(proc, log_path)
+    worker = WorkerProc(proc, log_path)
 
     async def cleanup() -> None:
         if proc.returncode is None:
@@ -592,7 +580,7 @@ class Rig:
     served: Served
     api: Api
     http: EffectServer
-    worker: WorkerProcess
+    worker: WorkerProc
     port: int
 
 

@@ -214,6 +214,13 @@ def step_to_proto(step: StepRecord) -> pb.StepRun:
     return msg
 
 
+def heartbeat_to_proto(at: datetime) -> pb.Heartbeat:
+    """What a stream sends while nothing else happens."""
+    beat = pb.Heartbeat()
+    _set_time(beat.at, at)
+    return beat
+
+
 def task_to_proto(lease: Lease) -> pb.Task:
     """A leased step as its worker sees it: the rendered config, the run's payload, the lease."""
     step, run = lease.step, lease.run

@@ -12,7 +12,6 @@ from conveyor.api.caller import caller_from
 from conveyor.domain.errors import ConveyorError
 from conveyor.engine.dispatch import Heartbeat, Revoked, lease_length
 from conveyor.engine.facade import Engine
-from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import workers_service_pb2 as workers_pb
 from conveyor.v1 import workers_service_pb2_grpc as workers_grpc
 
@@ -44,9 +43,7 @@ class WorkersServicer(workers_grpc.WorkersServiceServicer):
                 yield workers_pb.StreamTasksResponse(revoked=workers_pb.TaskRevoked(
                     task_id=item.task_id, attempt=item.attempt, reason=item.reason))
             elif isinstance(item, Heartbeat):
-                beat = pb.Heartbeat()
-                beat.at.FromDatetime(item.at)
-                yield workers_pb.StreamTasksResponse(heartbeat=beat)
+                yield workers_pb.StreamTasksResponse(heartbeat=convert.heartbeat_to_proto(item.at))
             else:
                 yield workers_pb.StreamTasksResponse(task=convert.task_to_proto(item))
 

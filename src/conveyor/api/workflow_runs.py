@@ -113,9 +113,7 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
                                                steps=[convert.step_to_proto(s) for s in item.steps])
                 yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
             elif isinstance(item, Heartbeat):
-                beat = pb.Heartbeat()
-                beat.at.FromDatetime(item.at)
-                yield runs_pb.WatchWorkflowRunResponse(heartbeat=beat)
+                yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
             else:
                 yield runs_pb.WatchWorkflowRunResponse(event=convert.event_to_proto(item))
 

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller
@@ -27,6 +26,7 @@ from conveyor.engine.clock import Clock
 from conveyor.engine.leases import Demand, Lease, Leases
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import queue_key, worker_key
+from conveyor.engine.watch import Heartbeat
 from conveyor.engine.workflows import project_of
 
 # Defaults and bounds of what a worker may ask for.
@@ -49,13 +49,6 @@ class Revoked:
     task_id: str
     attempt: int
     reason: str
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Nothing happened for a while."""
-
-    at: datetime
 
 
 StreamItem = Lease | Revoked | Heartbeat
