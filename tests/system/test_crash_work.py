@@ -74,6 +74,9 @@ HTTP_TIMEOUT_SECONDS = 3
 # attempt per kill, and the one that succeeds. (The `workflow` step keeps the brief's 3: a kill
 # loses no attempt of it, its child run is a row.)
 LEASED_ATTEMPTS = max(KILLS, WORKER_KILLS) + 2
+# How long an interrupted task may take to come back: its lease, the sweep, a new worker's
+# start, with room for a machine running both suites side by side (normally ~2 s).
+COME_BACK_SECONDS = LEASE_SECONDS + 40
 SETTLE_SECONDS = 90.0
 COMMENT = "approved by the crash test"
 PARENT = "crashwork"
@@ -691,8 +694,14 @@ async def test_sigkill_the_worker_mid_task_its_tasks_come_back_after_the_lease_a
                                             tmp_path / f"worker-{n + 1}.log")
                 # Each task the kill interrupted comes back, with attempt+1, on the new worker.
                 for r in open_:
-                    again = await poll(functools.partial(later_starts, ledger, r), LEASE_SECONDS + 15,
-                                       f"task {r['task_id']} to come back")
+                    try:
+                        again = await poll(functools.partial(later_starts, ledger, r), COME_BACK_SECONDS,
+                                           f"task {r['task_id']} to come back")
+                    except AssertionError as e:
+                        # What the server says of the task, so a stranded one can be diagnosed.
+                        steps = await api.steps(r["run_id"])
+                        raise AssertionError(f"{e}; its run's steps: {steps}; "
+                                             f"worker log: {worker.log()[-2000:]}") from e
                     assert again[0]["attempt"] == r["attempt"] + 1 and again[0]["pid"] == worker.pid, again
                     returned_after.append(again[0]["t"] - kills[-1].t)
         await settle(api, rng, runs + 1)
