@@ -17,13 +17,12 @@ executor does not follow redirects, so a 3xx cannot lead anywhere unvetted eithe
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-import aiohttp
-import aiohttp.abc
+from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -114,25 +113,35 @@ async def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-class VettingResolver(aiohttp.abc.AbstractResolver):
+def vetting_resolver(policy: EgressPolicy, resolver: Resolver = resolve) -> Any:
     """aiohttp's resolver, but a connection may go only to addresses the policy vetted: the
-    connector connects to exactly what this returns, so what was checked is what is used.
-    (An IP literal in a URL never reaches a resolver: `check_literal` covers it.)"""
+    connector connects to exactly what it returns, so what was checked is what is used. (An IP
+    literal in a URL never reaches a resolver: `check_literal` covers it.)"""
+    return _resolver_class()(policy, resolver)
 
-    def __init__(self, policy: EgressPolicy, resolver: Resolver = resolve) -> None:
-        self._policy = policy
-        self._resolve = resolver
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
-        addresses = await self._resolve(host, port)
-        self._policy.check(host, addresses)
-        return [{"hostname": host, "host": address, "port": port,
-                 "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST} for address in addresses]
+@functools.cache
+def _resolver_class() -> Any:
+    # aiohttp weighs ~25 MB: imported when the first http step runs, not when the server starts.
+    import aiohttp.abc
 
-    async def close(self) -> None:
-        return None
+    class VettingResolver(aiohttp.abc.AbstractResolver):
+        def __init__(self, policy: EgressPolicy, resolver: Resolver) -> None:
+            self._policy = policy
+            self._resolve = resolver
+
+        async def resolve(self, host: str, port: int = 0,
+                          family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
+            addresses = await self._resolve(host, port)
+            self._policy.check(host, addresses)
+            return [{"hostname": host, "host": address, "port": port,
+                     "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                     "proto": 0, "flags": socket.AI_NUMERICHOST} for address in addresses]
+
+        async def close(self) -> None:
+            return None
+
+    return VettingResolver
 
 
 def check_literal(policy: EgressPolicy, host: str) -> None:
