@@ -407,13 +407,25 @@ class History:
             found.append(Effect("http", r["run_id"], "call", max(before), r["t"]))
         return sorted(found, key=lambda e: e.t)
 
+    def attempt_start(self, run_id: str, step_ref: str, attempt: int) -> dict[str, Any] | None:
+        """The event that leased (started) `attempt` of the step, or None."""
+        for e in self.events[run_id]:
+            if e["step_ref"] == step_ref and e["type"] == "step.running" \
+                    and (e.get("data") or {}).get("attempt") == attempt:
+                return e
+        return None
+
     def in_flight(self, effect: Effect, kill: Kill) -> bool:
-        """The effect's attempt was started before the kill and not reported before it, and the
-        kill took its executor (the server runs http steps and holds every lease; a worker only
-        its own attempts)."""
+        """The effect's attempt was started before the kill — its handler began, or its lease
+        was committed (a task leased just before a server kill reaches its worker just after
+        it, and its lease then runs out while the server is down) — and not reported before
+        it, and the kill took its executor (the server runs http steps and holds every lease;
+        a worker only its own attempts)."""
         if kill.kind == "worker" and (effect.kind != "task" or effect.pid != kill.pid):
             return False
-        if effect.t >= kill.t:
+        leased = self.attempt_start(effect.run_id, effect.step_ref, effect.attempt)
+        started = min(effect.t, _ts(leased["at"])) if leased is not None else effect.t
+        if started >= kill.t:
             return False
         end = self.attempt_end(effect.run_id, effect.step_ref, effect.attempt)
         return end is None or _ts(end["at"]) >= kill.t
