@@ -21,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from conveyor.api.caller import ANONYMOUS
 from conveyor.domain.errors import ConcurrentChange
 from conveyor.engine import dispatch as dispatch_module
 from conveyor.v1 import resources_pb2 as pb
@@ -909,6 +910,33 @@ async def test_a_report_leases_its_workers_next_task_in_its_own_transaction(
     assert len(demands) == 1 and demands[0].reserved == 0 and len(demands[0].held) == 1
     await complete(api, task)
     assert (await run_of(api, run_id)).status == RUN.completed
+
+
+async def test_a_duplicate_or_refused_report_never_leases_a_stream_past_max_in_flight(
+        api: Api, streams: list[Any], quiet_is_heartbeat: None) -> None:
+    """Found in review: a slot was counted once per report, so a task reported twice in one
+    batch (or a refused report beside an accepted one) reserved two slots for a stream that
+    frees one, and the report's own transaction leased it past max_in_flight."""
+    (run_id,) = await start(api, {"name": "fan", "steps": [
+        {"ref": "a", "kind": "task", "queue": "q"},
+        {"ref": "b", "kind": "task", "queue": "q", "depends_on": ["a"]},
+        {"ref": "c", "kind": "task", "queue": "q", "depends_on": ["a"]}]})
+    call = open_stream(api, streams, max_in_flight=1)
+    a = (await next_message(call)).task
+    leases, caller = api.engine.leases, ANONYMOUS
+    results = await asyncio.gather(
+        leases.complete(a.task_id, a.attempt, "w1", {}, caller),
+        leases.complete(a.task_id, a.attempt, "w1", {}, caller),  # the same report again, same batch
+        leases.fail(a.task_id, a.attempt + 1, "w1", "late", True, caller),  # refused: not its attempt
+        return_exceptions=True)
+    assert [r is None for r in results].count(True) == 1
+
+    nxt = await next_message(call)
+    assert nxt.WhichOneof("message") == "task" and nxt.task.step_ref in ("b", "c")
+    # Exactly one slot was freed: the other ready step is not handed out, only a heartbeat.
+    assert (await next_message(call)).WhichOneof("message") == "heartbeat"
+    steps = await steps_of(api, run_id)
+    assert sorted(str(steps[r].status) for r in ("b", "c")) == [str(STEP.queued), str(STEP.running)]
 
 
 async def test_a_report_that_fails_to_commit_leaves_no_reserved_slots(

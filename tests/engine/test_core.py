@@ -175,7 +175,8 @@ async def test_a_lease_is_the_step_row_fenced_by_attempt(engine: Engine, clock: 
     assert lease.step.attempt == 1 and lease.step.status == StepStatus.RUNNING
     assert await engine.leases.acquire("q", "worker-2", 10, 5, ME) == []  # never held twice
     step = (await steps_of(engine, run_id))["t"]
-    assert step.worker_id == WORKER and step.job_run_id and step.lease_expires_at == lease.expires_at
+    assert step.worker_id == WORKER and step.job_run_id
+    assert step.lease_expires_at == lease.step.lease_expires_at
 
     clock.advance(8)
     await engine.leases.heartbeat(lease.step.id, 1, WORKER, 10, ME)  # now expires at +18

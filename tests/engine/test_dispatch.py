@@ -342,6 +342,23 @@ async def test_a_poll_woken_by_its_key_is_not_woken_by_other_keys(engine: Engine
     assert lease.run.id == run_b and calls["b"] == 2
 
 
+async def test_a_scheduled_runs_task_wakes_its_queue(engine: Engine, clock: ManualClock,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a schedule's commit did not publish, so a long-poll on the queue of a
+    scheduled run's first task waited for the safety poll. Every commit outside a runner pass
+    now goes through `Runner.after_commit`."""
+    monkeypatch.setattr(dispatch_module, "SAFETY_POLL_SECONDS", 30.0)
+    await engine.workflows.create({**one_task("nightly"), "schedule": {"cron": "* * * * *"}}, ME)
+    waiting = asyncio.create_task(engine.dispatch.poll(engine.dispatch.request("", "q", "w", 60, ME), 1, 30))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+
+    clock.advance(61)
+    assert await engine.schedules.fire_due() == 1
+    (lease,) = await asyncio.wait_for(waiting, 2)
+    assert lease.run.triggered_by == "schedule" and lease.step.step_ref == "t"
+
+
 async def test_a_retried_task_wakes_its_queue_when_its_backoff_ends(engine: Engine,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    clock: ManualClock) -> None:

@@ -58,10 +58,11 @@ class Changes:
         self._open_event: dict[str, tuple[EventRecord, str | None]] = {}
         # The run entered running in this unit (so it holds a concurrency slot now or held one).
         self._started = False
-        # Leases this unit ended, with why: (step as it left running, holder, reason). The
-        # holder's own report ends its lease too (reason ""); anything else is a revocation
-        # its holder must be told about.
-        self.revoked: list[tuple[StepRecord, str, str]] = []
+        # Leases this unit ended: (step, the attempt whose lease it was, holder, why). The
+        # holder's own report ends its lease too (why ""); anything else is a revocation its
+        # holder must be told about. The attempt and holder are taken as the lease ends, not
+        # read from the step later: the unit may still change the step.
+        self.revoked: list[tuple[StepRecord, int, str, str]] = []
         # Set while the holder of a lease reports it: its lease ends by its own report, which
         # is no revocation to tell it about.
         self.reporter: str | None = None
@@ -168,7 +169,8 @@ class Changes:
             # it sends later fails the step's fence.
             step.lease_expires_at = None
             mine = self.reporter is not None and self.reporter == step.worker_id
-            self.revoked.append((step, step.worker_id, "" if mine else message or f"step {status}"))
+            why = "" if mine else message or f"step {status}"
+            self.revoked.append((step, step.attempt, step.worker_id, why))
         if step.status == StepStatus.RUNNING and step.kind == StepKind.WORKFLOW and step.job_run_id:
             self.signals.add(step.job_run_id)  # the child run it waited for is not awaited any more
         retry = status == StepStatus.QUEUED and bool(step.error)

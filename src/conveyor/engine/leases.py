@@ -1,5 +1,5 @@
 """Step leases: the one mechanism by which anything outside the planner runs an attempt of a
-step — external workers (`task`) and, next, the engine's own executors (`http`, `workflow`).
+step — external workers (`task`) and the engine's http executor (`http`).
 
 A lease is the step row itself: `worker_id`, `attempt`, `job_run_id` and `lease_expires_at`.
 `acquire` starts attempts of ready queued steps (the planner gave them a slot) under their runs'
@@ -31,7 +31,6 @@ from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.ports import Repo, Store
 from conveyor.engine.runner import Runner
-from conveyor.engine.units import RunUnits
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,6 @@ class Lease:
     step: StepRecord
     spec: StepSpec
 
-    @property
-    def expires_at(self) -> datetime:
-        assert self.step.lease_expires_at is not None
-        return self.step.lease_expires_at
-
 
 class Leases:
     """Acquire, extend and report step leases."""
@@ -67,7 +61,6 @@ class Leases:
         self.runner = runner
         self.limits = limits
         self.batch_size = batch_size
-        self.units = RunUnits(store, clock, runner)
         self._reports: list[_Report] = []
         self._drain_task: asyncio.Task[None] | None = None
         # Streams' standing demands by (project, worker).
@@ -229,16 +222,16 @@ class Leases:
         that is refused (LEASE_LOST, unknown task) is answered alone and changes nothing. A lost
         compare-and-set is tried again on the new state."""
         for _ in range(_REPORT_TRIES):
-            handed: list[tuple[Demand, int, list[Lease]]] = []
+            handed: list[_Handover] = []
             try:
                 answers, units = await self._apply_once(batch, handed)
             except ConcurrentChange:
                 continue
             finally:
-                for demand, reserved, _ in handed:
-                    demand.reserved -= reserved
-            for demand, _, leases in handed:  # committed: the stream takes them from its inbox
-                demand.inbox += _live(leases)
+                for h in handed:
+                    h.demand.reserved -= h.reserved
+            for h in handed:  # committed: the stream takes them from its inbox
+                h.demand.inbox += _live(h.leases)
             self.runner.after_commit(units)
             for report in batch:
                 _settle(report, answers.get(id(report)))
@@ -246,7 +239,7 @@ class Leases:
         raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                             "the run kept changing concurrently; try again")
 
-    async def _apply_once(self, batch: list[_Report], handed: list[tuple[Demand, int, list[Lease]]]
+    async def _apply_once(self, batch: list[_Report], handed: list[_Handover]
                           ) -> tuple[dict[int, Exception | None], list[Changes]]:
         now = self.clock.now()
         answers: dict[int, Exception | None] = {}
@@ -294,6 +287,10 @@ class Leases:
                     c.reporter = None
                     answers[id(r)] = None
                     accepted.add(run_id)
+                # A task none of whose reports was accepted frees no slot: it stays with its stream.
+                reported = {r.task_id for r in live if answers[id(r)] is None}
+                for h in handed:
+                    h.left -= len(h.freed - reported)
                 # A run whose reports were all refused is left exactly as it was.
                 for run_id in accepted:
                     # Plan the run on in the report's own transaction, sparing a runner round trip.
@@ -311,23 +308,23 @@ class Leases:
             await self.runner.wake_waiting(repo, units, now)
         return answers, units
 
-    def _reserve(self, live: list[_Report],
-                 found: dict[str, StepRecord]) -> list[tuple[Demand, int, list[Lease]]]:
+    def _reserve(self, live: list[_Report], found: dict[str, StepRecord]) -> list[_Handover]:
         """For each stream of a reporting worker: the slots its reports free plus those it had
-        free, reserved at once (`Demand.reserved`), with the list their leases will go to."""
-        out: list[tuple[Demand, int, list[Lease]]] = []
+        free, reserved at once (`Demand.reserved`), with where their leases will go."""
+        out: list[_Handover] = []
         for (project, worker), demands in self._demands.items():
             for demand in demands:
-                freed = sum(1 for r in live if r.holder == worker and r.task_id in demand.held
-                            and found[r.task_id].project_id == project)
-                wanted = demand.free() + freed
+                # Distinct tasks: a duplicate report in the batch frees its slot once.
+                freed = frozenset(r.task_id for r in live if r.holder == worker and r.task_id in demand.held
+                                  and found[r.task_id].project_id == project)
+                wanted = demand.free() + len(freed)
                 if freed and wanted > 0:
                     demand.reserved += wanted
-                    out.append((demand, wanted, []))
+                    out.append(_Handover(demand, freed, wanted, wanted))
         return out
 
     def _lease_ready(self, c: Changes, steps: list[StepRecord], spec: WorkflowSpec,
-                     handed: list[tuple[Demand, int, list[Lease]]], now: datetime) -> bool:
+                     handed: list[_Handover], now: datetime) -> bool:
         """Lease the task steps this unit made ready to the reserved streams of their queue, in
         this same unit: the next step of a chain goes to the worker that finished the step
         before it with no further transaction. True when any was leased."""
@@ -335,14 +332,15 @@ class Leases:
         for step in list(c.announced.values()):
             if step.status != StepStatus.QUEUED or step.kind != StepKind.TASK:
                 continue
-            for demand, wanted, leases in handed:
-                if (len(leases) < wanted and demand.queue == step.queue
-                        and demand.project == step.project_id):
+            for h in handed:
+                demand = h.demand
+                if h.left > 0 and demand.queue == step.queue and demand.project == step.project_id:
                     step_spec = spec.step(step.step_ref)
                     c.actor = demand.worker_id  # the lease's event names its worker, as acquire's does
                     if start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
                                     now + timedelta(seconds=demand.lease_seconds), self.limits):
-                        leases.append(Lease(c.run, step, step_spec))
+                        h.leases.append(Lease(c.run, step, step_spec))
+                    h.left -= 1
                     c.actor = ENGINE
                     started = True
                     break
@@ -367,6 +365,18 @@ class Demand:
 
     def free(self) -> int:
         return self.most - len(self.held) - len(self.inbox) - self.reserved
+
+
+@dataclass(eq=False)
+class _Handover:
+    """Slots of a stream a report batch reserved (`reserved`, released after the batch), the
+    tasks its reports free there, how many may still be leased, and the leases taken."""
+
+    demand: Demand
+    freed: frozenset[str]
+    reserved: int
+    left: int
+    leases: list[Lease] = field(default_factory=list)
 
 
 def _live(leases: list[Lease]) -> list[Lease]:

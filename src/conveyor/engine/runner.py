@@ -6,8 +6,9 @@ transaction, plans each with the pure planner and saves every change with its ev
 compare-and-set updates. Nothing lives only in memory: after a crash, `wake_at` in the database
 says what is still due, so a restarted server continues exactly where the last commit left off.
 
-The background loop sleeps until the next `wake_at` or until `notify()` says new work was
-committed; tests call `tick()` / `run_until_idle()` with a ManualClock instead.
+The background loop sleeps until the next `wake_at` or until `after_commit()` says a unit
+committed elsewhere (a trigger, a report, an operation, a schedule) left work due sooner; tests
+call `tick()` / `run_until_idle()` with a ManualClock instead.
 """
 
 from __future__ import annotations
@@ -171,13 +172,17 @@ class Runner:
             await repo.wake(await repo.oldest_pending(wf, n), now)
 
     def after_commit(self, units: Sequence[Changes]) -> None:
-        """These units were committed outside a runner pass (a report, a lease, an operation):
-        tell watchers and lease holders, and wake the runner only if one of them left work due
-        before it would look anyway (a timer, or a signal to another run)."""
+        """These units were committed outside a runner pass (a trigger, a report, a lease, an
+        operation, a schedule): tell watchers and lease holders, and wake the runner only if one
+        of them left work due before it would look anyway (a timer, or a signal to another run)."""
         due = [u.run.wake_at for u in units if u.run.wake_at is not None]
         if any(u.signals for u in units):
             due.append(self.clock.now())
-        self.committed_timer(min(due, default=None))
+        self.committed.fire()
+        at = min(due, default=None)
+        # `_next` is None while the loop is mid-pass or waits only for its idle timeout.
+        if at is not None and (self._next is None or at < self._next):
+            self._wakeup.set()
         self.publish(units)
 
     def publish(self, units: Sequence[Changes]) -> None:
@@ -189,8 +194,8 @@ class Runner:
                 if step.status == StepStatus.QUEUED:
                     http = step.kind == StepKind.HTTP
                     keys.add(HTTP_KEY if http else queue_key(step.project_id, step.queue))
-            for step, holder, reason in c.revoked:
-                self.ended_leases[(step.id, step.attempt)] = reason
+            for step, attempt, holder, reason in c.revoked:
+                self.ended_leases[(step.id, attempt)] = reason
                 keys.add(worker_key(step.project_id, holder))
         while len(self.ended_leases) > _ENDED_LEASES_KEPT:
             self.ended_leases.popitem(last=False)
@@ -265,18 +270,6 @@ class Runner:
         self.publish(units)
 
     # -- background loop ----------------------------------------------------------------------
-
-    def notify(self) -> None:
-        """New work was committed: wake the loop now instead of at its next timer."""
-        self._wakeup.set()
-        self.committed.fire()
-
-    def committed_timer(self, at: datetime | None) -> None:
-        """Runs were committed whose earliest timer is `at` (None: they need nothing from the
-        runner): wake the loop only if it would otherwise look later than that."""
-        self.committed.fire()
-        if at is not None and (self._next is None or at < self._next):
-            self._wakeup.set()
 
     def start(self) -> None:
         self._background.start()

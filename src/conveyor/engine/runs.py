@@ -92,8 +92,7 @@ class RunService:
             c = Changes(old, now, caller.name)
             c.event("run.retried", message=f"retried by {caller.name} as {run.id}", data={"run_id": run.id})
             await repo.save([c])
-        self.runner.notify()
-        self.runner.publish([new.changes])
+        self.runner.after_commit([new.changes, c])
         return new.run
 
     async def bulk_cancel(self, run_ids: Sequence[str], caller: Caller) -> tuple[int, int]:

@@ -114,7 +114,8 @@ class Schedules:
             runs = [new for new in built.values() if new is not None]
             await creation.insert(repo, runs, [])
             await repo.advance_schedules({wf.id: self._after(wf, now) for wf in due})
-        self.runner.committed_timer(min((n.run.wake_at for n in runs if n.run.wake_at), default=None))
+        # The runner, and the workers of the tasks these runs made ready, look at once.
+        self.runner.after_commit([n.changes for n in runs])
         return len(runs), len(due) == self.batch_size
 
     def _build_all(self, due: list[WorkflowRecord], now: datetime) -> dict[str, NewRun | None]:

@@ -133,7 +133,7 @@ class Triggers:
         while self._queue:
             batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
             try:
-                self.runner.committed_timer(await self._flush(batch))
+                await self._flush(batch)
                 continue
             except DuplicateKey:
                 # Another replica recorded one of the keys between our lookup and our insert;
@@ -154,7 +154,7 @@ class Triggers:
         that replica had not committed when we looked: look again, and it is there."""
         for _ in range(_DUPLICATE_RETRIES):
             try:
-                self.runner.committed_timer(await self._flush([item]))
+                await self._flush([item])
                 return
             except DuplicateKey:
                 continue
@@ -164,15 +164,14 @@ class Triggers:
         _fail(item, ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                                   "the idempotency key kept being recorded concurrently; try again"))
 
-    async def _flush(self, items: list[_Pending]) -> datetime | None:
-        """Write the runs of these requests and answer them; returns the earliest wake_at of
-        the runs written (when the runner must look at one of them)."""
+    async def _flush(self, items: list[_Pending]) -> None:
+        """Write the runs of these requests and answer them."""
         try:
-            return await self._write(items)
+            await self._write(items)
         except _Stale:
-            return await self._write(items)  # now built from workflows read afresh
+            await self._write(items)  # now built from workflows read afresh
 
-    async def _write(self, items: list[_Pending]) -> datetime | None:
+    async def _write(self, items: list[_Pending]) -> None:
         now = self.clock.now()
         # Everything that needs no lock happens before the write transaction: finding the
         # workflows (remembered from earlier batches), checking payloads, building and planning
@@ -193,7 +192,7 @@ class Triggers:
             else:
                 _fail(item, problem)
         if not live:
-            return None
+            return
         async with self.store.write() as repo:
             used = {i.new.run.workflow_id: i.new.run.workflow_version_id for i in live if i.new is not None}
             current = await repo.current_versions(used)
@@ -221,14 +220,13 @@ class Triggers:
                 for i in written if i.key is not None and i.new is not None])
             originals = [a for a in answers.values() if isinstance(a, str)]
             found_runs = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
-        self.runner.publish([i.new.changes for i in written if i.new is not None])
+        self.runner.after_commit([i.new.changes for i in written if i.new is not None])
         for item in live:
             answer = answers[id(item)]
             if isinstance(answer, ConveyorError):
                 _fail(item, answer)
             elif not item.future.done():
                 item.future.set_result(found_runs[answer] if isinstance(answer, str) else answer)
-        return min((i.new.run.wake_at for i in written if i.new and i.new.run.wake_at), default=None)
 
     async def _workflows_of(self, items: list[_Pending]) -> dict[_WfKey, WorkflowRecord | ConveyorError]:
         """The workflow each request names, by (caller scope, project, id or name)."""
