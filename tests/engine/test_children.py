@@ -885,3 +885,19 @@ async def test_a_capped_parents_history_is_legal(engine: Engine) -> None:
         run = await run_of(engine, run_id)
         steps = list((await steps_of(engine, run_id)).values())
         assert check_history(run, steps, await events_of(engine, run_id)) == [], run.workflow_name
+
+
+async def test_a_child_payload_larger_than_a_trigger_may_send_is_refused(engine: Engine) -> None:
+    """Found in review: a child's payload rendered from the parent's data could exceed the
+    payload limit every trigger is held to; now the step fails CHILD_REFUSED, and no run starts."""
+    await engine.workflows.create(wf("small", [noop("n")]), ME)
+    await engine.workflows.create(wf("doubles", [
+        call("c", "small", payload={"a": "{{ payload.s }}", "b": "{{ payload.s }}"})]), ME)
+    blob = "x" * (40 * 1024)  # within a trigger's 64 KiB; twice that is not
+    parent = await trigger(engine, "doubles", payload={"s": blob})
+    await settle(engine)
+    s = await step(engine, parent, "c")
+    assert s.status == StepStatus.FAILED and s.attempt == 1
+    assert s.error.startswith("CHILD_REFUSED: the child's payload is "), s.error
+    assert await runs_of_workflow(engine, "small") == 0
+    assert (await run_of(engine, parent)).status == RunStatus.FAILED

@@ -24,7 +24,7 @@ from typing import Any
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.expressions import ExpressionError
-from conveyor.domain.limits import Limits
+from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.new_runs import NewRun
 from conveyor.domain.planner import ENGINE, Links, child_config, fail_step, plan, ready_children, start_child
 from conveyor.domain.records import RunRecord, StepRecord, WorkflowRecord
@@ -126,6 +126,11 @@ async def start(repo: Repo, offload: Offload, units: Sequence[Changes], steps: d
                     payload = apply_variables(target.spec, dict(w.config.get("payload") or {}))
                 except ConveyorError as e:
                     refused = CHILD_REFUSED, e.message
+                else:
+                    # Rendered from outputs, it may be larger than any trigger may send.
+                    problem = document_problem(payload, limits.max_json_depth, limits.max_payload_bytes)
+                    if problem is not None:
+                        refused = CHILD_REFUSED, f"the child's payload is {problem}"
             if refused is not None:
                 # Starting it again would be refused again: the attempt fails the step for good.
                 reason, message = refused
