@@ -342,6 +342,37 @@ async def test_a_poll_woken_by_its_key_is_not_woken_by_other_keys(engine: Engine
     assert lease.run.id == run_b and calls["b"] == 2
 
 
+async def test_an_idle_pollers_safety_polls_do_not_take_the_writer(engine: Engine,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: every safety poll of an idle long-poll or stream opened a write
+    transaction to find nothing (on SQLite, the one writer everybody waits for). A safety poll
+    now probes with a snapshot first; a wake-up by its key still leases at once."""
+    monkeypatch.setattr(dispatch_module, "SAFETY_POLL_SECONDS", 0.02)
+    await engine.workflows.create(one_task(), ME)
+    writes = 0
+    original = engine.store.write
+
+    def counted() -> Any:
+        nonlocal writes
+        writes += 1
+        return original()
+
+    monkeypatch.setattr(engine.store, "write", counted)
+    req = engine.dispatch.request("", "q", "w", 60, ME)
+    assert await engine.dispatch.poll(req, 1, 1) == []  # ~50 safety polls of an empty queue
+    assert writes == 1, writes  # the first look only
+
+    stream = engine.dispatch.stream(req, 2)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.5)
+    assert writes == 2, writes  # again only its first look
+    monkeypatch.setattr(engine.store, "write", original)
+    (run_id,) = await trigger(engine, "work")
+    lease = await asyncio.wait_for(first, 2)
+    assert isinstance(lease, Lease) and lease.run.id == run_id
+    await stream.aclose()
+
+
 async def test_a_scheduled_runs_task_wakes_its_queue(engine: Engine, clock: ManualClock,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Found in review: a schedule's commit did not publish, so a long-poll on the queue of a

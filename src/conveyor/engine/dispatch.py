@@ -95,16 +95,18 @@ class Dispatch:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         key = queue_key(req.project, req.queue)
+        probe = False
         while True:
             ready = self.runner.keyed.next(key)  # before looking: a commit in between wakes us
             leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, max_tasks or 1,
-                                               req.caller)
+                                               req.caller, probe=probe)
             left = deadline - loop.time()
             if leases or left <= 0:
                 return leases
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, SAFETY_POLL_SECONDS)):
                     await ready.wait()
+            probe = not ready.is_set()  # the safety poll, not a commit of this queue
 
     async def stream(self, req: Request, max_in_flight: int) -> AsyncIterator[StreamItem]:
         """Leases as tasks become ready while fewer than `max_in_flight` are held, revocations
@@ -117,6 +119,7 @@ class Dispatch:
         quiet_since = checked_at = loop.time()
         queue, mine = queue_key(req.project, req.queue), worker_key(req.project, req.worker_id)
         keys = (mine, queue)
+        probe = False
         # What this stream still wants, where its worker's reports can see it and lease its next
         # tasks in their own transaction (they land in the inbox).
         demand = Demand(req.project, req.queue, req.worker_id, req.lease_seconds, most, held)
@@ -141,7 +144,7 @@ class Dispatch:
                     free = demand.free()
                     if free > 0:
                         leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
-                                                           req.caller)
+                                                           req.caller, probe=probe)
                         for lease in leases:
                             held[lease.step.id] = lease.step.attempt
                             yield lease
@@ -157,6 +160,7 @@ class Dispatch:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(SAFETY_POLL_SECONDS):
                             await woken.wait()
+                    probe = not woken.is_set()  # the safety poll, not a commit of our keys
                 finally:
                     # Also when the client went away mid-yield: nothing of this wait is left behind.
                     self.runner.keyed.forget(keys, woken)

@@ -153,6 +153,7 @@ class HttpSteps:
             self._session = None
 
     async def _loop(self) -> None:
+        probe = False
         while True:
             # Taken before leasing, so a step made ready while we lease is not missed.
             ready = self.pulses.next(HTTP_KEY)
@@ -161,7 +162,7 @@ class HttpSteps:
             saturated = free <= 0
             if free > 0:
                 try:
-                    leases = await self._lease(free)
+                    leases = await self._lease(free, probe)
                 except Exception:
                     # The database is unavailable or the lease failed: the steps stay ready in
                     # the database; look again after the idle wait.
@@ -173,7 +174,8 @@ class HttpSteps:
                     task.add_done_callback(self._finished)
                 # Every free slot taken: more may be ready, worth a look as soon as a slot frees.
                 saturated = len(leases) == free
-            await _first(ready, self._slot_freed if saturated else None, self.idle_seconds)
+            # Woken by nothing but the idle wait: the next look is a probe.
+            probe = not await _first(ready, self._slot_freed if saturated else None, self.idle_seconds)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -181,9 +183,9 @@ class HttpSteps:
 
     # -- one attempt --------------------------------------------------------------------------
 
-    async def _lease(self, max_steps: int) -> list[Lease]:
+    async def _lease(self, max_steps: int, probe: bool = False) -> list[Lease]:
         return await self.leases.acquire("", self.holder, self.default_timeout + LEASE_MARGIN_SECONDS,
-                                         max_steps, self._caller, kinds=(StepKind.HTTP,))
+                                         max_steps, self._caller, kinds=(StepKind.HTTP,), probe=probe)
 
     async def _attempt(self, lease: Lease) -> None:
         step = lease.step
@@ -347,11 +349,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-async def _first(ready: asyncio.Event, freed: asyncio.Event | None, seconds: float) -> None:
-    """Wait until an http step is announced ready, a slot frees (when given), or `seconds`."""
+async def _first(ready: asyncio.Event, freed: asyncio.Event | None, seconds: float) -> bool:
+    """Wait until an http step is announced ready, a slot frees (when given), or `seconds`;
+    True unless only the time ran out."""
     waits = [asyncio.ensure_future(e.wait()) for e in (ready, freed) if e is not None]
     try:
-        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waits:
             w.cancel()
+    return bool(done)

@@ -67,11 +67,17 @@ class Leases:
         self._demands: dict[tuple[str, str], list[Demand]] = {}
 
     async def acquire(self, queue: str, holder: str, lease_seconds: float, max_steps: int, caller: Caller,
-                      kinds: Collection[StepKind] = (StepKind.TASK,)) -> list[Lease]:
+                      kinds: Collection[StepKind] = (StepKind.TASK,), probe: bool = False) -> list[Lease]:
         """Lease up to `max_steps` ready steps of these kinds on `queue` in the caller's project
-        (every project for a caller scoped to none), oldest ready first."""
+        (every project for a caller scoped to none), oldest ready first. `probe`: the caller
+        looks on the off chance (a safety poll, which mostly finds nothing): a snapshot is asked
+        first, so an idle waiter does not take the writer (SQLite's one writer, for everyone)."""
         _check_positive(lease_seconds, max_steps)
         now = self.clock.now()
+        if probe:
+            async with self.store.read() as repo:
+                if not await repo.leasable_runs(caller.project, queue, sorted(kinds), now, 1):
+                    return []
         async with self.store.write() as repo:
             leases, units = await self._lease_in(repo, queue, holder, lease_seconds, max_steps,
                                                  caller.project, kinds, now)
