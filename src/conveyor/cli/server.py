@@ -1,0 +1,82 @@
+"""`conveyor serve` runs the server and its Envoy until Ctrl-C or SIGTERM; `conveyor worker`
+runs a worker of the Python SDK.
+
+These two are the only commands that are not API clients: `serve` imports the server's stack
+(the engine, storage), so it does so inside the command, and nothing else in `conveyor.cli`
+imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from conveyor.settings import Settings
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO; the gateway's readiness polls are not news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+async def run_server(settings: Settings) -> None:
+    """Start the app, print where it listens, and stop it on SIGINT or SIGTERM."""
+    # Imported here: the server's stack (SQLAlchemy, the engine) costs ~1.4 s of start-up that
+    # the client commands and `conveyor worker` should not pay.
+    from conveyor.app import App
+
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Envoy runs in its own process group, so a terminal's Ctrl-C does not reach it: the
+    # server catches the signal and stops Envoy itself.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        print(f"conveyor: gRPC on {app.grpc_address}", flush=True)
+        if app.gateway is not None:
+            print(f"conveyor: REST on {app.gateway.url}", flush=True)
+        print(f"conveyor: database {settings.db_url}", flush=True)
+        await stop.wait()
+        print("conveyor: shutting down", flush=True)
+    finally:
+        await app.stop()
+
+
+@click.command(help="Serve gRPC and, through Envoy, REST.")
+@click.option("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+@click.option("--http-port", type=int, help="REST port of Envoy (default 8080)")
+@click.option("--db-url", help="sqlite:///path or postgresql://… (default .conveyor/conveyor.db)")
+@click.option("--data-dir", help="directory for the SQLite file and Envoy's files")
+@click.option("--no-envoy", is_flag=True, help="serve gRPC only")
+def serve(grpc_port: int | None, http_port: int | None, db_url: str | None, data_dir: str | None,
+          no_envoy: bool) -> None:
+    from conveyor.settings import Settings
+
+    _configure_logging()
+    settings = Settings.from_env(grpc_port=grpc_port, http_port=http_port, db_url=db_url,
+                                 data_dir=Path(data_dir) if data_dir else None,
+                                 envoy_enabled=False if no_envoy else None)
+    asyncio.run(run_server(settings))
+
+
+@click.command(help="Run a worker: MODULE:ATTR names a conveyor.sdk.Worker, e.g. "
+                    "examples.hello_worker:worker (the current directory is importable).")
+@click.argument("spec", metavar="MODULE:ATTR")
+@click.option("--target", help="gRPC address of the server (default: the Worker's own)")
+@click.option("--slots", type=int, help="tasks held at once (default: the Worker's)")
+@click.pass_context
+def worker(ctx: click.Context, spec: str, target: str | None, slots: int | None) -> None:
+    # The SDK, not the server: a worker process never touches the engine or the database.
+    from conveyor.sdk.command import run_worker
+
+    _configure_logging()
+    ctx.exit(run_worker(spec, target=target, slots=slots))

@@ -1,0 +1,98 @@
+"""What each resource shows in tables and tab-separated rows: the columns of workflows, runs,
+steps and run events, and the id `-o name` prints for each."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor.cli.output import Cell, Column, View, age, to_dict
+from conveyor.v1 import resources_pb2 as pb
+
+TERMINAL_RUN_STATUSES = frozenset({pb.RunStatus.completed, pb.RunStatus.failed, pb.RunStatus.timed_out,
+                                   pb.RunStatus.canceled})
+
+
+def run_status(run: Any) -> str:
+    return str(pb.RunStatus.Value.Name(run.status))
+
+
+def step_status(step: Any) -> str:
+    return str(pb.StepStatus.Value.Name(step.status))
+
+
+def when(message: Any, name: str) -> datetime | None:
+    """A Timestamp field as an aware datetime; None when unset."""
+    if not message.HasField(name):
+        return None
+    return datetime.fromtimestamp(getattr(message, name).ToMicroseconds() / 1e6, UTC)
+
+
+def duration(message: Any) -> str:
+    """How long it ran: until it finished, or until now while it runs."""
+    started = when(message, "started_at")
+    if started is None:
+        return ""
+    return age((when(message, "finished_at") or datetime.now(UTC)) - started)
+
+
+def _tags(tags: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+def _started(message: Any) -> Cell:
+    return when(message, "started_at") or when(message, "created_at")
+
+
+RUN = View(columns=[
+    Column("ID", lambda r: r.id),
+    Column("WORKFLOW", lambda r: r.workflow_name or r.workflow_id),
+    Column("STATUS", run_status, status=True),
+    Column("STARTED", _started),
+    Column("DURATION", duration),
+    Column("TRIGGERED BY", lambda r: r.triggered_by, wide=True),
+    Column("PROJECT", lambda r: r.project_id, wide=True),
+    Column("TAGS", lambda r: _tags(r.tags), wide=True),
+    Column("MESSAGE", lambda r: r.error or r.status_message, wide=True),
+], name=lambda r: r.id)
+
+WORKFLOW = View(columns=[
+    Column("ID", lambda w: w.id),
+    Column("NAME", lambda w: w.name),
+    Column("VERSION", lambda w: str(w.version)),
+    Column("STEPS", lambda w: str(len(w.steps))),
+    Column("SCHEDULE", lambda w: (w.schedule.cron + (" (paused)" if w.schedule_paused else ""))
+           if w.HasField("schedule") and w.schedule.cron else ""),
+    Column("UPDATED", lambda w: when(w, "updated_at")),
+    Column("PROJECT", lambda w: w.project_id, wide=True),
+    Column("CREATED BY", lambda w: w.created_by, wide=True),
+    Column("ARCHIVED", lambda w: "yes" if w.archived else "", wide=True),
+    Column("DESCRIPTION", lambda w: w.description, wide=True),
+], name=lambda w: w.id)
+
+STEP = View(columns=[
+    Column("STEP", lambda s: s.step_ref),
+    Column("KIND", lambda s: s.kind),
+    Column("STATUS", step_status, status=True),
+    Column("ATTEMPT", lambda s: str(s.attempt)),
+    Column("STARTED", lambda s: when(s, "started_at")),
+    Column("DURATION", duration),
+    Column("QUEUE", lambda s: s.queue, wide=True),
+    Column("WORKER", lambda s: s.worker_id, wide=True),
+    Column("ID", lambda s: s.id, wide=True),
+    Column("MESSAGE", lambda s: s.error or s.skip_reason or
+           (f"approved by {s.approved_by}" if s.approved_by else ""), wide=True),
+], name=lambda s: s.step_ref)
+
+EVENT = View(columns=[
+    Column("SEQ", lambda e: str(e.seq)),
+    Column("AT", lambda e: when(e, "at"), clock=True),
+    Column("TYPE", lambda e: e.type),
+    Column("STEP", lambda e: e.step_ref),
+    Column("STATUS", lambda e: e.status, status=True),
+    Column("MESSAGE", lambda e: e.message),
+    Column("ACTOR", lambda e: e.actor, wide=True),
+    Column("DATA", lambda e: json.dumps(to_dict(e.data), separators=(",", ":")) if e.data.fields else "",
+           wide=True),
+], name=lambda e: str(e.seq))
