@@ -97,12 +97,16 @@ class Client:
         message: str = error.details() or code.name.lower()
         reason, violations = _rich_details(error)
         if code == grpc.StatusCode.UNAVAILABLE and not reason:
-            return CliError(f"cannot reach conveyor at {self.address}: {message}", FAILURE, "UNAVAILABLE")
+            # grpc's text nests causes ("failed to connect to all addresses; last error: UNKNOWN:
+            # ipv4:...: Connection refused"); the innermost one says it.
+            cause = message.rsplit(": ", 1)[-1].rstrip("] ")
+            return CliError(f"cannot reach conveyor at {self.address}: {cause}", FAILURE, "UNAVAILABLE")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason:
             return CliError(f"conveyor at {self.address} did not answer within {CALL_TIMEOUT:.0f} s",
                             FAILURE, "DEADLINE_EXCEEDED")
-        if violations:
-            message += ": " + "; ".join(f"{field}: {text}" if field else text for field, text in violations)
+        # The message quotes the first field violation; the others are added to the same line.
+        problems = [f"{field}: {text}" if field else text for field, text in violations]
+        message = "; ".join([message, *(p for p in problems if p not in message)])
         return CliError(message, EXIT_CODES.get(code, FAILURE), reason or code.name)
 
 

@@ -158,7 +158,8 @@ def follow(api: Client, run_id: str) -> Any:
         kind = message.WhichOneof("message")
         if kind == "event":
             e = message.event
-            parts = [e.type, e.step_ref, e.status, e.message]
+            # "step.failed" already says the status; "run.comment" does not.
+            parts = [e.type, e.step_ref, "" if e.type.endswith("." + e.status) else e.status, e.message]
             click.echo("  " + " ".join(p for p in parts if p), err=True)
         elif kind == "error":
             raise CliError(message.error.message, FAILURE, message.error.reason)
