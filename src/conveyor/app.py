@@ -8,6 +8,7 @@ flight, then the engine's loop, then the database pool.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 import grpc
@@ -44,6 +45,8 @@ class App:
         self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
                            pool_timeout=self.settings.db_pool_timeout_seconds)
         self.engine = Engine(SqlStore(self.db), self.settings)
+        if self.settings.auth_enabled:
+            await self._bootstrap_admin(self.engine)
         self.server, self.grpc_port = await build_server(self.engine, self.settings)
         await self.server.start()
         await self.engine.start()
@@ -55,6 +58,23 @@ class App:
         # requests wait (it took ~100 ms at a time once big requests had grown the heap).
         gc.collect()
         gc.freeze()
+
+    async def _bootstrap_admin(self, engine: Engine) -> None:
+        """Zero setup: on a database without an admin key of every project, create one, print
+        its token once and keep it in the data directory (mode 0600) for the CLI and README."""
+        token = await engine.keys.bootstrap()
+        if token is None:
+            return
+        path = self.settings.admin_token_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 from the start: the token never exists on disk readable by others.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(path, 0o600)  # an existing file keeps its mode through O_TRUNC
+        print(f"conveyor: created the admin API key 'admin' (kept in {path}); its token, shown once:",
+              flush=True)
+        print(token, flush=True)
 
     async def stop(self) -> None:
         if self.gateway is not None:

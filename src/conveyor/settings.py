@@ -59,6 +59,18 @@ class Settings:
     # 169.254.169.254), "this network" 0.0.0.0/8, and the IPv6 EC2 metadata address.
     http_denied_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8",
                                              "fd00:ec2::254/128")
+    # -- access (api/access.py, engine/keys.py) --
+    # False only behind something else that authenticates (CONVEYOR_AUTH=disabled): every call
+    # is then an admin of every project.
+    auth_enabled: bool = True
+    # Requests per second a key may make unless the key sets its own limit; 0: no limit.
+    rate_limit: int = 1000
+    # How long a token's key is remembered: a key revoked on another replica stops working
+    # within this time.
+    key_cache_seconds: float = 5.0
+    # Where REST clients reach this server (webhook URLs are shown under it); default
+    # http://<http_host>:<http_port>.
+    public_url: str = ""
     # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
     limits: Limits = field(default_factory=Limits)
 
@@ -80,9 +92,29 @@ class Settings:
                 env[name] = tuple(v.strip() for v in os.environ[key].split(",") if v.strip())
         if "CONVEYOR_HTTP_MAX_CONCURRENCY" in os.environ:
             env["http_max_concurrency"] = int(os.environ["CONVEYOR_HTTP_MAX_CONCURRENCY"])
+        if "CONVEYOR_AUTH" in os.environ:
+            value = os.environ["CONVEYOR_AUTH"].strip().lower()
+            if value not in ("enabled", "disabled"):
+                raise ValueError("CONVEYOR_AUTH must be 'enabled' or 'disabled'")
+            env["auth_enabled"] = value == "enabled"
+        if "CONVEYOR_RATE_LIMIT" in os.environ:
+            env["rate_limit"] = int(os.environ["CONVEYOR_RATE_LIMIT"])
+        if "CONVEYOR_PUBLIC_URL" in os.environ:
+            env["public_url"] = os.environ["CONVEYOR_PUBLIC_URL"].rstrip("/")
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         env.update({k: v for k, v in overrides.items() if v is not None})
         if "db_url" not in env and "data_dir" in env:
             env["db_url"] = default_db_url(Path(str(env["data_dir"])))
         return cls(**env)  # type: ignore[arg-type]
+
+    @property
+    def rest_base_url(self) -> str:
+        """Where REST clients reach this server."""
+        return self.public_url or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        """Where the first start writes the admin key's token (mode 0600)."""
+        return self.data_dir / "admin.token"
+

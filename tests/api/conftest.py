@@ -19,6 +19,7 @@ from conveyor.settings import Settings
 from conveyor.storage.db import Database
 from conveyor.storage.store import SqlStore
 from tests.api.support import Api
+from tests.auth import bearer_interceptors, key
 
 
 @pytest.fixture
@@ -44,8 +45,11 @@ async def engine(database: Database, settings: Settings, clock: ManualClock) -> 
 async def api(engine: Engine, settings: Settings, clock: ManualClock) -> AsyncIterator[Api]:
     server, port = await build_server(engine, settings)
     await server.start()
+    # Every call of the stubs is an admin of every project unless it names its own token.
+    token = await key(engine, "test-admin")
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                             interceptors=bearer_interceptors(token)) as channel:
             yield Api(channel, engine, clock)
     finally:
         await server.stop(grace=None)

@@ -75,7 +75,8 @@ async def test_a_cron_that_never_fires_is_a_field_violation(api: Api) -> None:
 
 
 async def test_schedule_over_rest(spawn: SpawnFactory, db_url: str) -> None:  # noqa: F811
-    async with spawn(db_url, envoy=True) as served, httpx.AsyncClient(base_url=served.rest_url) as client:
+    async with (spawn(db_url, envoy=True) as served,
+                httpx.AsyncClient(base_url=served.rest_url, headers=served.headers) as client):
         before = datetime.now(UTC)
         created = await client.post("/v1/workflows", json=two_steps("minutely", schedule=EVERY_MINUTE))
         assert created.status_code == 200, created.text

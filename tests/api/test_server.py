@@ -16,7 +16,10 @@ from conveyor.api.server import JSON_TO_PROTOBUF_GROWTH, PENDING_RPCS, SERVICE_N
 from conveyor.engine.facade import Engine
 from conveyor.settings import Settings
 from conveyor.v1 import (
+    audit_service_pb2,
+    keys_service_pb2,
     step_runs_service_pb2,
+    webhooks_service_pb2,
     workers_service_pb2,
     workflow_runs_service_pb2,
     workflows_service_pb2,
@@ -26,7 +29,7 @@ from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from tests.api.support import Api, RichError, decode, failure
 
 CONTRACT_FILES = (workflows_service_pb2, workflow_runs_service_pb2, step_runs_service_pb2,
-                  workers_service_pb2)
+                  workers_service_pb2, keys_service_pb2, audit_service_pb2, webhooks_service_pb2)
 
 
 def contract_methods() -> list[MethodDescriptor]:
@@ -59,7 +62,9 @@ async def call_empty(channel: grpc.aio.Channel, method: MethodDescriptor) -> Ric
 
 def test_the_contract_has_the_services_the_server_names() -> None:
     assert SERVICE_NAMES == ("conveyor.v1.WorkflowsService", "conveyor.v1.WorkflowRunsService",
-                             "conveyor.v1.StepRunsService", "conveyor.v1.WorkersService")
+                             "conveyor.v1.StepRunsService", "conveyor.v1.WorkersService",
+                             "conveyor.v1.KeysService", "conveyor.v1.AuditService",
+                             "conveyor.v1.WebhooksService")
     unknown = PENDING_RPCS - {path(m) for m in contract_methods()}
     assert unknown == set(), "PENDING_RPCS names RPCs that do not exist"
 

@@ -48,7 +48,7 @@ async def test_approve_and_input_complete_the_run(api: Api) -> None:
 
     after = await steps_of(api, run_id)
     assert after["gate"].status == STEP.completed
-    assert after["gate"].approved_by == "anonymous"
+    assert after["gate"].approved_by == "test-admin"
     assert after["answer"].status == STEP.completed
     assert json_format.MessageToDict(after["answer"].output) == {"colour": "blue"}
     assert after["ship"].status == STEP.completed

@@ -813,11 +813,10 @@ async def _revoked_within(call: Any, seconds: float) -> workers_pb.TaskRevoked:
 
 
 async def test_a_revocation_reaches_a_worker_named_like_the_operator(api: Api, streams: list[Any]) -> None:
-    """The gRPC caller is "anonymous" until keys are wired: a worker that happens to carry the
-    name of the key that cancels its run must still be told (at once, or at the latest by the
-    1 s safety poll)."""
+    """A worker that happens to carry the name of the key that cancels its run must still be
+    told (at once, or at the latest by the 1 s safety poll)."""
     (run_id,) = await start(api, task_workflow())
-    call = open_stream(api, streams, worker="anonymous")
+    call = open_stream(api, streams, worker="test-admin")
     task = (await next_message(call)).task
 
     await _cancel(api, run_id)

@@ -44,7 +44,7 @@ async def test_trigger_then_ticks_complete_the_run_and_its_steps(api: Api) -> No
     assert json_format.MessageToDict(run.payload) == {"commit": "abc"}
     assert dict(run.tags) == {"team": "core"}
     assert run.entity_id == "svc-1"
-    assert run.triggered_by == "anonymous" and run.created_by == "anonymous"
+    assert run.triggered_by == "test-admin" and run.created_by == "test-admin"
     assert run.HasField("created_at") and not run.HasField("started_at") and not run.HasField("finished_at")
     assert run.duration_in_seconds == 0
 

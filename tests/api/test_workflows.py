@@ -22,7 +22,7 @@ async def test_create_then_get_by_id_and_by_name(api: Api) -> None:
     assert created.max_parallel_steps == 2
     assert created.description == "build and test"
     assert not created.archived
-    assert created.created_by == "anonymous"
+    assert created.created_by == "test-admin"
     assert created.HasField("created_at") and created.HasField("updated_at")
     assert [s.ref for s in created.steps] == ["build", "test"]
     assert list(created.steps[1].depends_on) == ["build"]
@@ -41,7 +41,7 @@ async def test_output_only_fields_of_a_create_are_ignored(api: Api) -> None:
     assert created.id != "mine"
     assert created.version == 1
     assert not created.archived
-    assert created.created_by == "anonymous"
+    assert created.created_by == "test-admin"
     assert created.project_id == "default"
 
 

@@ -23,7 +23,7 @@ from conveyor.domain.records import RunQuery
 from conveyor.domain.states import RunStatus
 from conveyor.storage.db import Database
 from conveyor.storage.models import IdempotencyRow, WorkflowRow
-from conveyor.storage.repository import encode_cursor
+from conveyor.storage.paging import encode_cursor
 from conveyor.storage.store import SqlStore
 from tests.storage.test_db import _workflow
 

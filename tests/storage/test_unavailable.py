@@ -35,6 +35,7 @@ from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
 from tests.api.support import failure
+from tests.auth import bearer_interceptors, key
 from tests.conftest import PG_ADMIN_DSN
 from tests.storage.test_db import NOW, _workflow
 
@@ -173,8 +174,10 @@ async def test_grpc_answers_unavailable_with_the_reason(db_url: str, backend: st
     server, port = await build_server(engine, settings)
     await server.start()
     admin = await asyncpg.connect(PG_ADMIN_DSN) if backend == "postgresql" else None
+    token = await key(engine, "test-admin")  # resolved (and cached) before the database is locked
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                             interceptors=bearer_interceptors(token)) as channel:
             workflows = wf_grpc.WorkflowsServiceStub(channel)
             runs = runs_grpc.WorkflowRunsServiceStub(channel)
             definition = json_format.ParseDict({"name": "w", "steps": [{"ref": "a", "kind": "noop"}]},

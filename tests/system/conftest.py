@@ -15,8 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+
+from tests.auth import bearer_interceptors
 
 # A cold start (migrations, Envoy) takes about a second; leave room for a loaded CI machine.
 START_TIMEOUT = 30.0
@@ -30,6 +34,21 @@ class Served:
     grpc_target: str
     rest_url: str
     data_dir: Path
+
+    @property
+    def token(self) -> str:
+        """The admin token the server wrote on its first start over this data directory."""
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers authenticating as that admin."""
+        return {"authorization": f"Bearer {self.token}"}
+
+    def channel(self, **options: Any) -> grpc.aio.Channel:
+        """A gRPC channel to the server whose calls authenticate as that admin."""
+        return grpc.aio.insecure_channel(self.grpc_target, interceptors=bearer_interceptors(self.token),
+                                         **options)
 
     def kill(self) -> None:
         """SIGKILL the server at once, mid-whatever-it-is-doing."""

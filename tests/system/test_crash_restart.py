@@ -26,7 +26,7 @@ from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
-from tests.system.conftest import SpawnFactory
+from tests.system.conftest import Served, SpawnFactory
 
 STEPS = ["a", "wait1", "b", "wait2", "c"]
 WORKFLOW = {
@@ -47,7 +47,7 @@ async def _all_runs(runs: Any) -> list[pb.WorkflowRun]:
 
 async def test_sigkill_mid_run_loses_and_doubles_nothing(spawn: SpawnFactory, db_url: str) -> None:
     acknowledged: list[str] = []
-    async with spawn(db_url) as served, grpc.aio.insecure_channel(served.grpc_target) as channel:
+    async with spawn(db_url) as served, served.channel() as channel:
         workflows = wf_grpc.WorkflowsServiceStub(channel)
         runs = runs_grpc.WorkflowRunsServiceStub(channel)
         await workflows.CreateWorkflow(wf_pb.CreateWorkflowRequest(
@@ -74,7 +74,7 @@ async def test_sigkill_mid_run_loses_and_doubles_nothing(spawn: SpawnFactory, db
         results = await asyncio.gather(*burst, return_exceptions=True)
         assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
 
-    async with spawn(db_url) as served, grpc.aio.insecure_channel(served.grpc_target) as channel:
+    async with spawn(db_url) as served, served.channel() as channel:
         runs = runs_grpc.WorkflowRunsServiceStub(channel)
         steps = steps_grpc.StepRunsServiceStub(channel)
         async with asyncio.timeout(60):
@@ -135,8 +135,8 @@ async def _wait_dead(pid: int, within: float = 5.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def _rest_lists_workflows(rest_url: str) -> None:
-    async with httpx.AsyncClient(base_url=rest_url, timeout=10) as http:
+async def _rest_lists_workflows(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.rest_url, headers=served.headers, timeout=10) as http:
         answer = await http.get("/v1/workflows")
     assert answer.status_code == 200, answer.text
     assert isinstance(answer.json(), list)
@@ -147,7 +147,7 @@ async def test_sigkill_takes_envoy_along_and_a_restart_on_the_same_ports_serves_
     grpc_port, http_port = _free_port(), _free_port()
     async with spawn(db_url, envoy=True, grpc_port=grpc_port, http_port=http_port) as served:
         assert served.rest_url.endswith(f":{http_port}")
-        await _rest_lists_workflows(served.rest_url)
+        await _rest_lists_workflows(served)
         (envoy_pid,) = _children(served.proc.pid)
         assert _is_envoy(envoy_pid)
         served.kill()
@@ -162,7 +162,7 @@ async def test_sigkill_takes_envoy_along_and_a_restart_on_the_same_ports_serves_
     async with spawn(db_url, envoy=True, grpc_port=grpc_port, http_port=http_port) as served:
         assert served.rest_url.endswith(f":{http_port}")
         assert served.grpc_target.endswith(f":{grpc_port}")
-        await _rest_lists_workflows(served.rest_url)
+        await _rest_lists_workflows(served)
 
 
 async def test_an_envoy_left_over_in_the_data_dir_is_killed_on_start(
@@ -193,10 +193,10 @@ async def test_an_envoy_left_over_in_the_data_dir_is_killed_on_start(
         (envoy_dir / "envoy.pid").write_text(f"{leftover.pid}\n")
         async with spawn(db_url, envoy=True, http_port=http_port) as served:
             assert await leftover.wait() == -signal.SIGKILL
-            await _rest_lists_workflows(served.rest_url)
+            await _rest_lists_workflows(served)
             (envoy_dir / "envoy.pid").write_text(f"{bystander.pid}\n")
         async with spawn(db_url, envoy=True, http_port=http_port) as served:
-            await _rest_lists_workflows(served.rest_url)
+            await _rest_lists_workflows(served)
         assert bystander.returncode is None
     finally:
         for proc in (leftover, bystander):

@@ -51,6 +51,7 @@ from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
+from tests.auth import bearer_interceptors
 from tests.processes import WorkerProc
 from tests.system.conftest import Served, SpawnFactory
 from tests.system.crash_worker import DESIGNED_FAILURE, QUEUE
@@ -251,8 +252,8 @@ class Api:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, target: str) -> AsyncIterator[Api]:
-        async with grpc.aio.insecure_channel(target, options=[
+    async def connect(cls, target: str, token: str) -> AsyncIterator[Api]:
+        async with grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(token), options=[
                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 500)]) as channel:
             yield cls(channel)
@@ -296,10 +297,11 @@ class Api:
                     await self.approve(run["id"])
 
 
-async def start_worker(stack: AsyncExitStack, target: str, ledger: Path, log_path: Path,
+async def start_worker(stack: AsyncExitStack, target: str, token: str, ledger: Path, log_path: Path,
                        lease: int = LEASE_SECONDS) -> WorkerProc:
     """`conveyor worker tests.system.crash_worker:worker` (imports from the repository root)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CRASH_LEDGER": str(ledger), "CRASH_LEASE": str(lease)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CRASH_LEDGER": str(ledger), "CRASH_LEASE": str(lease),
+           "CONVEYOR_API_KEY": token}
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "conveyor.cli", "worker", "tests.system.crash_worker:worker",
@@ -609,8 +611,8 @@ async def setup(spawn: SpawnFactory, db_url: str, tmp_path: Path,
         stack.push_async_callback(http.stop)
         port = _free_port()
         served = await stack.enter_async_context(spawn(db_url, grpc_port=port))
-        api = await stack.enter_async_context(Api.connect(f"127.0.0.1:{port}"))
-        worker = await start_worker(stack, f"127.0.0.1:{port}", tmp_path / "ledger.jsonl",
+        api = await stack.enter_async_context(Api.connect(f"127.0.0.1:{port}", served.token))
+        worker = await start_worker(stack, f"127.0.0.1:{port}", served.token, tmp_path / "ledger.jsonl",
                                     tmp_path / "worker-0.log", lease)
         for definition in workflows(http.url):
             await api.create(definition)
@@ -702,7 +704,7 @@ async def test_sigkill_the_worker_mid_task_its_tasks_come_back_after_the_lease_a
                 interrupted.extend(open_)
                 worker.proc.kill()
                 await worker.proc.wait()
-                worker = await start_worker(rig.stack, rig.served.grpc_target, ledger,
+                worker = await start_worker(rig.stack, rig.served.grpc_target, rig.served.token, ledger,
                                             tmp_path / f"worker-{n + 1}.log")
                 # Each task the kill interrupted comes back, with attempt+1, on the new worker.
                 for r in open_:

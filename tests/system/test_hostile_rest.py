@@ -88,7 +88,7 @@ async def raw_request(url: str, method: str, path: str, body: bytes = b"") -> tu
 
 async def test_hostile_rest_requests_are_4xx_json_and_store_nothing(spawn: SpawnFactory, db_url: str) -> None:
     async with (spawn(db_url, envoy=True) as served,
-                httpx.AsyncClient(base_url=served.rest_url, timeout=30) as client):
+                httpx.AsyncClient(base_url=served.rest_url, headers=served.headers, timeout=30) as client):
         assert (await client.post("/v1/workflows", json=DEPLOY)).status_code == 200
 
         # Definitions: unknown fields are named, not dropped; a string is not a bool; templates
@@ -212,7 +212,7 @@ async def test_runs_with_large_or_deep_outputs_read_back_whole(spawn: SpawnFacto
         {"ref": "wide", "kind": "noop", "depends_on": ["a", "b"], "config": {"output": too_big}},
         {"ref": "deep", "kind": "condition", "depends_on": ["a"], "config": {"expression": too_deep}}]}
     async with (spawn(db_url, envoy=True) as served,
-                httpx.AsyncClient(base_url=served.rest_url, timeout=30) as client):
+                httpx.AsyncClient(base_url=served.rest_url, headers=served.headers, timeout=30) as client):
         assert (await client.post("/v1/workflows", json=workflow)).status_code == 200, workflow
         runs = [(await client.post("/v1/workflows/heavy/runs", json={"payload": {"blob": blob}})).json()
                 for _ in range(3)]

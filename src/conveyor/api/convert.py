@@ -17,6 +17,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from conveyor.domain.access import ApiKey, AuditEntry
 from conveyor.domain.errors import FieldViolation, invalid
 from conveyor.domain.records import (
     EventRecord,
@@ -37,7 +38,9 @@ IDEMPOTENCY_METADATA_KEY = "idempotency-key"
 # Workflow fields the server assigns; a client's values for them are ignored on create/update.
 _WORKFLOW_OUTPUT_ONLY = frozenset(
     {"id", "version", "workflow_version_id", "archived", "created_by", "created_at", "updated_at",
-     "next_fire_at", "schedule_paused"})
+     "next_fire_at", "schedule_paused", "webhook_enabled", "webhook_url_hint", "webhook_rotated_at"})
+# Where webhooks are delivered over REST (webhooks_service.proto's path, before the token).
+WEBHOOK_PATH = "/v1/webhooks/"
 
 
 # --- records -> protos ---------------------------------------------------------------------------
@@ -264,6 +267,35 @@ def workflow_to_proto(wf: WorkflowRecord) -> pb.Workflow:
     _set_time(msg.updated_at, wf.updated_at)
     _set_time(msg.next_fire_at, wf.next_fire_at)
     msg.schedule_paused = wf.schedule_paused
+    msg.webhook_enabled = wf.webhook_enabled
+    if wf.webhook_enabled:
+        msg.webhook_url_hint = f"{WEBHOOK_PATH}{wf.webhook_hint}…"
+        _set_time(msg.webhook_rotated_at, wf.webhook_rotated_at)
+    return msg
+
+
+def key_to_proto(key: ApiKey) -> pb.ApiKey:
+    msg = pb.ApiKey(id=key.id, name=key.name, project_id=key.project_id, role=key.role.label,
+                    token_prefix=key.token_prefix, rate_limit=key.rate_limit, created_by=key.created_by)
+    _set_time(msg.created_at, key.created_at)
+    _set_time(msg.expires_at, key.expires_at)
+    _set_time(msg.last_used_at, key.last_used_at)
+    _set_time(msg.revoked_at, key.revoked_at)
+    return msg
+
+
+def audit_to_proto(entry: AuditEntry) -> pb.AuditEntry:
+    msg = pb.AuditEntry(id=str(entry.id), actor=entry.actor, project_id=entry.project_id, method=entry.method,
+                        resource_id=entry.resource_id, code=entry.code, reason=entry.reason,
+                        message=entry.message)
+    _set_time(msg.at, entry.at)
+    return msg
+
+
+def comment_to_proto(event: EventRecord) -> pb.RunComment:
+    msg = pb.RunComment(seq=event.seq, workflow_run_id=event.workflow_run_id, content=event.message,
+                        created_by=event.actor)
+    _set_time(msg.created_at, event.at)
     return msg
 
 
@@ -364,7 +396,8 @@ def tag_filters(values: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _time_or_none(msg: Any, field: str) -> datetime | None:
+def time_or_none(msg: Any, field: str) -> datetime | None:
+    """The time in Timestamp field `field` of `msg`; None when the field is absent."""
     if not msg.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(msg, field)
@@ -383,8 +416,8 @@ def run_query(request: runs_pb.ListWorkflowRunsRequest) -> RunQuery | None:
         statuses=statuses,
         workflow_ids=list(request.workflow_id),
         triggered_by=request.triggered_by,
-        started_after=_time_or_none(request, "started_after"),
-        started_before=_time_or_none(request, "started_before"),
+        started_after=time_or_none(request, "started_after"),
+        started_before=time_or_none(request, "started_before"),
         tags=tags,
     )
 

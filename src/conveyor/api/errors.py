@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -135,14 +135,34 @@ def _undecodable_error() -> ConveyorError:
         "the request could not be decoded (for example, JSON nested too deeply for protobuf)")
 
 
+class Admission(Protocol):
+    """What runs around every handler: `admit` before (binds the caller or raises the error that
+    refuses the call), `audit` after (with how the call ended). api/access.py's Gate."""
+
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None: ...
+    def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None: ...
+
+
+class _Open:
+    """Admits every call and audits none (tests of the interceptor alone)."""
+
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None:
+        return None
+
+    def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
+        return None
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a handler into statuses: ConveyorError -> its mapped status,
     anything else -> INTERNAL "internal error" (traceback logged). Aborts already in flight
-    and cancellations pass through untouched. Before the handler runs, undecodable requests are
-    refused and `prepare` (when given) checks and may rebuild the request."""
+    and cancellations pass through untouched. Before the handler runs, the call is admitted
+    (`admission`: who calls, may they), undecodable requests are refused and `prepare` (when
+    given) checks and may rebuild the request; after it, the outcome is audited."""
 
-    def __init__(self, prepare: Prepare | None = None) -> None:
+    def __init__(self, prepare: Prepare | None = None, admission: Admission | None = None) -> None:
         self._prepare: Prepare = prepare or (lambda request, metadata: request)
+        self._admission: Admission = admission or _Open()
 
     async def intercept_service(
         self,
@@ -153,9 +173,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = handler_call_details.method
+        guard = _Guard(method, self._prepare, self._admission)
         if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method, self._prepare),
+                guard.unary(handler.unary_unary),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
@@ -163,9 +184,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             # Streaming handlers come in two styles: async generators (ours) and coroutines
             # that write with context.write (grpc's health Watch).
             if inspect.isasyncgenfunction(behavior):
-                wrapped: Any = _guard_stream(behavior, method, self._prepare)
+                wrapped: Any = guard.stream(behavior)
             elif inspect.iscoroutinefunction(behavior):
-                wrapped = _guard_unary(behavior, method, self._prepare)
+                wrapped = guard.unary(behavior)
             else:
                 return handler
             return grpc.unary_stream_rpc_method_handler(
@@ -178,6 +199,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> NoReturn:
     if isinstance(exc, ConveyorError):
+        if retry_after := exc.metadata.get("retry_after"):
+            # As a header too: REST clients (and Envoy's transcoder, which turns initial
+            # metadata into response headers) read `Retry-After`.
+            await context.send_initial_metadata((("retry-after", retry_after),))
         await context.abort_with_status(status_of(exc))
     else:
         logger.exception("unexpected error in %s", method, exc_info=exc)
@@ -185,35 +210,52 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     raise AssertionError("unreachable")
 
 
-def _checked(request: Any, context: grpc.aio.ServicerContext, prepare: Prepare) -> Any:
-    if request is _UNDECODABLE:
-        raise _undecodable_error()
-    return prepare(request, context.invocation_metadata() or ())
+class _Guard:
+    """One method's wrapping of its handler: admit, check, handle, map errors, audit."""
 
+    def __init__(self, method: str, prepare: Prepare, admission: Admission) -> None:
+        self.method = method
+        self.prepare = prepare
+        self.admission = admission
 
-def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-                 method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(_checked(request, context, prepare), context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _fail(context, exc, method)
+    async def _enter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = context.invocation_metadata() or ()
+        await self.admission.admit(self.method, metadata)
+        if request is _UNDECODABLE:
+            raise _undecodable_error()
+        return self.prepare(request, metadata)
 
-    return guarded
+    def unary(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+              ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            response: Any = None
+            error: BaseException | None = None
+            try:
+                response = await behavior(await self._enter(request, context), context)
+                return response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                error = exc
+                await _fail(context, exc, self.method)
+            except BaseException as exc:  # cancelled: the client went away
+                error = exc
+                raise
+            finally:
+                decoded = None if request is _UNDECODABLE else request
+                self.admission.audit(self.method, decoded, response, error)
 
+        return guarded
 
-def _guard_stream(
-        behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
-        method: str, prepare: Prepare) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in behavior(_checked(request, context, prepare), context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _fail(context, exc, method)
+    def stream(self, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+               ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(await self._enter(request, context), context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, exc, self.method)
 
-    return guarded
+        return guarded

@@ -48,11 +48,12 @@ ID_FIELDS = frozenset({
     "id", "workflow_id", "workflow_run_id", "workflow_run_ids", "step_ref", "project_id", "name",
     "ref", "kind", "queue", "depends_on", "idempotency_key", "entity_id", "run_as", "triggered_by",
     "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
-    "task_id", "worker_id",
+    "task_id", "worker_id", "role", "key_id", "token", "token_prefix", "actor", "method", "resource_id",
+    "code", "webhook_url_hint",
 })
 # "tags" here is the length of a tag's value (its key is an identifier).
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})
-TEXT_FIELDS = frozenset({"description", "when", "condition", "error"})
+TEXT_FIELDS = frozenset({"description", "when", "condition", "error", "content", "webhook_url"})
 
 # Repeated fields (and maps) by count class.
 FILTER_FIELDS = frozenset({"status", "workflow_id", "tag"})

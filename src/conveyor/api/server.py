@@ -10,9 +10,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.api.access import Gate
+from conveyor.api.audit import AuditServicer
 from conveyor.api.errors import ErrorInterceptor
+from conveyor.api.keys import KeysServicer
 from conveyor.api.requests import RequestChecker
 from conveyor.api.step_runs import StepRunsServicer
+from conveyor.api.webhooks import WebhooksServicer
 from conveyor.api.workers import WorkersServicer
 from conveyor.api.workflow_runs import WorkflowRunsServicer
 from conveyor.api.workflows import WorkflowsServicer
@@ -21,8 +25,14 @@ from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import rest_body_bytes
 from conveyor.settings import Settings
 from conveyor.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
+    keys_service_pb2,
+    keys_service_pb2_grpc,
     step_runs_service_pb2,
     step_runs_service_pb2_grpc,
+    webhooks_service_pb2,
+    webhooks_service_pb2_grpc,
     workers_service_pb2,
     workers_service_pb2_grpc,
     workflow_runs_service_pb2,
@@ -39,6 +49,9 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
         (workflow_runs_service_pb2, "WorkflowRunsService"),
         (step_runs_service_pb2, "StepRunsService"),
         (workers_service_pb2, "WorkersService"),
+        (keys_service_pb2, "KeysService"),
+        (audit_service_pb2, "AuditService"),
+        (webhooks_service_pb2, "WebhooksService"),
     ))
 
 # RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED):
@@ -72,18 +85,23 @@ async def build_server(engine: Engine, settings: Settings) -> tuple[grpc.aio.Ser
     """
     server = grpc.aio.server(
         # Every request is checked against the limits before its handler runs.
-        interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare)],
+        interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare,
+                                       admission=Gate(engine, settings.auth_enabled, settings.rate_limit))],
         options=[
             ("grpc.max_receive_message_length", rest_body_bytes(settings) * JSON_TO_PROTOBUF_GROWTH),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ],
     )
-    workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(WorkflowsServicer(engine), server)
+    workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(
+        WorkflowsServicer(engine, settings), server)
     workflow_runs_service_pb2_grpc.add_WorkflowRunsServiceServicer_to_server(
         WorkflowRunsServicer(engine), server)
     step_runs_service_pb2_grpc.add_StepRunsServiceServicer_to_server(StepRunsServicer(engine), server)
     workers_service_pb2_grpc.add_WorkersServiceServicer_to_server(WorkersServicer(engine), server)
+    keys_service_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(engine), server)
+    audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(engine), server)
+    webhooks_service_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(engine), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

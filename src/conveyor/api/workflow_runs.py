@@ -102,6 +102,20 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
         for event in page.items:
             yield convert.event_to_proto(event)
 
+    async def AddRunComment(self, request: runs_pb.AddRunCommentRequest,
+                            context: grpc.aio.ServicerContext) -> pb.RunComment:
+        event = await self._engine.runs.comment(request.workflow_run_id, request.content,
+                                                caller=caller_from(context))
+        return convert.comment_to_proto(event)
+
+    async def ListRunComments(self, request: runs_pb.ListRunCommentsRequest,
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunComment]:
+        page = await self._engine.runs.comments(request.workflow_run_id, request.limit, request.page_token,
+                                                caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
+        for event in page.items:
+            yield convert.comment_to_proto(event)
+
     async def WatchWorkflowRun(
             self, request: runs_pb.WatchWorkflowRunRequest,
             context: grpc.aio.ServicerContext) -> AsyncIterator[runs_pb.WatchWorkflowRunResponse]:

@@ -9,16 +9,19 @@ import grpc
 from conveyor.api import convert
 from conveyor.api.caller import caller_from
 from conveyor.engine.facade import Engine
+from conveyor.settings import Settings
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
 
 
 class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
-    """Create, read, list, version and archive workflow definitions; pause and resume schedules."""
+    """Create, read, list, version and archive workflow definitions; pause and resume schedules;
+    enable, rotate and disable webhooks."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
+        self._settings = settings
 
     async def CreateWorkflow(self, request: wf_pb.CreateWorkflowRequest,
                              context: grpc.aio.ServicerContext) -> pb.Workflow:
@@ -62,5 +65,19 @@ class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
     async def ResumeSchedule(self, request: wf_pb.ResumeScheduleRequest,
                              context: grpc.aio.ServicerContext) -> pb.Workflow:
         wf = await self._engine.workflows.resume_schedule(request.workflow_id, request.project_id,
+                                                          caller=caller_from(context))
+        return convert.workflow_to_proto(wf)
+
+    async def RotateWebhook(self, request: wf_pb.RotateWebhookRequest,
+                            context: grpc.aio.ServicerContext) -> wf_pb.RotateWebhookResponse:
+        wf, token = await self._engine.workflows.rotate_webhook(request.workflow_id, request.project_id,
+                                                                caller=caller_from(context))
+        return wf_pb.RotateWebhookResponse(
+            workflow=convert.workflow_to_proto(wf),
+            webhook_url=f"{self._settings.rest_base_url}{convert.WEBHOOK_PATH}{token}")
+
+    async def DisableWebhook(self, request: wf_pb.DisableWebhookRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Workflow:
+        wf = await self._engine.workflows.disable_webhook(request.workflow_id, request.project_id,
                                                           caller=caller_from(context))
         return convert.workflow_to_proto(wf)

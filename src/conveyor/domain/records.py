@@ -31,6 +31,10 @@ class WorkflowRecord:
     # The schedule's next tick (UTC); None without a schedule, while paused or once archived.
     next_fire_at: datetime | None = None
     schedule_paused: bool = False
+    # The inbound webhook: enabled or not, its token's first characters, when it was issued.
+    webhook_enabled: bool = False
+    webhook_hint: str = ""
+    webhook_rotated_at: datetime | None = None
 
     @property
     def archived(self) -> bool:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from conveyor.engine.audit import AuditLog
 from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock, SystemClock
 from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
+from conveyor.engine.keys import Keys
 from conveyor.engine.leases import Leases
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Expired idempotency records are deleted this often (they are already ignored once expired).
 PURGE_INTERVAL_SECONDS = 600.0
+# When API keys were last used is written this often (ApiKey.last_used_at is "to within a minute").
+KEY_USAGE_INTERVAL_SECONDS = 60.0
 
 
 class Engine:
@@ -54,7 +58,10 @@ class Engine:
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
+        self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds)
+        self.audit = AuditLog(store)
         self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
+        self._key_usage = Background("conveyor-key-usage", self._key_usage_loop)
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
@@ -62,9 +69,16 @@ class Engine:
         self.http.start()
         self.schedules.start()
         self._housekeeping.start()
+        self._key_usage.start()
 
     async def stop(self) -> None:
         await self._housekeeping.stop()
+        await self._key_usage.stop()
+        for last_words in (self.audit.close, self.keys.flush_usage):
+            try:
+                await last_words()
+            except Exception:
+                log.exception("writing the audit log or key usage at shutdown failed")
         await self.schedules.stop()
         await self.http.stop()  # before the leases close: its reports go through them
         await self.triggers.close()
@@ -80,6 +94,15 @@ class Engine:
             except Exception:
                 # Housekeeping failing now and then is harmless: expired keys are ignored anyway.
                 log.exception("purging expired idempotency keys failed")
+
+    async def _key_usage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_USAGE_INTERVAL_SECONDS)
+            try:
+                await self.keys.flush_usage()
+            except Exception:
+                # Only last_used_at is late; the next flush writes it.
+                log.exception("recording when API keys were last used failed")
 
     async def tick(self) -> int:
         """Advance every run that is due now; returns how many runs were looked at."""

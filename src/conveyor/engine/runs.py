@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from conveyor.domain import operations as ops
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
 from conveyor.domain.records import (
     Caller,
     EventRecord,
@@ -24,6 +24,9 @@ from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.units import Operation, RunUnits
+
+# The event type of a run's comments (seed 001): ListRunComments lists these.
+COMMENT_EVENT = "run.comment"
 
 
 class RunService:
@@ -54,6 +57,20 @@ class RunService:
         async with self.store.read() as repo:
             await repo.get_run(run_id, caller.project)  # NOT_FOUND outside the caller's scope
             return await repo.list_events(run_id, after_seq, limit, token)
+
+    async def comment(self, run_id: str, content: str, caller: Caller) -> EventRecord:
+        """Add an operator's comment: a "run.comment" event of the run, in any status."""
+        if not content.strip():
+            raise invalid("a comment needs content", [FieldViolation("content", "is empty")])
+        def note(c: Changes, _s: object, _p: object) -> EventRecord:
+            return c.event(COMMENT_EVENT, status=str(c.run.status), message=content)
+
+        return await self.units.mutate(run_id, caller, note)
+
+    async def comments(self, run_id: str, limit: int, token: str, caller: Caller) -> Page[EventRecord]:
+        async with self.store.read() as repo:
+            await repo.get_run(run_id, caller.project)  # NOT_FOUND outside the caller's scope
+            return await repo.list_events(run_id, 0, limit, token, type_=COMMENT_EVENT)
 
     async def cancel(self, run_id: str, caller: Caller) -> None:
         await self.units.mutate(run_id, caller, lambda c, steps, _: ops.cancel_run(c, steps))

@@ -18,6 +18,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from conveyor.domain.access import TOKEN_PREFIX_LENGTH, WEBHOOK_TOKEN_PREFIX, new_token, token_hash
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import workflow_archived
@@ -154,6 +155,37 @@ class WorkflowService:
             wf.next_fire_at = None if paused else first_tick(wf.spec.schedule, now)
             wf.updated_at = now
             await repo.set_schedule(wf.id, paused, wf.next_fire_at, now)
+        return wf
+
+    async def rotate_webhook(self, ident: str, project_id: str, caller: Caller) -> tuple[WorkflowRecord, str]:
+        """Enable the workflow's webhook with a new token (the old one stops working at once);
+        returns the workflow and the token, which is stored only as its hash."""
+        token = new_token(WEBHOOK_TOKEN_PREFIX)
+        async with self.store.write() as repo:
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
+            if wf.archived:
+                raise workflow_archived(wf.name)
+            now = self.clock.now()
+            wf.webhook_enabled, wf.webhook_rotated_at = True, now
+            wf.webhook_hint = token[:TOKEN_PREFIX_LENGTH]
+            await repo.set_webhook(wf.id, token_hash(token), wf.webhook_hint, now)
+        return wf, token
+
+    async def disable_webhook(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
+        async with self.store.write() as repo:
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
+            await repo.set_webhook(wf.id, None, "", None)
+        wf.webhook_enabled, wf.webhook_hint, wf.webhook_rotated_at = False, "", None
+        return wf
+
+    async def webhook_target(self, token: str) -> WorkflowRecord:
+        """The workflow whose webhook token this is; NOT_FOUND for any other string (unknown,
+        rotated away, disabled), the same answer whatever was sent."""
+        digest = token_hash(token)
+        async with self.store.read() as repo:
+            wf = await repo.workflow_by_webhook(digest) if token.startswith(WEBHOOK_TOKEN_PREFIX) else None
+        if wf is None:
+            raise ConveyorError(ErrorKind.NOT_FOUND, "WEBHOOK_NOT_FOUND", "no webhook has this URL")
         return wf
 
 

@@ -16,7 +16,10 @@ from google.protobuf.descriptor import FileDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from conveyor.v1 import (
+    audit_service_pb2,
+    keys_service_pb2,
     step_runs_service_pb2,
+    webhooks_service_pb2,
     workers_service_pb2,
     workflow_runs_service_pb2,
     workflows_service_pb2,
@@ -28,6 +31,9 @@ ROOT_FILES: tuple[FileDescriptor, ...] = (
     workflow_runs_service_pb2.DESCRIPTOR,
     step_runs_service_pb2.DESCRIPTOR,
     workers_service_pb2.DESCRIPTOR,
+    keys_service_pb2.DESCRIPTOR,
+    audit_service_pb2.DESCRIPTOR,
+    webhooks_service_pb2.DESCRIPTOR,
     status_pb2.DESCRIPTOR,
     error_details_pb2.DESCRIPTOR,
 )

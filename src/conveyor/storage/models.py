@@ -82,6 +82,11 @@ class WorkflowRow(Base):
     cron_timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
     next_fire_at: Mapped[datetime | None] = mapped_column(nullable=True)
     schedule_paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The inbound webhook: its token's hash (unique: a delivery finds its workflow by it), the
+    # token's first characters for display, and when it was issued. NULL hash: disabled.
+    webhook_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    webhook_hint: Mapped[str] = mapped_column(String(16), default="")
+    webhook_rotated_at: Mapped[datetime | None] = mapped_column(nullable=True)
     archived_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime]
@@ -277,13 +282,42 @@ class IdempotencyRow(Base):
 
 
 class ApiKeyRow(Base):
-    """An API key: only its hash is stored (SPEC §6)."""
+    """An API key: only its token's hash is stored (SPEC §6)."""
 
     __tablename__ = "api_keys"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    # Unique: `keys revoke NAME` and the actor of events name one key.
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     project_id: Mapped[str] = mapped_column(String(128))
     role: Mapped[str] = mapped_column(String(16))
+    # Resolving a token is a lookup by this unique index.
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_prefix: Mapped[str] = mapped_column(String(16), default="")
+    rate_limit: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AuditRow(Base):
+    """One write call, accepted or refused. Append-only; ids give the newest-first order."""
+
+    __tablename__ = "audit_entries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    project_id: Mapped[str] = mapped_column(String(128), default="")
+    method: Mapped[str] = mapped_column(String(100))
+    resource_id: Mapped[str] = mapped_column(String(200), default="")
+    code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (
+        # An admin of one project reads that project's entries, newest first.
+        Index("ix_audit_project", "project_id", "id"),
+        # Who did what: one key's entries, newest first.
+        Index("ix_audit_actor", "actor", "id"),
+    )

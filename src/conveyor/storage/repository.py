@@ -8,7 +8,6 @@ may see all projects). Dialect differences live here and in db.py only.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import sqlite3
@@ -56,6 +55,7 @@ from conveyor.domain.records import (
 )
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
+from conveyor.storage.access import AccessStatements
 from conveyor.storage.db import json_text
 from conveyor.storage.models import (
     IdempotencyRow,
@@ -68,6 +68,7 @@ from conveyor.storage.models import (
     WorkflowRow,
     WorkflowVersionRow,
 )
+from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 
 # Declarative __table__ is typed as a FromClause; these are Tables.
 runs_t = cast(Table, RunRow.__table__)
@@ -92,8 +93,6 @@ _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "erro
 # Runs a wake-up signal is still news to (a final run has nothing left to do).
 _LIVE_RUN = [str(RunStatus.PENDING), str(RunStatus.RUNNING), str(RunStatus.PAUSED)]
 
-MAX_PAGE = 1000
-DEFAULT_PAGE = 50
 # The run columns in RunRecord's field order (its last field, fence, is no column): a row selected
 # as these is RunRecord's positional arguments, built without a lookup by name per column.
 _RUN_COLUMNS = [runs_t.c[k] for k in _RUN_FIELDS]
@@ -138,65 +137,6 @@ def event_from_row(m: Any) -> EventRecord:
 
 def _row(rec: object, names: Iterable[str]) -> dict[str, Any]:
     return {k: getattr(rec, k) for k in names}
-
-
-# -- pagination ---------------------------------------------------------------------------------
-
-def page_size(limit: int) -> int:
-    """The page size for a request's `limit` (default 50, at most 1000)."""
-    if limit < 0:
-        raise invalid("limit must not be negative", reason="INVALID_PAGE_SIZE")
-    return min(limit or DEFAULT_PAGE, MAX_PAGE)
-
-
-def encode_cursor(*parts: Any) -> str:
-    """An opaque page token for a keyset position."""
-    raw = json.dumps([p.isoformat() if isinstance(p, datetime) else p for p in parts])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-# The two shapes of our cursors: a position or seq (n=1: one int), and a newest-first keyset
-# (n=2: an ISO timestamp with its offset, and an id). A forged token of any other shape, type or
-# size is INVALID_PAGE_TOKEN: it must never reach SQL, where it would fail as a 500 (a string
-# compared to an integer column on PostgreSQL, a naive time, an integer past BIGINT).
-_MAX_CURSOR_INT = 2**31 - 1
-_MAX_CURSOR_ID = 200
-_MAX_TOKEN_CHARS = 1000
-
-
-def decode_cursor(token: str, n: int) -> list[Any]:
-    """The keyset position in a page token; INVALID_ARGUMENT when it is not one of ours."""
-    try:
-        if len(token) > _MAX_TOKEN_CHARS:
-            raise ValueError("too long")
-        parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if not isinstance(parts, list) or len(parts) != n:
-            raise ValueError("wrong shape")
-        if n == 1:
-            (pos,) = parts
-            if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= _MAX_CURSOR_INT:
-                raise ValueError("not a position")
-        else:
-            at, ident = parts
-            if not isinstance(ident, str) or not 0 < len(ident) <= _MAX_CURSOR_ID or "\x00" in ident:
-                raise ValueError("not an id")
-            _cursor_time(at)
-        return parts
-    except (ValueError, TypeError, RecursionError) as e:
-        raise invalid("page_token is not valid", reason="INVALID_PAGE_TOKEN") from e
-
-
-def _cursor_time(at: Any) -> datetime:
-    """The timestamp of a keyset cursor; ValueError unless it is an ISO time with an offset."""
-    if not isinstance(at, str) or len(at) > 40:
-        raise ValueError("not a time")
-    ts = datetime.fromisoformat(at)
-    if ts.tzinfo is None:
-        raise ValueError("a time without offset")
-    try:
-        return ts.astimezone(UTC)  # what the column stores; year 1 or 9999 may not convert
-    except OverflowError as e:
-        raise ValueError("a time out of range") from e
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
@@ -266,7 +206,7 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository:
+class Repository(AccessStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
@@ -313,6 +253,17 @@ class Repository:
             next_fire_at=wf.next_fire_at, schedule_paused=wf.schedule_paused,
             updated_at=wf.updated_at))
 
+    async def set_webhook(self, workflow_id: str, token_hash: str | None, hint: str,
+                          at: datetime | None) -> None:
+        """Enable the workflow's webhook with a new token hash, or disable it (None)."""
+        await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id).values(
+            webhook_hash=token_hash, webhook_hint=hint, webhook_rotated_at=at))
+
+    async def workflow_by_webhook(self, token_hash: str) -> WorkflowRecord | None:
+        m = (await self.conn.execute(
+            self._workflow_select().where(wf_t.c.webhook_hash == token_hash))).mappings().first()
+        return None if m is None else self._workflow_from_row(m)
+
     async def archive_workflow(self, workflow_id: str, now: datetime) -> None:
         await self.conn.execute(update(wf_t).where(wf_t.c.id == workflow_id, wf_t.c.archived_at.is_(None))
                                 .values(archived_at=now, updated_at=now, next_fire_at=None))
@@ -327,7 +278,8 @@ class Repository:
             version_id=m["current_version_id"], spec=WorkflowSpec.from_dict(m["spec"]),
             created_by=m["created_by"], created_at=m["created_at"], updated_at=m["updated_at"],
             archived_at=m["archived_at"], next_fire_at=m["next_fire_at"],
-            schedule_paused=m["schedule_paused"])
+            schedule_paused=m["schedule_paused"], webhook_enabled=m["webhook_hash"] is not None,
+            webhook_hint=m["webhook_hint"], webhook_rotated_at=m["webhook_rotated_at"])
 
     async def find_workflow(self, ident: str, scope: str | None, project: str,
                             lock: bool = False) -> WorkflowRecord:
@@ -556,7 +508,7 @@ class Repository:
             # The cursor's time bounds created_at as a range too: the scan then starts at the
             # cursor in the index instead of stepping over every newer row (neither database
             # reads the OR of _before as a range), so a deep page costs what the first one does.
-            stmt = stmt.where(runs_t.c.created_at <= _cursor_time(at),
+            stmt = stmt.where(runs_t.c.created_at <= cursor_time(at),
                               _before(runs_t.c.created_at, runs_t.c.id, at, ident))
         stmt = stmt.order_by(runs_t.c.created_at.desc(), runs_t.c.id.desc()).limit(n + 1)
         rows = (await self.conn.execute(stmt)).all()
@@ -765,12 +717,17 @@ class Repository:
         items = [step_from_row(m) for m in rows[:n]]
         return Page(items, encode_cursor(items[-1].position) if len(rows) > n else "")
 
-    async def list_events(self, run_id: str, after_seq: int, limit: int, token: str) -> Page[EventRecord]:
+    async def list_events(self, run_id: str, after_seq: int, limit: int, token: str,
+                          type_: str = "") -> Page[EventRecord]:
+        """A run's events in seq order; only those of one type when `type_` is given (a run's
+        comments are its "run.comment" events)."""
         n = page_size(limit)
         if token:
             (after_seq,) = decode_cursor(token, 1)
-        stmt = (select(events_t).where(events_t.c.workflow_run_id == run_id, events_t.c.seq > int(after_seq))
-                .order_by(events_t.c.seq).limit(n + 1))
+        stmt = select(events_t).where(events_t.c.workflow_run_id == run_id, events_t.c.seq > int(after_seq))
+        if type_:
+            stmt = stmt.where(events_t.c.type == type_)
+        stmt = stmt.order_by(events_t.c.seq).limit(n + 1)
         rows = (await self.conn.execute(stmt)).mappings().all()
         items = [event_from_row(m) for m in rows[:n]]
         return Page(items, encode_cursor(items[-1].seq) if len(rows) > n else "")
@@ -887,7 +844,7 @@ class Repository:
 def _before(col_at: Any, col_id: Any, at: str, ident: str) -> Any:
     """Keyset condition for newest-first pages: rows strictly after the cursor position."""
     try:
-        ts = _cursor_time(at)  # decode_cursor checked it already; kept for direct callers
+        ts = cursor_time(at)  # decode_cursor checked it already; kept for direct callers
     except ValueError as e:
         raise invalid("page_token is not valid", reason="INVALID_PAGE_TOKEN") from e
     return or_(col_at < ts, and_(col_at == ts, col_id < ident))

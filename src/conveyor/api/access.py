@@ -1,0 +1,200 @@
+"""Who may call what: the role every RPC needs, the bearer-token gate in front of every handler,
+per-key rate limits, and the audit entry every write call leaves.
+
+`Gate.admit` runs for every call before its request is checked or handled (the error
+interceptor calls it): it reads `authorization: Bearer <token>`, resolves the token to its key
+(cached, engine/keys.py), checks the key's role against `RPC_ROLES` and takes a token from the
+key's bucket. The resulting `Caller` is bound to the call (api/caller.py) for the servicers.
+Missing, unknown, revoked or expired token: UNAUTHENTICATED (401 over REST); a key whose role
+is too low: PERMISSION_DENIED (403); over the key's rate: RESOURCE_EXHAUSTED (429) with a
+`retry-after` header. Project isolation is not decided here: every use case scopes by the
+caller's project, so a foreign resource answers NOT_FOUND as if absent.
+
+Worker RPCs need an operator key of the project (decision, README): a worker leases, completes
+and fails steps of its project's runs, which is what an operator may do; a separate role would
+add a fourth rung for no capability an operator lacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from conveyor.api.caller import ANONYMOUS, WEBHOOK, bind, bound
+from conveyor.api.errors import INTERNAL_MESSAGE, STATUS_CODES
+from conveyor.domain.access import AuditEntry, Role
+from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.records import Caller
+from conveyor.engine.facade import Engine
+
+V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+
+# The role each RPC needs, by service then method; None: no key (the webhook's URL carries its
+# own secret). A test checks every RPC of the descriptors has an entry, so a new RPC cannot be
+# served without a decision.
+_ROLES: dict[str, dict[str, Role | None]] = {
+    "WorkflowsService": {
+        "CreateWorkflow": A, "UpdateWorkflow": A, "ArchiveWorkflow": A, "RotateWebhook": A,
+        "DisableWebhook": A, "GetWorkflow": V, "ListWorkflows": V,
+        # Pausing a schedule steers when runs start, as cancelling one does; the definition
+        # stays as it is.
+        "PauseSchedule": OP, "ResumeSchedule": OP,
+    },
+    "WorkflowRunsService": {
+        "GetWorkflowRun": V, "ListWorkflowRuns": V, "ListRunEvents": V, "WatchWorkflowRun": V,
+        "WatchProjectRuns": V, "ListRunComments": V,
+        "TriggerWorkflowRun": OP, "CancelWorkflowRun": OP, "PauseWorkflowRun": OP, "ResumeWorkflowRun": OP,
+        "RetryWorkflowRun": OP, "BulkCancelWorkflowRuns": OP, "BulkReplayWorkflowRuns": OP,
+        "AddRunComment": OP,
+    },
+    "StepRunsService": {
+        "ListStepRuns": V, "ApproveStep": OP, "SubmitStepInput": OP, "SkipStep": OP, "ForceCompleteStep": OP,
+        "RetryStep": OP, "ReplaySubtree": OP,
+    },
+    "WorkersService": {
+        "PollTasks": OP, "StreamTasks": OP, "HeartbeatTask": OP, "HeartbeatTasks": OP, "CompleteTask": OP,
+        "FailTask": OP,
+    },
+    "KeysService": {"CreateApiKey": A, "ListApiKeys": A, "RevokeApiKey": A},
+    "AuditService": {"ListAuditEntries": A},
+    "WebhooksService": {"DeliverWebhook": None},
+}
+RPC_ROLES: dict[str, Role | None] = {
+    f"/conveyor.v1.{service}/{method}": role
+    for service, methods in _ROLES.items() for method, role in methods.items()
+}
+# Calls the audit log records: every write (any RPC an operator or admin needs, and webhook
+# deliveries), but not the workers' lease traffic, which is high-volume and already recorded as
+# run events naming the worker.
+AUDITED: frozenset[str] = frozenset(
+    m for m, role in RPC_ROLES.items()
+    if (role is None or role >= OP) and not m.startswith("/conveyor.v1.WorkersService/"))
+# Served without a key: grpc's health checks and reflection.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class RateLimiter:
+    """Token buckets per key: `rate` requests per second, bursts of up to one second's worth."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when counted)
+
+    def take(self, key: str, rate: int) -> float:
+        """0 when the request may go ahead; else seconds until the bucket holds a token."""
+        now = self._now()
+        tokens, then = self._buckets.get(key, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - then) * rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+
+def _bearer(metadata: Sequence[tuple[str, Any]]) -> str:
+    for name, value in metadata:
+        if name == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ConveyorError(ErrorKind.UNAUTHENTICATED, "MALFORMED_TOKEN",
+                                    "the authorization header must be 'Bearer <API key>'")
+            return token.strip()
+    raise ConveyorError(ErrorKind.UNAUTHENTICATED, "MISSING_TOKEN",
+                        "this call needs an API key: send 'authorization: Bearer <API key>'")
+
+
+class Gate:
+    """Admits calls (authentication, role, rate) and records the audit entries of writes."""
+
+    def __init__(self, engine: Engine, enabled: bool, default_rate: int,
+                 limiter: RateLimiter | None = None) -> None:
+        self._engine = engine
+        self._enabled = enabled
+        self._default_rate = default_rate
+        self._limiter = limiter or RateLimiter()
+
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None:
+        """Bind the call's Caller, or raise the ConveyorError that refuses it."""
+        if method.startswith(_PUBLIC_PREFIXES):
+            return
+        needed = RPC_ROLES.get(method, A)  # an RPC missing from the table is admin-only
+        if needed is None:
+            bind(WEBHOOK)
+            return
+        if not self._enabled:
+            bind(ANONYMOUS)
+            return
+        key = await self._engine.keys.resolve(_bearer(metadata))
+        if key is None:
+            raise ConveyorError(ErrorKind.UNAUTHENTICATED, "INVALID_TOKEN",
+                                "the API key is unknown, revoked or expired")
+        caller = key.caller()
+        bind(caller)
+        if key.role < needed:
+            raise ConveyorError(ErrorKind.PERMISSION_DENIED, "ROLE_TOO_LOW",
+                                f"{method.rsplit('/', 1)[-1]} needs the {needed.label} role; "
+                                f"key {key.name!r} is {key.role.label}",
+                                metadata={"needed": needed.label, "role": key.role.label})
+        rate = key.rate_limit or self._default_rate
+        if rate > 0 and (wait := self._limiter.take(key.id, rate)) > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise ConveyorError(ErrorKind.RESOURCE_EXHAUSTED, "RATE_LIMITED",
+                                f"key {key.name!r} is over its limit of {rate} requests per second",
+                                metadata={"retry_after": str(seconds), "limit": str(rate)})
+
+    def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
+        """Record a write call's outcome, refused by the gate or not (called by the interceptor
+        once the call ended)."""
+        if method not in AUDITED:
+            return
+        if isinstance(error, ConveyorError):
+            if error.kind is ErrorKind.RESOURCE_EXHAUSTED and error.reason == "RATE_LIMITED":
+                return  # a flood of refusals would be a flood of entries; the limit is the record
+            code, reason, message = STATUS_CODES[error.kind].name, error.reason, error.message
+        elif error is not None:
+            code, reason, message = "INTERNAL", "INTERNAL", INTERNAL_MESSAGE
+        else:
+            code, reason, message = "OK", "", ""
+        caller = bound()
+        self._engine.audit.record(AuditEntry(
+            at=self._engine.clock.now(), actor=caller.name if caller is not None else "",
+            project_id=_project(request, response, caller), method=method.removeprefix("/conveyor.v1."),
+            resource_id=_resource(request, response), code=code, reason=reason, message=message))
+
+
+def _field(message: Any, name: str) -> str:
+    try:
+        value = getattr(message, name)
+    except AttributeError:
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def _sub(message: Any) -> Any:
+    """The resource a response wraps (CreateApiKeyResponse.key, RotateWebhookResponse.workflow)."""
+    for name in ("key", "workflow"):
+        try:
+            if message.HasField(name):
+                return getattr(message, name)
+        except (ValueError, AttributeError):
+            continue
+    return None
+
+
+def _resource(request: Any, response: Any) -> str:
+    for message in (response, _sub(response) if response is not None else None):
+        if message is not None and (found := _field(message, "id")):
+            return found
+    for name in ("workflow_run_id", "workflow_id", "key_id", "task_id", "name"):
+        if request is not None and (found := _field(request, name)):
+            return found
+    return ""
+
+
+def _project(request: Any, response: Any, caller: Caller | None) -> str:
+    for message in (response, _sub(response) if response is not None else None, request):
+        if message is not None and (found := _field(message, "project_id")):
+            return found
+    return caller.project or "" if caller is not None else ""
