@@ -38,7 +38,8 @@ async def wait_final(client: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
 
 
 async def test_walkthrough_over_rest(spawn: SpawnFactory, db_url: str) -> None:
-    async with spawn(db_url, envoy=True) as served, httpx.AsyncClient(base_url=served.rest_url, headers=served.headers) as client:
+    async with (spawn(db_url, envoy=True) as served,
+                httpx.AsyncClient(base_url=served.rest_url, headers=served.headers) as client):
         created = await client.post("/v1/workflows", json=DEPLOY)
         assert created.status_code == 200, created.text
         workflow = created.json()
