@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python bench/hostile.py
 	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/workers.py --http
+	$(BIN)/python bench/cli.py
 
 clean:
 	rm -rf $(VENV) .conveyor
