@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from conveyor.sdk.auth import bearer_interceptors
 from conveyor.v1 import resources_pb2, workflow_runs_service_pb2, workflows_service_pb2
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2_grpc as workflows_grpc
@@ -194,14 +195,40 @@ class Served:
         return self.proc.pid
 
 
+# The admin token of the server started last, in the environment so the load processes, workers
+# (CONVEYOR_API_KEY) and `conveyor` commands the benchmarks start inherit it.
+TOKEN_ENV = "CONVEYOR_TOKEN"
+
+
+def open_channel(target: str, **options: Any) -> grpc.aio.Channel:
+    """A gRPC channel whose calls carry the admin token of the server started last."""
+    token = os.environ.get(TOKEN_ENV, "")
+    return grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(token) if token else None,
+                                     **options)
+
+
+def rest_headers() -> dict[str, str]:
+    """HTTP headers carrying the same token."""
+    token = os.environ.get(TOKEN_ENV, "")
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _adopt_token(data_dir: Path | None) -> None:
+    """Use the admin token a server wrote into its data directory on its first start."""
+    path = data_dir / "admin.token" if data_dir is not None else None
+    if path is not None and path.exists():
+        os.environ[TOKEN_ENV] = os.environ["CONVEYOR_API_KEY"] = path.read_text().strip()
+
+
 @asynccontextmanager
-async def _spawn(name: str, args: list[str], log_path: Path, want_rest: bool) -> AsyncIterator[Served]:
+async def _spawn(name: str, args: list[str], log_path: Path, want_rest: bool, data_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> AsyncIterator[Served]:
     """Start `args`, read "gRPC on HOST:PORT" (and "REST on URL") from its stdout, and always
     stop it on the way out: SIGTERM, wait, then SIGKILL it and any children it left behind."""
     log = log_path.open("ab")
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
                                                 stdin=asyncio.subprocess.DEVNULL,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     try:
         grpc_target = rest_url = ""
         assert proc.stdout is not None
@@ -219,6 +246,7 @@ async def _spawn(name: str, args: list[str], log_path: Path, want_rest: bool) ->
         except TimeoutError:
             raise ServerStartError(f"{name} did not start within {START_TIMEOUT:.0f} s:\n"
                                    f"{log_tail(log_path)}") from None
+        _adopt_token(data_dir)
         yield Served(proc, grpc_target, rest_url, log_path)
     finally:
         await _stop(proc)
@@ -245,20 +273,24 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def spawn_server(data_dir: Path, envoy: bool) -> contextlib.AbstractAsyncContextManager[Served]:
-    """`conveyor serve` on free ports over a fresh SQLite file in data_dir; its log in data_dir."""
+def spawn_server(data_dir: Path, envoy: bool,
+                 auth: bool = True) -> contextlib.AbstractAsyncContextManager[Served]:
+    """`conveyor serve` on free ports over a fresh SQLite file in data_dir; its log in data_dir.
+    `auth=False` serves without API keys (CONVEYOR_AUTH=disabled), the baseline of the
+    authentication overhead."""
     args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
             "--db-url", f"sqlite+aiosqlite:///{data_dir / 'conveyor.db'}", "--data-dir", str(data_dir)]
     if not envoy:
         args.append("--no-envoy")
-    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=envoy)
+    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=envoy, data_dir=data_dir,
+                  env={"CONVEYOR_AUTH": "enabled" if auth else "disabled"})
 
 
 def spawn_server_on(db_url: str, data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
     """`conveyor serve` (gRPC only) on free ports over an existing database at `db_url`."""
     args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
             "--db-url", db_url, "--data-dir", str(data_dir), "--no-envoy"]
-    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=False)
+    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=False, data_dir=data_dir)
 
 
 def spawn_echo_server(data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
@@ -301,7 +333,7 @@ def chain(n: int) -> list[dict[str, Any]]:
 async def create_workflow(target: str, name: str, steps: list[dict[str, Any]]) -> None:
     """CreateWorkflow over gRPC, the definition parsed from its JSON form."""
     workflow = json_format.ParseDict({"name": name, "steps": steps}, resources_pb2.Workflow())
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target) as channel:
         stub = workflows_grpc.WorkflowsServiceStub(channel)
         await stub.CreateWorkflow(workflows_service_pb2.CreateWorkflowRequest(workflow=workflow), timeout=10)
 
@@ -329,7 +361,7 @@ async def trigger_all(target: str, workflow: str, runs: int, concurrency: int) -
     the wall-clock time of the first trigger and the phase's figures."""
     requests = iter(range(runs))
     result = LoadResult(seconds=0.0)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target) as channel:
         await channel.channel_ready()  # connecting is not part of the engine's throughput
         stub = runs_grpc.WorkflowRunsServiceStub(channel)
 
@@ -362,7 +394,7 @@ async def wait_until_settled(target: str, workflow: str, within: float, poll: fl
     takes next to no CPU from the engine it is waiting for.
     """
     start = time.perf_counter()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target) as channel:
         stub = runs_grpc.WorkflowRunsServiceStub(channel)
         async with asyncio.timeout(within):
             # Polling, not an event: the runs finish in another process.
@@ -473,8 +505,8 @@ async def _client(kind: str, address: str, workflow: str, concurrency: int) -> A
         size = math.ceil(concurrency / pools)
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         async with contextlib.AsyncExitStack() as stack:
-            https = [await stack.enter_async_context(httpx.AsyncClient(base_url=address, limits=limits,
-                                                                       timeout=30))
+            https = [await stack.enter_async_context(httpx.AsyncClient(
+                         base_url=address, limits=limits, headers=rest_headers(), timeout=30))
                      for _ in range(pools)]
             path = f"/v1/workflows/{workflow}/runs"
 
@@ -487,7 +519,7 @@ async def _client(kind: str, address: str, workflow: str, concurrency: int) -> A
             yield rest_call
         return
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address) as channel:
         if kind == "echo":
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 

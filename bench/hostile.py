@@ -86,7 +86,7 @@ def probe_process(target: str, run_id: str, stop: EventType, out: Any) -> None:
 async def _probe(target: str, run_id: str, stop: EventType) -> list[tuple[str, float, float, str]]:
     """(kind, started at [wall clock], latency [s], error) of every probe call."""
     samples: list[tuple[str, float, float, str]] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with common.open_channel(target) as channel:
         runs = runs_grpc.WorkflowRunsServiceStub(channel)
         get = runs_pb.GetWorkflowRunRequest(workflow_run_id=run_id)
         trigger = runs_pb.TriggerWorkflowRunRequest(workflow_id=PROBE_WORKFLOW)
@@ -910,8 +910,9 @@ async def _bench(
 ) -> tuple[list[tuple[str, list[float]]], list[str]]:
     limits = httpx.Limits(max_connections=4)
     async with (
-        httpx.AsyncClient(base_url=served.rest_url, timeout=120, limits=limits) as rest,
-        grpc.aio.insecure_channel(
+        httpx.AsyncClient(base_url=served.rest_url, timeout=120, limits=limits,
+                          headers=common.rest_headers()) as rest,
+        common.open_channel(
             served.grpc_target,
             options=[
                 ("grpc.max_send_message_length", 64 << 20),

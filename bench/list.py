@@ -40,7 +40,6 @@ from pathlib import Path
 
 import asyncpg
 import common
-import grpc
 from google.protobuf import timestamp_pb2
 
 from conveyor.domain.records import RunQuery
@@ -211,7 +210,7 @@ async def measure_all(target: str, url: str, base: datetime, samples: int) -> bo
     db = Database(url)
     store = SqlStore(db)
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with common.open_channel(target) as channel:
             stub = runs_grpc.WorkflowRunsServiceStub(channel)
             token = ""
             for _ in range(DEEP_PAGE - 1):

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import common
-import grpc
 
 from conveyor.v1 import resources_pb2
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
@@ -58,7 +57,7 @@ async def bench(args: argparse.Namespace) -> None:
                 await common.wait_until_settled(served.grpc_target, WORKFLOW, FINISH_TIMEOUT)
                 noticed = time.time()
                 server_cpu = (common.cpu_seconds(served.pid) - cpu_before) / (noticed - first)
-                async with grpc.aio.insecure_channel(served.grpc_target) as channel:
+                async with common.open_channel(served.grpc_target) as channel:
                     stub = runs_grpc.WorkflowRunsServiceStub(channel)
                     completed = await common.list_runs(stub, WORKFLOW, [resources_pb2.RunStatus.completed])
                     final = await common.list_runs(stub, WORKFLOW, [

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import common
-import grpc
 from google.protobuf import json_format
 
 from conveyor.v1 import resources_pb2, step_runs_service_pb2, workflow_runs_service_pb2
@@ -62,7 +61,7 @@ def task_chain(n: int) -> list[dict[str, Any]]:
 async def settle(target: str, workflow: str) -> list[resources_pb2.WorkflowRun]:
     """Wait until every run of `workflow` ended; its completed runs."""
     await common.wait_until_settled(target, workflow, FINISH_TIMEOUT)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with common.open_channel(target) as channel:
         stub = runs_grpc.WorkflowRunsServiceStub(channel)
         completed = await common.list_runs(stub, workflow, [resources_pb2.RunStatus.completed])
         failed = await common.list_runs(
@@ -86,7 +85,7 @@ def last_finish(runs: list[resources_pb2.WorkflowRun]) -> float:
 async def dispatch_latencies(target: str, runs: list[resources_pb2.WorkflowRun]) -> list[float]:
     """ready -> handler start of every task step, in seconds, sorted."""
     out: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with common.open_channel(target) as channel:
         stub = steps_grpc.StepRunsServiceStub(channel)
 
         async def one(run: resources_pb2.WorkflowRun) -> None:
@@ -112,7 +111,7 @@ async def dispatch_latencies(target: str, runs: list[resources_pb2.WorkflowRun])
 async def trigger_paced(target: str, workflow: str, runs: int, rate: float) -> set[str]:
     """Trigger `runs` runs at a steady `rate` per second (open loop); their ids."""
     ids: set[str] = set()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with common.open_channel(target) as channel:
         stub = runs_grpc.WorkflowRunsServiceStub(channel)
         start = time.perf_counter()
         for n in range(runs):

@@ -64,7 +64,7 @@ class Settings:
     # is then an admin of every project.
     auth_enabled: bool = True
     # Requests per second a key may make unless the key sets its own limit; 0: no limit.
-    rate_limit: int = 1000
+    rate_limit: int = 3000
     # How long a token's key is remembered: a key revoked on another replica stops working
     # within this time.
     key_cache_seconds: float = 5.0
