@@ -36,6 +36,7 @@ class AuditLog:
         # One flush at a time: entries are written in the order they were recorded.
         self._lock = asyncio.Lock()
         self._closed = False
+        self._closing = asyncio.Event()
 
     def record(self, entry: AuditEntry) -> None:
         self._pending.append(entry)
@@ -47,7 +48,10 @@ class AuditLog:
 
     async def _flush_soon(self) -> None:
         try:
-            await asyncio.sleep(FLUSH_SECONDS)
+            # Never cancelled (a write cancelled mid-transaction would leave its connection
+            # inside it): close() sets the event to make the wait end early instead.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), FLUSH_SECONDS)
             await self.flush()
         except Exception:
             log.exception("audit log: writing entries failed; they are kept for the next flush")
@@ -67,11 +71,11 @@ class AuditLog:
                 raise
 
     async def close(self) -> None:
+        """Write what is pending; nothing is recorded after."""
         self._closed = True
+        self._closing.set()
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await self._flusher
         if self._pending:
             await self.flush()
 
