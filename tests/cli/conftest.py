@@ -61,6 +61,8 @@ class Cli:
     address: str
     data_dir: Path
     home: Path  # the commands' working directory and XDG_CONFIG_HOME
+    server: subprocess.Popen[str]
+    log_path: Path
 
     @property
     def token(self) -> str | None:
@@ -92,8 +94,16 @@ class Cli:
     def ok(self, *args: str, input: str | None = None) -> Result:
         """Run a command that must succeed."""
         result = self.run(*args, input=input)
-        assert result.code == 0, f"conveyor {' '.join(args)} exited {result.code}: {result.err}"
+        assert result.code == 0, (f"conveyor {' '.join(args)} exited {result.code}: {result.err}"
+                                  f"{self.health()}")
         return result
+
+    def health(self) -> str:
+        """Why a command may have failed beyond its own output: the server is gone."""
+        if self.server.poll() is None:
+            return ""
+        log = self.log_path.read_text()[-2000:]
+        return f"\nthe server exited with {self.server.returncode}; its log ends:\n{log}"
 
     def apply(self, definition: dict[str, Any]) -> dict[str, Any]:
         """Create (or update) a workflow from a JSON file; the workflow as JSON."""
@@ -158,7 +168,7 @@ def cli(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         address = _wait_for_address(proc, log_path)
-        yield Cli(address, data_dir, home)
+        yield Cli(address, data_dir, home, proc, log_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

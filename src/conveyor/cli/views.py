@@ -30,11 +30,18 @@ def when(message: Any, name: str) -> datetime | None:
 
 
 def duration(message: Any) -> str:
-    """How long it ran: until it finished, or until now while it runs."""
+    """How long it ran: until it finished, or until now while it runs (340ms, 2.5s, 3m12s)."""
     started = when(message, "started_at")
     if started is None:
         return ""
-    return age((when(message, "finished_at") or datetime.now(UTC)) - started)
+    delta = (when(message, "finished_at") or datetime.now(UTC)) - started
+    seconds = delta.total_seconds()
+    # Most steps and many runs take well under a second: "0s" would say nothing.
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    return age(delta)
 
 
 def _tags(tags: Any) -> str:
