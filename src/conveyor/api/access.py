@@ -194,6 +194,10 @@ def _resource(request: Any, response: Any) -> str:
 
 
 def _project(request: Any, response: Any, caller: Caller | None) -> str:
+    # A project's key acts only in its project: its entries are that project's, whatever project
+    # its request named (else a key could write entries into another project's log).
+    if caller is not None and caller.project is not None:
+        return caller.project
     for message in (response, _sub(response) if response is not None else None, request):
         if message is not None and (found := _field(message, "project_id")):
             return found

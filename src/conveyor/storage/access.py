@@ -18,11 +18,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.domain.access import ALL_PROJECTS, ApiKey, AuditEntry, AuditQuery, Role
 from conveyor.domain.errors import ConveyorError, ErrorKind, not_found
 from conveyor.domain.records import Page
-from conveyor.storage.models import ApiKeyRow, AuditRow
+from conveyor.storage.models import ApiKeyRow, AuditRow, RunRow, WorkflowRow
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 
 keys_t = cast(Table, ApiKeyRow.__table__)
 audit_t = cast(Table, AuditRow.__table__)
+runs_t = cast(Table, RunRow.__table__)
+workflows_t = cast(Table, WorkflowRow.__table__)
+_AUDIT_TEXT = ("actor", "project_id", "method", "resource_id", "code", "reason", "message")
+
+
+def _fit(text: str, column: str) -> str:
+    """`text` as the audit column can hold it: no NUL bytes, at most the column's length."""
+    length = getattr(audit_t.c[column].type, "length", None)
+    text = text.replace("\x00", "")
+    return text[:length] if length else text
 
 
 def _key(m: Any) -> ApiKey:
@@ -109,11 +119,26 @@ class AccessStatements:
     # -- audit ----------------------------------------------------------------------------------
 
     async def insert_audit(self, entries: Sequence[AuditEntry]) -> None:
-        if entries:
-            await self.conn.execute(insert(audit_t), [
-                {"at": e.at, "actor": e.actor, "project_id": e.project_id, "method": e.method,
-                 "resource_id": e.resource_id, "code": e.code, "reason": e.reason, "message": e.message}
-                for e in entries])
+        if not entries:
+            return
+        # Refused calls (no token, role too low) are recorded before their request was checked:
+        # what they named is cut to its column and rid of NUL bytes, or PostgreSQL would refuse
+        # the whole batch, again at every flush, and every later entry with it.
+        texts = [{name: _fit(getattr(e, name), name) for name in _AUDIT_TEXT} for e in entries]
+        # Calls naming a run or a workflow by id alone (cancel, approve... by a key of every
+        # project) carry no project: they belong to the project of what they named, so that
+        # project's admins see them.
+        named = sorted({t["resource_id"] for t in texts if not t["project_id"] and t["resource_id"]})
+        owners: dict[str, str] = {}
+        for i in range(0, len(named), 500):
+            for table in (runs_t, workflows_t):
+                found = await self.conn.execute(
+                    select(table.c.id, table.c.project_id).where(table.c.id.in_(named[i:i + 500])))
+                owners.update({ident: project for ident, project in found.all()})
+        for t in texts:
+            t["project_id"] = t["project_id"] or owners.get(t["resource_id"], "")
+        await self.conn.execute(insert(audit_t),
+                                [{"at": e.at, **t} for e, t in zip(entries, texts, strict=True)])
 
     async def list_audit(self, query: AuditQuery, scope: str | None, limit: int,
                          token: str) -> Page[AuditEntry]:
