@@ -9,9 +9,11 @@ imported inside the commands that use them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 
@@ -63,17 +65,23 @@ def cli(ctx: click.Context, address: str | None, token: str | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; its exit code (documented in EPILOG)."""
     try:
+        return _run(argv)
+    except KeyboardInterrupt:  # while an error was being reported
+        _interrupted()
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
         code = cli.main(args=list(argv) if argv is not None else None, prog_name="conveyor",
                         standalone_mode=False)
     except click.Abort as e:
-        # click raises Abort for Ctrl-C (and EOF) it catches itself.
-        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
-            return INTERRUPTED
+        # click turns a Ctrl-C it catches into Abort.
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            _interrupted()
         click.echo("error: aborted", err=True)
         return FAILURE
     except KeyboardInterrupt:
-        click.echo(err=True)
-        return INTERRUPTED
+        _interrupted()
     except (click.ClickException, CliError) as e:
         e.show()
         return e.exit_code
@@ -84,3 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     return code if isinstance(code, int) else 0
 
+
+def _interrupted() -> NoReturn:
+    """Exit 130 at once. A Ctrl-C can land inside grpc's bookkeeping of a call, after which
+    closing or even collecting its channel waits forever; the process ends without either."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(INTERRUPTED)

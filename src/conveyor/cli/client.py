@@ -57,7 +57,10 @@ class Client:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.channel.close()
+        # Ctrl-C can land inside grpc's own bookkeeping of a call, after which close() waits
+        # forever for that call to finish; `main` ends the process at once instead.
+        if not isinstance(exc, KeyboardInterrupt):
+            self.channel.close()
 
     def call(self, method: Callable[..., T], request: Any) -> T:
         """A unary call; a failure raises CliError."""
