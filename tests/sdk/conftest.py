@@ -34,6 +34,7 @@ from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
+from tests.auth import bearer_interceptors
 from tests.processes import WorkerProc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,6 +78,11 @@ class Server:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        """The admin token the server wrote on its first start over this data directory."""
+        return (self.data_dir / "admin.token").read_text().strip()
 
     async def start(self) -> None:
         args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", str(self.port), "--no-envoy",
@@ -156,7 +162,8 @@ async def workers(server: Server, ledger: Ledger, tmp_path: Path) -> AsyncIterat
     async def start(lease: int = 30, grace: float = 5.0, slots: int = 8,
                     spec: str = "tests.sdk.handlers:worker", extra_args: tuple[str, ...] = ()) -> WorkerProc:
         log_path = tmp_path / f"worker-{len(started)}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SDK_LEDGER": str(ledger.path), "SDK_LEASE": str(lease),
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CONVEYOR_API_KEY": server.token,
+               "SDK_LEDGER": str(ledger.path), "SDK_LEASE": str(lease),
                "SDK_GRACE": str(grace), "SDK_SLOTS": str(slots)}
         with log_path.open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
@@ -241,8 +248,9 @@ def _as_dict(message: Any) -> dict[str, Any]:
 @pytest.fixture
 async def client(server: Server) -> AsyncIterator[Client]:
     # The channel reconnects by itself after a restart of the server on the same port.
-    async with grpc.aio.insecure_channel(server.target, options=[
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]) as channel:
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+    async with grpc.aio.insecure_channel(server.target, interceptors=bearer_interceptors(server.token),
+                                         options=options) as channel:
         yield Client(channel)
 
 
