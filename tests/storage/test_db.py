@@ -111,6 +111,36 @@ async def test_sqlite_read_then_write_units_queue_instead_of_failing(db_url: str
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.parametrize("engine_index", [0, 1], ids=["writer", "reader"])
+async def test_sqlite_connection_left_in_a_transaction_is_recovered(database: Database,
+                                                                    engine_index: int) -> None:
+    # A unit of work cancelled while its BEGIN is on aiosqlite's thread (a client hanging up a
+    # watch) returns its connection to the pool before that BEGIN runs: the connection is then
+    # in a transaction nobody owns. Simulated here: BEGIN straight on the driver, a write in it,
+    # and the connection back in the pool.
+    async with database.write() as conn:
+        await conn.exec_driver_sql("CREATE TABLE marks (n INTEGER NOT NULL)")
+    engine = database.engines[engine_index]
+    for _ in range(5):  # every pooled connection (the writer has one, readers four)
+        async with engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            if not driver.in_transaction:
+                await driver.execute("BEGIN")
+                if engine_index == 0:
+                    await driver.execute("INSERT INTO marks VALUES (1)")
+
+    for _ in range(5):
+        async with database.read() as conn:
+            assert (await conn.exec_driver_sql("SELECT count(*) FROM marks WHERE n = 1")).scalar_one() == 0
+        async with database.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO marks VALUES (2)")
+    async with database.read() as conn:
+        # The orphaned transaction's write never committed; each unit's own did.
+        assert (await conn.exec_driver_sql("SELECT n FROM marks")).scalars().all() == [2] * 5
+
+
+@pytest.mark.sqlite_only
 async def test_sqlite_schema_change_checks_foreign_keys(database: Database) -> None:
     async with database.schema_change() as conn:
         assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar_one() == 0

@@ -11,6 +11,7 @@ only through `write()` (`read()` transactions are read-only on both backends).
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -253,4 +254,15 @@ def _setup_sqlite(engine: AsyncEngine, pragmas: tuple[tuple[str, object], ...], 
         # SQLAlchemy cursor (create, execute, close); every unit of work begins here.
         driver = conn.connection.driver_connection
         assert driver is not None
-        await_only(driver.execute(begin))
+        try:
+            await_only(driver.execute(begin))
+        except sqlite3.OperationalError as e:
+            if "within a transaction" not in str(e):
+                raise
+            # A unit of work cancelled while its BEGIN was on the driver's thread (a client
+            # that hung up, e.g. a watch) returned the connection to the pool (no reset on
+            # return) before that BEGIN ran: the connection is in a transaction nobody owns,
+            # and every later unit on it would fail. Whatever it holds never committed: roll
+            # it back and begin ours.
+            await_only(driver.execute("ROLLBACK"))
+            await_only(driver.execute(begin))
