@@ -63,6 +63,7 @@ class Cli:
     home: Path  # the commands' working directory and XDG_CONFIG_HOME
     server: subprocess.Popen[str]
     log_path: Path
+    db_url: str  # the server's database (`conveyor keys` opens it directly)
 
     @property
     def token(self) -> str | None:
@@ -168,7 +169,7 @@ def cli(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         address = _wait_for_address(proc, log_path)
-        yield Cli(address, data_dir, home, proc, log_path)
+        yield Cli(address, data_dir, home, proc, log_path, module_db_url)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "workflows": ("conveyor.cli.workflows:workflows", "List, show, apply and archive workflows."),
     "runs": ("conveyor.cli.runs:runs", "List, trigger, follow and steer workflow runs."),
     "steps": ("conveyor.cli.steps:steps", "Act on one step of a run: approve, input, skip, retry..."),
+    "keys": ("conveyor.cli.keys:keys", "Create, list and revoke API keys (in the database)."),
+    "audit": ("conveyor.cli.audit:audit", "List the audit log: every write call, refused ones too."),
 }
 
 EPILOG = """\b

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from conveyor.cli.config import Target
 from conveyor.cli.errors import AUTH, FAILURE, INVALID_TRANSITION, NOT_FOUND, CliError
+from conveyor.v1 import audit_service_pb2_grpc as audit_grpc
 from conveyor.v1 import step_runs_service_pb2_grpc as steps_grpc
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
 from conveyor.v1 import workflows_service_pb2_grpc as workflows_grpc
@@ -51,6 +52,7 @@ class Client:
         self.workflows: Any = workflows_grpc.WorkflowsServiceStub(self.channel)
         self.runs: Any = runs_grpc.WorkflowRunsServiceStub(self.channel)
         self.steps: Any = steps_grpc.StepRunsServiceStub(self.channel)
+        self.audit: Any = audit_grpc.AuditServiceStub(self.channel)
 
     def __enter__(self) -> Client:
         return self

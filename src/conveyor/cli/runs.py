@@ -187,6 +187,39 @@ runs.add_command(_transition("pause", "PauseWorkflowRun", "PauseWorkflowRunReque
 runs.add_command(_transition("resume", "ResumeWorkflowRun", "ResumeWorkflowRunRequest", "resumed"))
 
 
+@runs.command("comment")
+@click.argument("run_id", metavar="RUN_ID")
+@click.argument("content")
+@output_options
+@click.pass_context
+def comment(ctx: click.Context, run_id: str, content: str, out: Output) -> None:
+    """Add a comment to a run (it is also an event of the run)."""
+    from conveyor.cli.client import connect
+    from conveyor.cli.views import COMMENT
+    from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
+
+    with connect(ctx) as api:
+        added = api.call(api.runs.AddRunComment,
+                         runs_pb.AddRunCommentRequest(workflow_run_id=run_id, content=content))
+    out.one(added, COMMENT)
+
+
+@runs.command("comments")
+@click.argument("run_id", metavar="RUN_ID")
+@click.option("-n", "--limit", type=click.IntRange(min=0), default=0, help="At most this many (0: all).")
+@output_options
+@click.pass_context
+def comments(ctx: click.Context, run_id: str, limit: int, out: Output) -> None:
+    """A run's comments, oldest first."""
+    from conveyor.cli.client import connect
+    from conveyor.cli.views import COMMENT
+    from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
+
+    with connect(ctx) as api:
+        request = runs_pb.ListRunCommentsRequest(workflow_run_id=run_id)
+        out.many(api.pages(api.runs.ListRunComments, request, limit), COMMENT)
+
+
 @runs.command("events")
 @click.argument("run_id", metavar="RUN_ID")
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")

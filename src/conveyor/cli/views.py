@@ -103,3 +103,35 @@ EVENT = View(columns=[
     Column("DATA", lambda e: json.dumps(to_dict(e.data), separators=(",", ":")) if e.data.fields else "",
            wide=True),
 ], name=lambda e: str(e.seq))
+
+API_KEY = View(columns=[
+    Column("NAME", lambda k: k.name),
+    Column("PROJECT", lambda k: k.project_id),
+    Column("ROLE", lambda k: k.role),
+    Column("TOKEN", lambda k: k.token_prefix + "…"),
+    Column("CREATED", lambda k: when(k, "created_at")),
+    Column("LAST USED", lambda k: when(k, "last_used_at")),
+    Column("EXPIRES", lambda k: when(k, "expires_at"), clock=True),
+    Column("REVOKED", lambda k: when(k, "revoked_at"), clock=True, wide=True),
+    Column("RATE LIMIT", lambda k: str(k.rate_limit) if k.rate_limit else "", wide=True),
+    Column("CREATED BY", lambda k: k.created_by, wide=True),
+    Column("ID", lambda k: k.id, wide=True),
+], name=lambda k: k.name)
+
+AUDIT_ENTRY = View(columns=[
+    Column("AT", lambda a: when(a, "at"), clock=True),
+    Column("ACTOR", lambda a: a.actor),
+    Column("METHOD", lambda a: a.method.rsplit("/", 1)[-1]),
+    Column("RESOURCE", lambda a: a.resource_id),
+    Column("CODE", lambda a: a.code),
+    Column("REASON", lambda a: a.reason),
+    Column("PROJECT", lambda a: a.project_id, wide=True),
+    Column("MESSAGE", lambda a: a.message, wide=True),
+], name=lambda a: a.id)
+
+COMMENT = View(columns=[
+    Column("SEQ", lambda c: str(c.seq)),
+    Column("AT", lambda c: when(c, "created_at"), clock=True),
+    Column("BY", lambda c: c.created_by),
+    Column("COMMENT", lambda c: c.content),
+], name=lambda c: str(c.seq))

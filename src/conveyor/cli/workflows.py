@@ -106,3 +106,39 @@ def archive(ctx: click.Context, workflow: str, project: str) -> None:
         request = wf_pb.ArchiveWorkflowRequest(workflow_id=workflow, project_id=project)
         api.call(api.workflows.ArchiveWorkflow, request)
     click.echo(f"workflow {workflow} archived")
+
+
+@workflows.group("webhook")
+def webhook() -> None:
+    """Enable, rotate or disable a workflow's inbound webhook."""
+
+
+@webhook.command("rotate")
+@click.argument("workflow")
+@click.option("-p", "--project", default="", help=PROJECT_HELP)
+@click.pass_context
+def rotate_webhook(ctx: click.Context, workflow: str, project: str) -> None:
+    """Enable WORKFLOW's webhook with a new secret URL, printed once (the old URL stops working)."""
+    from conveyor.cli.client import connect
+    from conveyor.v1 import workflows_service_pb2 as wf_pb
+
+    with connect(ctx) as api:
+        answer = api.call(api.workflows.RotateWebhook,
+                          wf_pb.RotateWebhookRequest(workflow_id=workflow, project_id=project))
+    click.echo("POST a JSON object to this URL to trigger a run (shown this once):", err=True)
+    click.echo(answer.webhook_url)
+
+
+@webhook.command("disable")
+@click.argument("workflow")
+@click.option("-p", "--project", default="", help=PROJECT_HELP)
+@click.pass_context
+def disable_webhook(ctx: click.Context, workflow: str, project: str) -> None:
+    """Disable WORKFLOW's webhook: its URL answers 404."""
+    from conveyor.cli.client import connect
+    from conveyor.v1 import workflows_service_pb2 as wf_pb
+
+    with connect(ctx) as api:
+        api.call(api.workflows.DisableWebhook,
+                 wf_pb.DisableWebhookRequest(workflow_id=workflow, project_id=project))
+    click.echo(f"workflow {workflow}: webhook disabled")
