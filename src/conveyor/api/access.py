@@ -17,9 +17,12 @@ add a fourth rung for no capability an operator lacks.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from conveyor.api.caller import ANONYMOUS, WEBHOOK, bind, bound
 from conveyor.api.errors import INTERNAL_MESSAGE, STATUS_CODES
@@ -164,23 +167,30 @@ class Gate:
             resource_id=_resource(request, response), code=code, reason=reason, message=message))
 
 
+@functools.cache
+def _has_string(descriptor: Any, name: str) -> bool:
+    """True when messages of this type have a singular string field `name` (cached per type:
+    this runs for every audited call)."""
+    found = descriptor.fields_by_name.get(name)
+    return (found is not None and found.type == FieldDescriptor.TYPE_STRING
+            and not found.is_repeated)
+
+
 def _field(message: Any, name: str) -> str:
-    try:
-        value = getattr(message, name)
-    except AttributeError:
-        return ""
-    return value if isinstance(value, str) else ""
+    return str(getattr(message, name)) if _has_string(message.DESCRIPTOR, name) else ""
+
+
+@functools.cache
+def _wrapped(descriptor: Any) -> str:
+    """The field holding the resource a response wraps (CreateApiKeyResponse.key,
+    RotateWebhookResponse.workflow), or ""."""
+    return next((n for n in ("key", "workflow") if n in descriptor.fields_by_name
+                 and descriptor.fields_by_name[n].message_type is not None), "")
 
 
 def _sub(message: Any) -> Any:
-    """The resource a response wraps (CreateApiKeyResponse.key, RotateWebhookResponse.workflow)."""
-    for name in ("key", "workflow"):
-        try:
-            if message.HasField(name):
-                return getattr(message, name)
-        except (ValueError, AttributeError):
-            continue
-    return None
+    name = _wrapped(message.DESCRIPTOR)
+    return getattr(message, name) if name and message.HasField(name) else None
 
 
 def _resource(request: Any, response: Any) -> str:
