@@ -47,7 +47,7 @@ class App:
         self.engine = Engine(SqlStore(self.db), self.settings)
         if self.settings.auth_enabled:
             await self._bootstrap_admin(self.engine)
-        self.server, self.grpc_port = await build_server(self.engine, self.settings)
+        self.server, self.grpc_port = await build_server(self.engine, self.settings, self._rest_base_url)
         await self.server.start()
         await self.engine.start()
         if self.settings.envoy_enabled:
@@ -58,6 +58,16 @@ class App:
         # requests wait (it took ~100 ms at a time once big requests had grown the heap).
         gc.collect()
         gc.freeze()
+
+    def _rest_base_url(self) -> str:
+        """Where REST clients reach this server: the configured public URL, else Envoy's real
+        address (the port it bound when 0 was asked for)."""
+        if not self.settings.public_url and self.gateway is not None:
+            try:
+                return self.gateway.url
+            except RuntimeError:  # not listening yet
+                pass
+        return self.settings.rest_base_url
 
     async def _bootstrap_admin(self, engine: Engine) -> None:
         """Zero setup: on a database without an admin key of every project, create one, print

@@ -84,7 +84,10 @@ async def test_past_its_burst_a_key_is_refused_with_retry_after(limited: Limited
         raise AssertionError("the sixth call in the same instant was admitted")
     except grpc.aio.AioRpcError as e:
         err = decode(e)
-        headers = dict(e.initial_metadata() or ())
+        # With the status (trailers-only), so that Envoy can put it next to a 429 (initial
+        # metadata first would commit a REST stream to 200).
+        headers = dict(e.trailing_metadata() or ())
+        assert "retry-after" not in dict(e.initial_metadata() or ())
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.info is not None
     assert err.info.reason == "RATE_LIMITED" and err.info.metadata["limit"] == "5"
     assert headers.get("retry-after") == "1"
@@ -111,7 +114,15 @@ async def test_retry_after_rounds_up_to_the_wait(limited: Limited) -> None:
             raise AssertionError("admitted")
         except grpc.aio.AioRpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert dict(e.initial_metadata() or ())["retry-after"] == expected
+            assert dict(e.trailing_metadata() or ())["retry-after"] == expected
+    # A streaming call is refused the same way, before its first message.
+    try:
+        await listed(stub.ListWorkflows(wf_pb.ListWorkflowsRequest(), metadata=bearer(token)))
+        raise AssertionError("admitted")
+    except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert decode(e).info.reason == "RATE_LIMITED"  # type: ignore[union-attr]
+        assert dict(e.trailing_metadata() or ())["retry-after"] == "1"
 
 
 async def test_a_key_without_its_own_limit_gets_the_servers(engine: Engine, settings: Settings,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -70,6 +70,12 @@ def rich_status(code: grpc.StatusCode, reason: str, message: str,
     # code.value is (int, name); the Status message wants the int.
     status = status_pb2.Status(code=code.value[0], message=_cut(message), details=details)
     return rpc_status.to_status(status)
+
+
+class _Status(NamedTuple("_Status", [("code", grpc.StatusCode), ("details", str),
+                                     ("trailing_metadata", tuple[tuple[str, str | bytes], ...])]),
+              grpc.Status):
+    """A status with trailing metadata of our choosing (grpc.Status is only an interface)."""
 
 
 def _cut(text: str) -> str:
@@ -199,11 +205,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> NoReturn:
     if isinstance(exc, ConveyorError):
+        status = status_of(exc)
         if retry_after := exc.metadata.get("retry_after"):
-            # As a header too: REST clients (and Envoy's transcoder, which turns initial
-            # metadata into response headers) read `Retry-After`.
-            await context.send_initial_metadata((("retry-after", retry_after),))
-        await context.abort_with_status(status_of(exc))
+            # As a header too, for REST clients: sent with the status, not as initial metadata
+            # before it. A refusal is then a trailers-only response, whose metadata Envoy's
+            # transcoder turns into response headers next to the mapped HTTP status; initial
+            # metadata first would commit a streaming method's response to 200 (Envoy starts
+            # the JSON array) and the 429 would be lost. gRPC clients read it from the
+            # trailing metadata.
+            status = _Status(status.code, status.details,
+                             (*status.trailing_metadata, ("retry-after", retry_after)))
+        await context.abort_with_status(status)
     else:
         logger.exception("unexpected error in %s", method, exc_info=exc)
         await context.abort_with_status(_INTERNAL)

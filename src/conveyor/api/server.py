@@ -6,6 +6,8 @@ lifecycle belong to the caller (the `serve` command, tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -78,8 +80,10 @@ PENDING_RPCS: frozenset[str] = frozenset({
 MAX_METADATA_BYTES = 64 * 1024
 
 
-async def build_server(engine: Engine, settings: Settings) -> tuple[grpc.aio.Server, int]:
+async def build_server(engine: Engine, settings: Settings,
+                       rest_base_url: Callable[[], str] | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and the port it is bound to (settings.grpc_port may be 0).
+    `rest_base_url` tells where REST clients reach it (webhook URLs), when settings cannot.
 
     A coroutine because the health servicer's statuses are set with awaits.
     """
@@ -94,7 +98,7 @@ async def build_server(engine: Engine, settings: Settings) -> tuple[grpc.aio.Ser
         ],
     )
     workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(
-        WorkflowsServicer(engine, settings), server)
+        WorkflowsServicer(engine, settings, rest_base_url), server)
     workflow_runs_service_pb2_grpc.add_WorkflowRunsServiceServicer_to_server(
         WorkflowRunsServicer(engine), server)
     step_runs_service_pb2_grpc.add_StepRunsServiceServicer_to_server(StepRunsServicer(engine), server)

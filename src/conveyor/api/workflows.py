@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -19,9 +19,13 @@ class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
     """Create, read, list, version and archive workflow definitions; pause and resume schedules;
     enable, rotate and disable webhooks."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings,
+                 rest_base_url: Callable[[], str] | None = None) -> None:
         self._engine = engine
         self._settings = settings
+        # Where webhook URLs point: asked at each rotation, as the REST port may be known only
+        # once Envoy has bound it (a port of 0 asked for).
+        self._rest_base_url = rest_base_url or (lambda: settings.rest_base_url)
 
     async def CreateWorkflow(self, request: wf_pb.CreateWorkflowRequest,
                              context: grpc.aio.ServicerContext) -> pb.Workflow:
@@ -74,7 +78,7 @@ class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
                                                                 caller=caller_from(context))
         return wf_pb.RotateWebhookResponse(
             workflow=convert.workflow_to_proto(wf),
-            webhook_url=f"{self._settings.rest_base_url}{convert.WEBHOOK_PATH}{token}")
+            webhook_url=f"{self._rest_base_url()}{convert.WEBHOOK_PATH}{token}")
 
     async def DisableWebhook(self, request: wf_pb.DisableWebhookRequest,
                              context: grpc.aio.ServicerContext) -> pb.Workflow:
