@@ -243,3 +243,16 @@ async def test_refused_calls_with_hostile_fields_do_not_poison_the_log(api: Api,
     for e in got[1:]:
         assert "\x00" not in e.resource_id + e.project_id and len(e.resource_id) <= 200
     assert got[-1].resource_id == "ab" or got[-1].resource_id.startswith("a")
+
+
+async def test_a_failure_to_record_never_changes_the_calls_answer(api: Api,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(entry: object) -> None:
+        raise RuntimeError("audit store on fire")
+
+    monkeypatch.setattr(api.engine.audit, "record", broken)
+    wf = await api.create_workflow(two_steps())
+    run = await api.trigger(wf.id)
+    assert run.workflow_id == wf.id
+    err = await failure(api.trigger("nope"))
+    assert err.code == grpc.StatusCode.NOT_FOUND and "on fire" not in err.message

@@ -255,7 +255,12 @@ class _Guard:
                 raise
             finally:
                 decoded = None if request is _UNDECODABLE else request
-                self.admission.audit(self.method, decoded, response, error)
+                try:
+                    self.admission.audit(self.method, decoded, response, error)
+                except Exception:
+                    # The call is done either way: a failure to record it must not turn its
+                    # answer into an UNKNOWN that quotes the exception (logged instead).
+                    logger.exception("recording the audit entry of %s failed", self.method)
 
         return guarded
 
