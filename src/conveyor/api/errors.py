@@ -237,11 +237,22 @@ class _Guard:
             raise _undecodable_error()
         return self.prepare(request, metadata)
 
+    def _audit(self, request: Any, response: Any, error: BaseException | None) -> bool:
+        decoded = None if request is _UNDECODABLE else request
+        try:
+            self.admission.audit(self.method, decoded, response, error)
+        except Exception:
+            # The call is done either way: a failure to record it must not turn its answer
+            # into an UNKNOWN that quotes the exception (logged instead).
+            logger.exception("recording the audit entry of %s failed", self.method)
+        return True
+
     def unary(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
               ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             response: Any = None
             error: BaseException | None = None
+            audited = False
             try:
                 response = await behavior(await self._enter(request, context), context)
                 return response
@@ -249,18 +260,16 @@ class _Guard:
                 raise
             except Exception as exc:
                 error = exc
+                # Recorded before the status goes out (abort sends it at once): a client that
+                # reads the log right after its refused call finds the entry.
+                audited = self._audit(request, None, exc)
                 await _fail(context, exc, self.method)
             except BaseException as exc:  # cancelled: the client went away
                 error = exc
                 raise
             finally:
-                decoded = None if request is _UNDECODABLE else request
-                try:
-                    self.admission.audit(self.method, decoded, response, error)
-                except Exception:
-                    # The call is done either way: a failure to record it must not turn its
-                    # answer into an UNKNOWN that quotes the exception (logged instead).
-                    logger.exception("recording the audit entry of %s failed", self.method)
+                if not audited:
+                    self._audit(request, response, error)
 
         return guarded
 
