@@ -34,6 +34,7 @@ class Served:
     grpc_target: str
     rest_url: str
     data_dir: Path
+    printed: list[str]  # what it printed on stdout up to where it said it listens
 
     @property
     def token(self) -> str:
@@ -75,6 +76,7 @@ def spawn(tmp_path: Path) -> SpawnFactory:
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
                                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         grpc_target = rest_url = ""
+        printed: list[str] = []
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(START_TIMEOUT):
@@ -82,11 +84,12 @@ def spawn(tmp_path: Path) -> SpawnFactory:
                     line = (await proc.stdout.readline()).decode()
                     if not line:
                         raise RuntimeError(f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                    printed.append(line.rstrip("\n"))
                     if m := re.search(r"gRPC on (\S+)", line):
                         grpc_target = m.group(1)
                     if m := re.search(r"REST on (\S+)", line):
                         rest_url = m.group(1)
-            yield Served(proc, grpc_target, rest_url, data_dir)
+            yield Served(proc, grpc_target, rest_url, data_dir, printed)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

@@ -5,15 +5,8 @@ over REST; the second start creates no other admin key."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import signal
 import stat
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,52 +17,9 @@ import httpx
 from conveyor.v1 import keys_service_pb2 as keys_pb
 from conveyor.v1 import keys_service_pb2_grpc as keys_grpc
 from tests.auth import bearer_interceptors
-from tests.system.conftest import START_TIMEOUT
+from tests.system.conftest import SpawnFactory
 
 TOKEN_LINE = re.compile(r"cvk_[A-Za-z0-9_-]{43}")
-
-
-@dataclass
-class Started:
-    rest_url: str
-    grpc_target: str
-    lines: list[str]  # what it printed up to "database ..."
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, db_url: str, envoy: bool) -> AsyncIterator[Started]:
-    """`conveyor serve` over `db_url` and tmp_path/data, keeping every line it prints on start."""
-    args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-            "--db-url", db_url, "--data-dir", str(tmp_path / "data")]
-    if not envoy:
-        args.append("--no-envoy")
-    log = (tmp_path / "server.log").open("ab")
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT):
-            while not lines or not lines[-1].startswith("conveyor: database"):
-                line = (await proc.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
-                lines.append(line.rstrip("\n"))
-        text = "\n".join(lines)
-        grpc_target = re.search(r"gRPC on (\S+)", text)
-        rest = re.search(r"REST on (\S+)", text)
-        assert grpc_target is not None and (rest is not None or not envoy), text
-        yield Started(rest.group(1) if rest else "", grpc_target.group(1), lines)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        log.close()
 
 
 def reason(response: httpx.Response) -> str:
@@ -85,12 +35,13 @@ async def new_key(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
     return body
 
 
-async def test_tenancy_over_rest_and_the_first_start_admin_key(tmp_path: Path, db_url: str) -> None:
+async def test_tenancy_over_rest_and_the_first_start_admin_key(spawn: SpawnFactory, tmp_path: Path,
+                                                                 db_url: str) -> None:
     token_file = tmp_path / "data" / "admin.token"
-    async with serve(tmp_path, db_url, envoy=True) as served:
+    async with spawn(db_url, envoy=True) as served:
         # The first start printed the admin token once, and kept it 0600.
-        printed = [m.group(0) for line in served.lines for m in TOKEN_LINE.finditer(line)]
-        assert len(printed) == 1, served.lines
+        printed = [m.group(0) for line in served.printed for m in TOKEN_LINE.finditer(line)]
+        assert len(printed) == 1, served.printed
         admin_token = printed[0]
         assert token_file.read_text().strip() == admin_token
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -178,9 +129,9 @@ async def test_tenancy_over_rest_and_the_first_start_admin_key(tmp_path: Path, d
                 ("PERMISSION_DENIED", "ROLE_TOO_LOW"), ("NOT_FOUND", "WEBHOOK_NOT_FOUND")}
 
     # A second start over the same database creates no other admin key and prints no token.
-    async with serve(tmp_path, db_url, envoy=False) as again_served:
-        assert not any(TOKEN_LINE.search(line) for line in again_served.lines), again_served.lines
-        assert not any("admin API key" in line for line in again_served.lines)
+    async with spawn(db_url) as again_served:
+        assert not any(TOKEN_LINE.search(line) for line in again_served.printed), again_served.printed
+        assert not any("admin API key" in line for line in again_served.printed)
         assert token_file.read_text().strip() == admin_token
         async with grpc.aio.insecure_channel(again_served.grpc_target,
                                              interceptors=bearer_interceptors(admin_token)) as channel:
