@@ -183,6 +183,9 @@ async def test_grpc_answers_unavailable_with_the_reason(db_url: str, backend: st
             definition = json_format.ParseDict({"name": "w", "steps": [{"ref": "a", "kind": "noop"}]},
                                                pb.Workflow())
             await workflows.CreateWorkflow(wf_pb.CreateWorkflowRequest(workflow=definition))
+            # Its audit entry is written now, not by a background flush that would otherwise be
+            # the first to meet the killed connections below (and reset the pool for the call).
+            await engine.audit.flush()
             if admin is None:
                 other = _lock_sqlite(db_url)
                 try:
