@@ -216,6 +216,7 @@ async def test_json_round_trip_and_null(database: Database, backend: str) -> Non
                 "spec": {"x": math.nan}, "created_at": NOW})
 
 
+@pytest.mark.empty_db
 async def test_migrations_match_the_models(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     assert await current_revision(db_url) is None
     await migrate(db_url)
@@ -236,6 +237,7 @@ async def test_migrations_match_the_models(db_url: str, caplog: pytest.LogCaptur
     assert await current_revision(db_url) == "0004"
 
 
+@pytest.mark.empty_db
 async def test_concurrent_migrations_apply_once(db_url: str) -> None:
     # Replicas starting together on an empty database: one migrates, the other finds it done.
     await asyncio.gather(migrate(db_url), migrate(db_url), migrate(db_url))

@@ -61,8 +61,12 @@ class AuditLog:
                 self._flusher = asyncio.create_task(self._flush_soon(), name="conveyor-audit")
 
     async def flush(self) -> None:
+        """Write what is pending; returns once every entry recorded before the call is
+        committed (waiting for a flush already under way, which may hold some of them)."""
         async with self._lock:
             batch, self._pending = self._pending, []
+            if not batch:
+                return
             try:
                 async with self.store.write() as repo:
                     await repo.insert_audit(batch)
@@ -80,7 +84,6 @@ class AuditLog:
             await self.flush()
 
     async def list(self, caller: Caller, query: AuditQuery, limit: int, token: str) -> Page[AuditEntry]:
-        if self._pending:
-            await self.flush()
+        await self.flush()  # the caller's own entries, even those a flush under way holds
         async with self.store.read() as repo:
             return await repo.list_audit(query, caller.project, limit, token)
