@@ -34,7 +34,7 @@ test-sqlite: install
 	$(BIN)/pytest
 
 test-postgres: install
-	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only"
+	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only and not client_only"
 
 lint: install
 	$(BIN)/buf lint

@@ -30,6 +30,16 @@ import pytest
 
 from tests.conftest import BACKEND, PG_ADMIN_DSN, PG_URL_PREFIX
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The command is a gRPC client: what it does does not depend on the server's database, so
+    its tests run in the SQLite pass only (`make test`; keys over PostgreSQL are tests/api's)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.client_only)
+
+
 # A cold start (migrations) takes about a second; leave room for a loaded machine.
 START_TIMEOUT = 30.0
 # One command: a --wait follows a run for at most a few seconds.
