@@ -4,11 +4,14 @@ filters and pages, operations and their transitions, idempotency, events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from conveyor.domain.errors import unavailable
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import step_runs_service_pb2 as steps_pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
@@ -328,3 +331,39 @@ async def test_concurrent_duplicates_make_one_run(api: Api) -> None:
     assert len({r.id for r in runs}) == 1
     items, _ = await list_runs(api)
     assert [r.id for r in items] == [runs[0].id]
+
+
+async def test_an_error_after_a_watch_began_is_its_last_message(api: Api, monkeypatch: Any) -> None:
+    """Once a stream began, an HTTP/1.1 (SSE) client can no longer see a status: the error is
+    sent as a final StreamError message, with its code and reason, and the stream ends."""
+    await api.create_workflow(gated())
+    run = await api.trigger("gated")
+    await api.engine.tick()
+    call = api.runs.WatchWorkflowRun(runs_pb.WatchWorkflowRunRequest(workflow_run_id=run.id))
+    first = await call.read()
+    assert first.WhichOneof("message") == "snapshot"
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise unavailable("the database is temporarily unavailable; retry the request",
+                          "DATABASE_UNAVAILABLE")
+
+    store = api.engine.watches.store
+    monkeypatch.setattr(type(store), "read", _failing_read(broken), raising=True)
+    await api.runs.AddRunComment(runs_pb.AddRunCommentRequest(workflow_run_id=run.id, content="wake up"))
+    last = await asyncio.wait_for(call.read(), 10)
+    assert last.WhichOneof("message") == "error"
+    assert last.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert last.error.reason == "DATABASE_UNAVAILABLE"
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+def _failing_read(fail: Any) -> Any:
+    """A Store.read that fails when entered."""
+
+    @contextlib.asynccontextmanager
+    async def read(self: Any) -> Any:
+        await fail()
+        yield None
+
+    return read

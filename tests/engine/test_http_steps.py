@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conveyor.domain.feed import run_key
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import ManualClock
 from conveyor.engine.egress import EgressDenied, EgressPolicy
@@ -485,7 +486,7 @@ async def test_the_background_loop_runs_steps_as_they_become_ready_within_the_ca
 
     async with asyncio.timeout(10):
         while True:
-            committed = engine.runner.committed.next()
+            committed = engine.runner.keyed.next_any([run_key(r) for r in runs])
             if all([await status(engine, r) == RunStatus.COMPLETED for r in runs]):
                 break
             await committed.wait()

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import update
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
-from conveyor.domain.records import Caller, RunQuery, RunRecord
+from conveyor.domain.feed import project_key
+from conveyor.domain.records import DEFAULT_PROJECT, Caller, RunQuery, RunRecord
 from conveyor.domain.spec import Schedule
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine import creation, schedules
@@ -103,7 +104,7 @@ async def test_missed_ticks_fire_once(engine: Engine, clock: ManualClock) -> Non
 async def test_the_schedules_loop_fires_a_missed_tick_on_start(engine: Engine, clock: ManualClock) -> None:
     await engine.workflows.create(scheduled("minutely", EVERY_MINUTE), ME)
     clock.advance(5 * 60)
-    committed = engine.runner.committed.next()
+    committed = engine.runner.keyed.next(project_key(DEFAULT_PROJECT))
     engine.schedules.start()
     try:
         await asyncio.wait_for(committed.wait(), 10)

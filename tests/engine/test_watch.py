@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.feed import run_key
 from conveyor.domain.records import Caller, EventRecord, TriggerRequest
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot, Watches, WatchItem
@@ -50,9 +54,39 @@ async def test_watch_sends_heartbeats_while_quiet(engine: Engine) -> None:
     await engine.workflows.create(GATED, ME)
     run_id = (await engine.runs.trigger(TriggerRequest("gated"), ME)).id
     await engine.tick()
-    quick = Watches(engine.store, engine.clock, engine.runner.committed, poll_seconds=0.01,
+    quick = Watches(engine.store, engine.clock, engine.runner.keyed, poll_seconds=0.01,
                     heartbeat_seconds=0.02)
     stream = quick.watch_run(run_id, 0, ME)
     assert isinstance(await anext(stream), Snapshot)
     assert isinstance(await anext(stream), Heartbeat)
     await stream.aclose()
+
+
+async def test_a_watch_resumed_at_or_past_the_end_of_a_final_run(engine: Engine) -> None:
+    await engine.workflows.create({"name": "quick", "steps": [{"ref": "a", "kind": "noop"}]}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("quick"), ME)).id
+    await engine.tick()
+    last = (await engine.runs.get(run_id, ME)).last_seq
+    # At the end of a final run: nothing to send, the stream ends at once (it used to wait forever).
+    assert [i async for i in engine.watches.watch_run(run_id, last, ME)] == []
+    # Past the end, or negative: the cursor is not this run's.
+    for bad in (last + 1, -1):
+        with pytest.raises(ConveyorError) as refused:
+            await anext(engine.watches.watch_run(run_id, bad, ME))
+        assert refused.value.kind is ErrorKind.INVALID_ARGUMENT
+    with pytest.raises(ConveyorError) as past:
+        await anext(engine.watches.watch_run(run_id, last + 1, ME))
+    assert past.value.reason == "AFTER_SEQ_PAST_END"
+
+
+async def test_a_watcher_wakes_on_its_run_only(engine: Engine) -> None:
+    """Waiters wait on their run's key: a commit of another run does not fire it."""
+    await engine.workflows.create(GATED, ME)
+    mine = (await engine.runs.trigger(TriggerRequest("gated"), ME)).id
+    other = (await engine.runs.trigger(TriggerRequest("gated"), ME)).id
+    await engine.tick()
+    woken = engine.runner.keyed.next(run_key(mine))
+    await engine.runs.comment(other, "not yours", ME)
+    assert not woken.is_set()
+    await engine.runs.comment(mine, "yours", ME)
+    assert woken.is_set()

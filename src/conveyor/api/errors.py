@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+from conveyor.v1 import resources_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason
     await context.abort_with_status(rich_status(code, reason, message))
     # abort_with_status always raises; this line only tells type checkers so.
     raise AssertionError("unreachable")
+
+
+def stream_error(exc: Exception, method: str) -> resources_pb2.StreamError:
+    """The `StreamError` last message of a stream that failed after it began: the error's code,
+    reason and message (an unexpected exception: INTERNAL, its traceback logged only)."""
+    if isinstance(exc, ConveyorError):
+        code, reason, message = STATUS_CODES[exc.kind], exc.reason, _cut(exc.message)
+    else:
+        logger.exception("unexpected error in %s after the stream began", method, exc_info=exc)
+        code, reason, message = grpc.StatusCode.INTERNAL, "INTERNAL", INTERNAL_MESSAGE
+    return resources_pb2.StreamError(code=code.value[0], reason=reason, message=message)
 
 
 # The status every unexpected exception becomes; built once, it never varies.

@@ -13,7 +13,7 @@ import grpc
 
 from conveyor.api import convert
 from conveyor.api.caller import caller_from
-from conveyor.api.errors import abort
+from conveyor.api.errors import abort, stream_error
 from conveyor.domain.records import RunRecord
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot
@@ -121,15 +121,24 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
             context: grpc.aio.ServicerContext) -> AsyncIterator[runs_pb.WatchWorkflowRunResponse]:
         items = self._engine.watches.watch_run(request.workflow_run_id, request.after_seq,
                                                caller=caller_from(context))
-        async for item in items:
-            if isinstance(item, Snapshot):
-                snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
-                                               steps=[convert.step_to_proto(s) for s in item.steps])
-                yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
-            elif isinstance(item, Heartbeat):
-                yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
-            else:
-                yield runs_pb.WatchWorkflowRunResponse(event=convert.event_to_proto(item))
+        sent = False
+        try:
+            async for item in items:
+                if isinstance(item, Snapshot):
+                    snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
+                                                   steps=[convert.step_to_proto(s) for s in item.steps])
+                    yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
+                elif isinstance(item, Heartbeat):
+                    yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
+                else:
+                    yield runs_pb.WatchWorkflowRunResponse(event=convert.event_to_proto(item))
+                sent = True
+        except Exception as e:
+            if not sent:
+                raise  # a status, mapped by the error interceptor (404, 400 ... over REST too)
+            # Once the stream began, an HTTP/1.1 client can no longer see a status (SSE): the
+            # error is the stream's last message instead.
+            yield runs_pb.WatchWorkflowRunResponse(error=stream_error(e, "WatchWorkflowRun"))
 
     async def WatchProjectRuns(self, request: runs_pb.WatchProjectRunsRequest,
                                context: grpc.aio.ServicerContext) -> NoReturn:

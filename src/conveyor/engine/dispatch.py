@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.feed import queue_key, worker_key
 from conveyor.domain.records import Caller
 from conveyor.domain.states import StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.leases import Demand, Lease, Leases
 from conveyor.engine.ports import Store
-from conveyor.engine.pulse import queue_key, worker_key
 from conveyor.engine.watch import Heartbeat
 from conveyor.engine.workflows import project_of
 

@@ -54,7 +54,7 @@ class Engine:
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
         self.dispatch = Dispatch(store, self.clock, self.leases)
-        self.watches = Watches(store, self.clock, self.runner.committed)
+        self.watches = Watches(store, self.clock, self.runner.keyed)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from conveyor.domain.errors import ConveyorError
+from conveyor.domain.feed import HTTP_KEY
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
 from conveyor.engine.egress import (
@@ -49,7 +50,7 @@ from conveyor.engine.egress import (
     vetting_resolver,
 )
 from conveyor.engine.leases import MAX_RETRY_AFTER_SECONDS, Lease, Leases
-from conveyor.engine.pulse import HTTP_KEY, KeyedPulses
+from conveyor.engine.pulse import KeyedPulses
 from conveyor.settings import Settings
 
 if TYPE_CHECKING:

@@ -1,8 +1,9 @@
-"""Pulses: in-process wake-ups after commit, the one mechanism every waiter uses.
+"""Keyed pulses: in-process wake-ups after commit, the one mechanism every waiter uses.
 
-`Pulse` is one broadcast signal; `KeyedPulses` keeps one per key, so a waiter wakes only on the
-commits that concern it: a worker's long-poll on its queue's key, an executor on its kind's
-key, a run watch on its run's. Keys are tuples (see `queue_key`, `worker_key`, `HTTP_KEY`).
+`KeyedPulses` keeps one signal per key, so a waiter wakes only on the commits that concern it:
+a worker's long-poll on its queue's key, an executor on its kind's key, a run watch on its
+run's, a project watch on its project's. The keys are the change feed's (domain/feed.py); on
+PostgreSQL the commits of other replicas fire them too (storage/feed.py).
 A waiter takes the event with `next(key)` BEFORE it reads the database and waits on it after,
 so a commit landing in between is never missed; the database stays the source of truth.
 """
@@ -11,35 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable, Iterable
-
-# The engine's own http executor waits on this key: an http step became ready somewhere.
-HTTP_KEY: tuple[str, ...] = ("http",)
-
-
-def queue_key(project: str, queue: str) -> tuple[str, ...]:
-    """Task steps of `queue` in `project` became ready (or came back after a retry)."""
-    return ("queue", project, queue)
-
-
-def worker_key(project: str, worker: str) -> tuple[str, ...]:
-    """A lease of `worker` was reported or revoked: its stream frees a slot or tells it."""
-    return ("worker", project, worker)
-
-
-class Pulse:
-    """A broadcast "something was committed" signal for any number of waiters."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    def next(self) -> asyncio.Event:
-        """The event the next `fire()` sets. Take it BEFORE reading state and wait on it after,
-        so a commit landing in between is not missed."""
-        return self._event
 
 
 class KeyedPulses:
@@ -74,6 +46,11 @@ class KeyedPulses:
                 waiters.remove(event)
                 if not waiters:
                     del self._any[key]
+
+    def fire_all(self) -> None:
+        """Wake every waiter: commits may have been missed (the feed from other replicas was
+        down a while), so everyone looks again."""
+        self.fire([*self._events, *self._any])
 
     def fire(self, keys: Iterable[Hashable]) -> None:
         for key in keys:

@@ -22,17 +22,18 @@ from datetime import datetime, timedelta
 
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
+from conveyor.domain.feed import keys_of
 from conveyor.domain.limits import Limits
 from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, Links, advance, fail_unplannable
 from conveyor.domain.records import RunRecord, StepRecord
-from conveyor.domain.spec import StepKind, WorkflowSpec
-from conveyor.domain.states import RunStatus, StepStatus
+from conveyor.domain.spec import WorkflowSpec
+from conveyor.domain.states import RunStatus
 from conveyor.engine import children
 from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
-from conveyor.engine.pulse import HTTP_KEY, KeyedPulses, Pulse, queue_key, worker_key
+from conveyor.engine.pulse import KeyedPulses
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ class Runner:
         # waits only for the idle timeout), so a commit whose timers come later need not wake it.
         self._next: datetime | None = None
         # Fired after every commit that changed runs, so watchers look at once.
-        self.committed = Pulse()
         # Fired after commit per key: lease holders wait on their queue's key, streams on
         # their worker's (see `publish`).
         self.keyed = KeyedPulses()
@@ -178,7 +178,6 @@ class Runner:
         due = [u.run.wake_at for u in units if u.run.wake_at is not None]
         if any(u.signals for u in units):
             due.append(self.clock.now())
-        self.committed.fire()
         at = min(due, default=None)
         # `_next` is None while the loop is mid-pass or waits only for its idle timeout.
         if at is not None and (self._next is None or at < self._next):
@@ -186,20 +185,15 @@ class Runner:
         self.publish(units)
 
     def publish(self, units: Sequence[Changes]) -> None:
-        """After commit: wake the lease holders of steps made ready and the streams of
-        workers whose leases ended."""
-        keys: set[tuple[str, ...]] = set()
+        """After commit: fire the change feed's keys of these units in this process (watchers
+        of their runs and projects, lease holders of steps made ready, streams of workers
+        whose leases ended), and remember why those leases ended."""
         for c in units:
-            for step in c.announced.values():
-                if step.status == StepStatus.QUEUED:
-                    http = step.kind == StepKind.HTTP
-                    keys.add(HTTP_KEY if http else queue_key(step.project_id, step.queue))
-            for step, attempt, holder, reason in c.revoked:
+            for step, attempt, _holder, reason in c.revoked:
                 self.ended_leases[(step.id, attempt)] = reason
-                keys.add(worker_key(step.project_id, holder))
         while len(self.ended_leases) > _ENDED_LEASES_KEPT:
             self.ended_leases.popitem(last=False)
-        if keys:
+        if keys := keys_of(units):
             self.keyed.fire(keys)
 
     # -- passes -------------------------------------------------------------------------------
@@ -223,8 +217,6 @@ class Runner:
                         runs += await repo.get_runs(sorted(expired), None, lock=True, skip_locked=True)
                     claimed = [r.id for r in runs]
                     units = await self.advance_loaded(repo, runs, now)
-                if any(u.events for u in units):
-                    self.committed.fire()
                 self.publish(units)
                 # Signals taken count as work done: more may be waiting behind them.
                 return len(runs) + signals
@@ -266,7 +258,6 @@ class Runner:
         async with self.store.write() as repo:
             runs = await repo.get_runs(list(run_ids), None, lock=True)
             units = await self.advance_loaded(repo, runs, now)
-        self.committed.fire()
         self.publish(units)
 
     # -- background loop ----------------------------------------------------------------------

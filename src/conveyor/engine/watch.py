@@ -1,10 +1,11 @@
 """Run watches (SPEC §5): a snapshot, then every RunEvent in seq order, until the run ends.
 
 Events are read from the database, never from memory, so a watcher sees events written by any
-replica and `after_seq` resumes with no gap and no duplicate. Within a process, a `Pulse` fired
-after every commit wakes watchers at once; across replicas they also re-read every
-`poll_seconds`. The stream is an async generator pulled by the client, so a slow watcher holds
-at most one page of events and never slows the engine.
+replica and `after_seq` resumes with no gap and no duplicate. A watcher waits on its run's key
+of the change feed (domain/feed.py): commits of other runs never wake it. The feed brings this
+process's commits at once and, on PostgreSQL, other replicas' (NOTIFY); a slow safety poll
+(`poll_seconds`) covers a feed that missed something. The stream is an async generator pulled
+by the client, so a slow watcher holds at most one page of events and never slows the engine.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from conveyor.domain.errors import FieldViolation, invalid
+from conveyor.domain.feed import run_key
 from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
 from conveyor.domain.states import FINAL_RUN, run_event_type
 from conveyor.engine.clock import Clock
 from conveyor.engine.ports import Store
-from conveyor.engine.pulse import Pulse
+from conveyor.engine.pulse import KeyedPulses
 
 # Event types that end a watch: the run reached a final state.
 _FINAL_EVENTS = frozenset(run_event_type(s) for s in FINAL_RUN)
@@ -45,29 +48,37 @@ WatchItem = Snapshot | EventRecord | Heartbeat
 class Watches:
     """Serves run watches from the database."""
 
-    def __init__(self, store: Store, clock: Clock, pulse: Pulse, poll_seconds: float = 1.0,
+    def __init__(self, store: Store, clock: Clock, pulses: KeyedPulses, poll_seconds: float = 30.0,
                  heartbeat_seconds: float = 15.0) -> None:
         self.store = store
         self.clock = clock
-        self.pulse = pulse
+        self.pulses = pulses
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
 
     async def watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncIterator[WatchItem]:
         """after_seq == 0: a snapshot first, then the events after it; after_seq == N: the
-        events after N. Ends after the event that makes the run final."""
+        events after N. Ends after the event that makes the run final, and at once when resumed
+        at or past the end of a final run. An after_seq past the run's last event is
+        INVALID_ARGUMENT (nothing was sent: the client's cursor is not this run's)."""
+        if after_seq < 0:
+            raise invalid("after_seq must not be negative", [FieldViolation("after_seq", "is negative")])
         async with self.store.read() as repo:
             run = await repo.get_run(run_id, caller.project)  # NOT_FOUND before anything is sent
-            steps = (await repo.steps_of([run.id]))[run.id] if after_seq <= 0 else []
-        if after_seq <= 0:
+            steps = (await repo.steps_of([run.id]))[run.id] if after_seq == 0 else []
+        if after_seq > run.last_seq:
+            raise invalid(f"after_seq {after_seq} is past the run's last event ({run.last_seq})",
+                          [FieldViolation("after_seq", f"is past the last event, {run.last_seq}")],
+                          reason="AFTER_SEQ_PAST_END")
+        if after_seq == 0:
             yield Snapshot(run, steps, run.last_seq)
-            if run.status in FINAL_RUN:
-                return
             after_seq = run.last_seq
+        if run.status in FINAL_RUN and after_seq == run.last_seq:
+            return
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while True:
-            committed = self.pulse.next()
+            committed = self.pulses.next(run_key(run_id))  # before reading: no commit is missed
             async with self.store.read() as repo:
                 page = await repo.list_events(run_id, after_seq, _PAGE, "")
             for i, event in enumerate(page.items):

@@ -1,0 +1,66 @@
+"""The change feed's keys: what a committed unit of work is about, named so that each waiter
+waits on its own key only (SPEC §5: a watcher never slows the engine).
+
+- `run_key(run)`: the run's history grew (a run watch);
+- `project_key(project)`: a run of the project changed status (a project watch);
+- `queue_key(project, queue)`: task steps of a queue became ready (a worker's poll or stream);
+- `worker_key(project, worker)`: a lease of that worker was reported or revoked (its stream);
+- `HTTP_KEY`: an http step became ready (the engine's http executor).
+
+`keys_of` is the one definition of which keys a set of committed changes fires: the engine fires
+them in its own process after commit, and on PostgreSQL the same keys travel to every other
+replica by NOTIFY inside the committing transaction (storage/feed.py listens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.spec import StepKind
+from conveyor.domain.states import StepStatus
+
+Key = tuple[str, ...]
+
+HTTP_KEY: Key = ("http",)
+
+
+def run_key(run_id: str) -> Key:
+    return ("run", run_id)
+
+
+def project_key(project: str) -> Key:
+    return ("project", project)
+
+
+def queue_key(project: str, queue: str) -> Key:
+    return ("queue", project, queue)
+
+
+def worker_key(project: str, worker: str) -> Key:
+    return ("worker", project, worker)
+
+
+def keys_of(units: Iterable[Changes]) -> set[Key]:
+    """The keys these committed units fire."""
+    keys: set[Key] = set()
+    for c in units:
+        if c.events:
+            keys.add(run_key(c.run.id))
+            if any(not e.step_ref for e in c.events):  # a run-level event: its status moved
+                keys.add(project_key(c.run.project_id))
+        for step in c.announced.values():
+            if step.status == StepStatus.QUEUED:
+                keys.add(HTTP_KEY if step.kind == StepKind.HTTP else queue_key(step.project_id, step.queue))
+        for step, _attempt, holder, _reason in c.revoked:
+            keys.add(worker_key(step.project_id, holder))
+    return keys
+
+
+def encode(keys: Iterable[Key]) -> list[str]:
+    """Keys as NOTIFY payload lines (key parts never hold a tab: ids, names, projects)."""
+    return ["\t".join(k) for k in keys]
+
+
+def decode(lines: Iterable[str]) -> list[Key]:
+    return [tuple(line.split("\t")) for line in lines if line]
