@@ -90,3 +90,36 @@ async def test_a_watcher_wakes_on_its_run_only(engine: Engine) -> None:
     assert not woken.is_set()
     await engine.runs.comment(mine, "yours", ME)
     assert woken.is_set()
+
+
+async def test_a_watch_on_one_replica_sees_another_replicas_commits_at_once(
+        replicas: list[Engine], backend: str) -> None:
+    """PostgreSQL: a commit on replica A reaches a watcher on replica B through NOTIFY/LISTEN,
+    long before B's safety poll (30 s). SQLite has one process: the feed stays in-process."""
+    a, b = replicas
+    listening = asyncio.Event()
+
+    def resync() -> None:  # called once the LISTEN connection is up
+        b.runner.keyed.fire_all()
+        listening.set()
+
+    stop = await b.store.listen(b.runner.keyed.fire, resync)
+    try:
+        await a.workflows.create(GATED, ME)
+        run_id = (await a.runs.trigger(TriggerRequest("gated"), ME)).id
+        await a.tick()
+        stream = b.watches.watch_run(run_id, 0, ME)
+        assert isinstance(await anext(stream), Snapshot)
+        if backend == "sqlite":
+            woken = b.runner.keyed.next(run_key(run_id))
+            await a.runs.comment(run_id, "from A", ME)
+            assert not woken.is_set()  # no feed between processes on SQLite (one process per file)
+            await stream.aclose()
+            return
+        await asyncio.wait_for(listening.wait(), 10)
+        await a.runs.comment(run_id, "from A", ME)
+        event = await asyncio.wait_for(anext(stream), 5)
+        assert isinstance(event, EventRecord) and event.type == "run.comment" and event.actor == ME.name
+        await stream.aclose()
+    finally:
+        await stop()

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from conveyor.domain.feed import keys_of
 from conveyor.domain.limits import Limits
 from conveyor.domain.new_runs import NewRun, open_run
 from conveyor.domain.planner import fail_unplannable, plan
@@ -50,6 +51,7 @@ async def insert(repo: Repo, runs: Sequence[NewRun], idempotency: list[dict[str,
     """Write new runs with their steps, tags, events and idempotency records."""
     await repo.insert_runs([n.run for n in runs], [s for n in runs for s in n.steps],
                            [e for n in runs for e in n.changes.events], idempotency)
+    await repo.notify(keys_of([n.changes for n in runs]))
     # A child run that ended as it was created tells its parent.
     signals = {r for n in runs for r in n.changes.signals}
     if signals:

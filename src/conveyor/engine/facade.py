@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from conveyor.engine.audit import AuditLog
 from conveyor.engine.background import Background
@@ -62,9 +63,12 @@ class Engine:
         self.audit = AuditLog(store)
         self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
         self._key_usage = Background("conveyor-key-usage", self._key_usage_loop)
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
+        # Other replicas' commits (PostgreSQL) fire this process's waiters too.
+        self._unlisten = await self.store.listen(self.runner.keyed.fire, self.runner.keyed.fire_all)
         self.runner.start()
         self.http.start()
         self.schedules.start()
@@ -72,6 +76,9 @@ class Engine:
         self._key_usage.start()
 
     async def stop(self) -> None:
+        if self._unlisten is not None:
+            await self._unlisten()
+            self._unlisten = None
         await self._housekeeping.stop()
         await self._key_usage.stop()
         for last_words in (self.audit.close, self.keys.flush_usage):

@@ -8,13 +8,14 @@ signals lost races with the domain's `ConcurrentChange` and `DuplicateKey` excep
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
 from conveyor.domain.access import ApiKey, AuditEntry, AuditQuery
 from conveyor.domain.changes import Changes
+from conveyor.domain.feed import Key
 from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
 from conveyor.domain.spec import WorkflowSpec
 
@@ -74,6 +75,7 @@ class Repo(Protocol):
     async def list_events(self, run_id: str, after_seq: int, limit: int, token: str,
                           type_: str = "") -> Page[EventRecord]: ...
     async def save(self, units: Sequence[Changes]) -> None: ...
+    async def notify(self, keys: set[Key]) -> None: ...
 
     # schedules
     async def due_schedules(self, now: datetime, limit: int) -> list[WorkflowRecord]: ...
@@ -102,4 +104,8 @@ class Store(Protocol):
 
     def read(self) -> AbstractAsyncContextManager[Repo]: ...
     def write(self) -> AbstractAsyncContextManager[Repo]: ...
+    # Hears the change feed of other processes (PostgreSQL replicas): `deliver` gets the keys
+    # they fired, `resync` is called when some may have been missed. Returns how to stop.
+    async def listen(self, deliver: Callable[[Iterable[Key]], None],
+                     resync: Callable[[], None]) -> Callable[[], Awaitable[None]]: ...
 

@@ -43,6 +43,7 @@ from conveyor.domain.errors import (
     invalid,
     not_found,
 )
+from conveyor.domain.feed import Key, keys_of
 from conveyor.domain.records import (
     EventRecord,
     Page,
@@ -57,6 +58,7 @@ from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.storage.access import AccessStatements
 from conveyor.storage.db import json_text
+from conveyor.storage.feed import CHANNEL, payloads
 from conveyor.storage.models import (
     IdempotencyRow,
     RunEventRow,
@@ -68,6 +70,7 @@ from conveyor.storage.models import (
     WorkflowRow,
     WorkflowVersionRow,
 )
+from conveyor.storage.notifications import NotificationStatements, outbox_of_new_runs, outbox_of_units
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 
 # Declarative __table__ is typed as a FromClause; these are Tables.
@@ -206,7 +209,7 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements):
+class Repository(AccessStatements, NotificationStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
@@ -383,6 +386,8 @@ class Repository(AccessStatements):
             await self.conn.execute(insert(tags_t), tag_rows)
         await self._insert(steps_t, _STEP_FIELDS, steps)
         await self._insert(events_t, _EVENT_FIELDS, events)
+        # Notifications of the runs' first events, in the same transaction (domain/notifications.py).
+        await self.insert_outbox(outbox_of_new_runs(runs, steps, events))
 
     async def _insert(self, table: Table, names: list[str], records: Sequence[Any]) -> None:
         """INSERT one row per record (a dataclass, or a dict of these names). On SQLite the
@@ -734,6 +739,14 @@ class Repository(AccessStatements):
 
     # -- saving a unit of work ----------------------------------------------------------------
 
+    async def notify(self, keys: set[Key]) -> None:
+        """Tell the other replicas which feed keys this transaction fires, delivered when (and
+        if) it commits (PostgreSQL; SQLite's one process fires them itself)."""
+        if self.dialect != "postgresql" or not keys:
+            return
+        for payload in payloads(keys):
+            await self.conn.execute(select(func.pg_notify(CHANNEL, payload)))
+
     async def save(self, units: Sequence[Changes]) -> None:
         """Apply the changes of several runs: compare-and-set updates of runs and steps, and
         their events, in the caller's transaction. Raises ConcurrentChange when a row moved
@@ -758,7 +771,10 @@ class Repository(AccessStatements):
             except IntegrityError as e:
                 # (run, seq) is the key: another writer appended to one of these runs first.
                 raise ConcurrentChange("run_events: seq taken concurrently") from e
+            # The notifications these events cause, committed or rolled back with them.
+            await self.insert_outbox(outbox_of_units(units))
         await self.signal({r for u in units for r in u.signals}, units[0].now)
+        await self.notify(keys_of(units))
 
     async def _cas(self, table: Table, cols: list[str], fence: tuple[str, ...],
                    params: list[dict[str, Any]]) -> None:

@@ -13,14 +13,16 @@ violations, programming errors and anything else pass through unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from conveyor.domain.errors import ConveyorError, invalid, unavailable
+from conveyor.domain.feed import Key
 from conveyor.storage.db import Database
+from conveyor.storage.feed import PgListener
 from conveyor.storage.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -129,3 +131,17 @@ class SqlStore:
     async def write(self) -> AsyncIterator[Repository]:
         async with _translated(), self.db.write() as conn:
             yield Repository(conn, self.db.dialect)
+
+    async def listen(self, deliver: Callable[[Iterable[Key]], None],
+                     resync: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Start hearing other replicas' commits (PostgreSQL); nothing to hear on SQLite."""
+        if self.db.dialect != "postgresql":
+            return _nothing
+        dsn = self.db.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        listener = PgListener(dsn, deliver, resync)
+        await listener.start()
+        return listener.stop
+
+
+async def _nothing() -> None:
+    return None
