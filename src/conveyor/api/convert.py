@@ -19,6 +19,8 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from conveyor.domain.access import ApiKey, AuditEntry
 from conveyor.domain.errors import FieldViolation, invalid
+from conveyor.domain.limits import Limits
+from conveyor.domain.notifications import validated_notifications
 from conveyor.domain.records import (
     EventRecord,
     RunQuery,
@@ -350,7 +352,8 @@ def idempotency_key(body_key: str, metadata: Sequence[tuple[str, Any]] | None) -
 
 
 def trigger_request(request: runs_pb.TriggerWorkflowRunRequest,
-                    metadata: Sequence[tuple[str, Any]] | None) -> TriggerRequest:
+                    metadata: Sequence[tuple[str, Any]] | None,
+                    limits: Limits | None = None) -> TriggerRequest:
     """A TriggerWorkflowRunRequest (plus the call's metadata) as the engine's TriggerRequest."""
     return TriggerRequest(
         workflow_id=request.workflow_id,
@@ -364,6 +367,9 @@ def trigger_request(request: runs_pb.TriggerWorkflowRunRequest,
         timeout_seconds=request.timeout_seconds,
         check_conditions=request.check_conditions,
         immediate=request.immediate,
+        notifications=validated_notifications(
+            [{"url": n.url, "events": list(n.events)} for n in request.notifications], "notifications",
+            limits or Limits()),
     )
 
 

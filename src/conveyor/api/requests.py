@@ -49,18 +49,21 @@ ID_FIELDS = frozenset({
     "ref", "kind", "queue", "depends_on", "idempotency_key", "entity_id", "run_as", "triggered_by",
     "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
     "task_id", "worker_id", "role", "key_id", "token", "token_prefix", "actor", "method", "resource_id",
-    "code", "webhook_url_hint",
+    "code", "webhook_url_hint", "events",
 })
 # "tags" here is the length of a tag's value (its key is an identifier).
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})
-TEXT_FIELDS = frozenset({"description", "when", "condition", "error", "content", "webhook_url"})
+# "url": a notification's webhook (the domain holds it to max_url_length).
+TEXT_FIELDS = frozenset({"description", "when", "condition", "error", "content", "webhook_url", "url"})
 
 # Repeated fields (and maps) by count class.
-FILTER_FIELDS = frozenset({"status", "workflow_id", "tag"})
+# "events": the event types a notification asks for (a filter of the run's events).
+FILTER_FIELDS = frozenset({"status", "workflow_id", "tag", "events"})
 BULK_FIELDS = frozenset({"workflow_run_ids", "leases"})
 STEP_FIELDS = frozenset({"steps", "depends_on"})
 VARIABLE_FIELDS = frozenset({"variables"})
 TAG_FIELDS = frozenset({"tags"})
+NOTIFICATION_FIELDS = frozenset({"notifications"})
 
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 # JSON fields that become a step's output, bounded by max_output_bytes (a worker's result);
@@ -109,6 +112,7 @@ class RequestChecker:
             **dict.fromkeys(STEP_FIELDS, lim.max_steps),
             **dict.fromkeys(VARIABLE_FIELDS, lim.max_variables),
             **dict.fromkeys(TAG_FIELDS, lim.max_tags),
+            **dict.fromkeys(NOTIFICATION_FIELDS, lim.max_notifications),
         }
 
     def prepare(self, request: Any, metadata: Sequence[tuple[str, Any]] = ()) -> Any:

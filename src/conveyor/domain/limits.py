@@ -51,6 +51,10 @@ class Limits:
     # Work one CEL evaluation may do, in cost units of ~1 µs of CPU each (expressions.py meters
     # them): the worst evaluation stays near 100 ms.
     max_expression_cost: int = 100_000
+    # Webhook notifications one workflow definition, and one trigger, may name (README
+    # "Notifications"), and the length of each one's URL.
+    max_notifications: int = 10
+    max_url_length: int = 2048
     # Ids in one bulk operation.
     max_bulk_ids: int = 1000
     # Size of one workflow definition as sent: its REST body (JSON, whitespace and all), or its

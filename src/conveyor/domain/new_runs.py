@@ -18,6 +18,7 @@ from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate_bool
 from conveyor.domain.limits import Limits
+from conveyor.domain.notifications import merge_targets
 from conveyor.domain.planner import expression_context
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import WorkflowSpec
@@ -42,6 +43,9 @@ def open_run(run: RunRecord, spec: WorkflowSpec, actor: str, new_id: Callable[[]
     earlier run that the new one starts from. A false workflow condition, when checked, records
     the run as canceled with no steps; one that cannot be evaluated is FAILED_PRECONDITION."""
     now = run.created_at
+    # The workflow's notification targets first, then those the caller gave the run (a trigger's,
+    # or a retried run's own), each once.
+    run.notifications = merge_targets(spec.notifications, run.notifications)
     c = Changes(run, now, actor)
     if check_condition and spec.condition and not _condition_holds(spec.condition, run, limits):
         run.status = RunStatus.CANCELED

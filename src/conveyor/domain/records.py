@@ -95,6 +95,9 @@ class RunRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     expires_at: datetime | None = None
+    # Webhooks told about chosen events of this run, the workflow's then the trigger's
+    # ([{url, events}], domain/notifications.py); None when there are none.
+    notifications: list[dict[str, Any]] | None = None
     # The row as loaded (storage sets it); changes are saved only if the row still matches it.
     fence: RunFence | None = field(default=None, compare=False, repr=False)
 
@@ -187,6 +190,8 @@ class TriggerRequest:
     timeout_seconds: int = 0
     check_conditions: bool = False
     immediate: bool = False
+    # Webhooks this run notifies besides its workflow's ([{url, events}], validated).
+    notifications: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

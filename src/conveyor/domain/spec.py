@@ -33,6 +33,7 @@ from conveyor.domain.expressions import (
     referenced_steps,
 )
 from conveyor.domain.limits import Limits
+from conveyor.domain.notifications import check_notifications
 
 __all__ = [
     "RetryPolicy",
@@ -138,6 +139,8 @@ class WorkflowSpec:
     schedule: Schedule | None = None
     variables: tuple[Variable, ...] = ()
     steps: tuple[StepSpec, ...] = ()
+    # Webhooks told about chosen run events (domain/notifications.py), as stored: {url, events}.
+    notifications: tuple[dict[str, Any], ...] = ()
 
     # cached_property stores into the instance __dict__ directly, so it works on a frozen
     # dataclass and stays out of the fields (equality, repr, to_dict).
@@ -215,6 +218,8 @@ class WorkflowSpec:
         }
         if self.schedule is not None:
             data["schedule"] = {"cron": self.schedule.cron, "timezone": self.schedule.timezone}
+        if self.notifications:  # absent when none, as definitions stored before they existed
+            data["notifications"] = copy.deepcopy(list(self.notifications))
         return data
 
     @classmethod
@@ -241,6 +246,7 @@ class WorkflowSpec:
                     timeout_seconds=s.get("timeout_seconds", 0), when=s.get("when", ""),
                     description=s.get("description", ""))
                 for s in data.get("steps", ())),
+            notifications=tuple(copy.deepcopy(list(data.get("notifications", ())))),
         )
 
 
@@ -781,6 +787,8 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
         problems.references.clear()
     schedule = _parse_schedule(data.get("schedule"), problems)
     variables = _parse_variables(data.get("variables"), problems)
+    notifications = check_notifications(data.get("notifications"), "notifications", problems.limits,
+                                        problems.violations)
 
     raw_steps = data.get("steps") or []
     steps: list[tuple[int, StepSpec]] = []
@@ -817,6 +825,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
         schedule=schedule,
         variables=variables,
         steps=tuple(step for _, step in steps),
+        notifications=tuple(notifications),
         **caps,
     )
 

@@ -73,6 +73,8 @@ def request_hash(req: TriggerRequest, workflow_id: str) -> str:
     body = {"workflow_id": workflow_id, "payload": req.payload, "tags": req.tags,
             "entity_id": req.entity_id, "run_as": req.run_as, "max_parallel_steps": req.max_parallel_steps,
             "timeout_seconds": req.timeout_seconds, "check_conditions": req.check_conditions}
+    if req.notifications:  # only when given: keys recorded before notifications existed still match
+        body["notifications"] = req.notifications
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -281,6 +283,7 @@ class Triggers:
             max_parallel_steps=req.max_parallel_steps or spec.max_parallel_steps,
             entity_id=req.entity_id, idempotency_key=req.idempotency_key,
             expires_at=now + timedelta(seconds=timeout) if timeout else None,
+            notifications=req.notifications or None,  # the workflow's are added by open_run
         )
         if req.idempotency_key:
             item.key = (wf.project_id, wf.id, req.idempotency_key)

@@ -154,6 +154,9 @@ class RunRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Webhooks told about chosen events ([{url, events}]); NULL for a run without any, so the
+    # save of its events costs nothing more.
+    notifications: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc, nullable=True)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -320,4 +323,34 @@ class AuditRow(Base):
         Index("ix_audit_project", "project_id", "id"),
         # Who did what: one key's entries, newest first.
         Index("ix_audit_actor", "actor", "id"),
+    )
+
+
+class NotificationRow(Base):
+    """The notification outbox: one row per webhook delivery still to make, inserted in the
+    transaction that wrote the event causing it (so a rolled-back change sends nothing and a
+    committed one is never lost). `next_attempt_at` is its timer: due rows are claimed, the
+    claim pushes it past the attempt's timeout (a lease), and the row is deleted once the
+    delivery succeeded or was given up (the run's events record each outcome)."""
+
+    __tablename__ = "notification_outbox"
+    # "<run id>/<event seq>/<target index>": also the delivery id receivers de-duplicate by.
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id"))
+    project_id: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(32))
+    event_seq: Mapped[int] = mapped_column(Integer)
+    # The JSON POSTed, fixed when the event was written.
+    body: Mapped[dict[str, Any]]
+    # Attempts claimed so far; a delivery's outcome is recorded only if it is still the latest
+    # claim's (a claim whose lease ran out was taken over).
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime]
+
+    __table_args__ = (
+        # claim_notifications and next_notification: due deliveries, oldest timer first.
+        Index("ix_notification_outbox_due", "next_attempt_at"),
     )
