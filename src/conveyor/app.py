@@ -7,8 +7,10 @@ flight, then the engine's loop, then the database pool.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
+import secrets
 import sys
 
 import grpc
@@ -44,6 +46,8 @@ class App:
         await migrate(self.settings.db_url)
         self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
                            pool_timeout=self.settings.db_pool_timeout_seconds)
+        if not self.settings.notify_secret:
+            self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
         self.engine = Engine(SqlStore(self.db), self.settings)
         if self.settings.auth_enabled:
             await self._bootstrap_admin(self.engine)
@@ -68,6 +72,23 @@ class App:
             except RuntimeError:  # not listening yet
                 pass
         return self.settings.rest_base_url
+
+    def _notify_secret(self) -> str:
+        """The key notifications are signed with when CONVEYOR_NOTIFY_SECRET is unset: generated
+        on the first start and kept in the data directory (mode 0600), like the admin token, so
+        receivers can read it once and restarts keep it."""
+        path = self.settings.notify_secret_path
+        if path.exists():
+            secret = path.read_text().strip()
+            if secret:
+                return secret
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.chmod(path, 0o600)
+        return secret
 
     async def _bootstrap_admin(self, engine: Engine) -> None:
         """Zero setup: on a database without an admin key of every project, create one, print

@@ -71,6 +71,19 @@ class Settings:
     # Where REST clients reach this server (webhook URLs are shown under it); default
     # http://<http_host>:<http_port>.
     public_url: str = ""
+    # -- outbound notifications (engine/notify.py; README "Notifications") --
+    # The HMAC-SHA256 key deliveries are signed with (CONVEYOR_NOTIFY_SECRET); empty: the server
+    # keeps a generated one in <data_dir>/notify.secret. Replicas must share it.
+    notify_secret: str = ""
+    # Attempts of one delivery before it is given up, and the backoff between them (doubling).
+    notify_max_attempts: int = 10
+    notify_initial_backoff_seconds: float = 2.0
+    notify_max_backoff_seconds: float = 600.0
+    # One attempt's time limit (connect, send, response).
+    notify_timeout_seconds: float = 10.0
+    # Deliveries in flight at once, and to one URL (a slow endpoint delays only its own).
+    notify_max_concurrency: int = 16
+    notify_per_url_concurrency: int = 4
     # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
     limits: Limits = field(default_factory=Limits)
 
@@ -101,6 +114,8 @@ class Settings:
             env["rate_limit"] = int(os.environ["CONVEYOR_RATE_LIMIT"])
         if "CONVEYOR_PUBLIC_URL" in os.environ:
             env["public_url"] = os.environ["CONVEYOR_PUBLIC_URL"].rstrip("/")
+        if "CONVEYOR_NOTIFY_SECRET" in os.environ:
+            env["notify_secret"] = os.environ["CONVEYOR_NOTIFY_SECRET"]
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         env.update({k: v for k, v in overrides.items() if v is not None})
@@ -112,6 +127,11 @@ class Settings:
     def rest_base_url(self) -> str:
         """Where REST clients reach this server."""
         return self.public_url or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def notify_secret_path(self) -> Path:
+        """Where the server keeps its generated notification signing secret (mode 0600)."""
+        return self.data_dir / "notify.secret"
 
     @property
     def admin_token_path(self) -> Path:

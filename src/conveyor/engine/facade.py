@@ -19,6 +19,7 @@ from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
 from conveyor.engine.keys import Keys
 from conveyor.engine.leases import Leases
+from conveyor.engine.notify import Notifier
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
@@ -57,6 +58,7 @@ class Engine:
         self.dispatch = Dispatch(store, self.clock, self.leases)
         self.watches = Watches(store, self.clock, self.runner.keyed)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
+        self.notifier = Notifier(store, self.clock, self.runner, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
         self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds)
@@ -71,6 +73,7 @@ class Engine:
         self._unlisten = await self.store.listen(self.runner.keyed.fire, self.runner.keyed.fire_all)
         self.runner.start()
         self.http.start()
+        self.notifier.start()
         self.schedules.start()
         self._housekeeping.start()
         self._key_usage.start()
@@ -87,6 +90,7 @@ class Engine:
             except Exception:
                 log.exception("writing the audit log or key usage at shutdown failed")
         await self.schedules.stop()
+        await self.notifier.stop()
         await self.http.stop()  # before the leases close: its reports go through them
         await self.triggers.close()
         await self.leases.close()

@@ -8,7 +8,7 @@ signals lost races with the domain's `ConcurrentChange` and `DuplicateKey` excep
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from conveyor.domain.access import ApiKey, AuditEntry, AuditQuery
 from conveyor.domain.changes import Changes
 from conveyor.domain.feed import Key
+from conveyor.domain.notifications import OutboxEntry
 from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
 from conveyor.domain.spec import WorkflowSpec
 
@@ -76,6 +77,14 @@ class Repo(Protocol):
                           type_: str = "") -> Page[EventRecord]: ...
     async def save(self, units: Sequence[Changes]) -> None: ...
     async def notify(self, keys: set[Key]) -> None: ...
+
+    # the notification outbox
+    async def claim_notifications(self, now: datetime, lease_until: datetime, limit: int,
+                                  busy_urls: Collection[str] = ()) -> list[OutboxEntry]: ...
+    async def release_notification(self, ident: str, attempt: int, at: datetime) -> None: ...
+    async def finish_notification(self, ident: str, attempt: int) -> bool: ...
+    async def retry_notification(self, ident: str, attempt: int, at: datetime, error: str) -> bool: ...
+    async def next_notification(self) -> datetime | None: ...
 
     # schedules
     async def due_schedules(self, now: datetime, limit: int) -> list[WorkflowRecord]: ...

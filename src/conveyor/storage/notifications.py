@@ -105,6 +105,12 @@ class NotificationStatements:
             .values(next_attempt_at=at, last_error=error))
         return res.rowcount == 1
 
+    async def release_notification(self, ident: str, attempt: int, at: datetime) -> None:
+        """Hand a claimed row back unattempted, due at `at` (its claim is not counted)."""
+        await self.conn.execute(
+            update(outbox_t).where(outbox_t.c.id == ident, outbox_t.c.attempt == attempt)
+            .values(attempt=attempt - 1, next_attempt_at=at))
+
     async def next_notification(self) -> datetime | None:
         """The earliest timer of the outbox (ix_notification_outbox_due)."""
         return cast(datetime | None, (await self.conn.execute(

@@ -1,0 +1,286 @@
+"""Notifier: delivers the notification outbox (domain/notifications.py) to its webhooks.
+
+Owns everything between "an outbox row is due" and "its outcome is recorded": claiming due rows
+in a short write transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas share the work
+and never take the same row; the claim moves the row's timer past the attempt, a lease that
+lets another replica take it over if this one dies mid-request), POSTing the signed JSON with one
+aiohttp session whose resolver enforces the engine's egress policy (engine/egress.py, the same
+policy as `http` steps), and recording the outcome as a run event in one transaction with the
+row's fate: `notification.delivered` (row deleted), `notification.failed` (due again after an
+exponential backoff) or `notification.abandoned` (attempts used up, or a destination the policy
+refuses; row deleted). Each outcome is fenced by the attempt it claimed, so a delivery taken over
+after its lease ran out records nothing twice.
+
+Never blocking the engine: no request runs inside a transaction; at most `notify_max_concurrency`
+requests are in flight, at most `notify_per_url_concurrency` of them to one URL (a slow endpoint
+delays only its own notifications), each bounded by `notify_timeout_seconds`. The loop polls the
+outbox's earliest timer every `engine_idle_seconds` with a read (no writer lock while idle).
+At least once: a receiver de-duplicates by the delivery id (X-Conveyor-Delivery, `id` in the
+body). Tests drive `run_once()` with a ManualClock instead of the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from types import ModuleType
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from conveyor.domain.changes import Changes
+from conveyor.domain.errors import ConcurrentChange
+from conveyor.domain.notifications import (
+    ABANDONED,
+    DELIVERED,
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    FAILED,
+    SIGNATURE_HEADER,
+    OutboxEntry,
+    signature,
+)
+from conveyor.domain.spec import RetryPolicy
+from conveyor.engine.clock import Clock
+from conveyor.engine.egress import (
+    EgressDenied,
+    EgressPolicy,
+    Resolver,
+    check_literal,
+    resolve,
+    vetting_resolver,
+)
+from conveyor.engine.ports import Store
+from conveyor.engine.runner import Runner
+from conveyor.settings import Settings
+
+if TYPE_CHECKING:
+    import aiohttp
+
+log = logging.getLogger(__name__)
+
+# Who the delivery events name as their actor.
+ACTOR = "engine:notify"
+# Added to the request timeout to make a claim's lease: covers the claim's commit before the
+# request and the outcome's commit after it.
+LEASE_MARGIN_SECONDS = 10.0
+# Characters of an error or a response quoted in an event.
+_EXCERPT_CHARS = 200
+# Response bytes read (and dropped) so the connection can be reused.
+_DRAIN_BYTES = 64 * 1024
+# Tries of recording an outcome that keeps losing its compare-and-set on the run.
+_RECORD_ATTEMPTS = 5
+
+
+def _aiohttp() -> ModuleType:
+    """aiohttp, imported at the first delivery (as http_steps does: ~25 MB a server need not carry)."""
+    import aiohttp
+    return aiohttp
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    ok: bool
+    detail: str  # "HTTP 204", or why the attempt failed
+    status_code: int = 0
+    retryable: bool = True
+
+
+class Notifier:
+    """Claims due outbox rows, POSTs them and records each outcome as a run event."""
+
+    def __init__(self, store: Store, clock: Clock, runner: Runner, settings: Settings,
+                 resolver: Resolver = resolve) -> None:
+        self.store = store
+        self.clock = clock
+        self.runner = runner
+        if settings.notify_secret:
+            self.secret = settings.notify_secret
+        else:
+            # The server (app.py) always passes one (CONVEYOR_NOTIFY_SECRET, or the data
+            # directory's notify.secret); an engine built without one still signs, with a secret
+            # nobody can verify against.
+            self.secret = secrets.token_hex(32)
+        self.max_concurrency = max(1, settings.notify_max_concurrency)
+        self.per_url = max(1, settings.notify_per_url_concurrency)
+        self.timeout = settings.notify_timeout_seconds
+        self.retry = RetryPolicy(max_attempts=max(1, settings.notify_max_attempts),
+                                 initial_interval_seconds=settings.notify_initial_backoff_seconds,
+                                 backoff_coefficient=2.0,
+                                 max_interval_seconds=settings.notify_max_backoff_seconds)
+        self.idle_seconds = settings.engine_idle_seconds
+        self._policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
+        self._resolver = resolver
+        self._session: aiohttp.ClientSession | None = None
+        # Deliveries in flight and the URL each one posts to.
+        self._in_flight: dict[asyncio.Task[None], str] = {}
+        self._slot_freed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- one round (tests drive this with a ManualClock) ------------------------------------
+
+    async def run_once(self) -> int:
+        """Claim what is due (up to the concurrency cap), deliver those and record each outcome;
+        returns how many deliveries were attempted."""
+        claimed = await self._claim(self.max_concurrency, Counter())
+        await asyncio.gather(*(self._deliver(entry) for entry in claimed))
+        return len(claimed)
+
+    # -- background loop --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="conveyor-notify")
+
+    async def stop(self) -> None:
+        """Stop claiming and abandon deliveries in flight unrecorded: their leases run out and
+        they are sent again, as after a crash (at least once either way)."""
+        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _loop(self) -> None:
+        while True:
+            self._slot_freed.clear()
+            free = self.max_concurrency - len(self._in_flight)
+            if free > 0:
+                try:
+                    claimed = await self._claim_if_due(free)
+                except Exception:
+                    # The database is unavailable: the rows wait in the outbox; look again later.
+                    log.exception("notifications: claiming failed")
+                    claimed = []
+                for entry in claimed:
+                    task = asyncio.create_task(self._deliver(entry), name=f"notify-{entry.id}")
+                    self._in_flight[task] = entry.url
+                    task.add_done_callback(self._finished)
+                if len(claimed) == free:
+                    continue  # every slot taken: more may be due at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), self.idle_seconds)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._slot_freed.set()
+
+    async def _claim_if_due(self, limit: int) -> list[OutboxEntry]:
+        # A read first: an idle outbox costs no write transaction (SQLite's one writer).
+        async with self.store.read() as repo:
+            due = await repo.next_notification()
+        if due is None or due > self.clock.now():
+            return []
+        return await self._claim(limit, Counter(self._in_flight.values()))
+
+    async def _claim(self, limit: int, busy: Counter[str]) -> list[OutboxEntry]:
+        """Claim up to `limit` due rows, none to a URL already at its share of the slots, and at
+        most its remaining share to any other (rows beyond it are handed back: due at once)."""
+        now = self.clock.now()
+        lease_until = now + timedelta(seconds=self.timeout + LEASE_MARGIN_SECONDS)
+        full = {url for url, n in busy.items() if n >= self.per_url}
+        async with self.store.write() as repo:
+            claimed = await repo.claim_notifications(now, lease_until, limit, full)
+            taken: list[OutboxEntry] = []
+            for entry in claimed:
+                if busy[entry.url] < self.per_url:
+                    busy[entry.url] += 1
+                    taken.append(entry)
+                else:
+                    # Over this URL's share: back to due now, its attempt not counted.
+                    await repo.release_notification(entry.id, entry.attempt, now)
+        return taken
+
+    # -- one delivery -------------------------------------------------------------------------
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
+        outcome = await self._post(entry)
+        try:
+            await self._record(entry, outcome)
+        except Exception:
+            # Not recorded (database trouble): the lease runs out and the row is sent again.
+            log.exception("notification %s attempt %d: recording its outcome failed", entry.id, entry.attempt)
+
+    def _client(self) -> aiohttp.ClientSession:
+        """One session for every delivery; no proxies from the environment (a proxy would be the
+        only address the egress policy checked) and no DNS cache (each connection is vetted)."""
+        if self._session is None:
+            aiohttp = _aiohttp()
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency, use_dns_cache=False,
+                                             resolver=vetting_resolver(self._policy, self._resolver),
+                                             keepalive_timeout=5.0)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
+    async def _post(self, entry: OutboxEntry) -> _Outcome:
+        """POST the signed body; every way it can end becomes an outcome, never an exception."""
+        aiohttp = _aiohttp()
+        body = json.dumps(entry.body, separators=(",", ":"), ensure_ascii=False).encode()
+        stamp = int(self.clock.now().timestamp())
+        headers = {"Content-Type": "application/json", "User-Agent": "conveyor-notify/1",
+                   SIGNATURE_HEADER: signature(self.secret, stamp, body), DELIVERY_HEADER: entry.id,
+                   EVENT_HEADER: entry.event_type}
+        try:
+            check_literal(self._policy, urlsplit(entry.url).hostname or "")
+            async with asyncio.timeout(self.timeout), self._client().post(
+                    entry.url, data=body, headers=headers, allow_redirects=False) as response:
+                await response.content.read(_DRAIN_BYTES)
+                status = response.status
+        except EgressDenied as e:
+            return _Outcome(False, str(e), retryable=False)
+        except TimeoutError:
+            return _Outcome(False, f"TimeoutError: no response within {self.timeout:g}s")
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            detail = " ".join(str(e).split()) or "no detail"
+            return _Outcome(False, f"{type(e).__name__}: {detail}"[:_EXCERPT_CHARS])
+        if 200 <= status < 300:
+            return _Outcome(True, f"HTTP {status}", status)
+        return _Outcome(False, f"HTTP {status}", status)  # redirects are not followed either
+
+    async def _record(self, entry: OutboxEntry, outcome: _Outcome) -> None:
+        """The outcome as a run event, with the row's fate, in one transaction; nothing when the
+        claim was taken over meanwhile (that claim records its own outcome)."""
+        data: dict[str, object] = {"url": entry.url, "attempt": entry.attempt, "delivery_id": entry.id,
+                                   "event_type": entry.event_type, "event_seq": entry.event_seq}
+        if outcome.status_code:
+            data["status_code"] = outcome.status_code
+        for _ in range(_RECORD_ATTEMPTS):
+            now = self.clock.now()
+            if outcome.ok:
+                type_, message = DELIVERED, f"{entry.event_type} delivered to {entry.url}"
+            elif outcome.retryable and self.retry.has_attempts_left(entry.attempt):
+                retry_at = now + timedelta(seconds=self.retry.backoff_seconds(entry.attempt))
+                type_, message = FAILED, f"{entry.event_type} to {entry.url}: {outcome.detail}; retried"
+                data.update(error=outcome.detail, retry_at=retry_at.isoformat().replace("+00:00", "Z"))
+            else:
+                type_, message = ABANDONED, f"{entry.event_type} to {entry.url}: {outcome.detail}; given up"
+                data["error"] = outcome.detail
+            try:
+                async with self.store.write() as repo:
+                    if type_ == FAILED:
+                        mine = await repo.retry_notification(entry.id, entry.attempt, retry_at,
+                                                             outcome.detail)
+                    else:
+                        mine = await repo.finish_notification(entry.id, entry.attempt)
+                    if not mine:
+                        log.info("notification %s attempt %d: taken over; outcome dropped", entry.id,
+                                 entry.attempt)
+                        return
+                    run = await repo.get_run(entry.run_id, None, lock=True)
+                    c = Changes(run, now, ACTOR)
+                    c.event(type_, message=message[:1000], data=dict(data))
+                    await repo.save([c])
+            except ConcurrentChange:
+                continue
+            self.runner.after_commit([c])
+            return
+        log.warning("notification %s attempt %d: the run kept changing; outcome left to the lease",
+                    entry.id, entry.attempt)
