@@ -28,6 +28,9 @@ from conveyor.storage.migrate import migrate
 from conveyor.storage.store import SqlStore
 
 BACKEND = os.environ.get("CONVEYOR_TEST_DB", "sqlite")
+# Servers the suite spawns (`conveyor serve`) serve /metrics on a free port, not on 9464: the two
+# backends' runs, and anyone else's, start servers side by side.
+os.environ.setdefault("CONVEYOR_METRICS_PORT", "0")
 # The server the PostgreSQL run uses (trust auth); test databases are created from `postgres`.
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_URL_PREFIX = "postgresql+asyncpg://postgres@127.0.0.1:5432/"

@@ -1,8 +1,9 @@
 """The wiring: one running Conveyor — database (migrated), engine, gRPC server and Envoy.
 
 `App.start()` brings them up in dependency order and `App.stop()` takes them down in reverse:
-Envoy first (no new REST requests), then the gRPC server with a grace period for calls in
-flight, then the engine's loop, then the database pool.
+the operators' endpoints and Envoy first (no new REST requests), then the gRPC server with a
+grace period for calls in flight, then the engine's loop, then the database pool. The readiness
+probe (health.py) drives both /ready and the gRPC health status.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import secrets
 import sys
 
 import grpc
+from grpc_health.v1 import health
 
-from conveyor.api.server import build_server
+from conveyor.api.server import build_server, set_serving
 from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import EnvoyGateway
+from conveyor.health import OpsServer, Readiness
 from conveyor.settings import Settings
 from conveyor.storage.db import Database
 from conveyor.storage.migrate import migrate
@@ -40,6 +43,8 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.gateway: EnvoyGateway | None = None
+        self.readiness: Readiness | None = None
+        self.ops: OpsServer | None = None
 
     async def start(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
@@ -49,9 +54,25 @@ class App:
         if not self.settings.notify_secret:
             self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
         self.engine = Engine(SqlStore(self.db), self.settings)
+        metrics = self.engine.runner.metrics
+        metrics.watch_pool(self.db.pool_usage)
         if self.settings.auth_enabled:
             await self._bootstrap_admin(self.engine)
-        self.server, self.grpc_port = await build_server(self.engine, self.settings, self._rest_base_url)
+        health_servicer = health.aio.HealthServicer()
+        self.server, self.grpc_port = await build_server(self.engine, self.settings, self._rest_base_url,
+                                                         health_servicer)
+        self.readiness = Readiness(self.db.ping)
+
+        async def readiness_changed(ready: bool) -> None:
+            metrics.ready.set(1 if ready else 0)
+            await set_serving(health_servicer, ready)
+
+        self.readiness.listeners.append(readiness_changed)
+        await self.readiness.check()  # the migration just reached it: ready from the first answer
+        self.readiness.start()
+        self.ops = OpsServer(metrics.registry, self.readiness, self.settings.metrics_host,
+                             self.settings.metrics_port)
+        await self.ops.start()
         await self.server.start()
         await self.engine.start()
         if self.settings.envoy_enabled:
@@ -108,6 +129,10 @@ class App:
         print(token, flush=True)
 
     async def stop(self) -> None:
+        if self.ops is not None:
+            await self.ops.stop()
+        if self.readiness is not None:
+            await self.readiness.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.server is not None:

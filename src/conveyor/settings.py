@@ -84,6 +84,12 @@ class Settings:
     # Deliveries in flight at once, and to one URL (a slow endpoint delays only its own).
     notify_max_concurrency: int = 16
     notify_per_url_concurrency: int = 4
+    # -- operators (health.py, engine/metrics.py, logs.py) --
+    # /metrics, /ready and /healthz over plain HTTP (0 picks a free port, printed at start).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    # "text" lines, or "json": one object per line (CONVEYOR_LOG_FORMAT).
+    log_format: str = "text"
     # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
     limits: Limits = field(default_factory=Limits)
 
@@ -116,6 +122,10 @@ class Settings:
             env["public_url"] = os.environ["CONVEYOR_PUBLIC_URL"].rstrip("/")
         if "CONVEYOR_NOTIFY_SECRET" in os.environ:
             env["notify_secret"] = os.environ["CONVEYOR_NOTIFY_SECRET"]
+        if "CONVEYOR_METRICS_PORT" in os.environ:
+            env["metrics_port"] = int(os.environ["CONVEYOR_METRICS_PORT"])
+        if "CONVEYOR_LOG_FORMAT" in os.environ:
+            env["log_format"] = os.environ["CONVEYOR_LOG_FORMAT"].strip().lower()
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         env.update({k: v for k, v in overrides.items() if v is not None})

@@ -81,9 +81,12 @@ MAX_METADATA_BYTES = 64 * 1024
 
 
 async def build_server(engine: Engine, settings: Settings,
-                       rest_base_url: Callable[[], str] | None = None) -> tuple[grpc.aio.Server, int]:
+                       rest_base_url: Callable[[], str] | None = None,
+                       health_servicer: health.aio.HealthServicer | None = None,
+                       ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and the port it is bound to (settings.grpc_port may be 0).
-    `rest_base_url` tells where REST clients reach it (webhook URLs), when settings cannot.
+    `rest_base_url` tells where REST clients reach it (webhook URLs), when settings cannot;
+    `health_servicer`, when given, is the one served, so its owner can flip it (`set_serving`).
 
     A coroutine because the health servicer's statuses are set with awaits.
     """
@@ -107,12 +110,22 @@ async def build_server(engine: Engine, settings: Settings,
     audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(engine), server)
     webhooks_service_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(engine), server)
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    served = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    for name in ("", *served):
+    for name in (health.SERVICE_NAME, reflection.SERVICE_NAME):  # they need no database
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(served, server)
+    await set_serving(health_servicer, True)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
 
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     return server, port
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """The health status of the server ("") and of every Conveyor service: SERVING, or
+    NOT_SERVING while the database is unreachable (the readiness probe, conveyor/health.py)."""
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, status)

@@ -9,7 +9,7 @@ imports this module.
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,10 +20,13 @@ if TYPE_CHECKING:
     from conveyor.settings import Settings
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO; the gateway's readiness polls are not news.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _configure_logging(log_format: str) -> None:
+    from conveyor import logs
+
+    try:
+        logs.configure(log_format)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
 
 
 async def run_server(settings: Settings) -> None:
@@ -44,6 +47,8 @@ async def run_server(settings: Settings) -> None:
         print(f"conveyor: gRPC on {app.grpc_address}", flush=True)
         if app.gateway is not None:
             print(f"conveyor: REST on {app.gateway.url}", flush=True)
+        if app.ops is not None:
+            print(f"conveyor: metrics on {app.ops.url}/metrics (and /ready, /healthz)", flush=True)
         print(f"conveyor: database {settings.db_url}", flush=True)
         await stop.wait()
         print("conveyor: shutting down", flush=True)
@@ -57,14 +62,16 @@ async def run_server(settings: Settings) -> None:
 @click.option("--db-url", help="sqlite:///path or postgresql://… (default .conveyor/conveyor.db)")
 @click.option("--data-dir", help="directory for the SQLite file and Envoy's files")
 @click.option("--no-envoy", is_flag=True, help="serve gRPC only")
+@click.option("--metrics-port", type=int,
+              help="port of /metrics, /ready and /healthz (default 9464; 0 picks a free one)")
 def serve(grpc_port: int | None, http_port: int | None, db_url: str | None, data_dir: str | None,
-          no_envoy: bool) -> None:
+          no_envoy: bool, metrics_port: int | None) -> None:
     from conveyor.settings import Settings
 
-    _configure_logging()
     settings = Settings.from_env(grpc_port=grpc_port, http_port=http_port, db_url=db_url,
                                  data_dir=Path(data_dir) if data_dir else None,
-                                 envoy_enabled=False if no_envoy else None)
+                                 envoy_enabled=False if no_envoy else None, metrics_port=metrics_port)
+    _configure_logging(settings.log_format)
     asyncio.run(run_server(settings))
 
 
@@ -78,5 +85,6 @@ def worker(ctx: click.Context, spec: str, target: str | None, slots: int | None)
     # The SDK, not the server: a worker process never touches the engine or the database.
     from conveyor.sdk.command import run_worker
 
-    _configure_logging()
+    # The worker reads no Settings (it is a client): the variable itself.
+    _configure_logging(os.environ.get("CONVEYOR_LOG_FORMAT", "text").strip().lower())
     ctx.exit(run_worker(spec, target=target, slots=slots))

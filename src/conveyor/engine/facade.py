@@ -56,7 +56,8 @@ class Engine:
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits)
         self.dispatch = Dispatch(store, self.clock, self.leases)
-        self.watches = Watches(store, self.clock, self.runner.keyed)
+        self.metrics = self.runner.metrics
+        self.watches = Watches(store, self.clock, self.runner.keyed, metrics=self.metrics)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.notifier = Notifier(store, self.clock, self.runner, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,

@@ -116,9 +116,11 @@ class Leases:
                 c = Changes(run, now, holder)
                 spec = specs[run.workflow_version_id]
                 for step in steps[run.id]:
-                    if len(leases) < max_steps and _ready(step, queue, kinds, now) and start_leased(
-                            c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
-                            self.limits):
+                    if len(leases) >= max_steps or not _ready(step, queue, kinds, now):
+                        continue
+                    self.runner.metrics.leased(step, now)  # before starting clears its ready_at
+                    if start_leased(c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
+                                    self.limits):
                         leases.append(Lease(run, step, spec.step(step.step_ref)))
                 c.actor = ENGINE
                 plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
@@ -343,6 +345,7 @@ class Leases:
                 if h.left > 0 and demand.queue == step.queue and demand.project == step.project_id:
                     step_spec = spec.step(step.step_ref)
                     c.actor = demand.worker_id  # the lease's event names its worker, as acquire's does
+                    self.runner.metrics.leased(step, now)
                     if start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
                                     now + timedelta(seconds=demand.lease_seconds), self.limits):
                         h.leases.append(Lease(c.run, step, step_spec))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -31,6 +32,7 @@ from conveyor.domain.states import RunStatus
 from conveyor.engine import children
 from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock
+from conveyor.engine.metrics import Metrics
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo, Store
 from conveyor.engine.pulse import KeyedPulses
@@ -52,8 +54,10 @@ class Runner:
 
     def __init__(self, store: Store, clock: Clock, offload: Offload, batch_size: int = 256,
                  idle_seconds: float = 1.0, limits: Limits = DEFAULT_LIMITS,
-                 max_nesting_depth: int = 10) -> None:
+                 max_nesting_depth: int = 10, metrics: Metrics | None = None) -> None:
         self.store = store
+        # The engine's metrics: every commit passes through `publish`, so they are counted there.
+        self.metrics = metrics or Metrics()
         self.max_nesting_depth = max_nesting_depth
         self.clock = clock
         self.offload = offload
@@ -188,6 +192,7 @@ class Runner:
         """After commit: fire the change feed's keys of these units in this process (watchers
         of their runs and projects, lease holders of steps made ready, streams of workers
         whose leases ended), and remember why those leases ended."""
+        self.metrics.observe_units(units)
         for c in units:
             for step, attempt, _holder, reason in c.revoked:
                 self.ended_leases[(step.id, attempt)] = reason
@@ -202,6 +207,7 @@ class Runner:
         """One pass: advance up to `batch_size` due runs in one transaction; returns how many
         (plus the wake-up signals it took, so `run_until_idle` goes on while any are left)."""
         now = self.clock.now()
+        started = time.perf_counter()
         claimed: list[str] = []
         for _ in range(3):
             try:
@@ -210,6 +216,7 @@ class Runner:
                     # waiting) make them due, under their own locks.
                     signals = await repo.take_wakeups(now, self.batch_size)
                     runs = await repo.claim_due_runs(now, self.batch_size)
+                    oldest_due = runs[0].wake_at if runs else None  # claimed oldest first
                     # Expired leases are found by their own index, not by the run's wake_at (a
                     # heartbeat moves only the step's expiry); the planner fails those attempts.
                     expired = set(await repo.expired_lease_runs(now, self.batch_size)) - {r.id for r in runs}
@@ -218,6 +225,7 @@ class Runner:
                     claimed = [r.id for r in runs]
                     units = await self.advance_loaded(repo, runs, now)
                 self.publish(units)
+                self.metrics.runner_pass(time.perf_counter() - started, oldest_due, now)
                 # Signals taken count as work done: more may be waiting behind them.
                 return len(runs) + signals
             except ConcurrentChange:

@@ -223,6 +223,7 @@ class Triggers:
             originals = [a for a in answers.values() if isinstance(a, str)]
             found_runs = {r.id: r for r in await repo.get_runs(originals, None)} if originals else {}
         self.runner.after_commit([i.new.changes for i in written if i.new is not None])
+        self.runner.metrics.trigger_batch_written(len(live))
         for item in live:
             answer = answers[id(item)]
             if isinstance(answer, ConveyorError):

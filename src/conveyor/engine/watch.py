@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +21,7 @@ from conveyor.domain.feed import run_key
 from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
 from conveyor.domain.states import FINAL_RUN, run_event_type
 from conveyor.engine.clock import Clock
+from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
 
@@ -49,14 +50,22 @@ class Watches:
     """Serves run watches from the database."""
 
     def __init__(self, store: Store, clock: Clock, pulses: KeyedPulses, poll_seconds: float = 30.0,
-                 heartbeat_seconds: float = 15.0) -> None:
+                 heartbeat_seconds: float = 15.0, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.pulses = pulses
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
 
     async def watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncIterator[WatchItem]:
+        """`_watch_run`, counted as an open watch while it runs."""
+        with self.metrics.watching("run"):
+            async with contextlib.aclosing(self._watch_run(run_id, after_seq, caller)) as items:
+                async for item in items:
+                    yield item
+
+    async def _watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncGenerator[WatchItem]:
         """after_seq == 0: a snapshot first, then the events after it; after_seq == N: the
         events after N. Ends after the event that makes the run final, and at once when resumed
         at or past the end of a final run. An after_seq past the run's last event is

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import await_only
 
 Backend = Literal["sqlite", "postgresql"]
@@ -195,6 +195,28 @@ class Database:
                         raise RuntimeError(f"schema change leaves broken foreign keys: {broken[:5]}")
             finally:
                 await driver.execute("PRAGMA foreign_keys = ON")
+
+    async def ping(self) -> None:
+        """Raise unless the database can take work now (the readiness probe). PostgreSQL: SELECT 1
+        on a pooled connection through read(). SQLite: the same through write(), since readers
+        in WAL mode never wait for anyone: only taking the write lock finds a file another
+        process holds locked (after busy_timeout), which is what stops this server's writes."""
+        block = self.write() if self.dialect == "sqlite" else self.read()
+        async with block as conn:
+            await conn.execute(text("SELECT 1"))
+
+    def pool_usage(self) -> dict[str, tuple[int, int]]:
+        """Per pool ("writer" and "reader" on SQLite, "main" on PostgreSQL): the connections
+        checked out now and the most it hands out (pool size plus overflow)."""
+        if self.dialect == "sqlite":
+            pools = {"writer": (self._writer, 1), "reader": (self._reader, _SQLITE_READERS)}
+        else:
+            pools = {"main": (self._writer, _PG_POOL_SIZE + _PG_MAX_OVERFLOW)}
+        out: dict[str, tuple[int, int]] = {}
+        for name, (engine, capacity) in pools.items():
+            pool = engine.pool
+            out[name] = (pool.checkedout() if isinstance(pool, QueuePool) else 0, capacity)
+        return out
 
     async def pragmas(self) -> dict[str, object]:
         """The writer connection's PRAGMAs as SQLite reports them (briefly takes the write lock);
