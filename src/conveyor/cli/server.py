@@ -44,11 +44,11 @@ async def run_server(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
+        if app.ops is not None:  # first: launchers read up to the gRPC line (tests/system/conftest.py)
+            print(f"conveyor: metrics on {app.ops.url}/metrics (and /ready, /healthz)", flush=True)
         print(f"conveyor: gRPC on {app.grpc_address}", flush=True)
         if app.gateway is not None:
             print(f"conveyor: REST on {app.gateway.url}", flush=True)
-        if app.ops is not None:
-            print(f"conveyor: metrics on {app.ops.url}/metrics (and /ready, /healthz)", flush=True)
         print(f"conveyor: database {settings.db_url}", flush=True)
         await stop.wait()
         print("conveyor: shutting down", flush=True)

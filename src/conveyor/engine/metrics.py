@@ -32,6 +32,8 @@ _PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 # Requests per trigger transaction: powers of two up to the largest batch the settings allow.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# An attempt is under way in these statuses (started_at is its start).
+_UNDER_WAY = frozenset({StepStatus.RUNNING, StepStatus.WAITING})
 # Pool name -> (connections checked out, the pool's capacity), read at scrape time.
 PoolUsage = Callable[[], Mapping[str, tuple[int, int]]]
 
@@ -50,8 +52,8 @@ class Metrics:
             "conveyor_runs_finished", "Runs that reached a final status, by that status", ["status"],
             registry=r)
         self.step_duration = Histogram(
-            "conveyor_step_duration_seconds", "Attempts from started (running) to ended, by kind, "
-            "queue and the status the step left running for (queued: failed and retrying)",
+            "conveyor_step_duration_seconds", "Attempts from started to ended (running or "
+            "waiting until then), by kind, queue and the status they ended in (queued: failed, retrying)",
             ["kind", "queue", "status"], buckets=_STEP_BUCKETS, registry=r)
         self.queue_wait = Histogram(
             "conveyor_step_queue_wait_seconds", "Leased attempts (task, http) from ready (given "
@@ -108,10 +110,11 @@ class Metrics:
         now = c.now
         for step_id, step in c.steps.items():
             fence = c.step_fences[step_id]
-            # An attempt ended in this unit: it was running when loaded (or started in this very
-            # unit: a new attempt, stamped started_at = now) and is not running now.
-            if (step.status != StepStatus.RUNNING and step.started_at is not None
-                    and (fence.status == StepStatus.RUNNING
+            # An attempt ended in this unit: it was under way when loaded (running, or waiting:
+            # a delay, an approval, an input) or started in this very unit (a new attempt,
+            # stamped started_at = now), and is under way no longer.
+            if (step.status not in _UNDER_WAY and step.started_at is not None
+                    and (fence.status in _UNDER_WAY
                          or (step.attempt != fence.attempt and step.started_at == now))):
                 ended = step.finished_at or now
                 self._duration(step, step.status.value).observe((ended - step.started_at).total_seconds())
