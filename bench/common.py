@@ -278,8 +278,10 @@ def spawn_server(data_dir: Path, envoy: bool,
     """`conveyor serve` on free ports over a fresh SQLite file in data_dir; its log in data_dir.
     `auth=False` serves without API keys (CONVEYOR_AUTH=disabled), the baseline of the
     authentication overhead."""
+    # --metrics-port 0: replicas and back-to-back servers must not meet on the default 9464.
     args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-            "--db-url", f"sqlite+aiosqlite:///{data_dir / 'conveyor.db'}", "--data-dir", str(data_dir)]
+            "--metrics-port", "0", "--db-url", f"sqlite+aiosqlite:///{data_dir / 'conveyor.db'}",
+            "--data-dir", str(data_dir)]
     if not envoy:
         args.append("--no-envoy")
     return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=envoy, data_dir=data_dir,
@@ -288,8 +290,9 @@ def spawn_server(data_dir: Path, envoy: bool,
 
 def spawn_server_on(db_url: str, data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
     """`conveyor serve` (gRPC only) on free ports over an existing database at `db_url`."""
+    # --metrics-port 0: replicas and back-to-back servers must not meet on the default 9464.
     args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-            "--db-url", db_url, "--data-dir", str(data_dir), "--no-envoy"]
+            "--metrics-port", "0", "--db-url", db_url, "--data-dir", str(data_dir), "--no-envoy"]
     return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=False, data_dir=data_dir)
 
 
