@@ -22,7 +22,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def test_help_lists_commands_and_exit_codes(cli: Cli) -> None:
     result = cli.raw("--help")
     assert result.code == 0
-    for command in ("serve", "worker", "login", "workflows", "runs", "steps"):
+    for command in ("serve", "worker", "login", "workflows", "runs", "steps", "watch"):
         assert re.search(rf"^\s+{command}\s", result.out, re.M), command
     assert "Exit codes" in result.out and "130" in result.out and "not found" in result.out
     for group, commands in {"runs": ["list", "get", "trigger", "cancel", "pause", "resume", "retry", "events",

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "workflows": ("conveyor.cli.workflows:workflows", "List, show, apply and archive workflows."),
     "runs": ("conveyor.cli.runs:runs", "List, trigger, follow and steer workflow runs."),
     "steps": ("conveyor.cli.steps:steps", "Act on one step of a run: approve, input, skip, retry..."),
+    "watch": ("conveyor.cli.watch:watch", "Follow a run (or a project's runs) live until it ends."),
     "keys": ("conveyor.cli.keys:keys", "Create, list and revoke API keys (in the database)."),
     "audit": ("conveyor.cli.audit:audit", "List the audit log: every write call, refused ones too."),
 }
@@ -41,7 +42,7 @@ token in ./.conveyor/admin.token (written by the server on its first start).
 \b
 Exit codes:
   0    ok
-  1    failure (the run did not complete with --wait, server unreachable, refused request...)
+  1    failure (the run did not complete with --wait or watch, server unreachable, refused...)
   2    usage (bad option, argument or value)
   3    invalid transition (the run or step is not in a state that allows it)
   4    authentication or permission refused
