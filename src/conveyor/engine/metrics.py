@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -78,9 +79,9 @@ class Metrics:
             "conveyor_ready", "1 while the readiness probe reaches the database, else 0", registry=r)
         self._pool = _PoolCollector()
         r.register(self._pool)
-        # Labelled children by label values: labels() takes a lock and builds a key each call.
-        self._durations: dict[tuple[str, str, str], Histogram] = {}
-        self._waits: dict[tuple[str, str], Histogram] = {}
+        # Labelled children by metric and label values: labels() takes a lock and builds a key
+        # each call (~2 us, where a dict lookup and the increment cost ~1 us).
+        self._children: dict[tuple[object, ...], Any] = {}
 
     # -- what the wiring hands in ----------------------------------------------------------------
 
@@ -98,11 +99,11 @@ class Metrics:
             if run.fence is None:  # built in this unit, not loaded: a new run
                 origin = ("child" if run.parent_workflow_run_id
                           else "retry" if run.retry_of_run_id else "trigger")
-                self.runs_triggered.labels(origin).inc()
+                self._child(self.runs_triggered, origin).inc()
                 if run.status in FINAL_RUN:  # created final (its condition was false)
-                    self.runs_finished.labels(run.status.value).inc()
+                    self._child(self.runs_finished, run.status.value).inc()
             elif before is not None and before != run.status and run.status in FINAL_RUN:
-                self.runs_finished.labels(run.status.value).inc()
+                self._child(self.runs_finished, run.status.value).inc()
             if c.steps:
                 self._steps(c)
 
@@ -122,17 +123,14 @@ class Metrics:
             expiry = fence.lease_expires_at
             if (expiry is not None and expiry <= now and fence.status == StepStatus.RUNNING
                     and step.lease_expires_at is None):
-                self.lease_expiries.labels(step.kind, step.queue).inc()
+                self._child(self.lease_expiries, step.kind, step.queue).inc()
 
     def leased(self, step: StepRecord, now: datetime) -> None:
         """A lease holder is about to start an attempt of this ready queued step (its ready_at,
         which starting clears, is still set)."""
         if step.ready_at is not None:
-            key = (step.kind, step.queue)
-            child = self._waits.get(key)
-            if child is None:
-                child = self._waits[key] = self.queue_wait.labels(*key)
-            child.observe(max(0.0, (now - step.ready_at).total_seconds()))
+            wait = max(0.0, (now - step.ready_at).total_seconds())
+            self._child(self.queue_wait, step.kind, step.queue).observe(wait)
 
     def runner_pass(self, seconds: float, oldest_due: datetime | None, now: datetime) -> None:
         """A runner pass committed in `seconds`; `oldest_due` is the earliest wake_at it claimed."""
@@ -153,10 +151,13 @@ class Metrics:
             gauge.dec()
 
     def _duration(self, step: StepRecord, status: str) -> Histogram:
-        key = (step.kind, step.queue, status)
-        child = self._durations.get(key)
+        return self._child(self.step_duration, step.kind, step.queue, status)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
         if child is None:
-            child = self._durations[key] = self.step_duration.labels(*key)
+            child = self._children[key] = metric.labels(*values)
         return child
 
 
