@@ -220,7 +220,7 @@ async def test_json_round_trip_and_null(database: Database, backend: str) -> Non
 async def test_migrations_match_the_models(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     assert await current_revision(db_url) is None
     await migrate(db_url)
-    assert await current_revision(db_url) == head_revision() == "0005"
+    assert await current_revision(db_url) == head_revision() == "0006"
 
     db = Database(db_url)
     try:
@@ -234,7 +234,7 @@ async def test_migrations_match_the_models(db_url: str, caplog: pytest.LogCaptur
     caplog.set_level(logging.INFO, logger="alembic")
     await migrate(db_url)
     assert not [r for r in caplog.records if "Running upgrade" in r.getMessage()]
-    assert await current_revision(db_url) == "0005"
+    assert await current_revision(db_url) == "0006"
 
 
 @pytest.mark.empty_db

@@ -49,7 +49,7 @@ ID_FIELDS = frozenset({
     "ref", "kind", "queue", "depends_on", "idempotency_key", "entity_id", "run_as", "triggered_by",
     "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
     "task_id", "worker_id", "role", "key_id", "token", "token_prefix", "actor", "method", "resource_id",
-    "code", "webhook_url_hint", "events",
+    "code", "webhook_url_hint", "cursor", "events",
 })
 # "tags" here is the length of a tag's value (its key is an identifier).
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})

@@ -56,12 +56,9 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
         (webhooks_service_pb2, "WebhooksService"),
     ))
 
-# RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED):
-# the project-wide watch arrives with its own capability. A test checks
-# that every other RPC of the descriptors is served.
-PENDING_RPCS: frozenset[str] = frozenset({
-    "/conveyor.v1.WorkflowRunsService/WatchProjectRuns",
-})
+# RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED);
+# none today. A test checks that every other RPC of the descriptors is served.
+PENDING_RPCS: frozenset[str] = frozenset()
 
 
 # Envoy answers 413 to REST bodies above gateway.envoy.rest_body_bytes (what the largest

@@ -1,19 +1,19 @@
 """WorkflowRunsService: trigger, inspect and steer runs (SPEC §3) over the engine's `runs`.
 
-WatchWorkflowRun streams a snapshot and then the run's events (SPEC §5); WatchProjectRuns is not
-served yet and answers UNIMPLEMENTED (`conveyor.api.server.PENDING_RPCS` lists it).
+WatchWorkflowRun streams a snapshot and then the run's events (SPEC §5); WatchProjectRuns every
+run status change of a project, resumable from a cursor. Errors after a stream began are its
+last message (StreamError): SSE clients see no status once the body started.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import NoReturn
 
 import grpc
 
 from conveyor.api import convert
 from conveyor.api.caller import caller_from
-from conveyor.api.errors import abort, stream_error
+from conveyor.api.errors import stream_error
 from conveyor.domain.records import RunRecord
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot
@@ -140,7 +140,24 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
             # error is the stream's last message instead.
             yield runs_pb.WatchWorkflowRunResponse(error=stream_error(e, "WatchWorkflowRun"))
 
-    async def WatchProjectRuns(self, request: runs_pb.WatchProjectRunsRequest,
-                               context: grpc.aio.ServicerContext) -> NoReturn:
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
-                    "WatchProjectRuns arrives with the watch streams")
+    async def WatchProjectRuns(
+            self, request: runs_pb.WatchProjectRunsRequest,
+            context: grpc.aio.ServicerContext) -> AsyncIterator[runs_pb.WatchProjectRunsResponse]:
+        statuses = convert.run_statuses(request.status)
+        if statuses is None:  # only `unspecified`: no change can match
+            return
+        items = self._engine.watches.watch_project(request.project_id, list(request.workflow_id),
+                                                   [str(s) for s in statuses], request.cursor,
+                                                   caller=caller_from(context))
+        sent = False
+        try:
+            async for item in items:
+                if isinstance(item, Heartbeat):
+                    yield runs_pb.WatchProjectRunsResponse(heartbeat=convert.heartbeat_to_proto(item.at))
+                else:
+                    yield runs_pb.WatchProjectRunsResponse(run=self._run(item.run), cursor=item.cursor)
+                sent = True
+        except Exception as e:
+            if not sent:
+                raise
+            yield runs_pb.WatchProjectRunsResponse(error=stream_error(e, "WatchProjectRuns"))

@@ -15,6 +15,8 @@ replica by NOTIFY inside the committing transaction (storage/feed.py listens).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 
 from conveyor.domain.changes import Changes
 from conveyor.domain.spec import StepKind
@@ -64,3 +66,21 @@ def encode(keys: Iterable[Key]) -> list[str]:
 
 def decode(lines: Iterable[str]) -> list[Key]:
     return [tuple(line.split("\t")) for line in lines if line]
+
+
+@dataclass(frozen=True)
+class RunChange:
+    """One status change of a run, and its position in its project's feed (an opaque cursor)."""
+
+    cursor: str
+    run_id: str
+    workflow_id: str
+    status: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    changes: list[RunChange]
+    # PostgreSQL: changes past the cursor exist that transactions still running hold back.
+    held: bool

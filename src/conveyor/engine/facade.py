@@ -103,9 +103,11 @@ class Engine:
             await asyncio.sleep(PURGE_INTERVAL_SECONDS)
             try:
                 await self.triggers.purge_expired()
+                await self.watches.purge()
             except Exception:
-                # Housekeeping failing now and then is harmless: expired keys are ignored anyway.
-                log.exception("purging expired idempotency keys failed")
+                # Housekeeping failing now and then is harmless: expired keys are ignored anyway,
+                # and old project watch changes only take room.
+                log.exception("purging expired idempotency keys or old run changes failed")
 
     async def _key_usage_loop(self) -> None:
         while True:

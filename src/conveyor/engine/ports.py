@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from conveyor.domain.access import ApiKey, AuditEntry, AuditQuery
 from conveyor.domain.changes import Changes
-from conveyor.domain.feed import Key
+from conveyor.domain.feed import ChangesPage, Key
 from conveyor.domain.notifications import OutboxEntry
 from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
 from conveyor.domain.spec import WorkflowSpec
@@ -77,6 +77,12 @@ class Repo(Protocol):
                           type_: str = "") -> Page[EventRecord]: ...
     async def save(self, units: Sequence[Changes]) -> None: ...
     async def notify(self, keys: set[Key]) -> None: ...
+
+    # the project watch's feed
+    async def head_cursor(self, project: str) -> str: ...
+    async def changes_after(self, project: str, cursor: str, workflow_ids: Sequence[str],
+                            statuses: Sequence[str], limit: int) -> ChangesPage: ...
+    async def purge_changes(self, before: datetime, batch: int) -> int: ...
 
     # the notification outbox
     async def claim_notifications(self, now: datetime, lease_until: datetime, limit: int,

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from conveyor.domain.errors import FieldViolation, invalid
-from conveyor.domain.feed import run_key
+from conveyor.domain.feed import project_key, run_key
 from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
-from conveyor.domain.states import FINAL_RUN, run_event_type
+from conveyor.domain.states import FINAL_RUN, RunStatus, run_event_type
 from conveyor.engine.clock import Clock
 from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
+from conveyor.engine.workflows import project_of
 
 # Event types that end a watch: the run reached a final state.
 _FINAL_EVENTS = frozenset(run_event_type(s) for s in FINAL_RUN)
@@ -43,7 +45,19 @@ class Heartbeat:
     at: datetime
 
 
+@dataclass
+class ProjectChange:
+    """A run as it is after one of its status changes, and that change's cursor."""
+
+    run: RunRecord
+    cursor: str
+
+
 WatchItem = Snapshot | EventRecord | Heartbeat
+# A project watch resumes within this long; older changes are purged.
+CHANGES_KEPT = timedelta(days=1)
+# When transactions still running hold changes back (PostgreSQL), look again after this long.
+_HELD_SECONDS = 0.02
 
 
 class Watches:
@@ -107,6 +121,59 @@ class Watches:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(self.poll_seconds, self.heartbeat_seconds)):
                     await committed.wait()
+
+    async def watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
+                            cursor: str, caller: Caller) -> AsyncIterator[ProjectChange | Heartbeat]:
+        """`_watch_project`, counted as an open watch while it runs."""
+        with self.metrics.watching("project"):
+            async with contextlib.aclosing(
+                    self._watch_project(project_id, workflow_ids, statuses, cursor, caller)) as items:
+                async for item in items:
+                    yield item
+
+    async def _watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
+                             cursor: str, caller: Caller) -> AsyncGenerator[ProjectChange | Heartbeat]:
+        """Every run status change of the project after `cursor` ("" = from now), in commit
+        order, the same from every replica (storage/run_changes.py); never ends by itself."""
+        project = project_of(project_id, caller)  # a foreign project: PROJECT_FORBIDDEN
+        async with self.store.read() as repo:
+            if workflow_ids:
+                workflow_ids = [(await repo.find_workflow(w, caller.project, project)).id
+                                for w in workflow_ids]
+            if not cursor:
+                cursor = await repo.head_cursor(project)
+            else:
+                await repo.changes_after(project, cursor, (), (), 1)  # a forged cursor fails now
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while True:
+            changed = self.pulses.next(project_key(project))  # before reading: no commit is missed
+            async with self.store.read() as repo:
+                page = await repo.changes_after(project, cursor, workflow_ids, statuses, _PAGE)
+                runs = {r.id: r for r in await repo.get_runs(sorted({c.run_id for c in page.changes}),
+                                                             caller.project)}
+            for change in page.changes:
+                cursor = change.cursor
+                run = runs.get(change.run_id)
+                if run is not None:
+                    yield ProjectChange(dataclasses.replace(run, status=RunStatus(change.status),
+                                                            updated_at=change.at), change.cursor)
+            if page.changes:
+                quiet_since = loop.time()
+                if len(page.changes) == _PAGE:
+                    continue
+            elif loop.time() - quiet_since >= self.heartbeat_seconds:
+                yield Heartbeat(self.clock.now())
+                quiet_since = loop.time()
+            wait = _HELD_SECONDS if page.held else min(self.poll_seconds, self.heartbeat_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await changed.wait()
+
+    async def purge(self, batch: int = 10_000) -> int:
+        """Drop project watch changes older than CHANGES_KEPT (a bounded batch)."""
+        async with self.store.write() as repo:
+            return await repo.purge_changes(self.clock.now() - CHANGES_KEPT, batch)
 
     async def _has_more(self, run_id: str, seq: int) -> bool:
         """Whether events follow `seq` (a final run reopened by a retry or replay goes on)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -255,6 +256,32 @@ class RunEventRow(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
     actor: Mapped[str] = mapped_column(String(200), default="")
     at: Mapped[datetime]
+
+
+class RunChangeRow(Base):
+    """A run's status change, in the order a project watch sends them. SQLite: by id (its one
+    writer commits in id order). PostgreSQL: by (txid, id), read only below the oldest running
+    transaction (`pg_snapshot_xmin`), since ids and xids are assigned before commit, not in
+    commit order; every row under that bound is committed or gone, so a cursor never skips one."""
+
+    __tablename__ = "run_changes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The writing transaction's id (PostgreSQL's pg_current_xact_id(); NULL on SQLite).
+    txid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    project_id: Mapped[str] = mapped_column(String(128))
+    run_id: Mapped[str] = mapped_column(String(36))
+    workflow_id: Mapped[str] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime]
+
+    __table_args__ = (
+        # A project watch: one project's changes after a cursor, in order (SQLite: by id).
+        Index("ix_run_changes_project", "project_id", "id"),
+        # The same on PostgreSQL, in commit-safe order.
+        Index("ix_run_changes_project_txid", "project_id", "txid", "id"),
+        # Housekeeping drops the changes older than the watch's retention.
+        Index("ix_run_changes_at", "at"),
+    )
 
 
 class RunWakeupRow(Base):

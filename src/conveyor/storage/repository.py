@@ -72,6 +72,7 @@ from conveyor.storage.models import (
 )
 from conveyor.storage.notifications import NotificationStatements, outbox_of_new_runs, outbox_of_units
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
+from conveyor.storage.run_changes import RunChangeStatements, status_changes
 
 # Declarative __table__ is typed as a FromClause; these are Tables.
 runs_t = cast(Table, RunRow.__table__)
@@ -209,7 +210,7 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements, NotificationStatements):
+class Repository(AccessStatements, NotificationStatements, RunChangeStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
@@ -386,6 +387,7 @@ class Repository(AccessStatements, NotificationStatements):
             await self.conn.execute(insert(tags_t), tag_rows)
         await self._insert(steps_t, _STEP_FIELDS, steps)
         await self._insert(events_t, _EVENT_FIELDS, events)
+        await self.record_changes(status_changes(runs, ()))
         # Notifications of the runs' first events, in the same transaction (domain/notifications.py).
         await self.insert_outbox(outbox_of_new_runs(runs, steps, events))
 
@@ -774,6 +776,7 @@ class Repository(AccessStatements, NotificationStatements):
             # The notifications these events cause, committed or rolled back with them.
             await self.insert_outbox(outbox_of_units(units))
         await self.signal({r for u in units for r in u.signals}, units[0].now)
+        await self.record_changes(status_changes((), units))
         await self.notify(keys_of(units))
 
     async def _cas(self, table: Table, cols: list[str], fence: tuple[str, ...],
