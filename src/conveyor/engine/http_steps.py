@@ -33,7 +33,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -42,12 +41,13 @@ from conveyor.domain.feed import HTTP_KEY
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
 from conveyor.engine.egress import (
+    EgressClient,
     EgressDenied,
     EgressPolicy,
     Resolver,
+    aiohttp_module,
     check_literal,
     resolve,
-    vetting_resolver,
 )
 from conveyor.engine.leases import MAX_RETRY_AFTER_SECONDS, Lease, Leases
 from conveyor.engine.pulse import KeyedPulses
@@ -68,11 +68,6 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 
 
-def _aiohttp() -> ModuleType:
-    """aiohttp, imported when the first http step runs: it weighs ~25 MB of memory a server that
-    runs none need not carry (idle RSS stays under 100 MB)."""
-    import aiohttp
-    return aiohttp
 
 
 class _BadConfig(Exception):
@@ -119,9 +114,7 @@ class HttpSteps:
         self.holder = f"engine:http:{socket.gethostname()}:{os.getpid()}"
         self._caller = Caller(name=self.holder)  # no project: http steps of every project
         policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
-        self._policy = policy
-        self._resolver = resolver
-        self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
+        self._egress = EgressClient(policy, resolver, self.max_concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -149,9 +142,7 @@ class HttpSteps:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._egress.close()
 
     async def _loop(self) -> None:
         probe = False
@@ -246,28 +237,15 @@ class HttpSteps:
         return _Request(method.upper(), url, {str(k): _header_value(k, v) for k, v in headers.items()},
                         config.get("body"), min(timeouts, default=self.default_timeout))
 
-    def _client(self) -> aiohttp.ClientSession:
-        """One session for every request (pooled keep-alive connections, at most the cap). The
-        environment's proxies are not used (trust_env=False): a proxy would bypass the egress
-        check of the real destination. aiohttp's own DNS cache is off, so each new connection
-        is resolved and vetted afresh."""
-        if self._session is None:
-            aiohttp = _aiohttp()
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, use_dns_cache=False,
-                                             resolver=vetting_resolver(self._policy, self._resolver),
-                                             keepalive_timeout=5.0)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
-        return self._session
-
     async def _perform(self, request: _Request) -> _Outcome:
         """Make the request; every way it can end becomes an outcome, never an exception."""
-        aiohttp = _aiohttp()
+        aiohttp = aiohttp_module()
         body = request.body
         try:
-            check_literal(self._policy, urlsplit(request.url).hostname or "")
+            check_literal(self._egress.policy, urlsplit(request.url).hostname or "")
             # The whole attempt is bounded: connect, send and every read, so a server dripping
             # bytes cannot outlast it either.
-            async with asyncio.timeout(request.timeout), self._client().request(
+            async with asyncio.timeout(request.timeout), self._egress.session().request(
                     request.method, request.url, headers=request.headers, allow_redirects=False,
                     data=body.encode() if isinstance(body, str) else None,
                     json=body if body is not None and not isinstance(body, str) else None) as response:

@@ -29,7 +29,6 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from types import ModuleType
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -48,19 +47,20 @@ from conveyor.domain.notifications import (
 from conveyor.domain.spec import RetryPolicy
 from conveyor.engine.clock import Clock
 from conveyor.engine.egress import (
+    EgressClient,
     EgressDenied,
     EgressPolicy,
     Resolver,
+    aiohttp_module,
     check_literal,
     resolve,
-    vetting_resolver,
 )
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.settings import Settings
 
 if TYPE_CHECKING:
-    import aiohttp
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,6 @@ _DRAIN_BYTES = 64 * 1024
 _RECORD_ATTEMPTS = 5
 
 
-def _aiohttp() -> ModuleType:
-    """aiohttp, imported at the first delivery (as http_steps does: ~25 MB a server need not carry)."""
-    import aiohttp
-    return aiohttp
 
 
 @dataclass(frozen=True)
@@ -114,9 +110,9 @@ class Notifier:
                                  backoff_coefficient=2.0,
                                  max_interval_seconds=settings.notify_max_backoff_seconds)
         self.idle_seconds = settings.engine_idle_seconds
-        self._policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
-        self._resolver = resolver
-        self._session: aiohttp.ClientSession | None = None
+        self._egress = EgressClient(
+            EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks), resolver,
+            self.max_concurrency)
         # Deliveries in flight and the URL each one posts to.
         self._in_flight: dict[asyncio.Task[None], str] = {}
         self._slot_freed = asyncio.Event()
@@ -145,9 +141,7 @@ class Notifier:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._egress.close()
 
     async def _loop(self) -> None:
         while True:
@@ -209,28 +203,17 @@ class Notifier:
             # Not recorded (database trouble): the lease runs out and the row is sent again.
             log.exception("notification %s attempt %d: recording its outcome failed", entry.id, entry.attempt)
 
-    def _client(self) -> aiohttp.ClientSession:
-        """One session for every delivery; no proxies from the environment (a proxy would be the
-        only address the egress policy checked) and no DNS cache (each connection is vetted)."""
-        if self._session is None:
-            aiohttp = _aiohttp()
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, use_dns_cache=False,
-                                             resolver=vetting_resolver(self._policy, self._resolver),
-                                             keepalive_timeout=5.0)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
-        return self._session
-
     async def _post(self, entry: OutboxEntry) -> _Outcome:
         """POST the signed body; every way it can end becomes an outcome, never an exception."""
-        aiohttp = _aiohttp()
+        aiohttp = aiohttp_module()
         body = json.dumps(entry.body, separators=(",", ":"), ensure_ascii=False).encode()
         stamp = int(self.clock.now().timestamp())
         headers = {"Content-Type": "application/json", "User-Agent": "conveyor-notify/1",
                    SIGNATURE_HEADER: signature(self.secret, stamp, body), DELIVERY_HEADER: entry.id,
                    EVENT_HEADER: entry.event_type}
         try:
-            check_literal(self._policy, urlsplit(entry.url).hostname or "")
-            async with asyncio.timeout(self.timeout), self._client().post(
+            check_literal(self._egress.policy, urlsplit(entry.url).hostname or "")
+            async with asyncio.timeout(self.timeout), self._egress.session().post(
                     entry.url, data=body, headers=headers, allow_redirects=False) as response:
                 await response.content.read(_DRAIN_BYTES)
                 status = response.status
