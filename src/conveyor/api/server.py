@@ -77,6 +77,20 @@ PENDING_RPCS: frozenset[str] = frozenset()
 MAX_METADATA_BYTES = 64 * 1024
 
 
+# Long streams (watches, worker streams) live for hours, mostly quiet between heartbeats (15 s):
+# the server pings idle connections every 30 s and drops one that does not answer in 10 s, so
+# a client gone without a FIN (a dead machine, a NAT that forgot the flow) frees its watch;
+# clients (Envoy, SDK workers) may ping as often as every 10 s, even with no call open,
+# without being told GOAWAY "too many pings".
+KEEPALIVE: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
 async def build_server(engine: Engine, settings: Settings,
                        rest_base_url: Callable[[], str] | None = None,
                        health_servicer: health.aio.HealthServicer | None = None,
@@ -95,6 +109,7 @@ async def build_server(engine: Engine, settings: Settings,
             ("grpc.max_receive_message_length", rest_body_bytes(settings) * JSON_TO_PROTOBUF_GROWTH),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            *KEEPALIVE,
         ],
     )
     workflows_service_pb2_grpc.add_WorkflowsServiceServicer_to_server(
