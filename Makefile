@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/workers.py --http
 	$(BIN)/python bench/cli.py
+	$(BIN)/python bench/watch.py
 
 clean:
 	rm -rf $(VENV) .conveyor
