@@ -31,7 +31,7 @@ test: lint
 	$(MAKE) -j2 --output-sync=target test-sqlite test-postgres
 
 test-sqlite: install
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not postgresql_only"
 
 test-postgres: install
 	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only and not client_only"
