@@ -247,6 +247,9 @@ async def busy_phase(served: common.Served, run_id: str, watchers: int, pace: fl
           f"max {latencies[-1] * 1000 if latencies else float('nan'):.1f} ms")
     rate_text = f"(target >= {rate_target:,.0f}/s)" if rate_target else "(no target at this size)"
     print(f"  delivered {delivered:,} of {expected:,} events, {rate:,.0f} events/s in total {rate_text}")
+    if delivered < expected:
+        print(f"  {expected - delivered:,} events were not delivered {GRACE:g} s after the last comment: "
+              "the latencies above are of those delivered, the true p99 is higher")
     busy = [c for c in cpus if c >= CLIENT_BOUND]
     print(f"  CPU (cores of {os.cpu_count()}): server {server_cpu:.2f}, watcher process(es) "
           + ", ".join(f"{c:.2f}" for c in cpus)
