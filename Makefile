@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/list.py
 	$(BIN)/python bench/list.py --db postgresql
+	$(BIN)/python bench/replicas.py
 	$(BIN)/python bench/hostile.py
 	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/workers.py --http
