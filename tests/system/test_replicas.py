@@ -62,7 +62,9 @@ CAPPED_RUNS = 12
 CAP = 2
 CANCEL_EVERY = 6  # every 6th acknowledged run is canceled (if it has not finished yet)
 COMMENTS = 5  # per watch round (one before the kill, one after)
-LEASE_SECONDS = 2
+# Short, so attempts lost with the killed replica come back soon; long enough that a loaded machine
+# does not expire the lease of a task that is only slow (a repeat the test would blame on the kill).
+LEASE_SECONDS = 4
 # Well below the 30 s safety poll: a comment that needed the poll would take ~30 s.
 WATCH_DELIVERY_LIMIT = 5.0
 SETTLE_SECONDS = 45.0
