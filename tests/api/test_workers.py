@@ -188,7 +188,9 @@ async def test_poll_hands_out_the_task_with_its_config_rendered(api: Api) -> Non
     assert step.id == task.task_id and step.attempt == 1
     running = [e for e in await events_of(api, run_id) if e.type == "step.running"]
     assert len(running) == 1 and running[0].step_ref == "a" and running[0].actor == "w1"
-    assert as_dict(running[0].data) == {"attempt": 1, "worker_id": "w1"}
+    data = as_dict(running[0].data)
+    assert {k: v for k, v in data.items() if k != "change"} == {"attempt": 1, "worker_id": "w1"}
+    assert data["change"]["status"] == "running" and data["change"]["worker_id"] == "w1"
 
     await complete(api, task, result={"sha": "abc", "size": 12, "flags": {"x": None, "y": [True]}})
     (second,) = await poll(api, "builds", project_id="acme")

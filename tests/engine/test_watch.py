@@ -123,3 +123,28 @@ async def test_a_watch_on_one_replica_sees_another_replicas_commits_at_once(
         await stream.aclose()
     finally:
         await stop()
+
+
+async def test_events_carry_what_a_view_needs_to_follow_without_refetching(engine: Engine) -> None:
+    """A view that applies each event's `change` to its step (or run), in seq order, ends
+    exactly where the records are: status, attempt, deps, error, whether there is output."""
+    await engine.workflows.create({"name": "mixed", "steps": [
+        {"ref": "a", "kind": "noop", "config": {"output": {"x": 1}}},
+        {"ref": "gate", "kind": "approval", "depends_on": ["a"]},
+        {"ref": "b", "kind": "noop", "depends_on": ["gate"]}]}, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("mixed"), ME)).id
+    await engine.tick()
+    await engine.steps.approve(run_id, "gate", "", ME)
+    await engine.tick()
+    view: dict[str, dict[str, object]] = {}
+    for event in (await engine.runs.events(run_id, 0, 100, "", ME)).items:
+        change = (event.data or {})["change"]
+        view.setdefault(event.step_ref, {}).update(change)
+    steps = {s.step_ref: s for s in (await engine.steps.list(run_id, 100, "", ME)).items}
+    for ref, step in steps.items():
+        assert view[ref]["status"] == str(step.status) and view[ref]["attempt"] == step.attempt, ref
+        assert view[ref]["deps_completed"] == step.deps_completed, ref
+        assert view[ref]["has_output"] == (step.output is not None), ref
+    run = await engine.runs.get(run_id, ME)
+    assert view[""]["status"] == "completed" == str(run.status)
+    assert view[""]["finished_at"] == run.finished_at.isoformat() if run.finished_at else False

@@ -138,6 +138,9 @@ class RunView:
             self.seq = max(self.seq, event.seq)
             self.last_event = describe_event(event)
             data = to_dict(event.data) if event.data.fields else {}
+            # The record's state as the event's unit left it (RunEvent.data.change) wins over
+            # the event's own details: applying it in seq order ends where the record is.
+            data = {**data, **(data.get("change") or {})}
             if event.type.startswith("run."):
                 return self._apply_run(event, data)
             if event.type.startswith("step."):

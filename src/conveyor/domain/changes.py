@@ -15,6 +15,7 @@ folded away: the next attempt starts a new event, so every attempt stays visible
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -119,6 +120,27 @@ class Changes:
         self.events.append(ev)
         return ev
 
+    def describe(self, steps: Iterable[StepRecord] = ()) -> None:
+        """Stamp every event of this unit with what a live view needs to apply it without a
+        re-fetch (`data.change`): its step's (or, for a run event, the run's) fields as this
+        unit leaves them. A view applying the events in seq order ends where the records are.
+        `steps`: a new run's steps, which no transition touched."""
+        by_ref = {s.step_ref: s for s in (*steps, *self.steps.values())}
+        run = self.run
+        run_change = {"status": str(run.status), "error": run.error, "message": run.status_message,
+                      "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at)}
+        for ev in self.events:
+            if not ev.step_ref:
+                change: dict[str, Any] = run_change
+            elif (step := by_ref.get(ev.step_ref)) is not None:
+                change = {"status": str(step.status), "attempt": step.attempt,
+                          "deps_completed": step.deps_completed, "worker_id": step.worker_id,
+                          "error": step.error[:_CHANGE_TEXT], "has_output": step.output is not None,
+                          "started_at": _iso(step.started_at), "finished_at": _iso(step.finished_at)}
+            else:
+                continue
+            ev.data = {**(ev.data or {}), "change": change}
+
     def opened(self, message: str = "", data: dict[str, Any] | None = None) -> None:
         """Record event 1 of a new run: it entered its first status."""
         status = self.run.status
@@ -195,3 +217,11 @@ class Changes:
             ev = self.event(type_, step_ref=step_ref, status=status, message=message, data=data)
         if transient:
             self._open_event[key] = (ev, before)
+
+
+# An error's first characters travel in events' `change` (the step holds it whole).
+_CHANGE_TEXT = 500
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None

@@ -49,6 +49,8 @@ def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *,
 
 async def insert(repo: Repo, runs: Sequence[NewRun], idempotency: list[dict[str, Any]]) -> None:
     """Write new runs with their steps, tags, events and idempotency records."""
+    for n in runs:
+        n.changes.describe(n.steps)
     await repo.insert_runs([n.run for n in runs], [s for n in runs for s in n.steps],
                            [e for n in runs for e in n.changes.events], idempotency)
     await repo.notify(keys_of([n.changes for n in runs]))

@@ -766,6 +766,8 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements):
                        for u in units for s in u.steps.values() for f in (u.step_fences[s.id],)]
         await self._cas(runs_t, _RUN_MUTABLE, ("last_seq",), run_params)
         await self._cas(steps_t, _STEP_MUTABLE, ("attempt", "lease_expires_at"), step_params)
+        for u in units:
+            u.describe()
         events = [e for u in units for e in u.events]
         if events:
             try:
