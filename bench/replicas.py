@@ -15,8 +15,10 @@ Phases, on a fresh PostgreSQL database (created on 127.0.0.1:5432, dropped after
    PostgreSQL NOTIFY (sent in the committing transaction) and B's LISTEN connection.
 
 The machine's cores are shared by the replicas, PostgreSQL and the clients: on a 2-core machine
-two replicas cannot double one replica's rate, whatever the engine does; the CPU line of each
-phase shows who was busy.
+two replicas cannot double one replica's rate, whatever the engine does. Each trigger phase
+prints who was busy: the replicas and the clients, and the whole machine (/proc/stat), whose
+remainder is PostgreSQL and every other process; a remainder well above PostgreSQL's share means
+something else was competing and the ratio says little.
 
 Run: .venv/bin/python bench/replicas.py [--seconds 10] [--concurrency 64] [--comments 300]
 Exits 0 whether or not targets are met (it reports, it does not assert), 1 if it crashed.
@@ -51,6 +53,7 @@ DELIVERY_P99_TARGET_MS = 100.0
 COMMENT_GAP = 0.01
 DRAIN_TIMEOUT = 600.0
 SETTLE_SECONDS = 1.0
+STARTUP_SECONDS = 6.0
 
 
 async def delivery(a: str, b: str, run_id: str, comments: int,
@@ -105,6 +108,29 @@ async def delivery(a: str, b: str, run_id: str, comments: int,
                 await reader
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def machine_busy(seconds: float) -> float:
+    """Cores of the whole machine busy during the load's window (it opens STARTUP_SECONDS after
+    the load starts): the replicas, PostgreSQL, the clients and anything else running."""
+    await asyncio.sleep(STARTUP_SECONDS)
+    busy0, total0 = _cpu_ticks()
+    await asyncio.sleep(seconds)
+    busy1, total1 = _cpu_ticks()
+    return (os.cpu_count() or 1) * common.ratio(busy1 - busy0, total1 - total0)
+
+
+def busy_line(cores: float, result: common.LoadResult) -> str:
+    ours = sum(result.cpu.values()) + result.client_cpu
+    return (f"  machine: {cores:.2f} cores of {os.cpu_count()} busy; the replicas and clients {ours:.2f}, "
+            f"PostgreSQL and every other process {cores - ours:.2f}")
+
+
 def latency_line(label: str, from_ack: list[float], from_send: list[float]) -> str:
     ack, send = sorted(from_ack), sorted(from_send)
     return (f"{label}: {len(ack)} comments, commit-ack -> event on B "
@@ -116,6 +142,10 @@ def latency_line(label: str, from_ack: list[float], from_send: list[float]) -> s
 
 async def bench(args: argparse.Namespace) -> None:
     common.cancel_on_sigterm()
+    # Two pools of client processes start side by side (one per replica): give them the time to
+    # spawn, import and connect before the window opens, or one starts late and the window it
+    # measured is shorter than the one its rate is divided by.
+    common.LOAD_STARTUP = STARTUP_SECONDS
     half = args.concurrency // 2
     print(f"{args.concurrency} concurrent gRPC clients, {args.seconds:g} s per phase, 5-step noop workflow, "
           f"PostgreSQL, {os.cpu_count()} cores")
@@ -138,10 +168,13 @@ async def bench(args: argparse.Namespace) -> None:
                     hold_step = {"ref": "wait", "kind": "delay", "config": {"seconds": 3600}}
                     await common.create_workflow(a.grpc_target, HOLD, [hold_step])
 
-                    one = await common.run_load("grpc-trigger", a.grpc_target, WORKFLOW, args.seconds,
-                                                args.concurrency, 1, watch={"A": a.pid})
+                    one, busy_one = await asyncio.gather(
+                        common.run_load("grpc-trigger", a.grpc_target, WORKFLOW, args.seconds,
+                                        args.concurrency, 1, watch={"A": a.pid}),
+                        machine_busy(args.seconds))
                     print(one.line("1 replica", "runs", "baseline"))
                     print(one.cpu_line())
+                    print(busy_line(busy_one, one))
                     one.print_errors("1 replica")
                     drained = await common.wait_until_settled(a.grpc_target, WORKFLOW, DRAIN_TIMEOUT)
                     print(f"  A finished the phase's runs {drained:.1f} s after its window")
@@ -149,17 +182,19 @@ async def bench(args: argparse.Namespace) -> None:
                     b = await stack.enter_async_context(common.spawn_server_on(url, dir_b))
                     await asyncio.sleep(SETTLE_SECONDS)
                     watch = {"A": a.pid, "B": b.pid}
-                    on_a, on_b = await asyncio.gather(
+                    on_a, on_b, busy_two = await asyncio.gather(
                         common.run_load("grpc-trigger", a.grpc_target, WORKFLOW, args.seconds, half, 1,
                                         watch=watch),
                         common.run_load("grpc-trigger", b.grpc_target, WORKFLOW, args.seconds,
-                                        args.concurrency - half, 1))
+                                        args.concurrency - half, 1),
+                        machine_busy(args.seconds))
                     two = common.LoadResult(args.seconds, cpu=on_a.cpu)
                     two.merge(on_a)
                     two.merge(on_b)
                     print(two.line(f"2 replicas ({on_a.rate:.0f} on A + {on_b.rate:.0f} on B)", "runs",
                                    f"target >= {SCALE_TARGET} x 1 replica = {SCALE_TARGET * one.rate:.0f}"))
                     print(two.cpu_line())
+                    print(busy_line(busy_two, two))
                     two.print_errors("2 replicas")
                     drained = await common.wait_until_settled(a.grpc_target, WORKFLOW, DRAIN_TIMEOUT)
                     print(f"  A and B finished the phase's runs {drained:.1f} s after its window")
