@@ -4,6 +4,7 @@ once the run is final; heartbeats while nothing happens."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,33 @@ async def test_events_carry_what_a_view_needs_to_follow_without_refetching(engin
     run = await engine.runs.get(run_id, ME)
     assert view[""]["status"] == "completed" == str(run.status)
     assert view[""]["finished_at"] == run.finished_at.isoformat() if run.finished_at else False
+
+
+async def test_a_quiet_watch_heartbeats_without_reading_the_database(engine: Engine) -> None:
+    """Idle watches cost next to nothing: between the feed's wake-ups and the safety poll a
+    watch only sends heartbeats; it reads again when its run changes."""
+    await engine.workflows.create(GATED, ME)
+    run_id = (await engine.runs.trigger(TriggerRequest("gated"), ME)).id
+    await engine.tick()
+    reads = 0
+    store = engine.store
+
+    class Counting:
+        def read(self) -> Any:
+            nonlocal reads
+            reads += 1
+            return store.read()
+
+    quiet = Watches(Counting(), engine.clock, engine.runner.keyed,  # type: ignore[arg-type]
+                    poll_seconds=60, heartbeat_seconds=0.01)
+    stream = quiet.watch_run(run_id, 0, ME)
+    assert isinstance(await anext(stream), Snapshot)
+    beats = [await anext(stream) for _ in range(10)]
+    assert all(isinstance(b, Heartbeat) for b in beats)
+    assert reads == 2  # the snapshot, then the events after it once
+    await engine.runs.comment(run_id, "news", ME)
+    item = await anext(stream)
+    while isinstance(item, Heartbeat):
+        item = await anext(stream)
+    assert isinstance(item, EventRecord) and item.type == "run.comment" and reads == 3
+    await stream.aclose()

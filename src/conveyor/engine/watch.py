@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -99,28 +101,40 @@ class Watches:
         if run.status in FINAL_RUN and after_seq == run.last_seq:
             return
         loop = asyncio.get_running_loop()
-        quiet_since = loop.time()
+        # Each watch's heartbeats start at its own offset, so 1,000 watches opened together do
+        # not all wake in the same instant every heartbeat period.
+        quiet_since = loop.time() - random.uniform(0, self.heartbeat_seconds / 2)
+        read_at = -math.inf
+        woken = True
         while True:
             committed = self.pulses.next(run_key(run_id))  # before reading: no commit is missed
-            async with self.store.read() as repo:
-                page = await repo.list_events(run_id, after_seq, _PAGE, "")
-            for i, event in enumerate(page.items):
-                yield event
-                after_seq = event.seq
-                last_in_page = i == len(page.items) - 1
-                if (event.type in _FINAL_EVENTS and last_in_page
-                        and not await self._has_more(run_id, event.seq)):
-                    return
-            if page.items:
-                quiet_since = loop.time()
-                if page.next_token:
-                    continue
-            elif loop.time() - quiet_since >= self.heartbeat_seconds:
+            # The database is read when the feed says the run changed, or by the safety poll; a
+            # quiet watch's heartbeat costs no read (idle watches cost next to nothing).
+            if woken or loop.time() - read_at >= self.poll_seconds:
+                read_at = loop.time()
+                async with self.store.read() as repo:
+                    page = await repo.list_events(run_id, after_seq, _PAGE, "")
+                for i, event in enumerate(page.items):
+                    yield event
+                    after_seq = event.seq
+                    last_in_page = i == len(page.items) - 1
+                    if (event.type in _FINAL_EVENTS and last_in_page
+                            and not await self._has_more(run_id, event.seq)):
+                        return
+                if page.items:
+                    quiet_since = loop.time()
+                    if page.next_token:
+                        continue
+            if loop.time() - quiet_since >= self.heartbeat_seconds:
                 yield Heartbeat(self.clock.now())
                 quiet_since = loop.time()
+            wait = min(self.heartbeat_seconds - (loop.time() - quiet_since),
+                       self.poll_seconds - (loop.time() - read_at))
+            woken = False
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(self.poll_seconds, self.heartbeat_seconds)):
+                async with asyncio.timeout(max(wait, 0.0)):
                     await committed.wait()
+                    woken = True
 
     async def watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
                             cursor: str, caller: Caller) -> AsyncIterator[ProjectChange | Heartbeat]:
