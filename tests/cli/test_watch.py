@@ -165,20 +165,34 @@ def test_live_view_of_a_gated_run_updates_until_it_completes(cli: Cli, name: str
 
 
 def test_a_failing_run_exits_1_and_prints_plain_lines_off_a_terminal(cli: Cli, name: str) -> None:
-    # A second of delay, so the watch starts before the run fails.
+    # An approval first, given once the watch has drawn its snapshot, so the failure is watched
+    # live however slowly the command starts.
     failing = parent(name)
-    failing["steps"] = [{"ref": "pause", "kind": "delay", "config": {"seconds": 1}},
-                        {**failing["steps"][0], "depends_on": ["pause"]}]
+    failing["steps"] = [{"ref": "gate", "kind": "approval"},
+                        {**failing["steps"][0], "depends_on": ["gate"]}]
     cli.apply(failing)
     run = cli.trigger(name, "--payload", json.dumps({"target": f"{name}-missing"}))
-    result = cli.run("watch", run["id"])
-    assert result.code == 1, result.err
-    lines = result.out.splitlines()
+    token = ["--token", cli.token] if cli.token else []
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "--address", cli.address, *token,
+                             "watch", run["id"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env(),
+                            cwd=cli.home)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        cli.ok("steps", "approve", run["id"], "gate")
+        rest, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    out = first + rest
+    lines = out.splitlines()
     # Off a terminal: the snapshot (the run, then each step), then one line per change.
     assert lines[0].startswith(f"run {run['id']} ({name}): ")
-    assert any(re.match(r"^  step child: ", line) for line in lines)
-    assert re.search(r"^\d\d:\d\d:\d\d run: failed", result.out, re.M), result.out
-    assert "\x1b[" not in result.out
+    assert re.search(r"^\d\d:\d\d:\d\d step child: failed attempt 1 ", out, re.M), out
+    assert re.search(r"^\d\d:\d\d:\d\d run: failed", out, re.M), out
+    assert "\x1b[" not in out
     # A finished run is drawn at once and the exit code says how it ended.
     again = cli.run("watch", run["id"])
     assert again.code == 1 and "): failed" in again.out.splitlines()[0]
