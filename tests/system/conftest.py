@@ -62,17 +62,19 @@ SpawnFactory = Callable[..., AbstractAsyncContextManager[Served]]
 @pytest.fixture
 def spawn(tmp_path: Path) -> SpawnFactory:
     """``async with spawn(db_url, envoy=False) as served``: a real server process (on free ports
-    unless `grpc_port` / `http_port` name one)."""
+    unless `grpc_port` / `http_port` name one). `name`: its data directory under tmp_path (and
+    its log, `<name>.log`; "server.log" for the default), so replicas can run side by side."""
 
     @asynccontextmanager
     async def start(db_url: str, envoy: bool = False, grpc_port: int = 0,
-                    http_port: int = 0) -> AsyncIterator[Served]:
-        data_dir = tmp_path / "data"
+                    http_port: int = 0, name: str = "data") -> AsyncIterator[Served]:
+        data_dir = tmp_path / name
+        log_path = tmp_path / ("server.log" if name == "data" else f"{name}.log")
         args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", str(grpc_port),
                 "--http-port", str(http_port), "--db-url", db_url, "--data-dir", str(data_dir)]
         if not envoy:
             args.append("--no-envoy")
-        log = (tmp_path / "server.log").open("ab")
+        log = log_path.open("ab")
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
                                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         grpc_target = rest_url = ""
@@ -83,7 +85,7 @@ def spawn(tmp_path: Path) -> SpawnFactory:
                 while not grpc_target or (envoy and not rest_url):
                     line = (await proc.stdout.readline()).decode()
                     if not line:
-                        raise RuntimeError(f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                        raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
                     printed.append(line.rstrip("\n"))
                     if m := re.search(r"gRPC on (\S+)", line):
                         grpc_target = m.group(1)

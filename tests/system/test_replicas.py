@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -49,6 +47,7 @@ from conveyor.v1 import workflows_service_pb2 as wf_pb
 from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
 from tests.auth import bearer_interceptors
 from tests.conftest import BACKEND
+from tests.system.conftest import Served, SpawnFactory
 from tests.system.crash_worker import QUEUE
 
 # ~25-35 s: three servers, three workers, a lease expiry after the kill.
@@ -75,10 +74,16 @@ FINAL = {"completed", "failed", "canceled", "timed_out"}
 @dataclass
 class Replica:
     index: int
-    proc: asyncio.subprocess.Process
-    target: str
-    data_dir: Path
+    served: Served
     channel: grpc.aio.Channel | None = None
+
+    @property
+    def target(self) -> str:
+        return self.served.grpc_target
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        return self.served.proc
 
     @property
     def alive(self) -> bool:
@@ -91,34 +96,9 @@ class Replica:
 
 
 @asynccontextmanager
-async def replica(index: int, db_url: str, tmp_path: Path) -> AsyncIterator[Replica]:
-    data_dir = tmp_path / f"replica-{index}"
-    log_path = tmp_path / f"replica-{index}.log"
-    args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-            "--metrics-port", "0", "--no-envoy", "--db-url", db_url, "--data-dir", str(data_dir)]
-    with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
-                                                    cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stdout is not None
-        target = ""
-        async with asyncio.timeout(START_TIMEOUT):
-            while not target:
-                line = (await proc.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(f"replica {index} exited: {log_path.read_text()[-3000:]}")
-                if m := re.search(r"gRPC on (\S+)", line):
-                    target = m.group(1)
-        yield Replica(index, proc, target, data_dir)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+async def replica(spawn: SpawnFactory, index: int, db_url: str) -> AsyncIterator[Replica]:
+    async with spawn(db_url, name=f"replica-{index}") as served:
+        yield Replica(index, served)
 
 
 @asynccontextmanager
@@ -212,15 +192,16 @@ async def watch_round(a: Replica, b: Replica, run_id: str, label: str) -> list[f
             await reader
 
 
-async def test_three_replicas_share_the_work_and_survive_a_kill(db_url: str, tmp_path: Path) -> None:
+async def test_three_replicas_share_the_work_and_survive_a_kill(spawn: SpawnFactory, db_url: str,
+                                                                 tmp_path: Path) -> None:
     assert BACKEND == "postgresql", "postgresql_only: run with CONVEYOR_TEST_DB=postgresql"
     pg_dsn = db_url.replace("+asyncpg", "")
     ledger = tmp_path / "ledger.jsonl"
     async with AsyncExitStack() as stack:
         # The first start creates the admin key (and writes its token); the others find it.
-        first = await stack.enter_async_context(replica(0, db_url, tmp_path))
-        token = (first.data_dir / "admin.token").read_text().strip()
-        others = await asyncio.gather(*(stack.enter_async_context(replica(i, db_url, tmp_path))
+        first = await stack.enter_async_context(replica(spawn, 0, db_url))
+        token = first.served.token
+        others = await asyncio.gather(*(stack.enter_async_context(replica(spawn, i, db_url))
                                         for i in range(1, REPLICAS)))
         replicas = [first, *others]
         for r in replicas:

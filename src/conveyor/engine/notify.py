@@ -29,7 +29,6 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from conveyor.domain.changes import Changes
@@ -58,9 +57,6 @@ from conveyor.engine.egress import (
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
