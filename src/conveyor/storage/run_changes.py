@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -34,6 +34,8 @@ changes_t = cast(Table, RunChangeRow.__table__)
 _TXID = sql_cast(sql_cast(func.pg_current_xact_id(), Text), BigInteger)
 _XMIN = sql_cast(sql_cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
 _MAX_CURSOR = 2**63 - 1
+# The columns `status_changes` fills (txid stays NULL on SQLite).
+_ROW_NAMES = ["project_id", "run_id", "workflow_id", "status", "at"]
 
 
 def _cursor(txid: int | None, ident: int) -> str:
@@ -68,14 +70,18 @@ class RunChangeStatements:
 
     conn: AsyncConnection
     dialect: str
+    # Repository's insert (on SQLite straight to the driver, the trigger path's own).
+    _insert: Callable[[Table, list[str], Sequence[Any]], Awaitable[None]]
 
     async def record_changes(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        stmt = insert(changes_t)
         if self.dialect == "postgresql":
-            stmt = stmt.values(txid=_TXID)  # the same for every row: this transaction's
-        await self.conn.execute(stmt, rows)
+            # txid is the same for every row: this transaction's.
+            await self.conn.execute(insert(changes_t).values(txid=_TXID), rows)
+        else:
+            # A trigger batch writes one row per new run: the SQLite hot path's own insert.
+            await self._insert(changes_t, _ROW_NAMES, rows)
 
     async def head_cursor(self, project: str) -> str:
         """The position after every change of the project committed so far."""
