@@ -108,11 +108,12 @@ def stream_error(exc: Exception, method: str) -> resources_pb2.StreamError:
     """The `StreamError` last message of a stream that failed after it began: the error's code,
     reason and message (an unexpected exception: INTERNAL, its traceback logged only)."""
     if isinstance(exc, ConveyorError):
-        code, reason, message = STATUS_CODES[exc.kind], exc.reason, _cut(exc.message)
-    else:
-        logger.exception("unexpected error in %s after the stream began", method, exc_info=exc)
-        code, reason, message = grpc.StatusCode.INTERNAL, "INTERNAL", INTERNAL_MESSAGE
-    return resources_pb2.StreamError(code=code.value[0], reason=reason, message=message)
+        return resources_pb2.StreamError(code=STATUS_CODES[exc.kind].value[0], reason=exc.reason,
+                                         message=_cut(exc.message),
+                                         resume_after_seq=int(exc.metadata.get("resume_after_seq", 0)))
+    logger.exception("unexpected error in %s after the stream began", method, exc_info=exc)
+    return resources_pb2.StreamError(code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL",
+                                     message=INTERNAL_MESSAGE)
 
 
 # The status every unexpected exception becomes; built once, it never varies.

@@ -18,7 +18,8 @@ class Background:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self._task is None:
+        """Start the loop unless it is running (a loop that returned by itself starts again)."""
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name=self._name)
 
     async def stop(self) -> None:

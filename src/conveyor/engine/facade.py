@@ -90,6 +90,7 @@ class Engine:
                 await last_words()
             except Exception:
                 log.exception("writing the audit log or key usage at shutdown failed")
+        await self.watches.tails.close()
         await self.schedules.stop()
         await self.notifier.stop()
         await self.http.stop()  # before the leases close: its reports go through them

@@ -1,11 +1,12 @@
 """Run watches (SPEC §5): a snapshot, then every RunEvent in seq order, until the run ends.
 
 Events are read from the database, never from memory, so a watcher sees events written by any
-replica and `after_seq` resumes with no gap and no duplicate. A watcher waits on its run's key
-of the change feed (domain/feed.py): commits of other runs never wake it. The feed brings this
-process's commits at once and, on PostgreSQL, other replicas' (NOTIFY); a slow safety poll
-(`poll_seconds`) covers a feed that missed something. The stream is an async generator pulled
-by the client, so a slow watcher holds at most one page of events and never slows the engine.
+replica and `after_seq` resumes with no gap and no duplicate. A watch catches up by itself, then
+follows its run's shared tail (engine/tails.py): one read per commit of the run for all its
+watchers, woken by the run's key of the change feed only (domain/feed.py). The stream is an
+async generator pulled by the client; a watcher that falls a whole buffer behind ends with
+WATCHER_TOO_SLOW and the seq to resume after, so it never slows the engine nor grows memory.
+A project watch reads its project's feed of status changes (storage/run_changes.py).
 """
 
 from __future__ import annotations
@@ -13,26 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from conveyor.domain.errors import FieldViolation, invalid
-from conveyor.domain.feed import project_key, run_key
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
+from conveyor.domain.feed import project_key
 from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
-from conveyor.domain.states import FINAL_RUN, RunStatus, run_event_type
+from conveyor.domain.states import FINAL_RUN, RunStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
+from conveyor.engine.tails import PAGE, RunTails, Subscription, ends_run
 from conveyor.engine.workflows import project_of
-
-# Event types that end a watch: the run reached a final state.
-_FINAL_EVENTS = frozenset(run_event_type(s) for s in FINAL_RUN)
-# Events read per query while catching up.
-_PAGE = 500
 
 
 @dataclass
@@ -62,12 +58,22 @@ CHANGES_KEPT = timedelta(days=1)
 _HELD_SECONDS = 0.02
 
 
+def too_slow(after_seq: int, buffer: int) -> ConveyorError:
+    """The end of a watch whose client fell a whole buffer behind its run (SPEC §5)."""
+    return ConveyorError(ErrorKind.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW",
+                         f"the watcher fell more than {buffer} events behind the run; "
+                         f"resume with after_seq={after_seq}",
+                         metadata={"resume_after_seq": str(after_seq)})
+
+
 class Watches:
     """Serves run watches from the database."""
 
     def __init__(self, store: Store, clock: Clock, pulses: KeyedPulses, poll_seconds: float = 30.0,
-                 heartbeat_seconds: float = 15.0, metrics: Metrics | None = None) -> None:
+                 heartbeat_seconds: float = 15.0, metrics: Metrics | None = None,
+                 buffer: int = 1000) -> None:
         self.store = store
+        self.tails = RunTails(store, pulses, buffer=buffer, poll_seconds=poll_seconds)
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.pulses = pulses
@@ -100,41 +106,57 @@ class Watches:
             after_seq = run.last_seq
         if run.status in FINAL_RUN and after_seq == run.last_seq:
             return
+        subscription: Subscription | None = None
+        try:
+            # Catch up alone (a resumed watch); once caught up, join the run's shared tail, and
+            # read once more if the tail was ahead: it hands over only what it reads next.
+            caught_up = after_seq >= run.last_seq
+            while True:
+                if subscription is None and caught_up:
+                    subscription = self.tails.join(run_id, after_seq)
+                if subscription is not None and after_seq >= subscription.tail.seq:
+                    break
+                async with self.store.read() as repo:
+                    page = await repo.list_events(run_id, after_seq, PAGE, "")
+                for event in page.items:
+                    yield event
+                    after_seq = event.seq
+                if ends_run(page.items, bool(page.next_token)):
+                    return
+                if subscription is not None and not page.items:
+                    break
+                caught_up = not page.next_token
+            async for item in self._follow(subscription, after_seq):
+                yield item
+        finally:
+            if subscription is not None:
+                self.tails.leave(subscription)
+
+    async def _follow(self, subscription: Subscription, after_seq: int) -> AsyncGenerator[WatchItem]:
+        """The events the tail hands over after `after_seq` (seqs already sent are skipped),
+        with a heartbeat after each quiet `heartbeat_seconds`, until the run ends."""
         loop = asyncio.get_running_loop()
         # Each watch's heartbeats start at its own offset, so 1,000 watches opened together do
         # not all wake in the same instant every heartbeat period.
         quiet_since = loop.time() - random.uniform(0, self.heartbeat_seconds / 2)
-        read_at = -math.inf
-        woken = True
         while True:
-            committed = self.pulses.next(run_key(run_id))  # before reading: no commit is missed
-            # The database is read when the feed says the run changed, or by the safety poll; a
-            # quiet watch's heartbeat costs no read (idle watches cost next to nothing).
-            if woken or loop.time() - read_at >= self.poll_seconds:
-                read_at = loop.time()
-                async with self.store.read() as repo:
-                    page = await repo.list_events(run_id, after_seq, _PAGE, "")
-                for i, event in enumerate(page.items):
-                    yield event
-                    after_seq = event.seq
-                    last_in_page = i == len(page.items) - 1
-                    if (event.type in _FINAL_EVENTS and last_in_page
-                            and not await self._has_more(run_id, event.seq)):
-                        return
-                if page.items:
-                    quiet_since = loop.time()
-                    if page.next_token:
-                        continue
-            if loop.time() - quiet_since >= self.heartbeat_seconds:
+            try:
+                async with asyncio.timeout(max(self.heartbeat_seconds - (loop.time() - quiet_since), 0.0)):
+                    items = await subscription.take()
+            except TimeoutError:
                 yield Heartbeat(self.clock.now())
                 quiet_since = loop.time()
-            wait = min(self.heartbeat_seconds - (loop.time() - quiet_since),
-                       self.poll_seconds - (loop.time() - read_at))
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wait, 0.0)):
-                    await committed.wait()
-                    woken = True
+                continue
+            if not items:  # dropped: the client did not keep up with the run
+                raise too_slow(after_seq, self.tails.buffer)
+            for i, (event, ends) in enumerate(items):
+                if event.seq <= after_seq:
+                    continue
+                yield event
+                after_seq = event.seq
+                if ends and i == len(items) - 1:
+                    return
+            quiet_since = loop.time()
 
     async def watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
                             cursor: str, caller: Caller) -> AsyncIterator[ProjectChange | Heartbeat]:
@@ -163,7 +185,7 @@ class Watches:
         while True:
             changed = self.pulses.next(project_key(project))  # before reading: no commit is missed
             async with self.store.read() as repo:
-                page = await repo.changes_after(project, cursor, workflow_ids, statuses, _PAGE)
+                page = await repo.changes_after(project, cursor, workflow_ids, statuses, PAGE)
                 runs = {r.id: r for r in await repo.get_runs(sorted({c.run_id for c in page.changes}),
                                                              caller.project)}
             for change in page.changes:
@@ -174,7 +196,7 @@ class Watches:
                                                             updated_at=change.at), change.cursor)
             if page.changes:
                 quiet_since = loop.time()
-                if len(page.changes) == _PAGE:
+                if len(page.changes) == PAGE:
                     continue
             elif loop.time() - quiet_since >= self.heartbeat_seconds:
                 yield Heartbeat(self.clock.now())
@@ -188,8 +210,3 @@ class Watches:
         """Drop project watch changes older than CHANGES_KEPT (a bounded batch)."""
         async with self.store.write() as repo:
             return await repo.purge_changes(self.clock.now() - CHANGES_KEPT, batch)
-
-    async def _has_more(self, run_id: str, seq: int) -> bool:
-        """Whether events follow `seq` (a final run reopened by a retry or replay goes on)."""
-        async with self.store.read() as repo:
-            return (await repo.get_run(run_id, None)).last_seq > seq
