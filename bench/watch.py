@@ -11,9 +11,11 @@
 3. Busy: one run waiting on an approval, watched by 100 and then by 1,000 watchers (in
    --watch-procs client processes, grpc.aio, the streams spread over a few channels) while this
    process adds comments (AddRunComment) at a fixed pace; each comment is one committed event.
-   Commit -> delivery is the time from the AddRunComment response (time.monotonic, the same clock
-   in every process) to a watcher receiving the event of that seq. p99 next to < 15 ms (100
-   watchers) and < 100 ms (1,000), and events delivered per second in total next to >= 15,000
+   The comments leave at their pace whether or not earlier ones were answered (open loop).
+   Commit -> delivery is the time from the event's `at` (stamped by the server just before the
+   commit) to a watcher receiving it, on the machine's wall clock (the same in every process).
+   p99 next to < 15 ms (100 watchers) and < 100 ms (1,000), and events delivered per second in
+   total next to >= 15,000
    (the pace at 1,000 watchers offers 20 comments/s = 20,000 deliveries/s). The watcher
    processes' CPU is printed: near 1.0 core per process means the client was the bottleneck.
 
@@ -139,7 +141,7 @@ class BusyResult:
     opened: int = 0
     ended: int = 0
     errors: list[str] = field(default_factory=list)
-    received: list[tuple[int, float]] = field(default_factory=list)  # (seq, monotonic)
+    received: list[tuple[int, float, float]] = field(default_factory=list)  # (seq, time.time(), latency)
     client_cpu: float = 0.0
 
 
@@ -161,7 +163,9 @@ async def _busy(target: str, run_id: str, count: int, ready_at: float, stop_at: 
             async for msg in stubs[i % CHANNELS].WatchWorkflowRun(_req(run_id)):
                 kind = msg.WhichOneof("message")
                 if kind == "event":
-                    received.append((msg.event.seq, time.monotonic()))
+                    now = time.time()
+                    at = msg.event.at.seconds + msg.event.at.nanos / 1e9
+                    received.append((msg.event.seq, now, now - at))
                 elif kind == "snapshot":
                     result.opened += 1
                     result.opened_in_time += time.monotonic() < ready_at
@@ -206,15 +210,23 @@ async def busy_phase(served: common.Served, run_id: str, watchers: int, pace: fl
         t0 = time.monotonic()
         async with common.open_channel(served.grpc_target) as channel:
             stub = runs_grpc.WorkflowRunsServiceStub(channel)
-            for i in range(comments):
-                await asyncio.sleep(max(0.0, t0 + i / pace - time.monotonic()))
+
+            async def comment(i: int) -> None:
                 try:
                     reply = await stub.AddRunComment(workflow_runs_service_pb2.AddRunCommentRequest(
                         workflow_run_id=run_id, content=f"comment {i}"), timeout=30)
                 except grpc.aio.AioRpcError as e:
                     errors.append(f"{e.code().name}: {e.details()}")
-                    continue
-                sent[reply.seq] = time.monotonic()
+                    return
+                sent[reply.seq] = time.time()
+
+            # Open loop: each comment leaves at its time, whether or not the previous one was
+            # answered (a slow answer does not lower the offered load).
+            calls = []
+            for i in range(comments):
+                await asyncio.sleep(max(0.0, t0 + i / pace - time.monotonic()))
+                calls.append(asyncio.create_task(comment(i)))
+            await asyncio.gather(*calls)
         elapsed = time.monotonic() - t0
         await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
         return elapsed, (common.cpu_seconds(served.pid) - cpu0) / (stop_at - (t0))
@@ -234,11 +246,13 @@ async def busy_phase(served: common.Served, run_id: str, watchers: int, pace: fl
         merged.errors.extend(part.errors)
         merged.received.extend(part.received)
         cpus.append(part.client_cpu)
-    first = min(sent.values()) if sent else 0.0
-    latencies = sorted(t - sent[seq] for seq, t in merged.received if seq in sent)
+    # Commit -> delivery: from the event's `at` (stamped by the server just before its commit) to
+    # its arrival at the watcher, both on this machine's wall clock.
+    first = min((t - lat for seq, t, lat in merged.received if seq in sent), default=0.0)
+    latencies = sorted(lat for seq, _t, lat in merged.received if seq in sent)
     delivered = len(latencies)
     expected = watchers * len(sent)
-    last = max((t for seq, t in merged.received if seq in sent), default=first)
+    last = max((t for seq, t, _lat in merged.received if seq in sent), default=first)
     rate = delivered / (last - first) if last > first else float("nan")
     p50, p99 = common.percentile(latencies, 50) * 1000, common.percentile(latencies, 99) * 1000
     print(f"{watchers} watchers of one busy run, {len(sent)} comments in {elapsed:.1f} s "
@@ -291,6 +305,43 @@ async def server_cpu(pid: int, seconds: float) -> float:
     return (common.cpu_seconds(pid) - before) / seconds
 
 
+async def idle_phases(served: common.Served, idle_runs: list[str], args: argparse.Namespace) -> None:
+    """Phases 1 and 2: idle watches' cost, and the trigger rate with them open."""
+    target = served.grpc_target
+    none_before = await trigger_phase(served, "no watches (before)", args.seconds)
+    await asyncio.sleep(1.0)
+    rss0 = common.rss_mb(served.pid)
+    cpu0 = await server_cpu(served.pid, CPU_WINDOW)
+    print(f"server idle, no watch open: CPU {cpu0:.3f} cores over {CPU_WINDOW:g} s, "
+          f"RSS {rss0:.1f} MB")
+
+    opened_at = time.monotonic()
+    async with idle_watches(target, idle_runs) as idle:
+        open_took = time.monotonic() - opened_at
+        # Window [start, start + 10 s) ends 1 s after the first heartbeat wave.
+        await asyncio.sleep(max(1.0, opened_at + HEARTBEAT_SECONDS + 1.0 - CPU_WINDOW
+                                - time.monotonic()))
+        rss1 = common.rss_mb(served.pid)
+        hb0 = idle.heartbeats
+        cpu1 = await server_cpu(served.pid, CPU_WINDOW)
+        print(f"{idle.opened} idle watches open (opened in {open_took:.1f} s):")
+        print(f"  server CPU {cpu1:.3f} cores over {CPU_WINDOW:g} s, {idle.heartbeats - hb0} "
+              f"heartbeats in the window (target < {IDLE_CPU_TARGET} cores)")
+        print(f"  server RSS {rss1:.1f} MB, growth {rss1 - rss0:+.1f} MB "
+              f"(target < {IDLE_RSS_TARGET_MB:g} MB)")
+        with_watches = await trigger_phase(served, f"{idle.opened} idle watches open",
+                                           args.seconds)
+        if idle.ended or idle.errors or idle.events:
+            print(f"  idle watches: {idle.events} events, {idle.ended} ended, "
+                  f"{len(idle.errors)} errors {idle.errors[:3]}")
+    none_after = await trigger_phase(served, "no watches (after)", args.seconds)
+    none_rate = (none_before.rate + none_after.rate) / 2
+    print(f"trigger rate with {args.watches} idle watches / without: "
+          f"{common.ratio(with_watches.rate, none_rate):.2f} ({with_watches.rate:.0f} vs mean "
+          f"{none_rate:.0f} of {none_before.rate:.0f} before and {none_after.rate:.0f} after) "
+          f"(target >= {TRIGGER_FACTOR})")
+
+
 async def bench(args: argparse.Namespace) -> None:
     common.cancel_on_sigterm()
     os.environ["CONVEYOR_RATE_LIMIT"] = "0"
@@ -310,39 +361,8 @@ async def bench(args: argparse.Namespace) -> None:
                 busy_run, idle_runs = gated[0].id, [r.id for r in gated[1:args.watches + 1]]
                 print(f"{len(gated)} runs waiting on an approval step")
 
-                none_before = await trigger_phase(served, "no watches (before)", args.seconds)
-                await asyncio.sleep(1.0)
-                rss0 = common.rss_mb(served.pid)
-                cpu0 = await server_cpu(served.pid, CPU_WINDOW)
-                print(f"server idle, no watch open: CPU {cpu0:.3f} cores over {CPU_WINDOW:g} s, "
-                      f"RSS {rss0:.1f} MB")
-
-                opened_at = time.monotonic()
-                async with idle_watches(target, idle_runs) as idle:
-                    open_took = time.monotonic() - opened_at
-                    # Window [start, start + 10 s) ends 1 s after the first heartbeat wave.
-                    await asyncio.sleep(max(1.0, opened_at + HEARTBEAT_SECONDS + 1.0 - CPU_WINDOW
-                                            - time.monotonic()))
-                    rss1 = common.rss_mb(served.pid)
-                    hb0 = idle.heartbeats
-                    cpu1 = await server_cpu(served.pid, CPU_WINDOW)
-                    print(f"{idle.opened} idle watches open (opened in {open_took:.1f} s):")
-                    print(f"  server CPU {cpu1:.3f} cores over {CPU_WINDOW:g} s, {idle.heartbeats - hb0} "
-                          f"heartbeats in the window (target < {IDLE_CPU_TARGET} cores)")
-                    print(f"  server RSS {rss1:.1f} MB, growth {rss1 - rss0:+.1f} MB "
-                          f"(target < {IDLE_RSS_TARGET_MB:g} MB)")
-                    with_watches = await trigger_phase(served, f"{idle.opened} idle watches open",
-                                                       args.seconds)
-                    if idle.ended or idle.errors or idle.events:
-                        print(f"  idle watches: {idle.events} events, {idle.ended} ended, "
-                              f"{len(idle.errors)} errors {idle.errors[:3]}")
-                none_after = await trigger_phase(served, "no watches (after)", args.seconds)
-                none_rate = (none_before.rate + none_after.rate) / 2
-                print(f"trigger rate with {args.watches} idle watches / without: "
-                      f"{common.ratio(with_watches.rate, none_rate):.2f} ({with_watches.rate:.0f} vs mean "
-                      f"{none_rate:.0f} of {none_before.rate:.0f} before and {none_after.rate:.0f} after) "
-                      f"(target >= {TRIGGER_FACTOR})")
-
+                if not args.busy_only:
+                    await idle_phases(served, idle_runs, args)
                 await busy_phase(served, busy_run, 100, PACE_100, args.seconds, args.watch_procs,
                                  P99_100_MS, None)
                 await busy_phase(served, busy_run, args.watches, PACE_1000, args.seconds,
@@ -358,6 +378,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="trigger phases and comment phases (default 5)")
     parser.add_argument("--watch-procs", type=int, default=1, help="busy-run watcher processes (default 1)")
+    parser.add_argument("--busy-only", action="store_true", help="only the busy-run phases (to profile them)")
     args = parser.parse_args()
     return common.run_bench(bench(args))
 

@@ -358,6 +358,32 @@ async def test_an_error_after_a_watch_began_is_its_last_message(api: Api, monkey
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_a_watcher_left_behind_is_told_where_to_resume(api: Api) -> None:
+    """A watcher whose buffer overflows (here: a buffer of no events) ends with a final
+    WATCHER_TOO_SLOW StreamError carrying the seq to resume after; resuming there loses nothing."""
+    await api.create_workflow(gated())
+    run = await api.trigger("gated")
+    await api.engine.tick()
+    api.engine.watches.tails.buffer = 0
+    call = api.runs.WatchWorkflowRun(runs_pb.WatchWorkflowRunRequest(workflow_run_id=run.id))
+    first = await call.read()
+    assert first.WhichOneof("message") == "snapshot"
+    pending = asyncio.ensure_future(call.read())
+    await asyncio.sleep(0.1)  # the watch has joined its run's tail
+    await api.runs.AddRunComment(runs_pb.AddRunCommentRequest(workflow_run_id=run.id, content="missed"))
+    last = await asyncio.wait_for(pending, 10)
+    assert last.WhichOneof("message") == "error"
+    assert (last.error.code, last.error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "WATCHER_TOO_SLOW")
+    assert last.error.resume_after_seq == first.snapshot.seq
+    assert await call.read() == grpc.aio.EOF
+    api.engine.watches.tails.buffer = 1000
+    resumed = api.runs.WatchWorkflowRun(runs_pb.WatchWorkflowRunRequest(
+        workflow_run_id=run.id, after_seq=last.error.resume_after_seq))
+    again = await asyncio.wait_for(resumed.read(), 10)
+    assert again.event.message == "missed" and again.event.seq == first.snapshot.seq + 1
+    resumed.cancel()
+
+
 def _failing_read(fail: Any) -> Any:
     """A Store.read that fails when entered."""
 

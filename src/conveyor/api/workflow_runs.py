@@ -7,6 +7,7 @@ last message (StreamError): SSE clients see no status once the body started.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,12 +15,34 @@ import grpc
 from conveyor.api import convert
 from conveyor.api.caller import caller_from
 from conveyor.api.errors import stream_error
-from conveyor.domain.records import RunRecord
+from conveyor.domain.records import EventRecord, RunRecord
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
+
+# Events whose watch message is kept for the next watcher (a few pages of a busy run).
+_EVENT_MESSAGES = 4096
+
+
+class EventMessages:
+    """Each event's watch message, built once for every watcher it goes to: the 1,000 watchers
+    of a run share one tail (engine/tails.py), so they also share one conversion."""
+
+    def __init__(self, size: int = _EVENT_MESSAGES) -> None:
+        self._size = size
+        self._messages: OrderedDict[tuple[str, int], runs_pb.WatchWorkflowRunResponse] = OrderedDict()
+
+    def of(self, event: EventRecord) -> runs_pb.WatchWorkflowRunResponse:
+        key = (event.workflow_run_id, event.seq)  # an event never changes once written
+        message = self._messages.get(key)
+        if message is None:
+            message = self._messages[key] = runs_pb.WatchWorkflowRunResponse(
+                event=convert.event_to_proto(event))
+            if len(self._messages) > self._size:
+                self._messages.popitem(last=False)
+        return message
 
 
 class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
@@ -27,6 +50,7 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._event_messages = EventMessages()
 
     def _run(self, run: RunRecord) -> pb.WorkflowRun:
         # The engine's clock, not the wall clock, ends a live run's duration (tests inject it).
@@ -131,7 +155,7 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
                 elif isinstance(item, Heartbeat):
                     yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
                 else:
-                    yield runs_pb.WatchWorkflowRunResponse(event=convert.event_to_proto(item))
+                    yield self._event_messages.of(item)
                 sent = True
         except Exception as e:
             if not sent:

@@ -6,9 +6,10 @@ subscriber's buffer. A run watched by 1,000 clients is read once per commit, not
 
 Each buffer is bounded: a subscriber too slow to drain it is dropped (the tail never waits for
 anyone) and its stream ends with the seq to resume after (SPEC §5). The last subscriber to leave
-stops the tail. One safety sweep for all tails, every `poll_seconds`, reads the runs' last seqs
-in one query and wakes the tails that are behind: a feed that missed a commit is caught up
-without each tail polling on its own.
+stops the tail. One clock loop serves every tail: it tells subscribers quiet for
+`heartbeat_seconds` to send a heartbeat (no timer per watch or per wait), and every
+`poll_seconds` it reads the last seqs of all tailed runs in one query and wakes the tails that are
+behind: a feed that missed a commit is caught up without each tail polling on its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
 from collections.abc import Sequence
 
@@ -46,12 +48,14 @@ class Subscription:
     """One watcher's place in a tail: the events handed to it and not yet taken, at most
     `limit` of them."""
 
-    def __init__(self, tail: Tail, limit: int) -> None:
+    def __init__(self, tail: Tail, limit: int, quiet_since: float) -> None:
         self.tail = tail
         self._limit = limit
         # (event, whether the run's history ended with it when it was read)
         self._items: deque[tuple[EventRecord, bool]] = deque()
         self._ready = asyncio.Event()
+        self.quiet_since = quiet_since  # loop time of the last events or heartbeat handed over
+        self._beat = False
         self.dropped = False
         self.error: BaseException | None = None
 
@@ -64,20 +68,30 @@ class Subscription:
         self._ready.set()
         return True
 
+    def beat(self, now: float) -> None:
+        """Quiet too long: the next `take` answers with a heartbeat."""
+        self._beat = True
+        self.quiet_since = now
+        self._ready.set()
+
     def stop(self, error: BaseException | None = None) -> None:
         """No more events will come: dropped for being slow, or the tail failed with `error`."""
         self.dropped = True
         self.error = error
         self._ready.set()
 
-    async def take(self) -> list[tuple[EventRecord, bool]]:
-        """Every buffered event (waits for some); [] once the subscription was stopped and its
-        buffer is empty. A tail's failure is raised once the events before it were taken."""
+    async def take(self) -> list[tuple[EventRecord, bool]] | None:
+        """Every buffered event (waits for some); None when a heartbeat is due; [] once the
+        subscription was stopped and its buffer is empty. A tail's failure is raised once the
+        events before it were taken."""
         while not self._items:
             if self.dropped:
                 if self.error is not None:
                     raise self.error
                 return []
+            if self._beat:
+                self._beat = False
+                return None
             self._ready.clear()
             await self._ready.wait()
         items = list(self._items)
@@ -99,13 +113,14 @@ class RunTails:
     """The open tails, by run id."""
 
     def __init__(self, store: Store, pulses: KeyedPulses, buffer: int = 1000,
-                 poll_seconds: float = 30.0) -> None:
+                 poll_seconds: float = 30.0, heartbeat_seconds: float = 15.0) -> None:
         self.store = store
         self.pulses = pulses
         self.buffer = buffer
         self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
         self._tails: dict[str, Tail] = {}
-        self._sweep = Background("conveyor-tail-sweep", self._sweep_loop)
+        self._clock = Background("conveyor-tails-clock", self._clock_loop)
 
     def __len__(self) -> int:
         """How many runs have a tail open."""
@@ -119,8 +134,11 @@ class RunTails:
         if tail is None:
             tail = self._tails[run_id] = Tail(run_id, seq)
             tail.task = asyncio.create_task(self._follow(tail), name=f"conveyor-tail-{run_id}")
-            self._sweep.start()
-        subscription = Subscription(tail, self.buffer)
+            self._clock.start()
+        # Each watch's heartbeats start at its own offset, so 1,000 watches opened together do
+        # not all beat in the same instant every period.
+        offset = random.uniform(0, self.heartbeat_seconds / 2)
+        subscription = Subscription(tail, self.buffer, asyncio.get_running_loop().time() - offset)
         tail.subscribers.add(subscription)
         return subscription
 
@@ -143,7 +161,9 @@ class RunTails:
                 if page.items:
                     tail.seq = page.items[-1].seq
                     end = ends_run(page.items, bool(page.next_token))
+                    now = asyncio.get_running_loop().time()
                     for subscription in list(tail.subscribers):
+                        subscription.quiet_since = now
                         if not subscription.offer(page.items, end):
                             subscription.stop()  # too slow: it ends once it drained its buffer
                             tail.subscribers.discard(subscription)
@@ -161,14 +181,24 @@ class RunTails:
             if self._tails.get(tail.run_id) is tail:
                 del self._tails[tail.run_id]
 
-    async def _sweep_loop(self) -> None:
-        """The safety poll of every tail at once; ends when no tail is left."""
+    async def _clock_loop(self) -> None:
+        """Heartbeats and the safety poll of every tail at once; ends when no tail is left."""
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self.heartbeat_seconds / 2)
+        polled_at = loop.time()
         while self._tails:
-            await asyncio.sleep(self.poll_seconds)
-            try:
-                await self._catch_up_missed()
-            except Exception as e:
-                log.warning("the run watches' safety poll failed: %r", e)
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for tail in list(self._tails.values()):
+                for subscription in tail.subscribers:
+                    if now - subscription.quiet_since >= self.heartbeat_seconds:
+                        subscription.beat(now)
+            if now - polled_at >= self.poll_seconds:
+                polled_at = now
+                try:
+                    await self._catch_up_missed()
+                except Exception as e:
+                    log.warning("the run watches' safety poll failed: %r", e)
 
     async def _catch_up_missed(self) -> None:
         ids = list(self._tails)
@@ -185,4 +215,4 @@ class RunTails:
                 with contextlib.suppress(asyncio.CancelledError):
                     await tail.task
         self._tails.clear()
-        await self._sweep.stop()
+        await self._clock.stop()

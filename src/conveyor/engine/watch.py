@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -73,21 +72,15 @@ class Watches:
                  heartbeat_seconds: float = 15.0, metrics: Metrics | None = None,
                  buffer: int = 1000) -> None:
         self.store = store
-        self.tails = RunTails(store, pulses, buffer=buffer, poll_seconds=poll_seconds)
+        self.tails = RunTails(store, pulses, buffer=buffer, poll_seconds=poll_seconds,
+                              heartbeat_seconds=heartbeat_seconds)
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.pulses = pulses
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
 
-    async def watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncIterator[WatchItem]:
-        """`_watch_run`, counted as an open watch while it runs."""
-        with self.metrics.watching("run"):
-            async with contextlib.aclosing(self._watch_run(run_id, after_seq, caller)) as items:
-                async for item in items:
-                    yield item
-
-    async def _watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncGenerator[WatchItem]:
+    async def watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncGenerator[WatchItem]:
         """after_seq == 0: a snapshot first, then the events after it; after_seq == N: the
         events after N. Ends after the event that makes the run final, and at once when resumed
         at or past the end of a final run. An after_seq past the run's last event is
@@ -101,62 +94,49 @@ class Watches:
             raise invalid(f"after_seq {after_seq} is past the run's last event ({run.last_seq})",
                           [FieldViolation("after_seq", f"is past the last event, {run.last_seq}")],
                           reason="AFTER_SEQ_PAST_END")
-        if after_seq == 0:
-            yield Snapshot(run, steps, run.last_seq)
-            after_seq = run.last_seq
-        if run.status in FINAL_RUN and after_seq == run.last_seq:
-            return
-        subscription: Subscription | None = None
-        try:
-            # Catch up alone (a resumed watch); once caught up, join the run's shared tail, and
-            # read once more if the tail was ahead: it hands over only what it reads next.
-            caught_up = after_seq >= run.last_seq
-            while True:
-                if subscription is None and caught_up:
-                    subscription = self.tails.join(run_id, after_seq)
-                if subscription is not None and after_seq >= subscription.tail.seq:
-                    break
-                async with self.store.read() as repo:
-                    page = await repo.list_events(run_id, after_seq, PAGE, "")
-                for event in page.items:
-                    yield event
-                    after_seq = event.seq
-                if ends_run(page.items, bool(page.next_token)):
-                    return
-                if subscription is not None and not page.items:
-                    break
-                caught_up = not page.next_token
-            async for item in self._follow(subscription, after_seq):
-                yield item
-        finally:
-            if subscription is not None:
-                self.tails.leave(subscription)
-
-    async def _follow(self, subscription: Subscription, after_seq: int) -> AsyncGenerator[WatchItem]:
-        """The events the tail hands over after `after_seq` (seqs already sent are skipped),
-        with a heartbeat after each quiet `heartbeat_seconds`, until the run ends."""
-        loop = asyncio.get_running_loop()
-        # Each watch's heartbeats start at its own offset, so 1,000 watches opened together do
-        # not all wake in the same instant every heartbeat period.
-        quiet_since = loop.time() - random.uniform(0, self.heartbeat_seconds / 2)
-        while True:
+        with self.metrics.watching("run"):
+            if after_seq == 0:
+                yield Snapshot(run, steps, run.last_seq)
+                after_seq = run.last_seq
+            if run.status in FINAL_RUN and after_seq == run.last_seq:
+                return
+            subscription: Subscription | None = None
             try:
-                async with asyncio.timeout(max(self.heartbeat_seconds - (loop.time() - quiet_since), 0.0)):
+                # Catch up alone (a resumed watch); once caught up, join the run's shared tail,
+                # and read once more if the tail was ahead: it hands over only what it reads next.
+                caught_up = after_seq >= run.last_seq
+                while True:
+                    if subscription is None and caught_up:
+                        subscription = self.tails.join(run_id, after_seq)
+                    if subscription is not None and after_seq >= subscription.tail.seq:
+                        break
+                    async with self.store.read() as repo:
+                        page = await repo.list_events(run_id, after_seq, PAGE, "")
+                    for event in page.items:
+                        yield event
+                        after_seq = event.seq
+                    if ends_run(page.items, bool(page.next_token)):
+                        return
+                    if subscription is not None and not page.items:
+                        break
+                    caught_up = not page.next_token
+                # Then what the tail hands over (seqs already sent are skipped) until the run ends.
+                while True:
                     items = await subscription.take()
-            except TimeoutError:
-                yield Heartbeat(self.clock.now())
-                quiet_since = loop.time()
-                continue
-            if not items:  # dropped: the client did not keep up with the run
-                raise too_slow(after_seq, self.tails.buffer)
-            for i, (event, ends) in enumerate(items):
-                if event.seq <= after_seq:
-                    continue
-                yield event
-                after_seq = event.seq
-                if ends and i == len(items) - 1:
-                    return
-            quiet_since = loop.time()
+                    if items is None:
+                        yield Heartbeat(self.clock.now())
+                        continue
+                    if not items:  # dropped: the client did not keep up with the run
+                        raise too_slow(after_seq, self.tails.buffer)
+                    for i, (event, ends) in enumerate(items):
+                        if event.seq > after_seq:
+                            yield event
+                            after_seq = event.seq
+                            if ends and i == len(items) - 1:
+                                return
+            finally:
+                if subscription is not None:
+                    self.tails.leave(subscription)
 
     async def watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
                             cursor: str, caller: Caller) -> AsyncIterator[ProjectChange | Heartbeat]:
