@@ -32,6 +32,11 @@ async def test_a_definition_shows_its_notifications_and_a_trigger_adds_its_own(a
     run = await api.trigger(wf.id, notifications=[other])
     stored_run = await api.engine.runs.get(run.id, Caller("t"))
     assert stored_run.notifications == [HOOK, other]
+    # The run shows them, the workflow's first, on trigger and on every read after.
+    got = await api.runs.GetWorkflowRun(runs_pb.GetWorkflowRunRequest(workflow_run_id=run.id))
+    for shown in (run, got):
+        assert [(n.url, list(n.events)) for n in shown.notifications] == [
+            (HOOK["url"], HOOK["events"]), (other["url"], other["events"])]
 
 
 @pytest.mark.parametrize(("target", "field"), [

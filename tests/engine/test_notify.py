@@ -248,3 +248,27 @@ async def test_two_engines_deliver_each_notification_once(
     assert len(ids) == len(set(ids)) == 40
     for run_id in runs:
         assert [t for t, _ in await deliveries(a, run_id)] == ["notification.delivered"] * 5
+
+
+async def test_the_notifier_wakes_on_the_feed_not_on_its_poll(eng: Engine, receiver: Receiver) -> None:
+    """The background loop sleeps until the outbox's earliest timer (none: its 30 s safety poll),
+    and a commit whose events a target asks for wakes it at once."""
+    await eng.workflows.create(wf("w", [noop("a")], notifications=[
+        {"url": receiver.url(), "events": ["run.completed"]}]), ME)
+    eng.notifier.start()
+    await asyncio.sleep(0.2)  # the loop found an empty outbox and sleeps
+    run_id = await trigger(eng, "w")
+    await eng.tick()
+    async with asyncio.timeout(5):  # far less than the safety poll
+        while await deliveries(eng, run_id) != [("notification.delivered", 1)]:
+            await asyncio.sleep(0.02)
+    assert [b["type"] for b in receiver.bodies()] == ["run.completed"]
+
+
+async def test_a_run_shows_the_targets_it_notifies(eng: Engine, receiver: Receiver) -> None:
+    await eng.workflows.create(wf("w", [noop("a")], notifications=[
+        {"url": receiver.url("/team"), "events": ["run.failed"]}]), ME)
+    run_id = await trigger(eng, "w", notifications=[{"url": receiver.url("/me"), "events": ["run.completed"]}])
+    run = await eng.runs.get(run_id, ME)
+    assert run.notifications == [{"url": receiver.url("/team"), "events": ["run.failed"]},
+                                 {"url": receiver.url("/me"), "events": ["run.completed"]}]

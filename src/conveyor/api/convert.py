@@ -174,6 +174,7 @@ def run_to_proto(run: RunRecord, now: datetime) -> pb.WorkflowRun:
         entity_id=run.entity_id,
         idempotency_key=run.idempotency_key,
         duration_in_seconds=duration_seconds(run, now),
+        notifications=[pb.Notification(url=n["url"], events=n["events"]) for n in run.notifications or ()],
     )
     _set_struct(msg.payload, run.payload)
     _set_struct(msg.output, run.output)

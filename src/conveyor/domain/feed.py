@@ -5,7 +5,8 @@ waits on its own key only (SPEC §5: a watcher never slows the engine).
 - `project_key(project)`: a run of the project changed status (a project watch);
 - `queue_key(project, queue)`: task steps of a queue became ready (a worker's poll or stream);
 - `worker_key(project, worker)`: a lease of that worker was reported or revoked (its stream);
-- `HTTP_KEY`: an http step became ready (the engine's http executor).
+- `HTTP_KEY`: an http step became ready (the engine's http executor);
+- `NOTIFY_KEY`: events a run's notification targets may ask for were written (the notifier).
 
 `keys_of` is the one definition of which keys a set of committed changes fires: the engine fires
 them in its own process after commit, and on PostgreSQL the same keys travel to every other
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from conveyor.domain.changes import Changes
+from conveyor.domain.notifications import NOTIFY_EVENTS
 from conveyor.domain.spec import StepKind
 from conveyor.domain.states import StepStatus
 
 Key = tuple[str, ...]
 
 HTTP_KEY: Key = ("http",)
+NOTIFY_KEY: Key = ("notify",)
 
 
 def run_key(run_id: str) -> Key:
@@ -51,6 +54,8 @@ def keys_of(units: Iterable[Changes]) -> set[Key]:
             keys.add(run_key(c.run.id))
             if any(not e.step_ref for e in c.events):  # a run-level event: its status moved
                 keys.add(project_key(c.run.project_id))
+            if c.run.notifications and any(e.type in NOTIFY_EVENTS for e in c.events):
+                keys.add(NOTIFY_KEY)  # the outbox may have grown (a wake-up too many is harmless)
         for step in c.announced.values():
             if step.status == StepStatus.QUEUED:
                 keys.add(HTTP_KEY if step.kind == StepKind.HTTP else queue_key(step.project_id, step.queue))

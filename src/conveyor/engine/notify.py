@@ -13,8 +13,10 @@ after its lease ran out records nothing twice.
 
 Never blocking the engine: no request runs inside a transaction; at most `notify_max_concurrency`
 requests are in flight, at most `notify_per_url_concurrency` of them to one URL (a slow endpoint
-delays only its own notifications), each bounded by `notify_timeout_seconds`. The loop polls the
-outbox's earliest timer every `engine_idle_seconds` with a read (no writer lock while idle).
+delays only its own notifications), each bounded by `notify_timeout_seconds`. The loop sleeps
+until the outbox's earliest timer (one read, no writer lock), woken early by the change feed's
+NOTIFY_KEY: a commit whose events a target may ask for, on any replica, or a delivery of this
+one finishing (a slot freed). A slow safety poll covers a feed that missed something.
 At least once: a receiver de-duplicates by the delivery id (X-Conveyor-Delivery, `id` in the
 body). Tests drive `run_once()` with a ManualClock instead of the loop.
 """
@@ -28,11 +30,12 @@ import logging
 import secrets
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConcurrentChange
+from conveyor.domain.feed import NOTIFY_KEY
 from conveyor.domain.notifications import (
     ABANDONED,
     DELIVERED,
@@ -71,6 +74,8 @@ _EXCERPT_CHARS = 200
 _DRAIN_BYTES = 64 * 1024
 # Tries of recording an outcome that keeps losing its compare-and-set on the run.
 _RECORD_ATTEMPTS = 5
+# The outbox is looked at at least this often, even if the feed said nothing.
+SAFETY_POLL_SECONDS = 30.0
 
 
 
@@ -105,13 +110,11 @@ class Notifier:
                                  initial_interval_seconds=settings.notify_initial_backoff_seconds,
                                  backoff_coefficient=2.0,
                                  max_interval_seconds=settings.notify_max_backoff_seconds)
-        self.idle_seconds = settings.engine_idle_seconds
         self._egress = EgressClient(
             EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks), resolver,
             self.max_concurrency)
         # Deliveries in flight and the URL each one posts to.
         self._in_flight: dict[asyncio.Task[None], str] = {}
-        self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- one round (tests drive this with a ManualClock) ------------------------------------
@@ -140,36 +143,42 @@ class Notifier:
         await self._egress.close()
 
     async def _loop(self) -> None:
+        pulses = self.runner.keyed
         while True:
-            self._slot_freed.clear()
+            woken = pulses.next(NOTIFY_KEY)  # before reading: no commit is missed
+            wait = SAFETY_POLL_SECONDS
             free = self.max_concurrency - len(self._in_flight)
             if free > 0:
                 try:
-                    claimed = await self._claim_if_due(free)
+                    claimed, next_due = await self._claim_if_due(free)
                 except Exception:
                     # The database is unavailable: the rows wait in the outbox; look again later.
                     log.exception("notifications: claiming failed")
-                    claimed = []
+                    claimed, next_due = [], None
                 for entry in claimed:
                     task = asyncio.create_task(self._deliver(entry), name=f"notify-{entry.id}")
                     self._in_flight[task] = entry.url
                     task.add_done_callback(self._finished)
                 if len(claimed) == free:
                     continue  # every slot taken: more may be due at once
+                if next_due is not None:
+                    wait = min(wait, max((next_due - self.clock.now()).total_seconds(), 0.01))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), self.idle_seconds)
+                async with asyncio.timeout(wait):
+                    await woken.wait()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
-        self._slot_freed.set()
+        self.runner.keyed.fire([NOTIFY_KEY])  # a slot is free: look again
 
-    async def _claim_if_due(self, limit: int) -> list[OutboxEntry]:
+    async def _claim_if_due(self, limit: int) -> tuple[list[OutboxEntry], datetime | None]:
+        """What was claimed, and when the earliest row not claimed now is due (None: no row)."""
         # A read first: an idle outbox costs no write transaction (SQLite's one writer).
         async with self.store.read() as repo:
             due = await repo.next_notification()
         if due is None or due > self.clock.now():
-            return []
-        return await self._claim(limit, Counter(self._in_flight.values()))
+            return [], due
+        return await self._claim(limit, Counter(self._in_flight.values())), None
 
     async def _claim(self, limit: int, busy: Counter[str]) -> list[OutboxEntry]:
         """Claim up to `limit` due rows, none to a URL already at its share of the slots, and at
