@@ -12,11 +12,13 @@ attempt it starts and finishes). Through all of them at once the test drives:
 - a run watch on replica B of a run commented on through replica A: each comment reaches the
   watch long before the 30 s safety poll (that needs the LISTEN/NOTIFY feed).
 
-Replica C is SIGKILLed once half the triggers are acknowledged. Then: every acknowledged trigger
-is one run (one run per key, the acknowledged id), every run ends in a final state (canceled only
-when a cancel was acknowledged), every completed step completed once (one `step.completed`
-event), a task attempt ran again only when the attempt before it was in flight at the kill, and
-the cap was never exceeded. PostgreSQL only (the `postgresql_only` marker: `make test-sqlite`
+Replica C is SIGKILLed once half the triggers are acknowledged, then restarted on the same data
+directory once the load is through: it rejoins at once (the first start's admin key still
+works, nothing is recreated), serves triggers of its own and watches fed by A's commits. Then:
+every acknowledged trigger is one run (one run per key, the acknowledged id), every run ends in a
+final state (canceled only when a cancel was acknowledged), every completed step completed once
+(one `step.completed` event), a task attempt ran again only when the attempt before it was in
+flight at the kill, and the cap was never exceeded. PostgreSQL only (the `postgresql_only` marker: `make test-sqlite`
 deselects it).
 """
 
@@ -60,6 +62,7 @@ RUNS = 60  # triggers of the main workflow
 CAPPED_RUNS = 12
 CAP = 2
 CANCEL_EVERY = 6  # every 6th acknowledged run is canceled (if it has not finished yet)
+RESTARTED_RUNS = 6  # triggers sent to the restarted replica
 COMMENTS = 5  # per watch round (one before the kill, one after)
 # Short, so attempts lost with the killed replica come back soon; long enough that a loaded machine
 # does not expire the lease of a task that is only slow (a repeat the test would blame on the kill).
@@ -306,6 +309,20 @@ async def test_three_replicas_share_the_work_and_survive_a_kill(spawn: SpawnFact
         await asyncio.gather(*(client() for _ in range(8)), capped_client(), killer())
         latencies = await before_kill
         latencies += await watch_round(a, b, hold_id, "after")
+
+        # --- the killed replica restarts on its data directory and rejoins -----------------------
+        restarted = await stack.enter_async_context(replica(spawn, c.index, db_url))
+        assert not any("token" in line.lower() for line in restarted.served.printed), \
+            "a restart printed a new admin token"
+        restarted.channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(restarted.target, interceptors=bearer_interceptors(token)))
+        replicas[c.index] = restarted
+        for n in range(RESTARTED_RUNS):
+            key = f"restarted-{n}"
+            request = runs_pb.TriggerWorkflowRunRequest(workflow_id=WORK, idempotency_key=key)
+            request.payload.update({"i": RUNS + n, "sleep": 0})
+            acked[key] = (await restarted.runs.TriggerWorkflowRun(request, timeout=10)).id
+        latencies += await watch_round(a, restarted, hold_id, "restarted")
         await a.runs.CancelWorkflowRun(runs_pb.CancelWorkflowRunRequest(workflow_run_id=hold_id), timeout=10)
 
         # --- everything settles -----------------------------------------------------------------
@@ -324,7 +341,7 @@ async def test_three_replicas_share_the_work_and_survive_a_kill(spawn: SpawnFact
         await sampler
 
         # --- nothing lost, nothing doubled -----------------------------------------------------
-        assert len(acked) == RUNS + CAPPED_RUNS
+        assert len(acked) == RUNS + CAPPED_RUNS + RESTARTED_RUNS
         assert len(run_ids) == len(acked), "two keys acknowledged the same run"
         assert all(served_by[i] for i in range(REPLICAS)), f"some replica served no trigger: {served_by}"
         rows = await pg.fetch("SELECT id, status, workflow_name, idempotency_key FROM workflow_runs "
