@@ -75,6 +75,9 @@ class Metrics:
         self.watches_open = Gauge(
             "conveyor_watches_open", "Watch streams open now, by kind (run, project)", ["kind"],
             registry=r)
+        self.watchers_dropped = Counter(
+            "conveyor_watchers_dropped", "Run watches ended with WATCHER_TOO_SLOW: their client fell "
+            "a whole buffer of events behind", registry=r)
         self.ready = Gauge(
             "conveyor_ready", "1 while the readiness probe reaches the database, else 0", registry=r)
         self._pool = _PoolCollector()

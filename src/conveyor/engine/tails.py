@@ -25,6 +25,7 @@ from conveyor.domain.feed import run_key
 from conveyor.domain.records import EventRecord
 from conveyor.domain.states import FINAL_RUN, run_event_type
 from conveyor.engine.background import Background
+from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
 
@@ -112,9 +113,10 @@ class Tail:
 class RunTails:
     """The open tails, by run id."""
 
-    def __init__(self, store: Store, pulses: KeyedPulses, buffer: int = 1000,
+    def __init__(self, store: Store, pulses: KeyedPulses, metrics: Metrics, buffer: int = 1000,
                  poll_seconds: float = 30.0, heartbeat_seconds: float = 15.0) -> None:
         self.store = store
+        self.metrics = metrics
         self.pulses = pulses
         self.buffer = buffer
         self.poll_seconds = poll_seconds
@@ -167,6 +169,7 @@ class RunTails:
                         if not subscription.offer(page.items, end):
                             subscription.stop()  # too slow: it ends once it drained its buffer
                             tail.subscribers.discard(subscription)
+                            self.metrics.watchers_dropped.inc()
                 if not page.next_token:
                     await committed.wait()
         except asyncio.CancelledError:

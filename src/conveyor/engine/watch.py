@@ -72,9 +72,9 @@ class Watches:
                  heartbeat_seconds: float = 15.0, metrics: Metrics | None = None,
                  buffer: int = 1000) -> None:
         self.store = store
-        self.tails = RunTails(store, pulses, buffer=buffer, poll_seconds=poll_seconds,
-                              heartbeat_seconds=heartbeat_seconds)
         self.metrics = metrics or Metrics()
+        self.tails = RunTails(store, pulses, self.metrics, buffer=buffer, poll_seconds=poll_seconds,
+                              heartbeat_seconds=heartbeat_seconds)
         self.clock = clock
         self.pulses = pulses
         self.poll_seconds = poll_seconds
