@@ -18,8 +18,8 @@ works, nothing is recreated), serves triggers of its own and watches fed by A's 
 every acknowledged trigger is one run (one run per key, the acknowledged id), every run ends in a
 final state (canceled only when a cancel was acknowledged), every completed step completed once
 (one `step.completed` event), a task attempt ran again only when the attempt before it was in
-flight at the kill, and the cap was never exceeded. PostgreSQL only (the `postgresql_only` marker: `make test-sqlite`
-deselects it).
+flight at the kill, and the cap was never exceeded. PostgreSQL only (the `postgresql_only`
+marker: `make test-sqlite` deselects it).
 """
 
 from __future__ import annotations
