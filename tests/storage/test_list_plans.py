@@ -124,6 +124,11 @@ RUN_LISTS: list[tuple[str, str | None, RunQuery, str, str, bool]] = [
     # ix_runs_workflow_status fits best; the planner may take ix_runs_workflow_created on few rows.
     ("workflow + status", None, RunQuery(workflow_ids=["w1"], statuses=[RunStatus.PENDING]), "",
      "ix_runs_workflow_", True),
+    # The search becomes workflow ids first, so it is the workflow filter's index range.
+    ("search", None, RunQuery(search="W1"), "", "ix_runs_workflow_created", True),
+    ("search in project", "acme", RunQuery(search="w1"), CURSOR, "ix_runs_workflow_created", True),
+    ("search + workflow + status", None,
+     RunQuery(search="w", workflow_ids=["w2"], statuses=[RunStatus.PENDING]), "", "ix_runs_workflow_", True),
     ("triggered_by", None, RunQuery(triggered_by="schedule"), "", "ix_runs_triggered_created", True),
     ("started_at range", None, _range(), "", "ix_runs_created", True),
     ("project + started_at range", "acme", _range(), "", "ix_runs_project_created", True),
@@ -175,6 +180,18 @@ async def test_an_unknown_workflow_name_answers_an_empty_page_without_touching_r
     async def page() -> None:
         async with store.read() as repo:
             assert (await repo.list_runs(RunQuery(workflow_ids=["nope"]), None, 50, "")).items == []
+
+    sql, _ = await seen.of(page)
+    assert "workflow_runs" not in sql
+
+
+async def test_a_search_matching_no_workflow_answers_an_empty_page_without_touching_runs(
+        store: SqlStore) -> None:
+    seen = Statements(store.db)
+
+    async def page() -> None:
+        async with store.read() as repo:
+            assert (await repo.list_runs(RunQuery(search="w_"), None, 50, "")).items == []
 
     sql, _ = await seen.of(page)
     assert "workflow_runs" not in sql

@@ -426,6 +426,7 @@ def run_query(request: runs_pb.ListWorkflowRunsRequest) -> RunQuery | None:
         started_after=time_or_none(request, "started_after"),
         started_before=time_or_none(request, "started_before"),
         tags=tags,
+        search=request.search,
     )
 
 

@@ -50,6 +50,8 @@ ID_FIELDS = frozenset({
     "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
     "task_id", "worker_id", "role", "key_id", "token", "token_prefix", "actor", "method", "resource_id",
     "code", "webhook_url_hint", "cursor", "events",
+    # A list's text filter (ListWorkflowRuns): as long as the names it searches.
+    "search",
 })
 # "tags" here is the length of a tag's value (its key is an identifier).
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})

@@ -205,3 +205,12 @@ class RunQuery:
     started_after: datetime | None = None
     started_before: datetime | None = None
     tags: list[tuple[str, str]] = field(default_factory=list)
+    # Text the run's workflow name or description contains, case-insensitively; "" = any.
+    search: str = ""
+
+    def search_matches(self, name: str, description: str) -> bool:
+        """Whether a workflow of this name and description passes the `search` filter: a
+        substring match after Unicode case folding ("STRASSE" finds "Straße"), every character
+        literal (no wildcards)."""
+        needle = self.search.casefold()
+        return needle in name.casefold() or needle in description.casefold()

@@ -486,14 +486,11 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements):
             statuses = sorted({str(s) for s in flt.statuses})
             stmt = stmt.where(runs_t.c.status == statuses[0] if len(statuses) == 1
                               else runs_t.c.status.in_(statuses))
-        if flt.workflow_ids:
-            # Names become ids first (a few rows by index), so the runs query compares
-            # workflow_id with constants: with one workflow, equality on its index.
-            ids_query = select(wf_t.c.id).where(
-                or_(wf_t.c.id.in_(flt.workflow_ids), wf_t.c.name.in_(flt.workflow_ids)))
-            if project is not None:
-                ids_query = ids_query.where(wf_t.c.project_id == project)
-            ids = sorted((await self.conn.execute(ids_query)).scalars())
+        if flt.workflow_ids or flt.search:
+            # Names and the search become workflow ids first (read from the workflows table,
+            # small beside the runs), so the runs query compares workflow_id with constants:
+            # with one workflow, equality on its index.
+            ids = await self._listed_workflow_ids(flt, project)
             if not ids:
                 return Page([], "")
             stmt = stmt.where(runs_t.c.workflow_id == ids[0] if len(ids) == 1
@@ -522,6 +519,25 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements):
         items = [run_from_row(row, positional=True) for row in rows[:n]]
         nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > n else ""
         return Page(items, nxt)
+
+    async def _listed_workflow_ids(self, flt: RunQuery, project: str | None) -> list[str]:
+        """The ids of the workflows list_runs' workflow filter (ids or names) and search leave,
+        within the caller's scope and the project filter; sorted."""
+        columns = [wf_t.c.id, wf_t.c.name, wf_t.c.description] if flt.search else [wf_t.c.id]
+        query = select(*columns)
+        if flt.workflow_ids:
+            query = query.where(or_(wf_t.c.id.in_(flt.workflow_ids), wf_t.c.name.in_(flt.workflow_ids)))
+        if project is not None:
+            query = query.where(wf_t.c.project_id == project)
+        if flt.project_id:
+            query = query.where(wf_t.c.project_id == flt.project_id)
+        rows = (await self.conn.execute(query)).all()
+        if flt.search:
+            # Matched here rather than by SQL LIKE: SQLite's LIKE and lower() fold ASCII letters
+            # only, so "é" would not find "É" there while PostgreSQL's would; the domain's one
+            # rule answers the same on both (and no character of the search is a wildcard).
+            rows = [row for row in rows if flt.search_matches(row.name, row.description)]
+        return sorted(row.id for row in rows)
 
     async def claim_due_runs(self, now: datetime, limit: int) -> list[RunRecord]:
         """Runs whose wake_at has passed, oldest first. On PostgreSQL they are locked and rows
