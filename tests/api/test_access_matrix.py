@@ -552,6 +552,9 @@ CASES: dict[str, Case] = {
                           ok=lambda w, r, o: _all_of(ALPHA, o)),
     "ListWorkflows": shared(lambda w: wf_pb.ListWorkflowsRequest(project_id=ALPHA), foreign=EMPTY,
                             ok=lambda w, r, o: _alpha_listing(o, w.wf.id)),
+    "ListWorkflowVersions": shared(lambda w: wf_pb.ListWorkflowVersionsRequest(workflow_id=w.wf.id),
+                                   ok=lambda w, r, o: _check([(x.id, x.version) for x in o.items]
+                                                             == [(w.wf.id, 1)])),
     "UpdateWorkflow": workflow_case(
         lambda wf: wf_pb.UpdateWorkflowRequest(workflow_id=wf.id, workflow=wf),
         ok=lambda w, r, o: _check(_first(o).version == 2)),
@@ -860,6 +863,8 @@ async def check_foreign_names(w: World, bare: grpc.aio.Channel) -> list[str]:
     pairs = [
         ("GetWorkflow", wf_pb.GetWorkflowRequest(workflow_id="pipeline", project_id=ALPHA),
          wf_pb.GetWorkflowRequest(workflow_id="nothing", project_id=ALPHA)),
+        ("ListWorkflowVersions", wf_pb.ListWorkflowVersionsRequest(workflow_id="pipeline", project_id=ALPHA),
+         wf_pb.ListWorkflowVersionsRequest(workflow_id="nothing", project_id=ALPHA)),
         ("TriggerWorkflowRun", runs_pb.TriggerWorkflowRunRequest(workflow_id="pipeline", project_id=ALPHA),
          runs_pb.TriggerWorkflowRunRequest(workflow_id="nothing", project_id=ALPHA)),
         ("ArchiveWorkflow", wf_pb.ArchiveWorkflowRequest(workflow_id="pipeline", project_id=ALPHA),

@@ -40,6 +40,7 @@ _ROLES: dict[str, dict[str, Role | None]] = {
     "WorkflowsService": {
         "CreateWorkflow": A, "UpdateWorkflow": A, "ArchiveWorkflow": A, "RotateWebhook": A,
         "DisableWebhook": A, "GetWorkflow": V, "ListWorkflows": V,
+        "ListWorkflowVersions": V,
         # Pausing a schedule steers when runs start, as cancelling one does; the definition
         # stays as it is.
         "PauseSchedule": OP, "ResumeSchedule": OP,

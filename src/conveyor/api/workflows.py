@@ -16,8 +16,8 @@ from conveyor.v1 import workflows_service_pb2_grpc as wf_grpc
 
 
 class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
-    """Create, read, list, version and archive workflow definitions; pause and resume schedules;
-    enable, rotate and disable webhooks."""
+    """Create, read (at any version), list, version and archive workflow definitions; list a
+    workflow's versions; pause and resume schedules; enable, rotate and disable webhooks."""
 
     def __init__(self, engine: Engine, settings: Settings,
                  rest_base_url: Callable[[], str] | None = None) -> None:
@@ -36,8 +36,17 @@ class WorkflowsServicer(wf_grpc.WorkflowsServiceServicer):
     async def GetWorkflow(self, request: wf_pb.GetWorkflowRequest,
                           context: grpc.aio.ServicerContext) -> pb.Workflow:
         wf = await self._engine.workflows.get(request.workflow_id, request.project_id,
-                                              caller=caller_from(context))
+                                              caller=caller_from(context), version=request.version)
         return convert.workflow_to_proto(wf)
+
+    async def ListWorkflowVersions(self, request: wf_pb.ListWorkflowVersionsRequest,
+                                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Workflow]:
+        page = await self._engine.workflows.versions(
+            request.workflow_id, request.project_id, request.limit, request.page_token,
+            caller=caller_from(context))
+        await convert.send_next_page_token(context, page.next_token)
+        for wf in page.items:
+            yield convert.workflow_to_proto(wf)
 
     async def ListWorkflows(self, request: wf_pb.ListWorkflowsRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Workflow]:

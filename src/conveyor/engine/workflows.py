@@ -14,12 +14,13 @@ FAILED_PRECONDITION (NO_SCHEDULE) on a workflow without a schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from typing import Any
 
 from conveyor.domain.access import TOKEN_PREFIX_LENGTH, WEBHOOK_TOKEN_PREFIX, new_token, token_hash
-from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid, not_found
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import workflow_archived
 from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecord
@@ -85,9 +86,27 @@ class WorkflowService:
             await repo.insert_workflow(wf, spec.max_concurrent_runs)
         return wf
 
-    async def get(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
+    async def get(self, ident: str, project_id: str, caller: Caller, version: int = 0) -> WorkflowRecord:
+        """The workflow at its current version, or (`version` > 0) at that stored version."""
+        if version < 0:
+            raise invalid("version must not be negative (0 is the current one)",
+                          [FieldViolation("version", "is negative")], reason="INVALID_VERSION")
         async with self.store.read() as repo:
-            return await repo.find_workflow(ident, caller.project, name_scope(project_id, caller))
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller))
+            if version in (0, wf.version):
+                return wf
+            older = await repo.workflow_version(wf, version)
+        if older is None:
+            raise not_found("workflow_version", f"{ident} version {version}")
+        return _as_older(older)
+
+    async def versions(self, ident: str, project_id: str, limit: int, token: str,
+                       caller: Caller) -> Page[WorkflowRecord]:
+        """A page of the workflow at each of its versions, newest first (as `get` answers each)."""
+        async with self.store.read() as repo:
+            wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller))
+            page = await repo.list_workflow_versions(wf, limit, token)
+        return Page([v if v.version == wf.version else _as_older(v) for v in page.items], page.next_token)
 
     async def list(self, project_id: str, limit: int, token: str, include_archived: bool,
                    caller: Caller) -> Page[WorkflowRecord]:
@@ -187,6 +206,14 @@ class WorkflowService:
         if wf is None:
             raise ConveyorError(ErrorKind.NOT_FOUND, "WEBHOOK_NOT_FOUND", "no webhook has this URL")
         return wf
+
+
+def _as_older(wf: WorkflowRecord) -> WorkflowRecord:
+    """The workflow at an older version: its definition, number and id as written then; the
+    schedule's state and the webhook, which belong to the workflow as it runs now (its current
+    definition), are left out rather than shown beside a definition they do not describe."""
+    return dataclasses.replace(wf, next_fire_at=None, schedule_paused=False, webhook_enabled=False,
+                               webhook_hint="", webhook_rotated_at=None)
 
 
 # Definitions followed from a new one when looking for a loop (a deeper chain is checked when it

@@ -73,6 +73,7 @@ from conveyor.storage.models import (
 from conveyor.storage.notifications import NotificationStatements, outbox_of_new_runs, outbox_of_units
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 from conveyor.storage.run_changes import RunChangeStatements, status_changes
+from conveyor.storage.versions import VersionStatements
 
 # Declarative __table__ is typed as a FromClause; these are Tables.
 runs_t = cast(Table, RunRow.__table__)
@@ -210,7 +211,7 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements, NotificationStatements, RunChangeStatements):
+class Repository(AccessStatements, NotificationStatements, RunChangeStatements, VersionStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
