@@ -51,13 +51,20 @@ async def _events(stream: Any, count: int) -> list[EventRecord]:
     return out
 
 
-async def test_fifty_watchers_of_a_run_cost_one_read_per_commit(engine: Engine) -> None:
-    run_id = await _gated_run(engine)
+async def _counted_watches(engine: Engine, run_id: str,
+                          count: int) -> tuple[CountingStore, Watches, list[Any]]:
+    """`count` watches of the run through a counting store, each past its snapshot."""
     counting = CountingStore(engine.store)
     watches = Watches(counting, engine.clock, engine.runner.keyed)  # type: ignore[arg-type]
-    streams = [watches.watch_run(run_id, 0, ME) for _ in range(50)]
+    streams = [watches.watch_run(run_id, 0, ME) for _ in range(count)]
     for s in streams:
         assert isinstance(await anext(s), Snapshot)
+    return counting, watches, streams
+
+
+async def test_fifty_watchers_of_a_run_cost_one_read_per_commit(engine: Engine) -> None:
+    run_id = await _gated_run(engine)
+    counting, watches, streams = await _counted_watches(engine, run_id, 50)
     before = counting.reads
     for n in range(3):
         pending = [asyncio.create_task(_events(s, 1)) for s in streams]
@@ -147,11 +154,7 @@ async def _comment_many(engine: Engine, run_id: str, count: int) -> None:
 
 async def test_a_failing_tail_ends_its_watches_with_the_error(engine: Engine) -> None:
     run_id = await _gated_run(engine)
-    counting = CountingStore(engine.store)
-    watches = Watches(counting, engine.clock, engine.runner.keyed)  # type: ignore[arg-type]
-    streams = [watches.watch_run(run_id, 0, ME) for _ in range(3)]
-    for s in streams:
-        assert isinstance(await anext(s), Snapshot)
+    counting, watches, streams = await _counted_watches(engine, run_id, 3)
     await asyncio.sleep(0.05)
     counting.fail = True
     await engine.runs.comment(run_id, "unreadable", ME)
