@@ -8,8 +8,9 @@ import { html } from './html.js';
 const NODE_H = 44;
 const CHAR_W = 7.4;
 
+// Wide enough for the ref with an attempt mark ("#12") and for the longest status with the kind.
 function nodeWidth(ref, kind) {
-  return Math.max(96, Math.ceil(Math.max(ref.length * CHAR_W, (kind || '').length * 6.5 + 70)) + 24);
+  return Math.max(96, Math.ceil(Math.max(ref.length * CHAR_W + 30, (12 + (kind || '').length) * 6.2)) + 24);
 }
 
 /** The layout of `refs` with `dependsOn` (ref → refs): { width, height, nodes: {ref: {x, y, w, h}}, edges: [{from, to, points}] }. */
@@ -66,7 +67,7 @@ export function Dag({ refs, dependsOn, steps, selected, onOpen, label = 'Steps o
         const n = lay.nodes[ref];
         const s = steps[ref] || {};
         const status = s.status || 'pending';
-        const attempt = s.attempt > 1 ? ` · try ${s.attempt}` : '';
+        const attempt = s.attempt > 1 ? `, attempt ${s.attempt}` : '';
         return html`<g key=${ref} class=${`dag-node dag-${status}${selected === ref ? ' selected' : ''}`}
             transform=${`translate(${n.x},${n.y})`} tabindex="0" role="button"
             data-ref=${ref} data-status=${status}
@@ -75,7 +76,8 @@ export function Dag({ refs, dependsOn, steps, selected, onOpen, label = 'Steps o
             onClick=${() => onOpen(ref)} onKeyDown=${(e) => key(e, ref)}>
           <rect width=${n.w} height=${n.h} rx="7" />
           <text x="12" y="18" class="dag-ref">${ref}</text>
-          <text x="12" y="35" class="dag-sub">${status.replace('_', ' ')}${s.kind ? ` · ${s.kind}` : ''}${attempt}</text>
+          <text x="12" y="35" class="dag-sub">${status.replace('_', ' ')}${s.kind ? ` · ${s.kind}` : ''}</text>
+          ${s.attempt > 1 && html`<text x=${n.w - 8} y="18" class="dag-attempt" text-anchor="end" font-size="11" font-weight="600">#${s.attempt}</text>`}
         </g>`;
       })}
     </svg>

@@ -103,6 +103,8 @@ function applyStep(step, ev, data, change, status) {
     else if (change.has_output && data.output !== undefined) s.output = data.output;
     else if (change.has_output && s.output === undefined) s.output_pending = true; // fetched when shown
     if (status === 'skipped' && !s.skip_reason) s.skip_reason = ev.message || '';
+    if (status !== 'skipped') delete s.skip_reason; // a reset or retry clears why it was skipped
+    if (NOT_STARTED.has(status)) delete s.approved_by;
     if (status === 'completed' && ev.type === 'step.completed' && data.comment !== undefined && !s.approved_by) {
       s.approved_by = ev.actor || '';
     }

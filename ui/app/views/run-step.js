@@ -56,7 +56,8 @@ export function attemptsOf(events) {
     const n = change.attempt ?? data.attempt;
     if (!n) continue;
     const rec = byAttempt.get(n) || { attempt: n, at: e.at, status: '', error: '' };
-    if (e.status) rec.status = e.status;
+    // A reset (to pending or queued) after the attempt ended keeps the attempt's outcome.
+    if (e.status && !(rec.status && ['pending', 'queued'].includes(e.status))) rec.status = e.status;
     rec.error = change.error || data.error || (e.status === 'failed' || e.status === 'timed_out' ? e.message : '') || rec.error;
     byAttempt.set(n, rec);
   }
@@ -147,6 +148,13 @@ export function StepDrawer({ run, step, definition, dependsOn, events, eventsCom
   const heading = useRef(null);
   const ref = step.step_ref;
   useEffect(() => { if (heading.current) heading.current.focus(); }, []);
+  useEffect(() => {
+    const onKey = (e) => {
+      if (e.key === 'Escape' && !document.querySelector('dialog[open]') && !e.defaultPrevented) onClose();
+    };
+    addEventListener('keydown', onKey);
+    return () => removeEventListener('keydown', onKey);
+  }, [onClose]);
   // An output the live events did not carry: read it from the step list once.
   const needsOutput = step.output === undefined && (step.output_pending || step.status === 'completed');
   useEffect(() => {
@@ -163,7 +171,7 @@ export function StepDrawer({ run, step, definition, dependsOn, events, eventsCom
   const maxAttempts = definition && definition.retry && definition.retry.max_attempts;
   const ops = stepOps(run, step);
 
-  return html`<aside class="drawer panel" aria-labelledby="drawer-title" onKeyDown=${(e) => { if (e.key === 'Escape' && !op) onClose(); }}>
+  return html`<aside class="drawer panel" aria-labelledby="drawer-title">
     <div class="drawer-head">
       <h2 id="drawer-title" tabindex="-1" ref=${heading}>Step <span class="mono">${ref}</span></h2>
       <span data-field="step-status"><${Status} value=${step.status} /></span>
@@ -174,7 +182,7 @@ export function StepDrawer({ run, step, definition, dependsOn, events, eventsCom
     </div>`}
     <dl class="facts compact">
       <div><dt>Kind</dt><dd>${step.kind || '—'}${step.queue ? html` <span class="muted">queue ${step.queue}</span>` : ''}</dd></div>
-      <div><dt>Attempt</dt><dd>${step.attempt || 0}${maxAttempts ? ` of ${maxAttempts}` : ''}</dd></div>
+      <div><dt>Attempt</dt><dd>${step.attempt || 0}${maxAttempts && step.attempt <= maxAttempts ? ` of ${maxAttempts}` : ''}</dd></div>
       <div><dt>Worker</dt><dd class="mono">${step.worker_id || '—'}</dd></div>
       <div><dt>Dependencies</dt><dd>${dependsOn.length ? `${dependsOn.join(', ')} (${step.deps_completed || 0}/${step.deps_required ?? dependsOn.length} done)` : 'none'}</dd></div>
       <div><dt>Created</dt><dd>${fmtTime(step.created_at)}</dd></div>
