@@ -56,8 +56,11 @@ export function attemptsOf(events) {
     const n = change.attempt ?? data.attempt;
     if (!n) continue;
     const rec = byAttempt.get(n) || { attempt: n, at: e.at, status: '', error: '' };
-    // A reset (to pending or queued) after the attempt ended keeps the attempt's outcome.
-    if (e.status && !(rec.status && ['pending', 'queued'].includes(e.status))) rec.status = e.status;
+    // Back to pending or queued after the attempt began: it failed (a retry is scheduled, the
+    // event carries its error) or was reset, and a reset keeps the attempt's outcome.
+    const requeued = rec.status && ['pending', 'queued'].includes(e.status);
+    if (requeued && ['running', 'waiting'].includes(rec.status) && (change.error || data.error)) rec.status = 'failed';
+    else if (e.status && !requeued) rec.status = e.status;
     rec.error = change.error || data.error || (e.status === 'failed' || e.status === 'timed_out' ? e.message : '') || rec.error;
     byAttempt.set(n, rec);
   }
@@ -188,7 +191,7 @@ export function StepDrawer({ run, step, definition, dependsOn, events, eventsCom
       <div><dt>Created</dt><dd>${fmtTime(step.created_at)}</dd></div>
       <div><dt>Started</dt><dd>${fmtTime(step.started_at)}</dd></div>
       <div><dt>Finished</dt><dd>${fmtTime(step.finished_at)}</dd></div>
-      ${step.job_run_id && html`<div><dt>Child run</dt><dd><a class="mono" href=${`#/runs/${enc(step.job_run_id)}`}>${step.job_run_id}</a></dd></div>`}
+      ${step.job_run_id && step.kind === 'workflow' && html`<div><dt>Child run</dt><dd><a class="mono" href=${`#/runs/${enc(step.job_run_id)}`}>${step.job_run_id}</a></dd></div>`}
       ${step.approved_by && html`<div><dt>Approved by</dt><dd>${step.approved_by}</dd></div>`}
       ${step.skip_reason && html`<div><dt>Skip reason</dt><dd>${step.skip_reason}</dd></div>`}
     </dl>

@@ -118,7 +118,7 @@ function Tags({ tags }) {
 function RunHeader({ run, steps, retriedAs }) {
   const final = FINAL_RUN.has(run.status);
   useTicker(!final && Boolean(run.started_at));
-  const children = Object.values(steps).filter((s) => s.job_run_id);
+  const children = Object.values(steps).filter((s) => s.job_run_id && s.kind === 'workflow');
   const wf = run.workflow_name || run.workflow_id;
   return html`<${Facts} items=${[
     ['Workflow', html`<a href=${`#/workflows/${enc(run.workflow_id)}`}>${wf}</a>${run.workflow_version ? html` <span class="muted">v${run.workflow_version}</span>` : ''}`],

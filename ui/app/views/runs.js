@@ -9,7 +9,9 @@ import { href, navigate } from '../router.js';
 
 const enc = encodeURIComponent;
 const LIMIT = 50;
-const MAX_PROJECT_WATCHES = 5;
+// Each watch holds one of the browser's 6 HTTP/1.1 connections to the origin: a list showing
+// runs of many projects (a `*` key) watches the first two, and the rest update on refresh.
+const MAX_PROJECT_WATCHES = 2;
 
 /** The filters a route's query holds. */
 export function filtersOf(q) {
