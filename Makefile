@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Reinstall when the dependency list or the protos change.
-$(STAMP): pyproject.toml $(wildcard protos/conveyor/v1/*.proto)
+# Reinstall when the dependency lists or the protos change. The dashboard's JavaScript comes
+# from the npm registry, exactly as ui/package-lock.json pins it (integrity hashes checked).
+$(STAMP): pyproject.toml ui/package-lock.json $(wildcard protos/conveyor/v1/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@command -v npm >/dev/null || { echo "npm (Node.js) is needed for the dashboard's dependencies"; exit 1; }
+	npm ci --prefix ui --ignore-scripts --no-audit --no-fund
 	$(MAKE) proto
 	touch $(STAMP)
 
@@ -34,7 +37,7 @@ test-sqlite: install
 	$(BIN)/pytest -m "not postgresql_only"
 
 test-postgres: install
-	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only and not client_only"
+	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only and not client_only and not browser"
 
 lint: install
 	$(BIN)/buf lint

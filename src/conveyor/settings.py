@@ -16,6 +16,12 @@ def default_db_url(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'conveyor.db'}"
 
 
+# The dashboard's files (README "Dashboard"): the checkout's top-level ui/ folder. The project
+# runs from its checkout through an editable install (`pip install -e`), so this file sits at
+# <checkout>/src/conveyor/settings.py; CONVEYOR_UI_DIR names another folder (empty: none).
+DEFAULT_UI_DIR = Path(__file__).resolve().parents[2] / "ui"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know to start; no module reads the environment itself."""
@@ -90,6 +96,9 @@ class Settings:
     metrics_port: int = 9464
     # "text" lines, or "json": one object per line (CONVEYOR_LOG_FORMAT).
     log_format: str = "text"
+    # The dashboard's folder, served by Envoy under /ui/ (gateway/ui.py); None, or a folder
+    # that does not exist: no /ui/ routes.
+    ui_dir: Path | None = DEFAULT_UI_DIR
     # Sizes, lengths, counts and expression cost bounds (domain/limits.py has the defaults).
     limits: Limits = field(default_factory=Limits)
 
@@ -128,6 +137,9 @@ class Settings:
             env["log_format"] = os.environ["CONVEYOR_LOG_FORMAT"].strip().lower()
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
+        if "CONVEYOR_UI_DIR" in os.environ:
+            ui_dir = os.environ["CONVEYOR_UI_DIR"].strip()
+            env["ui_dir"] = Path(ui_dir) if ui_dir else None
         env.update({k: v for k, v in overrides.items() if v is not None})
         if "db_url" not in env and "data_dir" in env:
             env["db_url"] = default_db_url(Path(str(env["data_dir"])))

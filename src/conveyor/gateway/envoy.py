@@ -51,6 +51,7 @@ import httpx
 import conveyor
 from conveyor.domain.limits import largest_body_bytes
 from conveyor.gateway.descriptor import build_descriptor_set
+from conveyor.gateway.ui import ui_routes
 from conveyor.settings import Settings
 
 TEMPLATE_PATH = Path(conveyor.__file__).resolve().parents[2] / "envoy" / "envoy.yaml.tmpl"
@@ -66,6 +67,10 @@ CONCURRENCY = 1
 LOG_TAIL_LINES = 20
 # A leftover Envoy killed on start is waited for this long before the start gives up.
 LEFTOVER_KILL_TIMEOUT_SECONDS = 5.0
+# Where the generated routes go in the template's route list (the dashboard's, gateway/ui.py).
+ROUTES_INDENT = " " * 14
+# Envoy's default cap on a direct response's body (max_direct_response_body_size_bytes).
+DIRECT_RESPONSE_DEFAULT_BYTES = 4096
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +190,7 @@ class EnvoyGateway:
         """Write the descriptor and the config into the gateway's directory; return the config."""
         descriptor_path = self._dir / "conveyor.binpb"
         descriptor_path.write_bytes(build_descriptor_set())
+        ui = ui_routes(self._settings.ui_dir)
         config = string.Template(TEMPLATE_PATH.read_text()).substitute(
             http_host=self._settings.http_host,
             http_port=self._settings.http_port,
@@ -193,6 +199,9 @@ class EnvoyGateway:
             # A JSON string is a valid double-quoted YAML scalar, whatever the path holds.
             descriptor_path=json.dumps(str(descriptor_path)),
             max_request_bytes=rest_body_bytes(self._settings),
+            # One flow mapping (JSON) per line, at the indentation of the list they join.
+            ui_routes="\n".join(f"{ROUTES_INDENT}- {json.dumps(route)}" for route in ui.routes),
+            ui_max_body_bytes=max(ui.max_body_bytes, DIRECT_RESPONSE_DEFAULT_BYTES),
         )
         config_path = self._dir / "envoy.yaml"
         config_path.write_text(config)
