@@ -33,8 +33,8 @@ function CreateKey({ onClose, onCreated }) {
   return html`<${Confirm} title="Create an API key" confirmLabel="Create key" onConfirm=${create} onClose=${onClose}>
     <label class="field" for="key-name">Name <span class="muted small">unique; recorded as the actor of what the key does</span>
       <input id="key-name" type="text" required maxlength="200" value=${form.name} onInput=${set('name')} autofocus /></label>
-    <label class="field" for="key-project">Project <span class="muted small">“*” for every project; empty: your key's project</span>
-      <input id="key-project" type="text" maxlength="128" value=${form.project} onInput=${set('project')} placeholder="*" /></label>
+    <label class="field" for="key-project">Project <span class="muted small">“*” for every project; empty: your key's project (“default” for a key of every project)</span>
+      <input id="key-project" type="text" maxlength="128" value=${form.project} onInput=${set('project')} /></label>
     <label class="field" for="key-role">Role
       <select id="key-role" value=${form.role} onChange=${set('role')}>
         ${ROLES.map((r) => html`<option value=${r}>${r}</option>`)}</select></label>
