@@ -1,0 +1,146 @@
+"""The runs views in a real browser (Playwright driving Debian's Chromium): sign in, filter the
+runs list by status (the URL holds the filter), open a run and approve its waiting step through
+the UI (the DAG node and the header turn completed without a reload), bulk-cancel two runs from
+the list (the counts the API returned are shown). Each checks the DOM and the API's state."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+import uuid
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+TIMEOUT_MS = 5000
+
+
+class Rest:
+    """The served Conveyor's REST API with the admin token."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def gated_workflow(self) -> str:
+        """A workflow whose runs wait on an approval step `ok` after a noop `build`."""
+        name = f"ui_gated_{uuid.uuid4().hex[:8]}"
+        self.call("POST", "/v1/workflows", {"name": name, "description": "waits for a person", "steps": [
+            {"ref": "build", "kind": "noop"},
+            {"ref": "ok", "kind": "approval", "depends_on": ["build"]},
+            {"ref": "ship", "kind": "noop", "depends_on": ["ok"]},
+        ]})
+        return name
+
+    def trigger(self, workflow: str, **body: Any) -> dict[str, Any]:
+        return self.call("POST", f"/v1/workflows/{workflow}/runs", {"immediate": True, **body})
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/workflow-runs/{run_id}")
+
+
+@pytest.fixture
+def rest(ui_server: Any) -> Rest:
+    return Rest(ui_server.base_url, ui_server.token)
+
+
+def sign_in(page: Page, ui_server: Any, fragment: str = "#/runs") -> None:
+    page.goto(f"{ui_server.base_url}/ui/{fragment}")
+    page.get_by_label("API key").fill(ui_server.token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("navigation", name="Sections", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+
+
+def row(page: Page, run_id: str) -> Any:
+    return page.locator(f'tr[data-run-id="{run_id}"]')
+
+
+def test_filter_runs_by_status_in_the_url(page: Page, ui_server: Any, rest: Rest) -> None:
+    gated = rest.gated_workflow()
+    waiting = rest.trigger(gated)
+    done = rest.trigger(gated)
+    rest.call("DELETE", f"/v1/workflow-runs/{done['id']}")
+
+    sign_in(page, ui_server, f"#/runs?workflow={gated}")
+    expect(row(page, waiting["id"])).to_be_visible(timeout=TIMEOUT_MS)
+    expect(row(page, done["id"])).to_be_visible()
+
+    page.get_by_role("checkbox", name="running", exact=True).check()
+    expect(page).to_have_url(re.compile(r"status=running"), timeout=TIMEOUT_MS)
+    expect(row(page, done["id"])).to_have_count(0, timeout=TIMEOUT_MS)
+    expect(row(page, waiting["id"]).locator('[data-field="status"]')).to_have_text("running")
+
+    # The filter lives in the URL: a reload (or a shared link) shows the same list.
+    page.reload()
+    expect(page.get_by_role("checkbox", name="running", exact=True)).to_be_checked(timeout=TIMEOUT_MS)
+    expect(row(page, waiting["id"])).to_be_visible(timeout=TIMEOUT_MS)
+    expect(row(page, done["id"])).to_have_count(0)
+    assert "workflow=" + gated in page.url
+
+
+def test_open_a_run_and_approve_it_live(page: Page, ui_server: Any, rest: Rest) -> None:
+    gated = rest.gated_workflow()
+    run = rest.trigger(gated, tags={"team": "web"})
+    sign_in(page, ui_server, f"#/runs?workflow={gated}")
+    page.get_by_role("link", name=run["id"]).click()
+
+    node = page.locator('.dag-node[data-ref="ok"]')
+    expect(node).to_have_attribute("data-status", "waiting", timeout=TIMEOUT_MS)
+    expect(page.locator('[data-field="run-status"]')).to_have_text("running")
+    page.evaluate("window.__notReloaded = true")
+
+    node.focus()
+    page.keyboard.press("Enter")  # the node opens the step drawer from the keyboard
+    drawer = page.get_by_role("complementary", name=re.compile("Step ok"))
+    expect(drawer).to_be_visible()
+    drawer.get_by_role("button", name="Approve").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label(re.compile("Comment")).fill("looks good")
+    dialog.get_by_role("button", name="Approve").click()
+    expect(dialog).to_have_count(0, timeout=TIMEOUT_MS)
+
+    # The watch brings the change: node, drawer and header turn completed with no reload.
+    expect(node).to_have_attribute("data-status", "completed", timeout=TIMEOUT_MS)
+    expect(page.locator('.dag-node[data-ref="ship"]')).to_have_attribute("data-status", "completed")
+    expect(page.locator('[data-field="run-status"]')).to_have_text("completed", timeout=TIMEOUT_MS)
+    expect(page.locator('[data-conn="ended"]')).to_be_visible(timeout=TIMEOUT_MS)
+    assert page.evaluate("window.__notReloaded") is True
+    expect(page.locator("table.events")).to_contain_text("step.completed ok")
+
+    after = rest.run(run["id"])
+    assert after["status"] == "completed"
+    assert after["output"]["ok"]["comment"] == "looks good"
+    assert after["output"]["ok"]["approved_by"]
+
+
+def test_bulk_cancel_two_waiting_runs(page: Page, ui_server: Any, rest: Rest) -> None:
+    gated = rest.gated_workflow()
+    first, second = rest.trigger(gated), rest.trigger(gated)
+    untouched = rest.trigger(gated)
+    sign_in(page, ui_server, f"#/runs?workflow={gated}")
+    for r in (first, second):
+        row(page, r["id"]).get_by_role("checkbox").check()
+    page.get_by_role("button", name="Cancel selected").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel 2 runs")
+    dialog.get_by_role("button", name="Cancel 2 runs").click()
+
+    expect(page.locator('[data-field="bulk-result"]')).to_have_text(
+        "Bulk cancel: 2 canceled, 0 failed.", timeout=TIMEOUT_MS)
+    for r in (first, second):
+        status = row(page, r["id"]).locator('[data-field="status"]')
+        expect(status).to_have_text("canceled", timeout=TIMEOUT_MS)
+        assert rest.run(r["id"])["status"] == "canceled"
+    assert rest.run(untouched["id"])["status"] == "running"
+    expect(row(page, untouched["id"]).locator('[data-field="status"]')).to_have_text("running")
