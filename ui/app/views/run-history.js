@@ -19,6 +19,7 @@ export function useEventHistory(runId, liveEvents) {
   const [more, setMore] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
+  const filledFrom = useRef(-1); // once per hole: a page that brings nothing is not asked again
   const currentRun = useRef(runId); // answers for a run no longer shown are dropped
   currentRun.current = runId;
 
@@ -44,6 +45,7 @@ export function useEventHistory(runId, liveEvents) {
   useEffect(() => {
     setLoaded([]);
     setMore(false);
+    filledFrom.current = -1;
     load(0);
   }, [runId]);
 
@@ -62,8 +64,11 @@ export function useEventHistory(runId, liveEvents) {
   // Events that happened between the first page and the watch's snapshot: fetch them at once
   // when the pages say there is nothing more, so the list has no hole.
   useEffect(() => {
-    if (!busy && !more && !error && tail.length && loaded.length) load(contiguous);
-  }, [tail.length, more, busy]);
+    if (!busy && !more && !error && tail.length && filledFrom.current !== contiguous) {
+      filledFrom.current = contiguous;
+      load(contiguous);
+    }
+  }, [tail.length, more, busy, contiguous]);
 
   return {
     all, head, tail, more: more || tail.length > 0, busy, error,
