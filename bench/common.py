@@ -288,12 +288,16 @@ def spawn_server(data_dir: Path, envoy: bool,
                   env={"CONVEYOR_AUTH": "enabled" if auth else "disabled"})
 
 
-def spawn_server_on(db_url: str, data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
-    """`conveyor serve` (gRPC only) on free ports over an existing database at `db_url`."""
+def spawn_server_on(db_url: str, data_dir: Path,
+                    envoy: bool = False) -> contextlib.AbstractAsyncContextManager[Served]:
+    """`conveyor serve` (gRPC only, unless `envoy`) on free ports over an existing database at
+    `db_url`."""
     # --metrics-port 0: replicas and back-to-back servers must not meet on the default 9464.
     args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-            "--metrics-port", "0", "--db-url", db_url, "--data-dir", str(data_dir), "--no-envoy"]
-    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=False, data_dir=data_dir)
+            "--metrics-port", "0", "--db-url", db_url, "--data-dir", str(data_dir)]
+    if not envoy:
+        args.append("--no-envoy")
+    return _spawn("conveyor serve", args, data_dir / "server.log", want_rest=envoy, data_dir=data_dir)
 
 
 def spawn_echo_server(data_dir: Path) -> contextlib.AbstractAsyncContextManager[Served]:
