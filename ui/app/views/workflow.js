@@ -445,8 +445,9 @@ export function WorkflowView({ workflowId, route }) {
         aria-current=${tab === t ? 'page' : undefined}>${label}</a>`)}
     </nav>
     ${tab === 'definition' && html`<div>
-      ${version > 0 && version !== wf.version && html`<p class="notice" role="status">Showing version ${version}
-        (the current version is ${wf.version}). <a href=${href(base, {})}>Show the current version</a></p>`}
+      ${version > 0 && version !== wf.version && html`<p class="notice" role="status">
+        ${`Showing version ${version} (the current version is ${wf.version}). `}
+        <a href=${href(base, {})}>Show the current version</a></p>`}
       ${version > 0 && version !== wf.version && older.error && html`<${ErrorBox} error=${older.error} />`}
       ${shown ? html`<${Definition} key=${shown.version} wf=${shown} current=${shown === wf} onOp=${setOp} />`
         : !older.error && html`<p class="muted" aria-busy="true">Loading version ${version}…</p>`}
