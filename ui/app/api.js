@@ -39,15 +39,20 @@ export function onUnauthorized(fn) {
   return () => unauthorized.delete(fn);
 }
 
-/** Query string from an object; arrays repeat the key, empty values are left out. */
+/**
+ * Query string from an object; arrays repeat the key, empty values are left out. Values are
+ * percent-encoded with encodeURIComponent, not URLSearchParams: Envoy's transcoder reads "+" as
+ * a plus sign, not a space (README "Dashboard").
+ */
 export function query(params) {
-  const q = new URLSearchParams();
+  const parts = [];
   for (const [k, v] of Object.entries(params || {})) {
-    if (Array.isArray(v)) v.filter((x) => x !== '' && x != null).forEach((x) => q.append(k, x));
-    else if (v !== '' && v != null) q.append(k, v);
+    const values = Array.isArray(v) ? v : [v];
+    for (const x of values) {
+      if (x !== '' && x != null) parts.push(`${encodeURIComponent(k)}=${encodeURIComponent(x)}`);
+    }
   }
-  const s = q.toString();
-  return s ? `?${s}` : '';
+  return parts.length ? `?${parts.join('&')}` : '';
 }
 
 /** One call: resolves to { body, nextPageToken } or rejects with ApiError. */
