@@ -45,6 +45,8 @@ class App:
         self.gateway: EnvoyGateway | None = None
         self.readiness: Readiness | None = None
         self.ops: OpsServer | None = None
+        # The admin token this start created (the first start over a database), else "".
+        self.new_admin_token = ""
 
     async def start(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
@@ -127,6 +129,7 @@ class App:
         print(f"conveyor: created the admin API key 'admin' (kept in {path}); its token, shown once:",
               flush=True)
         print(token, flush=True)
+        self.new_admin_token = token
 
     async def stop(self) -> None:
         if self.ops is not None:

@@ -83,6 +83,18 @@ def test_the_dashboard_loads_in_chromium_without_errors(page: Page) -> None:
     assert page.title() == "Conveyor"
 
 
+def test_the_first_start_prints_a_dashboard_link_that_signs_in(ui_server: UiServer, page: Page) -> None:
+    """`conveyor serve` prints where the dashboard is; on the first start over a database the
+    link carries the new admin token in its fragment, and following it signs the browser in:
+    the token goes to session storage and out of the address bar."""
+    link = f"{ui_server.base_url}/ui/#token={ui_server.token}"
+    assert f"conveyor: dashboard on {link}" in ui_server.log()
+    page.goto(link)
+    page.get_by_role("link", name="Sign out").or_(page.get_by_role("button", name="Sign out")).wait_for()
+    assert ui_server.token not in page.url
+    assert page.evaluate("sessionStorage.getItem('conveyor.token')") == ui_server.token
+
+
 # --- any folder, through a real Envoy -----------------------------------------------------------
 
 def _unused_port() -> int:

@@ -49,6 +49,11 @@ async def run_server(settings: Settings) -> None:
         print(f"conveyor: gRPC on {app.grpc_address}", flush=True)
         if app.gateway is not None:
             print(f"conveyor: REST on {app.gateway.url}", flush=True)
+            if app.gateway.serves_ui:
+                # On the first start the link signs the browser in (the fragment never leaves
+                # the browser; the dashboard moves the token to session storage and drops it).
+                sign_in = f"#token={app.new_admin_token}" if app.new_admin_token else ""
+                print(f"conveyor: dashboard on {app.gateway.url}/ui/{sign_in}", flush=True)
         print(f"conveyor: database {settings.db_url}", flush=True)
         await stop.wait()
         print("conveyor: shutting down", flush=True)

@@ -106,6 +106,8 @@ class EnvoyGateway:
         self._process: asyncio.subprocess.Process | None = None
         self._http_port: int | None = None
         self._admin_url: str | None = None
+        # Whether the dashboard is served under /ui/ (its folder held files at start).
+        self.serves_ui = False
 
     @property
     def http_port(self) -> int:
@@ -191,6 +193,7 @@ class EnvoyGateway:
         descriptor_path = self._dir / "conveyor.binpb"
         descriptor_path.write_bytes(build_descriptor_set())
         ui = ui_routes(self._settings.ui_dir)
+        self.serves_ui = bool(ui.files)
         config = string.Template(TEMPLATE_PATH.read_text()).substitute(
             http_host=self._settings.http_host,
             http_port=self._settings.http_port,
