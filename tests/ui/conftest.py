@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from tests.ui.support import Rest
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless Chromium as root on a closed network: no sandbox (root), no GPU, and none of the
 # background connections (QUIC, component updates, sync) that the network would refuse.
@@ -183,3 +185,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     if errors:
         pytest.fail("the page logged errors:\n" + "\n".join(errors), pytrace=False)
     return result
+
+
+@pytest.fixture
+def rest(ui_server: UiServer) -> Rest:
+    """The served REST API with the admin token."""
+    return Rest(ui_server.base_url, ui_server.token)

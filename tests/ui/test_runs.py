@@ -5,61 +5,27 @@ the list (the counts the API returned are shown). Each checks the DOM and the AP
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.request
 import uuid
 from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.ui.support import TIMEOUT_MS, Rest, sign_in
+
 pytestmark = pytest.mark.browser
 
-TIMEOUT_MS = 5000
 
-
-class Rest:
-    """The served Conveyor's REST API with the admin token."""
-
-    def __init__(self, base_url: str, token: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def gated_workflow(self) -> str:
-        """A workflow whose runs wait on an approval step `ok` after a noop `build`."""
-        name = f"ui_gated_{uuid.uuid4().hex[:8]}"
-        self.call("POST", "/v1/workflows", {"name": name, "description": "waits for a person", "steps": [
-            {"ref": "build", "kind": "noop"},
-            {"ref": "ok", "kind": "approval", "depends_on": ["build"]},
-            {"ref": "ship", "kind": "noop", "depends_on": ["ok"]},
-        ]})
-        return name
-
-    def trigger(self, workflow: str, **body: Any) -> dict[str, Any]:
-        return self.call("POST", f"/v1/workflows/{workflow}/runs", {"immediate": True, **body})
-
-    def run(self, run_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/v1/workflow-runs/{run_id}")
-
-
-@pytest.fixture
-def rest(ui_server: Any) -> Rest:
-    return Rest(ui_server.base_url, ui_server.token)
-
-
-def sign_in(page: Page, ui_server: Any, fragment: str = "#/runs") -> None:
-    page.goto(f"{ui_server.base_url}/ui/{fragment}")
-    page.get_by_label("API key").fill(ui_server.token)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("navigation", name="Sections", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+def gated_workflow(rest: Rest) -> str:
+    """A workflow whose runs wait on an approval step `ok` after a noop `build`."""
+    name = f"ui_gated_{uuid.uuid4().hex[:8]}"
+    rest.call("POST", "/v1/workflows", {"name": name, "description": "waits for a person", "steps": [
+        {"ref": "build", "kind": "noop"},
+        {"ref": "ok", "kind": "approval", "depends_on": ["build"]},
+        {"ref": "ship", "kind": "noop", "depends_on": ["ok"]},
+    ]})
+    return name
 
 
 def row(page: Page, run_id: str) -> Any:
@@ -67,7 +33,7 @@ def row(page: Page, run_id: str) -> Any:
 
 
 def test_filter_runs_by_status_in_the_url(page: Page, ui_server: Any, rest: Rest) -> None:
-    gated = rest.gated_workflow()
+    gated = gated_workflow(rest)
     waiting = rest.trigger(gated)
     done = rest.trigger(gated)
     rest.call("DELETE", f"/v1/workflow-runs/{done['id']}")
@@ -90,7 +56,7 @@ def test_filter_runs_by_status_in_the_url(page: Page, ui_server: Any, rest: Rest
 
 
 def test_open_a_run_and_approve_it_live(page: Page, ui_server: Any, rest: Rest) -> None:
-    gated = rest.gated_workflow()
+    gated = gated_workflow(rest)
     run = rest.trigger(gated, tags={"team": "web"})
     sign_in(page, ui_server, f"#/runs?workflow={gated}")
     page.get_by_role("link", name=run["id"]).click()
@@ -125,7 +91,7 @@ def test_open_a_run_and_approve_it_live(page: Page, ui_server: Any, rest: Rest) 
 
 
 def test_bulk_cancel_two_waiting_runs(page: Page, ui_server: Any, rest: Rest) -> None:
-    gated = rest.gated_workflow()
+    gated = gated_workflow(rest)
     first, second = rest.trigger(gated), rest.trigger(gated)
     untouched = rest.trigger(gated)
     sign_in(page, ui_server, f"#/runs?workflow={gated}")

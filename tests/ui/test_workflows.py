@@ -5,9 +5,7 @@ payload, checked through REST), diff two versions, archive behind the confirmati
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.request
 import uuid
 from datetime import datetime
 from typing import Any
@@ -16,40 +14,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.ui.support import TIMEOUT_MS, Rest, sign_in
+
 pytestmark = pytest.mark.browser
-
-TIMEOUT_MS = 5000
-
-
-class Rest:
-    """The served Conveyor's REST API with the admin token."""
-
-    def __init__(self, base_url: str, token: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-
-@pytest.fixture
-def rest(ui_server: Any) -> Rest:
-    return Rest(ui_server.base_url, ui_server.token)
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-def sign_in(page: Page, ui_server: Any, fragment: str) -> None:
-    page.goto(f"{ui_server.base_url}/ui/{fragment}")
-    page.get_by_label("API key").fill(ui_server.token)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("navigation", name="Sections", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
 
 
 def release(name: str, **extra: Any) -> dict[str, Any]:
@@ -73,8 +44,8 @@ def test_open_a_workflow_see_its_dag_and_schedule_and_pause_it(page: Page, ui_se
 
     # The DAG: one node per step, one edge per dependency.
     dag = page.get_by_role("group", name=f"Steps of {name}")
-    expect(dag.locator("g.wf-dag-node")).to_have_count(4)
-    expect(dag.locator("path.wf-dag-edge")).to_have_count(4)
+    expect(dag.locator("g.dag-node")).to_have_count(4)
+    expect(dag.locator("path.dag-edge")).to_have_count(4)
     expect(dag.locator('g[data-ref="check"]')).to_have_attribute("aria-label",
                                                                  "Step check: condition, after build")
     # A node is reachable by keyboard and picks its row in the steps table.
@@ -181,7 +152,7 @@ def test_diff_two_versions(page: Page, ui_server: Any, rest: Rest) -> None:
     page.get_by_role("row").filter(has=page.get_by_role("cell", name="1", exact=True)).get_by_role(
         "link", name="View").click()
     expect(page.get_by_text("Showing version 1")).to_be_visible(timeout=TIMEOUT_MS)
-    expect(page.locator("g.wf-dag-node")).to_have_count(4)
+    expect(page.locator("g.dag-node")).to_have_count(4)
 
 
 def test_archive_behind_the_confirmation(page: Page, ui_server: Any, rest: Rest) -> None:

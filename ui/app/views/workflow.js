@@ -9,7 +9,7 @@ import { Confirm, ErrorBox, Json, JsonField, Pager } from '../components.js';
 import { diffLines, hunks } from '../diff.js';
 import { fmtDuration, fmtTime, html } from '../html.js';
 import { href, navigate } from '../router.js';
-import { WorkflowDag } from '../workflow-dag.js';
+import { WorkflowDag } from '../dag.js';
 
 const enc = encodeURIComponent;
 const LIMIT = 50;
