@@ -20,14 +20,14 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.auth import bearer_interceptors
+from tests.auth import FirstStartAdmin, bearer_interceptors
 
 # A cold start (migrations, Envoy) takes about a second; leave room for a loaded CI machine.
 START_TIMEOUT = 30.0
 
 
 @dataclass
-class Served:
+class Served(FirstStartAdmin):
     """A running `conveyor serve` process and its addresses."""
 
     proc: asyncio.subprocess.Process
@@ -36,15 +36,6 @@ class Served:
     data_dir: Path
     printed: list[str]  # what it printed on stdout up to where it said it listens
 
-    @property
-    def token(self) -> str:
-        """The admin token the server wrote on its first start over this data directory."""
-        return (self.data_dir / "admin.token").read_text().strip()
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """HTTP headers authenticating as that admin."""
-        return {"authorization": f"Bearer {self.token}"}
 
     def channel(self, **options: Any) -> grpc.aio.Channel:
         """A gRPC channel to the server whose calls authenticate as that admin."""

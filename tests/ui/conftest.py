@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from tests.auth import FirstStartAdmin
 from tests.ui.support import Rest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,7 +49,7 @@ DEFAULT_TIMEOUT_MS = 10_000
 
 
 @dataclass
-class UiServer:
+class UiServer(FirstStartAdmin):
     """A running `conveyor serve` (with Envoy) serving the repository's ui/ folder."""
 
     proc: subprocess.Popen[bytes]
@@ -56,15 +57,6 @@ class UiServer:
     data_dir: Path
     log_path: Path
 
-    @property
-    def token(self) -> str:
-        """The admin token the server wrote on its first start."""
-        return (self.data_dir / "admin.token").read_text().strip()
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """HTTP headers authenticating as that admin."""
-        return {"authorization": f"Bearer {self.token}"}
 
     def log(self) -> str:
         """What the server wrote on stdout and stderr so far."""
