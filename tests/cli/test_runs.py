@@ -165,6 +165,10 @@ def test_list_filters_and_formats(cli: Cli, name: str) -> None:
     assert names("-s", "running", "-s", "paused") == [waiting["id"]]
     assert names("--tag", "team=web") == [waiting["id"]]
     assert names("--limit", "1") == [canceled["id"]]
+    # --search: the workflow's name (or description), any case, as a substring.
+    searched = cli.ok("runs", "list", "--search", name.upper(), "-o", "name").out.split()
+    assert searched == [canceled["id"], waiting["id"]]
+    assert cli.ok("runs", "list", "--search", name + " nothing", "-o", "name").out.split() == []
 
     wide = {r["ID"]: r for r in cli.ok("runs", "list", "-w", name, "-o", "wide").rows()}
     assert wide[waiting["id"]]["TAGS"] == "team=web" and wide[waiting["id"]]["PROJECT"] == "default"

@@ -40,18 +40,20 @@ def run_filters(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-p", "--project", default="", help="Project (default: the key's, else 'default')."),
         click.option("--tag", multiple=True, type=KEY_VALUE, help="Runs with this tag; repeatable."),
         click.option("--triggered-by", default="", help="Runs of this initiator."),
+        click.option("--search", default="",
+                     help="Runs of workflows whose name or description contains this text (any case)."),
     ]):
         command = option(command)
     return command
 
 
 def _list_request(workflow: tuple[str, ...], status: tuple[str, ...], project: str,
-                  tag: tuple[tuple[str, str], ...], triggered_by: str) -> Any:
+                  tag: tuple[tuple[str, str], ...], triggered_by: str, search: str) -> Any:
     from conveyor.v1 import resources_pb2 as pb
     from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
     return runs_pb.ListWorkflowRunsRequest(
-        project_id=project, workflow_id=list(workflow), triggered_by=triggered_by,
+        project_id=project, workflow_id=list(workflow), triggered_by=triggered_by, search=search,
         status=[pb.RunStatus.Value.Value(s) for s in status], tag=[f"{k}:{v}" for k, v in tag])
 
 
@@ -62,13 +64,14 @@ def _list_request(workflow: tuple[str, ...], status: tuple[str, ...], project: s
 @output_options
 @click.pass_context
 def list_runs(ctx: click.Context, workflow: tuple[str, ...], status: tuple[str, ...], project: str,
-              tag: tuple[tuple[str, str], ...], triggered_by: str, limit: int, out: Output) -> None:
+              tag: tuple[tuple[str, str], ...], triggered_by: str, search: str, limit: int,
+              out: Output) -> None:
     """List runs, newest first."""
     from conveyor.cli.client import connect
     from conveyor.cli.views import RUN
 
     with connect(ctx) as api:
-        request = _list_request(workflow, status, project, tag, triggered_by)
+        request = _list_request(workflow, status, project, tag, triggered_by, search)
         out.many(api.pages(api.runs.ListWorkflowRuns, request, limit), RUN)
 
 
@@ -243,18 +246,19 @@ def _bulk(name: str, rpc: str, request_type: str, counted: str) -> click.Command
     @click.pass_context
     def command(ctx: click.Context, run_ids: tuple[str, ...], workflow: tuple[str, ...],
                 status: tuple[str, ...], project: str, tag: tuple[tuple[str, str], ...], triggered_by: str,
-                yes: bool, out: Output) -> None:
+                search: str, yes: bool, out: Output) -> None:
         from conveyor.cli.client import MAX_PAGE, connect
         from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
-        filtered = bool(workflow or status or project or tag or triggered_by)
+        filtered = bool(workflow or status or project or tag or triggered_by or search)
         if run_ids and filtered:
             raise click.UsageError("name runs either by id or by filters, not both")
         if not run_ids and not filtered:
             raise click.UsageError("name the runs: ids, or at least one filter (--workflow, --status, ...)")
         with connect(ctx) as api:
             ids = list(run_ids) or [run.id for run in api.pages(
-                api.runs.ListWorkflowRuns, _list_request(workflow, status, project, tag, triggered_by))]
+                api.runs.ListWorkflowRuns, _list_request(workflow, status, project, tag, triggered_by,
+                                                         search))]
             if not ids:
                 click.echo("no runs match", err=True)
                 return

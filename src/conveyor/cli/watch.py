@@ -298,7 +298,7 @@ def _watch_project(api: Client, project: str, workflows: tuple[str, ...], status
     from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
     view = ProjectView(project, workflows, statuses)
-    listing = _list_request(workflows, statuses, project, (), "")
+    listing = _list_request(workflows, statuses, project, (), "", "")
     request = runs_pb.WatchProjectRunsRequest(project_id=project)
     # The workflow filter goes to the server; the status filter stays here: the table must see
     # a run leave the statuses shown (a server filter sends only changes into them).
