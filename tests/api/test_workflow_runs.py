@@ -369,7 +369,10 @@ async def test_a_watcher_left_behind_is_told_where_to_resume(api: Api) -> None:
     first = await call.read()
     assert first.WhichOneof("message") == "snapshot"
     pending = asyncio.ensure_future(call.read())
-    await asyncio.sleep(0.1)  # the watch has joined its run's tail
+    for _ in range(1000):  # until the watch has joined its run's tail (10 s at most)
+        if api.engine.watches.tails.watchers(run.id):
+            break
+        await asyncio.sleep(0.01)
     await api.runs.AddRunComment(runs_pb.AddRunCommentRequest(workflow_run_id=run.id, content="missed"))
     last = await asyncio.wait_for(pending, 10)
     assert last.WhichOneof("message") == "error"

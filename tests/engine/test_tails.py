@@ -51,6 +51,15 @@ async def _events(stream: Any, count: int) -> list[EventRecord]:
     return out
 
 
+async def _joined(watches: Watches, run_id: str, count: int) -> None:
+    """Wait (10 s at most) until `count` watchers follow the run's tail."""
+    for _ in range(1000):
+        if watches.tails.watchers(run_id) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{watches.tails.watchers(run_id)} of {count} watchers joined the tail")
+
+
 async def _counted_watches(engine: Engine, run_id: str,
                           count: int) -> tuple[CountingStore, Watches, list[Any]]:
     """`count` watches of the run through a counting store, each past its snapshot."""
@@ -68,7 +77,7 @@ async def test_fifty_watchers_of_a_run_cost_one_read_per_commit(engine: Engine) 
     before = counting.reads
     for n in range(3):
         pending = [asyncio.create_task(_events(s, 1)) for s in streams]
-        await asyncio.sleep(0.05)  # every watcher waits on the tail
+        await _joined(watches, run_id, 50)  # every watcher waits on the tail
         assert len(watches.tails) == 1
         await engine.runs.comment(run_id, f"note {n}", ME)
         got = await asyncio.gather(*pending)
@@ -155,12 +164,13 @@ async def _comment_many(engine: Engine, run_id: str, count: int) -> None:
 async def test_a_failing_tail_ends_its_watches_with_the_error(engine: Engine) -> None:
     run_id = await _gated_run(engine)
     counting, watches, streams = await _counted_watches(engine, run_id, 3)
-    await asyncio.sleep(0.05)
+    pending = [asyncio.ensure_future(anext(s)) for s in streams]
+    await _joined(watches, run_id, 3)
     counting.fail = True
     await engine.runs.comment(run_id, "unreadable", ME)
-    for s in streams:
+    for waiting in pending:
         with pytest.raises(ConveyorError):
-            await asyncio.wait_for(anext(s), 10)
+            await asyncio.wait_for(waiting, 10)
     assert len(watches.tails) == 0
     counting.fail = False  # the next watcher opens a new tail
     fresh = watches.watch_run(run_id, 0, ME)

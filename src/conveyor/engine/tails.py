@@ -128,6 +128,11 @@ class RunTails:
         """How many runs have a tail open."""
         return len(self._tails)
 
+    def watchers(self, run_id: str) -> int:
+        """How many watchers follow the run's tail now."""
+        tail = self._tails.get(run_id)
+        return len(tail.subscribers) if tail is not None else 0
+
     def join(self, run_id: str, seq: int) -> Subscription:
         """Subscribe to the run's events; the caller has read (or sent) every event up to
         `seq`. A new tail reads from there; an existing tail hands over what it reads next, so
