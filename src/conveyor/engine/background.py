@@ -1,11 +1,12 @@
 """Background: the one way the engine runs a loop beside the requests (the runner, schedules,
-housekeeping): started once, cancelled and awaited on stop, startable again after."""
+housekeeping, the http executor, the notifier): started once, cancelled and awaited on stop,
+startable again after; and the one way such a loop drops the tasks it left in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 
@@ -28,3 +29,12 @@ class Background:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+async def abandon(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel these tasks and wait until every one has ended (their errors are dropped: an
+    abandoned attempt is picked up again by whoever takes its lease over)."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -40,6 +40,7 @@ from conveyor.domain.errors import ConveyorError
 from conveyor.domain.feed import HTTP_KEY
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
+from conveyor.engine.background import Background, abandon
 from conveyor.engine.egress import (
     EgressClient,
     EgressDenied,
@@ -117,7 +118,7 @@ class HttpSteps:
         self._egress = EgressClient(policy, resolver, self.max_concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("conveyor-http-steps", self._loop)
 
     # -- one round (tests drive this with a ManualClock) ------------------------------------
 
@@ -131,17 +132,13 @@ class HttpSteps:
     # -- background loop --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="conveyor-http-steps")
+        self._background.start()
 
     async def stop(self) -> None:
         """Stop leasing and abandon the requests in flight without reporting them: their leases
         expire and they are retried, exactly as after a crash (at-least-once either way)."""
-        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
+        await self._background.stop()  # first: the loop starts no new task after this
+        await abandon(self._in_flight)
         await self._egress.close()
 
     async def _loop(self) -> None:

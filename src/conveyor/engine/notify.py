@@ -47,6 +47,7 @@ from conveyor.domain.notifications import (
     signature,
 )
 from conveyor.domain.spec import RetryPolicy
+from conveyor.engine.background import Background, abandon
 from conveyor.engine.clock import Clock
 from conveyor.engine.egress import (
     EgressClient,
@@ -115,7 +116,7 @@ class Notifier:
             self.max_concurrency)
         # Deliveries in flight and the URL each one posts to.
         self._in_flight: dict[asyncio.Task[None], str] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("conveyor-notify", self._loop)
 
     # -- one round (tests drive this with a ManualClock) ------------------------------------
 
@@ -129,17 +130,13 @@ class Notifier:
     # -- background loop --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="conveyor-notify")
+        self._background.start()
 
     async def stop(self) -> None:
         """Stop claiming and abandon deliveries in flight unrecorded: their leases run out and
         they are sent again, as after a crash (at least once either way)."""
-        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
+        await self._background.stop()  # first: the loop starts no new task after this
+        await abandon(self._in_flight)
         await self._egress.close()
 
     async def _loop(self) -> None:

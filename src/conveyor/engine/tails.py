@@ -15,7 +15,6 @@ behind: a feed that missed a commit is caught up without each tail polling on it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import deque
@@ -24,7 +23,7 @@ from collections.abc import Sequence
 from conveyor.domain.feed import run_key
 from conveyor.domain.records import EventRecord
 from conveyor.domain.states import FINAL_RUN, run_event_type
-from conveyor.engine.background import Background
+from conveyor.engine.background import Background, abandon
 from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
@@ -217,10 +216,7 @@ class RunTails:
             self.pulses.fire(run_key(r) for r in behind)
 
     async def close(self) -> None:
-        for tail in list(self._tails.values()):
-            if tail.task is not None:
-                tail.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await tail.task
+        tasks = [tail.task for tail in self._tails.values() if tail.task is not None]
         self._tails.clear()
+        await abandon(tasks)
         await self._clock.stop()
