@@ -10,6 +10,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from conveyor.storage import repository
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from conveyor.v1 import workflows_service_pb2 as wf_pb
 from tests.api.support import Api, listed, stream_failure, two_steps
@@ -118,3 +119,15 @@ async def test_a_bad_search_is_invalid(api: Api, runs: dict[str, str], search: s
 
 async def test_a_search_of_200_characters_is_accepted(api: Api, runs: dict[str, str]) -> None:
     assert await _ids(api, search="é" * 200) == set()
+
+
+async def test_a_search_matching_too_many_workflows_is_refused(api: Api, runs: dict[str, str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matching workflows' ids are bound parameters of the runs query, which both databases
+    cap: a search broader than MAX_SEARCHED_WORKFLOWS is INVALID_ARGUMENT, never a 5xx."""
+    monkeypatch.setattr(repository, "MAX_SEARCHED_WORKFLOWS", 2)
+    assert await _ids(api, search="deploy") == {runs["Deploy-Prod"]}  # within the cap
+    error = await stream_failure(api.runs.ListWorkflowRuns(runs_pb.ListWorkflowRunsRequest(search="build")))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.info is not None and error.info.reason == "SEARCH_TOO_BROAD"
+    assert error.violations == [("search", "matches too many workflows")]

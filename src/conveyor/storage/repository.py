@@ -40,6 +40,7 @@ from conveyor.domain.errors import (
     ConveyorError,
     DuplicateKey,
     ErrorKind,
+    FieldViolation,
     invalid,
     not_found,
 )
@@ -74,6 +75,9 @@ from conveyor.storage.notifications import NotificationStatements, outbox_of_new
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 from conveyor.storage.run_changes import RunChangeStatements, status_changes
 from conveyor.storage.versions import VersionStatements
+
+# At most this many workflows may match a run list's `search` (their ids are bound parameters).
+MAX_SEARCHED_WORKFLOWS = 10_000
 
 # Declarative __table__ is typed as a FromClause; these are Tables.
 runs_t = cast(Table, RunRow.__table__)
@@ -538,6 +542,13 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             # only, so "é" would not find "É" there while PostgreSQL's would; the domain's one
             # rule answers the same on both (and no character of the search is a wildcard).
             rows = [row for row in rows if flt.search_matches(row.name, row.description)]
+            if len(rows) > MAX_SEARCHED_WORKFLOWS:
+                # The ids become bound parameters of the runs query (both databases cap them
+                # near 32,767): a search this broad is the client's to narrow, not a 5xx.
+                raise invalid(f"the search matches {len(rows)} workflows; at most "
+                              f"{MAX_SEARCHED_WORKFLOWS} may match: search for more of the name",
+                              [FieldViolation("search", "matches too many workflows")],
+                              reason="SEARCH_TOO_BROAD")
         return sorted(row.id for row in rows)
 
     async def claim_due_runs(self, now: datetime, limit: int) -> list[RunRecord]:
