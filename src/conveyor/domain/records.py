@@ -132,6 +132,10 @@ class StepRecord:
     lease_expires_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Attempts that ended with no verdict (SPEC §4.3): all of them, which spend no retry budget,
+    # and those since the last verdict, which end a poison task at the policy's max_losses.
+    losses: int = 0
+    loss_streak: int = 0
     # The row as loaded (storage sets it); changes are saved only if the row still matches it.
     fence: StepFence | None = field(default=None, compare=False, repr=False)
 

@@ -229,6 +229,8 @@ class StepRunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    loss_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ux_step_runs_run_ref", "workflow_run_id", "step_ref", unique=True),

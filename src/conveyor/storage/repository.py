@@ -97,7 +97,7 @@ _RUN_MUTABLE = ["status", "status_message", "error", "output", "wake_at", "last_
                 "started_at", "finished_at", "updated_at", "max_parallel_steps", "expires_at"]
 _STEP_MUTABLE = ["status", "attempt", "deps_completed", "input", "output", "error", "skip_reason",
                  "approved_by", "worker_id", "job_run_id", "ready_at", "due_at", "lease_expires_at",
-                 "started_at", "finished_at", "updated_at"]
+                 "started_at", "finished_at", "updated_at", "losses", "loss_streak"]
 
 # Runs a wake-up signal is still news to (a final run has nothing left to do).
 _LIVE_RUN = [str(RunStatus.PENDING), str(RunStatus.RUNNING), str(RunStatus.PAUSED)]
