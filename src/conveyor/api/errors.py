@@ -10,7 +10,10 @@ server log only, never to the client (SPEC §1.1).
 The interceptor also owns the two moments before a handler runs: decoding the request bytes (a
 message protobuf cannot decode, e.g. a Struct nested past its recursion limit, is
 INVALID_ARGUMENT REQUEST_UNDECODABLE instead of grpc's own UNKNOWN with the decoder's text) and
-the `prepare` hook that checks every request against the limits (`conveyor.api.requests`).
+the `prepare` hook that checks every request against the limits (`conveyor.api.requests`), and
+the bound on unary calls handled at once (`max_in_flight`): beyond it a call is refused at once
+RESOURCE_EXHAUSTED SERVER_BUSY with a retry-after, before it holds any memory or connection, so
+a database outage cannot pile up calls without bound. Streams are long-lived and not counted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, overloaded
 from conveyor.v1 import resources_pb2
 
 logger = logging.getLogger(__name__)
@@ -179,9 +182,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     (`admission`: who calls, may they), undecodable requests are refused and `prepare` (when
     given) checks and may rebuild the request; after it, the outcome is audited."""
 
-    def __init__(self, prepare: Prepare | None = None, admission: Admission | None = None) -> None:
+    def __init__(self, prepare: Prepare | None = None, admission: Admission | None = None,
+                 max_in_flight: int = 0) -> None:
         self._prepare: Prepare = prepare or (lambda request, metadata: request)
         self._admission: Admission = admission or _Open()
+        self.in_flight = InFlight(max_in_flight)
 
     async def intercept_service(
         self,
@@ -195,7 +200,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         guard = _Guard(method, self._prepare, self._admission)
         if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
-                guard.unary(handler.unary_unary),
+                self.in_flight.bound(guard.unary(handler.unary_unary), method),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
@@ -233,6 +238,29 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
         logger.exception("unexpected error in %s", method, exc_info=exc)
         await context.abort_with_status(_INTERNAL)
     raise AssertionError("unreachable")
+
+
+class InFlight:
+    """Counts the unary calls being handled; beyond `most` (0: no bound) a call is refused."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.now = 0
+
+    def bound(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+              ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.most and self.now >= self.most:
+                # Not audited: a flood of refusals would be a flood of entries.
+                await _fail(context, overloaded("SERVER_BUSY", "the server is handling too many calls; "
+                                                               "retry shortly"), method)
+            self.now += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self.now -= 1
+
+        return counted
 
 
 class _Guard:

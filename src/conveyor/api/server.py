@@ -104,7 +104,8 @@ async def build_server(engine: Engine, settings: Settings,
     server = grpc.aio.server(
         # Every request is checked against the limits before its handler runs.
         interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare,
-                                       admission=Gate(engine, settings.auth_enabled, settings.rate_limit))],
+                                       admission=Gate(engine, settings.auth_enabled, settings.rate_limit),
+                                       max_in_flight=settings.max_in_flight)],
         options=[
             ("grpc.max_receive_message_length", rest_body_bytes(settings) * JSON_TO_PROTOBUF_GROWTH),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),

@@ -71,6 +71,19 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> ConveyorError:
     return ConveyorError(ErrorKind.UNAVAILABLE, reason, message)
 
 
+def is_outage(error: BaseException) -> bool:
+    """True for an UNAVAILABLE error (the Store's answer when the database is gone or locked):
+    it is the database's trouble, not one request's, so a batch meeting it fails as a batch."""
+    return isinstance(error, ConveyorError) and error.kind is ErrorKind.UNAVAILABLE
+
+
+def overloaded(reason: str, message: str, retry_after_seconds: int = 1) -> ConveyorError:
+    """RESOURCE_EXHAUSTED with a retry-after (sent as the `retry-after` header and trailer):
+    a bounded queue is full; the same request later will be taken."""
+    return ConveyorError(ErrorKind.RESOURCE_EXHAUSTED, reason, message,
+                         metadata={"retry_after": str(retry_after_seconds)})
+
+
 class ConcurrentChange(Exception):
     """A compare-and-set matched no row: another writer changed the record first."""
 

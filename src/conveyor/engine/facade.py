@@ -50,11 +50,13 @@ class Engine:
                              idle_seconds=settings.engine_idle_seconds, limits=settings.limits,
                              max_nesting_depth=settings.max_nesting_depth)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
-                                 idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits)
+                                 idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits,
+                                 queue_limit=settings.trigger_queue_limit)
         self.workflows = WorkflowService(store, self.clock, self.offload, settings.limits)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
-        self.leases = Leases(store, self.clock, self.runner, settings.limits)
+        self.leases = Leases(store, self.clock, self.runner, settings.limits,
+                             queue_limit=settings.report_queue_limit)
         self.dispatch = Dispatch(store, self.clock, self.leases)
         self.metrics = self.runner.metrics
         self.watches = Watches(store, self.clock, self.runner.keyed, metrics=self.metrics)

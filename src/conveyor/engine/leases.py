@@ -20,7 +20,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind, not_found
+from conveyor.domain.errors import (
+    ConcurrentChange,
+    ConveyorError,
+    ErrorKind,
+    is_outage,
+    not_found,
+    overloaded,
+)
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import find_step_by_id
 from conveyor.domain.planner import ENGINE, check_lease, complete_step, fail_step, plan, start_leased
@@ -55,12 +62,14 @@ class Leases:
     """Acquire, extend and report step leases."""
 
     def __init__(self, store: Store, clock: Clock, runner: Runner, limits: Limits,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, queue_limit: int = 2048) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
         self.limits = limits
         self.batch_size = batch_size
+        # Reports waiting for their batch; beyond, RESOURCE_EXHAUSTED QUEUE_FULL (the SDK retries).
+        self.queue_limit = queue_limit
         self._reports: list[_Report] = []
         self._drain_task: asyncio.Task[None] | None = None
         # Streams' standing demands by (project, worker).
@@ -197,6 +206,8 @@ class Leases:
         """Queue a report and wait until the transaction holding it has committed (or refused
         it). Concurrent reports are applied together: one transaction for a whole batch, as
         triggers are, so a worker with many slots costs one commit per batch, not per task."""
+        if len(self._reports) >= self.queue_limit:
+            raise overloaded("QUEUE_FULL", "too many reports are waiting to be written; retry shortly")
         self._reports.append(report)
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="conveyor-report-drain")
@@ -213,17 +224,32 @@ class Leases:
             try:
                 await self._apply(batch)
             except Exception as e:
+                if is_outage(e):
+                    # The database is gone, not refusing one report: the batch fails together,
+                    # and so do the reports queued behind it meanwhile (one by one, each would
+                    # wait its own timeout for the same answer).
+                    self._settle_all(batch, e)
+                    continue
                 if len(batch) == 1:
                     _settle(batch[0], e)
                     continue
                 # The database refused the batch (or it kept losing races): one by one, so only
                 # the report that causes it fails.
                 log.warning("report batch of %d failed (%s); applying them one by one", len(batch), e)
-                for report in batch:
+                for i, report in enumerate(batch):
                     try:
                         await self._apply([report])
                     except Exception as e1:
+                        if is_outage(e1):  # met midway: the rest would meet it too
+                            self._settle_all(batch[i:], e1)
+                            break
                         _settle(report, e1)
+
+    def _settle_all(self, batch: list[_Report], error: Exception) -> None:
+        """Fail these reports and every one still queued with `error` (an outage)."""
+        queued, self._reports = self._reports, []
+        for report in (*batch, *queued):
+            _settle(report, error)
 
     async def _apply(self, batch: list[_Report]) -> None:
         """Apply a batch of reports in one write transaction, each run locked once; a report

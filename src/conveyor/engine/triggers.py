@@ -4,7 +4,10 @@ Concurrent triggers are queued and written together: one drain task takes up to 
 queued requests and writes all their runs, steps, first events and idempotency records in ONE
 transaction, so the cost of a commit (an fsync on SQLite) is shared by every request in it. Each
 request still gets its own answer: a request that fails validation fails alone and the rest of
-its batch is written; a batch the database refuses is written again request by request. Runs are
+its batch is written; a batch the database refuses is written again request by request, unless
+the database is unavailable (then the batch, and the requests queued behind it, fail together
+UNAVAILABLE at once: one by one, each would wait a timeout for the same answer). The queue is
+bounded: beyond `queue_limit` waiting requests a trigger is RESOURCE_EXHAUSTED QUEUE_FULL. Runs are
 built (and, when their workflow caps no concurrent runs, planned) before the write transaction
 opens, so it holds the writer only for the idempotency lookup and the inserts.
 
@@ -26,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind
+from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind, is_outage, overloaded
 from conveyor.domain.limits import Limits
 from conveyor.domain.new_runs import NewRun
 from conveyor.domain.operations import workflow_archived
@@ -87,11 +90,13 @@ class Triggers:
     """The group-commit trigger queue."""
 
     def __init__(self, store: Store, clock: Clock, runner: Runner, batch_size: int = 256,
-                 idempotency_ttl: int = 24 * 3600, limits: Limits | None = None) -> None:
+                 idempotency_ttl: int = 24 * 3600, limits: Limits | None = None,
+                 queue_limit: int = 2048) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
         self.batch_size = batch_size
+        self.queue_limit = queue_limit
         self.ttl = timedelta(seconds=idempotency_ttl)
         self.limits = limits or Limits()
         self._queue: list[_Pending] = []
@@ -104,6 +109,10 @@ class Triggers:
         if req.max_parallel_steps < 0 or req.timeout_seconds < 0:
             raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT",
                                 "max_parallel_steps and timeout_seconds must not be negative")
+        if len(self._queue) >= self.queue_limit:
+            # Refused before it waits: a full queue means the database is slow or gone, and a
+            # request that waited behind it would only time out later.
+            raise overloaded("QUEUE_FULL", "too many triggers are waiting to be written; retry shortly")
         item = _Pending(req, caller, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         if self._drain_task is None or self._drain_task.done():
@@ -142,18 +151,36 @@ class Triggers:
                 # the transaction rolled back. One by one, each request now sees that record.
                 pass
             except Exception as e:
+                if is_outage(e):
+                    # The database is gone, not refusing one request: the batch fails together,
+                    # and so do the requests that queued behind it meanwhile (each later batch
+                    # would wait its own timeout for the same answer).
+                    self._fail_all(batch, e)
+                    continue
                 if len(batch) == 1:
                     _fail(batch[0], e)
                     continue
                 # The database refused the batch: one by one, the refused request fails alone.
                 log.exception("trigger batch of %d failed; writing its requests one by one", len(batch))
-            for item in batch:
-                if not item.future.done():
+            for i, item in enumerate(batch):
+                if item.future.done():
+                    continue
+                try:
                     await self._flush_alone(item)
+                except ConveyorError as e:  # an outage met midway: the rest would meet it too
+                    self._fail_all(batch[i:], e)
+                    break
+
+    def _fail_all(self, batch: list[_Pending], error: Exception) -> None:
+        """Fail these requests and every one still queued with `error` (an outage)."""
+        queued, self._queue = self._queue, []
+        for item in (*batch, *queued):
+            _fail(item, error)
 
     async def _flush_alone(self, item: _Pending) -> None:
         """Write one request by itself. Meeting another replica's record of its key again means
-        that replica had not committed when we looked: look again, and it is there."""
+        that replica had not committed when we looked: look again, and it is there. An outage
+        is raised, for the caller to fail the rest with."""
         for _ in range(_DUPLICATE_RETRIES):
             try:
                 await self._flush([item])
@@ -161,6 +188,8 @@ class Triggers:
             except DuplicateKey:
                 continue
             except Exception as e:
+                if is_outage(e):
+                    raise
                 _fail(item, e)
                 return
         _fail(item, ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",

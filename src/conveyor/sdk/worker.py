@@ -534,7 +534,10 @@ class Worker:
                     log.info("task %s attempt %d: report refused (%s %s): the lease was revoked or re-leased",
                              task.task_id, task.attempt, code.name, _reason(e) or e.details())
                     return
-                if complete and code in _RESULT_REFUSED:
+                # A RESOURCE_EXHAUSTED with a retry-after is the server busy (a full queue, a
+                # rate limit), not the result refused: retried below like UNAVAILABLE.
+                busy = any(key == "retry-after" for key, _ in e.trailing_metadata() or ())
+                if complete and code in _RESULT_REFUSED and not busy:
                     # The result itself was refused (invalid, or beyond the server's message
                     # size): the same result would be refused again, so the step fails.
                     log.error("task %s attempt %d: result refused (%s): %s", task.task_id, task.attempt,

@@ -10,6 +10,7 @@ only through `write()` (`read()` transactions are read-only on both backends).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import await_only
@@ -36,13 +37,17 @@ def json_text(value: object) -> str:
     return _json_encoder.encode(value)
 
 
+# The bounds on waiting for a database that is gone; each failure is answered UNAVAILABLE by the
+# Store. Constructor arguments: the server passes its Settings' values (the same defaults,
+# README "Database outages"), tests shorter ones, migrations none on statements.
 # Milliseconds a SQLite connection waits for another process's lock (e.g. `conveyor keys
-# create` beside a running server) before failing with "database is locked"; the Store answers
-# that UNAVAILABLE. A constructor argument so tests can make it short.
-DEFAULT_BUSY_TIMEOUT_MS = 5000
-# Seconds a unit of work waits for a pooled connection before failing (the Store answers that
-# UNAVAILABLE too). A constructor argument for the same reason.
-DEFAULT_POOL_TIMEOUT = 30.0
+# create` beside a running server) before failing with "database is locked".
+DEFAULT_BUSY_TIMEOUT_MS = 1000
+# Seconds a unit of work waits for a pooled connection (all busy, or hung on a dead network).
+DEFAULT_POOL_TIMEOUT = 2.0
+# PostgreSQL: seconds to open a connection, and to get the answer of one statement.
+DEFAULT_CONNECT_TIMEOUT = 1.0
+DEFAULT_COMMAND_TIMEOUT = 2.0
 
 # PRAGMAs run, in this order, on every new SQLite connection (most are per connection).
 _SQLITE_PRAGMAS: tuple[tuple[str, object], ...] = (
@@ -93,8 +98,11 @@ class Database:
     """One per process: the engines of one database and its transaction blocks."""
 
     def __init__(self, url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-                 pool_timeout: float = DEFAULT_POOL_TIMEOUT) -> None:
+                 pool_timeout: float = DEFAULT_POOL_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT) -> None:
         self._url = normalize_url(url)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         codec: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json.loads}
         if self._url.get_backend_name() == "sqlite":
             pragmas = tuple((name, int(busy_timeout_ms) if name == "busy_timeout" else value)
@@ -129,11 +137,14 @@ class Database:
                 # READ COMMITTED, named explicitly so a changed server default cannot alter it:
                 # the engine's correctness comes from row locks and compare-and-set updates.
                 isolation_level="READ COMMITTED",
-                # A server that does not answer fails a connect as soon as a full pool would.
+                # A server that does not answer fails a connect after connect_timeout, and a
+                # statement after command_timeout (a network gone silent sends no reset: only a
+                # client-side deadline notices it).
                 connect_args={"server_settings": {"application_name": "conveyor"},
-                              "timeout": pool_timeout},
+                              "timeout": connect_timeout, "command_timeout": command_timeout},
                 **codec,
             )
+            _drop_timed_out(self._writer)
             # Same pool; BEGIN ... READ ONLY, so a write through read() fails as it does on SQLite.
             self._reader = self._writer.execution_options(postgresql_readonly=True)
             self._engines = [self._writer]
@@ -233,6 +244,25 @@ class Database:
         """Close every pooled connection."""
         for engine in self._engines:
             await engine.dispose()
+
+
+def _drop_timed_out(engine: AsyncEngine) -> None:
+    """A statement or connect that timed out leaves its connection mid-protocol, maybe on a dead
+    network: it counts as a disconnect, so it is closed instead of rolled back (the ROLLBACK
+    would wait a timeout again) and the pool's older connections are replaced on checkout (the
+    same network is likely gone under them too)."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        if isinstance(context.original_exception, TimeoutError):
+            context.is_disconnect = True
+            # Closed now: the pool's graceful close would wait up to 2 s for a goodbye over
+            # the same silent network.
+            with contextlib.suppress(Exception):  # already closed or invalidated: nothing to do
+                assert context.connection is not None
+                driver = context.connection.connection.driver_connection
+                assert driver is not None
+                driver.terminate()
 
 
 def _set_journal_mode(cursor: Any, mode: str, busy_ms: int) -> None:

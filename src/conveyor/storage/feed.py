@@ -5,7 +5,8 @@ A unit of work's keys (domain/feed.py) are sent with `pg_notify` before its tran
 PostgreSQL delivers a notification only when, and only if, its transaction commits, so a
 listener never hears of a change it could not yet read, nor of one rolled back. Each replica
 keeps one dedicated asyncpg connection LISTENing and hands the keys it hears to the engine's
-keyed pulses; when that connection is lost it reconnects and, since notifications sent while
+keyed pulses; when that connection is lost (closed, or silent to the SELECT 1 it is asked every
+PING_SECONDS) it reconnects and, since notifications sent while
 it was away are gone, wakes every waiter once to look again (the database stays the source of
 truth). SQLite has one process and needs none of this: its commits fire the keys in-process.
 """
@@ -29,6 +30,9 @@ CHANNEL = "conveyor_feed"
 MAX_PAYLOAD = 7_000
 # Backoff between reconnects of a lost LISTEN connection.
 RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# How often the LISTEN connection is asked a SELECT 1: a network gone silent closes nothing, so
+# without a question nobody would notice that notifications stopped coming.
+PING_SECONDS = 2.0
 
 
 def payloads(keys: Iterable[Key]) -> list[str]:
@@ -51,8 +55,11 @@ class PgListener:
     """One LISTEN connection, kept open; the keys it hears go to `deliver`."""
 
     def __init__(self, dsn: str, deliver: Callable[[Iterable[Key]], None],
-                 resync: Callable[[], None]) -> None:
+                 resync: Callable[[], None], connect_timeout: float, command_timeout: float) -> None:
         self._dsn = dsn
+        # The Database's bounds: a connect or a ping that takes longer means the server is gone.
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
         self._deliver = deliver
         self._resync = resync
         self._task: asyncio.Task[None] | None = None
@@ -76,22 +83,27 @@ class PgListener:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": "conveyor-feed"})
+                conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout,
+                                             command_timeout=self._command_timeout,
+                                             server_settings={"application_name": "conveyor-feed"})
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set, lost))
                 await conn.add_listener(CHANNEL, self._heard)
                 failures = 0
                 self.connected.set()
                 self._resync()  # what was committed while nobody listened: look again
-                await lost.wait()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), PING_SECONDS)
+                    if not lost.is_set():
+                        await conn.fetchval("SELECT 1")  # TimeoutError after command_timeout
                 log.warning("change feed: the LISTEN connection was lost; reconnecting")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 log.warning("change feed: cannot LISTEN (%s); retrying", type(e).__name__)
             finally:
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=1)
+                    conn.terminate()  # at once: a goodbye over a silent network would wait
             await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
             failures += 1
 

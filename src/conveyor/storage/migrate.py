@@ -34,7 +34,9 @@ def head_revision() -> str | None:
 
 async def migrate(url: str) -> None:
     """Apply every pending migration to the database at `url`, all in one transaction."""
-    database = Database(url)
+    # No deadline on statements: an index built over a big table, or another replica's
+    # migration (its advisory lock), may take long; the connect timeout still applies.
+    database = Database(url, command_timeout=None)
     try:
         # schema_change() takes the database's write lock before Alembic starts, which also
         # keeps concurrent migrate() calls of one process apart: Alembic's context is global.

@@ -138,7 +138,8 @@ class SqlStore:
         if self.db.dialect != "postgresql":
             return _nothing
         dsn = self.db.url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        listener = PgListener(dsn, deliver, resync)
+        listener = PgListener(dsn, deliver, resync, self.db.connect_timeout,
+                              self.db.command_timeout or self.db.connect_timeout)
         await listener.start()
         return listener.stop
 
