@@ -27,3 +27,14 @@ def test_defaults_deny_link_local_and_flags_win_over_the_environment(monkeypatch
     assert "169.254.0.0/16" in settings.http_denied_networks and settings.http_allowed_hosts == ()
     assert settings.grpc_port == 7000
     assert settings.db_url == default_db_url(Path("/tmp/x"))
+
+
+def test_envoy_restart_backoff_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings().envoy_restart_first_seconds, Settings().envoy_restart_max_seconds,
+            Settings().envoy_restart_reset_seconds) == (0.1, 10.0, 30.0)
+    monkeypatch.setenv("CONVEYOR_ENVOY_RESTART_FIRST_SECONDS", "1.5")
+    monkeypatch.setenv("CONVEYOR_ENVOY_RESTART_MAX_SECONDS", "60")
+    monkeypatch.setenv("CONVEYOR_ENVOY_RESTART_RESET_SECONDS", "120")
+    settings = Settings.from_env()
+    assert (settings.envoy_restart_first_seconds, settings.envoy_restart_max_seconds,
+            settings.envoy_restart_reset_seconds) == (1.5, 60.0, 120.0)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health
 from conveyor.api.server import build_server, set_serving
 from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import EnvoyGateway
+from conveyor.gateway.supervisor import EnvoySupervisor, RestartBackoff
 from conveyor.health import OpsServer, Readiness
 from conveyor.settings import Settings
 from conveyor.storage.db import Database
@@ -43,6 +44,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.gateway: EnvoyGateway | None = None
+        self.supervisor: EnvoySupervisor | None = None
         self.readiness: Readiness | None = None
         self.ops: OpsServer | None = None
         # The admin token this start created (the first start over a database), else "".
@@ -52,9 +54,7 @@ class App:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         await migrate(self.settings.db_url)
         self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
-                           pool_timeout=self.settings.db_pool_timeout_seconds,
-                           connect_timeout=self.settings.db_connect_timeout_seconds,
-                           command_timeout=self.settings.db_command_timeout_seconds)
+                           pool_timeout=self.settings.db_pool_timeout_seconds)
         if not self.settings.notify_secret:
             self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
         self.engine = Engine(SqlStore(self.db), self.settings)
@@ -82,6 +82,14 @@ class App:
         if self.settings.envoy_enabled:
             self.gateway = EnvoyGateway(self.settings, self.grpc_port)
             await self.gateway.start()
+            backoff = RestartBackoff(self.settings.envoy_restart_first_seconds,
+                                     self.settings.envoy_restart_max_seconds,
+                                     self.settings.envoy_restart_reset_seconds)
+            readiness = self.readiness
+            self.supervisor = EnvoySupervisor(self.gateway, backoff,
+                                              report=lambda reason: readiness.set_down("envoy", reason),
+                                              on_restart=metrics.envoy_restarts.inc)
+            self.supervisor.start()
         # Everything built at start (modules, protos, the CEL grammar) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it while
         # requests wait (it took ~100 ms at a time once big requests had grown the heap).
@@ -138,6 +146,8 @@ class App:
             await self.ops.stop()
         if self.readiness is not None:
             await self.readiness.stop()
+        if self.supervisor is not None:  # first: Envoy's exit below is no crash to restart
+            await self.supervisor.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.server is not None:

@@ -3,12 +3,15 @@
 
 `Readiness` probes the database every `interval` seconds (`Database.ping`: SELECT 1, bounded by
 a timeout) and tells its listeners when the answer changes: the wiring turns that into the gRPC
-health status (SERVING / NOT_SERVING) and `/ready` (200 / 503). `/healthz` is liveness: the
-process answers at all. The endpoints have their own small port (`metrics_port`), apart from
-Envoy's REST port and behind no API key, as scrapers and orchestrators expect. The server is a
-few lines over asyncio streams rather than aiohttp's web server, which would add ~8 MB to every
-server for three GET routes; it answers one request per connection (HTTP/1.1,
-`Connection: close`), which is all a scraper or a probe makes.
+health status (SERVING / NOT_SERVING) and `/ready` (200 / 503). Other parts of the server that
+can be down while the process runs (Envoy, restarted by gateway/supervisor.py) are reported
+with `set_down`: they make `/ready` 503 with their reason, and leave the gRPC health status
+alone (gRPC does not pass through them). `/healthz` is liveness: the process answers at all.
+The endpoints have their own small port (`metrics_port`), apart from Envoy's REST port and
+behind no API key, as scrapers and orchestrators expect. The server is a few lines over asyncio
+streams rather than aiohttp's web server, which would add ~8 MB to every server for three GET
+routes; it answers one request per connection (HTTP/1.1, `Connection: close`), which is all a
+scraper or a probe makes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class Readiness:
         self.timeout = timeout
         self.ready = False
         self.listeners: list[Listener] = []
+        # Parts of the server not serving now, by name, with why (`set_down`).
+        self._down: dict[str, str] = {}
         self._background = Background("conveyor-readiness", self._loop)
 
     async def check(self) -> bool:
@@ -68,6 +73,18 @@ class Readiness:
                 except Exception:
                     log.exception("readiness: a listener failed")
         return ready
+
+    def set_down(self, part: str, reason: str | None) -> None:
+        """Record that `part` does not serve now and why, or (reason None) that it serves again."""
+        if reason is None:
+            self._down.pop(part, None)
+        else:
+            self._down[part] = reason
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the server is not ready (the database first); empty when it is."""
+        return ([] if self.ready else ["the database is unreachable"]) + list(self._down.values())
 
     def start(self) -> None:
         self._background.start()
@@ -113,9 +130,9 @@ class OpsServer:
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/ready":
-            if self.readiness.ready:
-                return 200, "text/plain; charset=utf-8", b"ready\n"
-            return 503, "text/plain; charset=utf-8", b"not ready: the database is unreachable\n"
+            if reasons := self.readiness.reasons:
+                return 503, "text/plain; charset=utf-8", f"not ready: {'; '.join(reasons)}\n".encode()
+            return 200, "text/plain; charset=utf-8", b"ready\n"
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n"
         return 404, "text/plain; charset=utf-8", b"not found: /metrics, /ready, /healthz\n"

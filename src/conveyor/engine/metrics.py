@@ -80,6 +80,9 @@ class Metrics:
             "a whole buffer of events behind", registry=r)
         self.ready = Gauge(
             "conveyor_ready", "1 while the readiness probe reaches the database, else 0", registry=r)
+        self.envoy_restarts = Counter(
+            "conveyor_envoy_restarts", "Times this server restarted its Envoy after it exited "
+            "(gateway/supervisor.py)", registry=r)
         self._pool = _PoolCollector()
         r.register(self._pool)
         # Labelled children by metric and label values: labels() takes a lock and builds a key

