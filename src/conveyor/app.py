@@ -54,7 +54,9 @@ class App:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         await migrate(self.settings.db_url)
         self.db = Database(self.settings.db_url, busy_timeout_ms=self.settings.db_busy_timeout_ms,
-                           pool_timeout=self.settings.db_pool_timeout_seconds)
+                           pool_timeout=self.settings.db_pool_timeout_seconds,
+                           connect_timeout=self.settings.db_connect_timeout_seconds,
+                           command_timeout=self.settings.db_command_timeout_seconds)
         if not self.settings.notify_secret:
             self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
         self.engine = Engine(SqlStore(self.db), self.settings)

@@ -22,6 +22,18 @@ def default_db_url(data_dir: Path = DEFAULT_DATA_DIR) -> str:
 DEFAULT_UI_DIR = Path(__file__).resolve().parents[2] / "ui"
 
 
+# The outage bounds' environment variables: (field, variable, type).
+_OUTAGE_ENV: tuple[tuple[str, str, type], ...] = (
+    ("db_busy_timeout_ms", "CONVEYOR_DB_BUSY_TIMEOUT_MS", int),
+    ("db_pool_timeout_seconds", "CONVEYOR_DB_POOL_TIMEOUT_SECONDS", float),
+    ("db_connect_timeout_seconds", "CONVEYOR_DB_CONNECT_TIMEOUT_SECONDS", float),
+    ("db_command_timeout_seconds", "CONVEYOR_DB_COMMAND_TIMEOUT_SECONDS", float),
+    ("trigger_queue_limit", "CONVEYOR_TRIGGER_QUEUE_LIMIT", int),
+    ("report_queue_limit", "CONVEYOR_REPORT_QUEUE_LIMIT", int),
+    ("max_in_flight", "CONVEYOR_MAX_IN_FLIGHT", int),
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know to start; no module reads the environment itself."""
@@ -49,10 +61,27 @@ class Settings:
     engine_idle_seconds: float = 1.0
     # Trigger group commit: most requests written in one transaction.
     trigger_batch_size: int = 256
-    # SQLite: how long a writer waits for another process's lock before DATABASE_UNAVAILABLE.
-    db_busy_timeout_ms: int = 5000
-    # How long a unit of work waits for a pooled connection before DATABASE_UNAVAILABLE.
-    db_pool_timeout_seconds: float = 30.0
+    # -- database outages (storage/db.py, storage/store.py; README "Database outages") --
+    # Each bounds how long a request can wait on a database that is gone before it is answered
+    # UNAVAILABLE DATABASE_UNAVAILABLE, so an outage is answered in about a second, not minutes.
+    # SQLite: how long a writer waits for another process's lock (busy_timeout).
+    db_busy_timeout_ms: int = 1000
+    # How long a unit of work waits for a pooled connection (all of them busy or hung).
+    db_pool_timeout_seconds: float = 2.0
+    # PostgreSQL: opening a connection (a refused one fails at once; a black-holed one waits this).
+    db_connect_timeout_seconds: float = 1.0
+    # PostgreSQL: one statement's answer (asyncpg command_timeout). The engine's statements are
+    # indexed and bounded (milliseconds); one that takes this long means the server or the
+    # network is gone, and its connection is dropped.
+    db_command_timeout_seconds: float = 2.0
+    # Requests waiting for the trigger and report group commits; beyond, RESOURCE_EXHAUSTED
+    # QUEUE_FULL with a retry-after (a few batches' worth: during an outage each batch waits
+    # a timeout, so a longer queue only makes its last requests wait longer for the same answer).
+    trigger_queue_limit: int = 2048
+    report_queue_limit: int = 2048
+    # Unary RPCs handled at once; beyond, RESOURCE_EXHAUSTED SERVER_BUSY with a retry-after.
+    # Streams (watches, worker streams) are long-lived and not counted. 0: no bound.
+    max_in_flight: int = 1024
     # Idempotency keys are kept this long (SPEC §3: 24 h).
     idempotency_ttl_seconds: int = 24 * 3600
     # Child workflow nesting cap (SPEC §3).
@@ -145,6 +174,9 @@ class Settings:
             env["metrics_port"] = int(os.environ["CONVEYOR_METRICS_PORT"])
         if "CONVEYOR_LOG_FORMAT" in os.environ:
             env["log_format"] = os.environ["CONVEYOR_LOG_FORMAT"].strip().lower()
+        for name, key, kind in _OUTAGE_ENV:
+            if key in os.environ:
+                env[name] = kind(os.environ[key])
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         if "CONVEYOR_UI_DIR" in os.environ:
