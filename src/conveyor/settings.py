@@ -84,6 +84,14 @@ class Settings:
     max_in_flight: int = 1024
     # Idempotency keys are kept this long (SPEC §3: 24 h).
     idempotency_ttl_seconds: int = 24 * 3600
+    # -- retention (engine/retention.py; README "Retention and backup") --
+    # Days a finished run is kept when its workflow sets no retention_days (CONVEYOR_RETENTION_DAYS).
+    retention_days: int = 30
+    # Days the audit log is kept: longer than runs, it answers who did what (CONVEYOR_AUDIT_RETENTION_DAYS).
+    audit_retention_days: int = 365
+    # Runs (with their families) deleted per transaction, so the sweep never holds the writer
+    # long (CONVEYOR_RETENTION_BATCH_SIZE).
+    retention_batch_size: int = 500
     # Child workflow nesting cap (SPEC §3).
     max_nesting_depth: int = 10
     # -- http steps (engine/http_steps.py, engine/egress.py) --
@@ -177,6 +185,9 @@ class Settings:
         for name, key, kind in _OUTAGE_ENV:
             if key in os.environ:
                 env[name] = kind(os.environ[key])
+        for name in ("retention_days", "audit_retention_days", "retention_batch_size"):
+            if (key := f"CONVEYOR_{name.upper()}") in os.environ:
+                env[name] = int(os.environ[key])
         if "CONVEYOR_DATA_DIR" in os.environ:
             env["data_dir"] = Path(os.environ["CONVEYOR_DATA_DIR"])
         if "CONVEYOR_UI_DIR" in os.environ:

@@ -353,12 +353,12 @@ async def test_idempotency_key_expires_after_ttl(engine: Engine, clock: ManualCl
     await engine.workflows.create(wf("ttl", [noop("a")]), ME)
     first = await trigger(engine, "ttl", idempotency_key="k", payload={"n": 1})
     clock.advance(24 * 3600 - 1)
-    assert await engine.triggers.purge_expired() == 0
+    assert (await engine.retention.sweep())["idempotency"] == 0
     assert await trigger(engine, "ttl", idempotency_key="k", payload={"n": 1}) == first
     clock.advance(1)
     # Expired: the key is free again, for any body, before and after the purge.
     second = await trigger(engine, "ttl", idempotency_key="k", payload={"n": 2})
     assert second != first
-    assert await engine.triggers.purge_expired() == 0  # the expired record was replaced
+    assert (await engine.retention.sweep())["idempotency"] == 0  # the expired record was replaced
     clock.advance(24 * 3600)
-    assert await engine.triggers.purge_expired() == 1
+    assert (await engine.retention.sweep())["idempotency"] == 1

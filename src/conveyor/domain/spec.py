@@ -60,6 +60,10 @@ class StepKind(enum.StrEnum):
     NOOP = "noop"
 
 
+# Longest a workflow may keep its finished runs, in days (ten years).
+MAX_RETENTION_DAYS = 3650
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how soon a failed step is tried again (Temporal's shape and defaults)."""
@@ -135,6 +139,8 @@ class WorkflowSpec:
     max_parallel_steps: int = 0
     max_concurrent_runs: int = 0
     timeout_seconds: int = 0
+    # Days a finished run is kept before retention deletes it (SPEC §11); 0: the server's default.
+    retention_days: int = 0
     condition: str = ""
     schedule: Schedule | None = None
     variables: tuple[Variable, ...] = ()
@@ -212,6 +218,7 @@ class WorkflowSpec:
             "max_parallel_steps": self.max_parallel_steps,
             "max_concurrent_runs": self.max_concurrent_runs,
             "timeout_seconds": self.timeout_seconds,
+            "retention_days": self.retention_days,
             "condition": self.condition,
             "variables": [_variable_to_dict(v) for v in self.variables],
             "steps": [_step_to_dict(s) for s in self.steps],
@@ -232,6 +239,7 @@ class WorkflowSpec:
             max_parallel_steps=data.get("max_parallel_steps", 0),
             max_concurrent_runs=data.get("max_concurrent_runs", 0),
             timeout_seconds=data.get("timeout_seconds", 0),
+            retention_days=data.get("retention_days", 0),
             condition=data.get("condition", ""),
             schedule=Schedule(schedule["cron"], schedule.get("timezone", "UTC")) if schedule else None,
             variables=tuple(
@@ -364,6 +372,16 @@ def _integer(data: Mapping[str, Any], key: str, path: str, problems: _Problems) 
         problems.add(path, "must not be negative")
         return 0
     return int(value)
+
+
+def _retention_days(data: Mapping[str, Any], problems: _Problems) -> int:
+    """`retention_days`: absent or 0 for the server's default, else 1 to MAX_RETENTION_DAYS."""
+    days = _integer(data, "retention_days", "retention_days", problems)
+    if days > MAX_RETENTION_DAYS:
+        problems.add("retention_days", f"must be at most {MAX_RETENTION_DAYS} (ten years); "
+                                       f"0 keeps runs for the server's default")
+        return 0
+    return days
 
 
 def _number(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> float:
@@ -776,6 +794,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
         problems.add("name", "must not look like a UUID (names and ids share the same paths)")
     caps = {key: _integer(data, key, key, problems)
             for key in ("max_parallel_steps", "max_concurrent_runs", "timeout_seconds")}
+    caps["retention_days"] = _retention_days(data, problems)
     description = _string(data, "description", "description", problems)
     condition = _string(data, "condition", "condition", problems)
     if condition:

@@ -22,6 +22,7 @@ from conveyor.engine.leases import Leases
 from conveyor.engine.notify import Notifier
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Store
+from conveyor.engine.retention import Retention
 from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
 from conveyor.engine.schedules import Schedules
@@ -33,7 +34,7 @@ from conveyor.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Expired idempotency records are deleted this often (they are already ignored once expired).
+# The retention sweep runs this often (expired rows are already ignored; this only frees room).
 PURGE_INTERVAL_SECONDS = 600.0
 # When API keys were last used is written this often (ApiKey.last_used_at is "to within a minute").
 KEY_USAGE_INTERVAL_SECONDS = 60.0
@@ -66,6 +67,10 @@ class Engine:
                                    idle_seconds=settings.engine_idle_seconds)
         self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds)
         self.audit = AuditLog(store)
+        self.retention = Retention(store, self.clock, self.metrics, retention_days=settings.retention_days,
+                                   audit_retention_days=settings.audit_retention_days,
+                                   batch_size=settings.retention_batch_size,
+                                   idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
         self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
         self._key_usage = Background("conveyor-key-usage", self._key_usage_loop)
         self._unlisten: Callable[[], Awaitable[None]] | None = None
@@ -105,12 +110,11 @@ class Engine:
         while True:
             await asyncio.sleep(PURGE_INTERVAL_SECONDS)
             try:
-                await self.triggers.purge_expired()
-                await self.watches.purge()
+                await self.retention.sweep()
             except Exception:
-                # Housekeeping failing now and then is harmless: expired keys are ignored anyway,
-                # and old project watch changes only take room.
-                log.exception("purging expired idempotency keys or old run changes failed")
+                # A sweep failing now and then is harmless: what it left is deleted by the next,
+                # and expired rows are ignored meanwhile (they only take room).
+                log.exception("the retention sweep failed")
 
     async def _key_usage_loop(self) -> None:
         while True:

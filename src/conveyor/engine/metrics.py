@@ -78,6 +78,10 @@ class Metrics:
         self.watchers_dropped = Counter(
             "conveyor_watchers_dropped", "Run watches ended with WATCHER_TOO_SLOW: their client fell "
             "a whole buffer of events behind", registry=r)
+        self.retention_deleted = Counter(
+            "conveyor_retention_deleted_rows", "Rows deleted by retention (engine/retention.py), by "
+            "table: runs, steps, events, tags, notifications, wakeups, idempotency, changes, audit",
+            ["table"], registry=r)
         self.ready = Gauge(
             "conveyor_ready", "1 while the readiness probe reaches the database, else 0", registry=r)
         self.envoy_restarts = Counter(
@@ -142,6 +146,12 @@ class Metrics:
         """A runner pass committed in `seconds`; `oldest_due` is the earliest wake_at it claimed."""
         self.pass_seconds.observe(seconds)
         self.lag.set(max(0.0, (now - oldest_due).total_seconds()) if oldest_due is not None else 0.0)
+
+    def retention_swept(self, deleted: Mapping[str, int]) -> None:
+        """Retention deleted these rows, by table."""
+        for table, n in deleted.items():
+            if n:
+                self._child(self.retention_deleted, table).inc(n)
 
     def trigger_batch_written(self, size: int) -> None:
         self.trigger_batch.observe(size)

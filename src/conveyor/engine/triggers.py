@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 _PLAN_ON_LOOP_STEPS = 2000
 # Tries of a request written alone that keeps meeting another replica's record of its key.
 _DUPLICATE_RETRIES = 3
-# Expired idempotency records deleted per transaction by the purge (~ms of write lock each).
-_PURGE_BATCH = 1000
 # Workflows remembered between batches (each checked against its current version on write).
 _KNOWN_WORKFLOWS = 256
 # (caller's project scope, project of names, workflow id or name): how a request names one.
@@ -123,17 +121,6 @@ class Triggers:
             async with self.store.read() as repo:
                 return await repo.get_run(run.id, None)
         return run
-
-    async def purge_expired(self) -> int:
-        """Delete idempotency records past their TTL, a bounded batch per transaction so the
-        writer is never held long; returns how many."""
-        total = 0
-        while True:
-            async with self.store.write() as repo:
-                n = await repo.purge_idempotency(self.clock.now(), _PURGE_BATCH)
-            total += n
-            if n < _PURGE_BATCH:
-                return total
 
     async def close(self) -> None:
         if self._drain_task is not None:

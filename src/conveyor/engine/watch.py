@@ -51,7 +51,7 @@ class ProjectChange:
 
 
 WatchItem = Snapshot | EventRecord | Heartbeat
-# A project watch resumes within this long; older changes are purged.
+# A project watch resumes within this long; older changes are purged (engine/retention.py).
 CHANGES_KEPT = timedelta(days=1)
 # When transactions still running hold changes back (PostgreSQL), look again after this long.
 _HELD_SECONDS = 0.02
@@ -185,8 +185,3 @@ class Watches:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await changed.wait()
-
-    async def purge(self, batch: int = 10_000) -> int:
-        """Drop project watch changes older than CHANGES_KEPT (a bounded batch)."""
-        async with self.store.write() as repo:
-            return await repo.purge_changes(self.clock.now() - CHANGES_KEPT, batch)

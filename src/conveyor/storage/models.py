@@ -79,6 +79,8 @@ class WorkflowRow(Base):
     current_version: Mapped[int] = mapped_column(Integer)
     current_version_id: Mapped[str] = mapped_column(String(36))
     max_concurrent_runs: Mapped[int] = mapped_column(Integer, default=0)
+    # The current version's retention_days (0: the server's default), read by the retention sweep.
+    retention_days: Mapped[int] = mapped_column(Integer, default=0)
     cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
     cron_timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
     next_fire_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -180,6 +182,9 @@ class RunRow(Base):
         Index("ix_runs_triggered_created", "triggered_by", "created_at", "id"),
         # claim_due_runs and next_wake: the runner's timer sweep.
         Index("ix_runs_wake", "wake_at"),
+        # Retention: the top-level runs ("" root) of some workflows finished before a cutoff (a
+        # range per workflow), and a family's runs by their root (the leading column alone).
+        Index("ix_runs_root_finished", "root_run_id", "workflow_id", "finished_at"),
     )
 
 
@@ -352,6 +357,8 @@ class AuditRow(Base):
         Index("ix_audit_project", "project_id", "id"),
         # Who did what: one key's entries, newest first.
         Index("ix_audit_actor", "actor", "id"),
+        # Retention: the entries older than the audit log's retention, oldest first.
+        Index("ix_audit_at", "at"),
     )
 
 
@@ -382,4 +389,7 @@ class NotificationRow(Base):
     __table_args__ = (
         # claim_notifications and next_notification: due deliveries, oldest timer first.
         Index("ix_notification_outbox_due", "next_attempt_at"),
+        # Retention deletes a run's deliveries with it (and the foreign key's check on deleting a
+        # run finds them) without scanning the outbox, which grows while a receiver is down.
+        Index("ix_notification_outbox_run", "run_id"),
     )

@@ -73,6 +73,7 @@ from conveyor.storage.models import (
 )
 from conveyor.storage.notifications import NotificationStatements, outbox_of_new_runs, outbox_of_units
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
+from conveyor.storage.retention import RetentionStatements
 from conveyor.storage.run_changes import RunChangeStatements, status_changes
 from conveyor.storage.versions import VersionStatements
 
@@ -215,7 +216,8 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements, NotificationStatements, RunChangeStatements, VersionStatements):
+class Repository(AccessStatements, NotificationStatements, RunChangeStatements, RetentionStatements,
+                 VersionStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
@@ -238,7 +240,8 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             await self.conn.execute(insert(wf_t).values(
                 id=wf.id, project_id=wf.project_id, name=wf.name, description=wf.spec.description,
                 current_version=wf.version, current_version_id=wf.version_id,
-                max_concurrent_runs=max_concurrent_runs, created_by=wf.created_by,
+                max_concurrent_runs=max_concurrent_runs, retention_days=wf.spec.retention_days,
+                created_by=wf.created_by,
                 created_at=wf.created_at, updated_at=wf.updated_at,
                 cron=wf.spec.schedule.cron if wf.spec.schedule else None,
                 cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
@@ -257,6 +260,7 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
         await self.conn.execute(update(wf_t).where(wf_t.c.id == wf.id).values(
             current_version=wf.version, current_version_id=wf.version_id,
             description=wf.spec.description, max_concurrent_runs=wf.spec.max_concurrent_runs,
+            retention_days=wf.spec.retention_days,
             cron=wf.spec.schedule.cron if wf.spec.schedule else None,
             cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
             next_fire_at=wf.next_fire_at, schedule_paused=wf.schedule_paused,
