@@ -117,7 +117,7 @@ async def test_a_killed_envoy_is_noticed_reported_not_ready_and_restarted(
         first = envoy_pid(served)
         await kill_envoy_and_see_it_back(served, http, f"{base}/ready", FIRST_WAIT)
         # Killed again soon after: it kept dying, so the wait doubled.
-        await kill_envoy_and_see_it_back(served, http, f"{base}/ready", 2 * FIRST_WAIT)
+        last = await kill_envoy_and_see_it_back(served, http, f"{base}/ready", 2 * FIRST_WAIT)
         waits = re.findall(r"Envoy \(pid (\d+)\) exited with code (-?\d+) after [\d.]+ s up "
                            r"\(its log: .*envoy\.log\); restarting it in ([\d.]+) s", server_log(served))
         assert [(int(pid), int(code), float(s)) for pid, code, s in waits][:1] == [(first, -9, FIRST_WAIT)]
@@ -127,6 +127,14 @@ async def test_a_killed_envoy_is_noticed_reported_not_ready_and_restarted(
         assert got[("conveyor_ready", ())] == 1
         # The REST URL printed at start is what came back (a port of 0 was asked for).
         assert urlsplit(served.rest_url).port != 0
+        # A restarted Envoy still dies with its server, even a kill -9'd one.
+        served.kill()
+        await served.proc.wait()
+
+        async def gone() -> bool:
+            return not alive(last)
+
+        await wait_for(gone, "the restarted Envoy died with its server", within=5)
 
 
 async def test_an_envoy_that_cannot_come_back_is_retried_with_growing_waits(
