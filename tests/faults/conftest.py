@@ -12,6 +12,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -23,8 +24,8 @@ from tests.system.conftest import spawn  # noqa: F401  (the real-process fixture
 
 # Short bounds, so a test's outage is answered in a fraction of a second: the mechanisms are the
 # server's defaults' (README "Database outages"), only the numbers are smaller.
-SHORT = {"db_busy_timeout_ms": 300, "db_pool_timeout_seconds": 0.6, "db_connect_timeout_seconds": 0.3,
-         "db_command_timeout_seconds": 0.3}
+SHORT: dict[str, Any] = {"db_busy_timeout_ms": 300, "db_pool_timeout_seconds": 0.6,
+                         "db_connect_timeout_seconds": 0.3, "db_command_timeout_seconds": 0.3}
 # How long a request may take to be refused during an outage: the longest bound above plus
 # room for a loaded machine (the README's promise is ~1 s with the default bounds).
 ANSWERED_WITHIN = 1.5
@@ -60,7 +61,8 @@ class Outage:
         assert self._locker is None
         path = normalize_url(self.url).database or ""
         self._locker = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _LOCKER, path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            sys.executable, "-c", _LOCKER, path, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
         assert self._locker.stdout is not None
         assert (await self._locker.stdout.readline()).strip() == b"locked"
 

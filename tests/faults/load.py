@@ -38,7 +38,9 @@ class Tally:
     @property
     def recovery_seconds(self) -> float:
         """From the database's return to the first trigger acknowledged after it."""
-        return max(0.0, self.first_ack_after_heal - self.healed_at) if self.first_ack_after_heal else float("inf")
+        if not self.first_ack_after_heal:
+            return float("inf")
+        return max(0.0, self.first_ack_after_heal - self.healed_at)
 
     def heal(self) -> None:
         self.down = False

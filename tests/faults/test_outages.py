@@ -13,6 +13,7 @@ again, no restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -171,7 +172,7 @@ async def test_a_trigger_batch_meeting_an_outage_fails_as_one_batch(server: Serv
     assert server.store.writes <= 3, server.store.writes
     assert took < 2 * ANSWERED_WITHIN
     await outage.heal()
-    runs = await asyncio.gather(*(recovered(lambda i=i: trigger(server, f"k{i}")) for i in range(40)))
+    runs = await asyncio.gather(*(recovered(functools.partial(trigger, server, f"k{i}")) for i in range(40)))
     assert len({r.id for r in runs}) == 40
 
 
@@ -216,8 +217,8 @@ async def test_a_full_trigger_queue_is_resource_exhausted_with_retry_after(
     for error, trailers in full:
         assert error.info is not None and error.info.reason == "QUEUE_FULL"
         assert trailers.get("retry-after") == "1"
-    for error, _ in results:  # every other one was answered by the outage
-        assert error is not None and error.code in (grpc.StatusCode.UNAVAILABLE,
+    for refused, _ in results:  # every other one was answered by the outage
+        assert refused is not None and refused.code in (grpc.StatusCode.UNAVAILABLE,
                                                     grpc.StatusCode.RESOURCE_EXHAUSTED)
     await outage.heal()
     assert (await recovered(lambda: trigger(server, "after"))).id
@@ -250,15 +251,16 @@ async def test_the_change_feed_reconnects_after_a_drop_and_a_silent_network(
         for mode in ("drop", "blackhole"):
             await _eventually(lambda: outage.proxy is not None and outage.proxy.open_connections == 1)
             before = len(resyncs)
-            outage.proxy.set_mode(mode)  # type: ignore[arg-type]
+            outage.proxy.set_mode(mode)
             if mode == "blackhole":
                 # Silent: only the listener's ping notices; give it its interval and timeout.
                 await _eventually(lambda: outage.proxy is not None and outage.proxy.accepted >= 3, within=6)
             await outage.heal()
-            await _eventually(lambda: len(resyncs) > before, within=8)  # reconnected, and it looked again
+            # Reconnected, and it looked again.
+            await _eventually(lambda n=before: len(resyncs) > n, within=8)  # type: ignore[misc]
             key_ = run_key(f"after-{mode}")
             await sender.execute("SELECT pg_notify($1, $2)", CHANNEL, payloads([key_])[0])
-            await _eventually(lambda: key_ in heard)
+            await _eventually(lambda k=key_: k in heard)  # type: ignore[misc]
     finally:
         await sender.close()
         await stop()

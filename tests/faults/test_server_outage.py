@@ -63,8 +63,10 @@ async def _feed_connections(outage: Outage) -> set[int]:
 async def test_a_served_conveyor_refuses_fast_during_an_outage_heals_and_loses_nothing(
         spawn: SpawnFactory, outage: Outage) -> None:
     async with spawn(outage.url) as served, served.channel() as channel:
-        definition = json_format.ParseDict({"name": "w", "steps": [{"ref": "a", "kind": "noop"}]}, pb.Workflow())
-        await wf_grpc.WorkflowsServiceStub(channel).CreateWorkflow(wf_pb.CreateWorkflowRequest(workflow=definition))
+        definition = json_format.ParseDict({"name": "w", "steps": [{"ref": "a", "kind": "noop"}]},
+                                           pb.Workflow())
+        await wf_grpc.WorkflowsServiceStub(channel).CreateWorkflow(
+            wf_pb.CreateWorkflowRequest(workflow=definition))
         feed_before = await _feed_connections(outage) if outage.proxy is not None else set()
         tally = Tally()
         stop = asyncio.Event()
@@ -87,7 +89,8 @@ async def test_a_served_conveyor_refuses_fast_during_an_outage_heals_and_loses_n
                 finally:
                     await admin.close()
                 tally.heal()
-                await _until(lambda: tally.first_ack_after_heal, RECOVERS_WITHIN, "acknowledged after the kill")
+                await _until(lambda: tally.first_ack_after_heal, RECOVERS_WITHIN,
+                             "acknowledged after the kill")
             await asyncio.sleep(AROUND_SECONDS)
         finally:
             stop.set()
