@@ -15,6 +15,7 @@ import contextlib
 import logging
 
 from conveyor.domain.access import AuditEntry, AuditQuery
+from conveyor.domain.errors import is_outage
 from conveyor.domain.records import Caller, Page
 from conveyor.engine.ports import Store
 
@@ -53,8 +54,12 @@ class AuditLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), FLUSH_SECONDS)
             await self.flush()
-        except Exception:
-            log.exception("audit log: writing entries failed; they are kept for the next flush")
+        except Exception as e:
+            if is_outage(e):  # one line per try, no traceback: an outage is not a bug
+                log.warning("audit log: database unavailable; %d entries kept for the next flush",
+                            len(self._pending))
+            else:
+                log.exception("audit log: writing entries failed; they are kept for the next flush")
         finally:
             self._flusher = None
             if self._pending and not self._closed:
