@@ -65,7 +65,7 @@ async def _counted_watches(engine: Engine, run_id: str,
     """`count` watches of the run through a counting store, each past its snapshot."""
     counting = CountingStore(engine.store)
     watches = Watches(counting, engine.clock, engine.runner.keyed)  # type: ignore[arg-type]
-    streams = [watches.watch_run(run_id, 0, ME) for _ in range(count)]
+    streams = [await watches.watch_run(run_id, 0, ME) for _ in range(count)]
     for s in streams:
         assert isinstance(await anext(s), Snapshot)
     return counting, watches, streams
@@ -92,8 +92,8 @@ async def test_fifty_watchers_of_a_run_cost_one_read_per_commit(engine: Engine) 
 async def test_a_slow_watcher_is_cut_off_and_resumes_without_gap_while_others_go_on(engine: Engine) -> None:
     run_id = await _gated_run(engine)
     watches = Watches(engine.store, engine.clock, engine.runner.keyed, buffer=4)
-    slow = watches.watch_run(run_id, 0, ME)
-    fast = watches.watch_run(run_id, 0, ME)
+    slow = await watches.watch_run(run_id, 0, ME)
+    fast = await watches.watch_run(run_id, 0, ME)
     snapshot = await anext(slow)
     assert isinstance(snapshot, Snapshot) and isinstance(await anext(fast), Snapshot)
     first = snapshot.seq
@@ -120,7 +120,7 @@ async def test_a_slow_watcher_is_cut_off_and_resumes_without_gap_while_others_go
     assert resume == delivered[-1] and f"after_seq={resume}" in cut.value.message
 
     # Resuming from there: the rest, no gap, no duplicate; then it follows the run live again.
-    again = watches.watch_run(run_id, resume, ME)
+    again = await watches.watch_run(run_id, resume, ME)
     rest = await _events(again, first + 12 - resume)
     assert [e.seq for e in rest] == list(range(resume + 1, first + 13))
     await engine.runs.comment(run_id, "live", ME)
@@ -135,13 +135,13 @@ async def test_a_watcher_resuming_behind_a_running_tail_gets_every_event_once(en
     the events in between itself, and drops the tail's copies of what it already sent."""
     run_id = await _gated_run(engine)
     watches = Watches(engine.store, engine.clock, engine.runner.keyed)
-    leader = watches.watch_run(run_id, 0, ME)
+    leader = await watches.watch_run(run_id, 0, ME)
     start = await anext(leader)
     assert isinstance(start, Snapshot)
     for n in range(5):
         await engine.runs.comment(run_id, f"early {n}", ME)
     await _events(leader, 5)
-    follower = watches.watch_run(run_id, 1, ME)
+    follower = await watches.watch_run(run_id, 1, ME)
     writer = asyncio.create_task(_comment_many(engine, run_id, 20))
     got = await _events(follower, start.seq - 1 + 5 + 20)
     await writer
@@ -173,7 +173,7 @@ async def test_a_failing_tail_ends_its_watches_with_the_error(engine: Engine) ->
             await asyncio.wait_for(waiting, 10)
     assert len(watches.tails) == 0
     counting.fail = False  # the next watcher opens a new tail
-    fresh = watches.watch_run(run_id, 0, ME)
+    fresh = await watches.watch_run(run_id, 0, ME)
     assert isinstance(await anext(fresh), Snapshot)
     await engine.runs.comment(run_id, "readable", ME)
     assert [e.message for e in await _events(fresh, 1)] == ["readable"]
@@ -186,7 +186,7 @@ async def test_the_safety_sweep_catches_commits_the_feed_never_announced(replica
     a, b = replicas
     run_id = await _gated_run(a)
     watches = Watches(b.store, b.clock, b.runner.keyed, poll_seconds=0.05, heartbeat_seconds=60)
-    stream = watches.watch_run(run_id, 0, ME)
+    stream = await watches.watch_run(run_id, 0, ME)
     assert isinstance(await anext(stream), Snapshot)
     await a.runs.comment(run_id, "from A", ME)
     item: WatchItem = await asyncio.wait_for(anext(stream), 10)

@@ -11,8 +11,10 @@ import pytest
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.feed import run_key
 from conveyor.domain.records import Caller, EventRecord, TriggerRequest
+from conveyor.engine.clock import ManualClock
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot, Watches, WatchItem
+from tests.engine.test_tails import _joined
 
 ME = Caller("tester")
 GATED = {"name": "gated", "steps": [{"ref": "ok", "kind": "approval"}, {"ref": "n", "kind": "noop",
@@ -27,7 +29,7 @@ async def test_watch_snapshot_then_events_until_final(engine: Engine) -> None:
     first = asyncio.Event()
 
     async def consume() -> None:
-        async for item in engine.watches.watch_run(run_id, 0, ME):
+        async for item in await engine.watches.watch_run(run_id, 0, ME):
             items.append(item)
             first.set()
 
@@ -44,23 +46,41 @@ async def test_watch_snapshot_then_events_until_final(engine: Engine) -> None:
     assert events[0].type == "step.completed" and events[-1].type == "run.completed"
 
     # Resuming after event 3 gives exactly the events after it, and ends (the run is final).
-    resumed = [i async for i in engine.watches.watch_run(run_id, 3, ME)]
+    resumed = [i async for i in await engine.watches.watch_run(run_id, 3, ME)]
     everything = (await engine.runs.events(run_id, 0, 100, "", ME)).items
     assert [e.seq for e in resumed if isinstance(e, EventRecord)] == [e.seq for e in everything[3:]]
     # A final run: the snapshot alone.
-    assert [type(i) for i in [i async for i in engine.watches.watch_run(run_id, 0, ME)]] == [Snapshot]
+    assert [type(i) for i in [i async for i in await engine.watches.watch_run(run_id, 0, ME)]] == [Snapshot]
 
 
-async def test_watch_sends_heartbeats_while_quiet(engine: Engine) -> None:
+async def _beat(watches: Watches, clock: ManualClock, stream: Any, seconds: float = 15) -> WatchItem:
+    """The stream's next item after `seconds` of the engine's clock pass and the heartbeat loop
+    ticks once."""
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the watch waits for its next item before the clock moves
+    clock.advance(seconds)
+    watches.beats.beat_due()
+    return await asyncio.wait_for(pending, 10)
+
+
+async def test_watch_sends_heartbeats_while_quiet(engine: Engine, clock: ManualClock) -> None:
     await engine.workflows.create(GATED, ME)
     run_id = (await engine.runs.trigger(TriggerRequest("gated"), ME)).id
     await engine.tick()
-    quick = Watches(engine.store, engine.clock, engine.runner.keyed, poll_seconds=0.01,
-                    heartbeat_seconds=0.02)
-    stream = quick.watch_run(run_id, 0, ME)
+    watches = Watches(engine.store, engine.clock, engine.runner.keyed)
+    stream = await watches.watch_run(run_id, 0, ME)
     assert isinstance(await anext(stream), Snapshot)
-    assert isinstance(await anext(stream), Heartbeat)
+    pending = asyncio.ensure_future(anext(stream))
+    await _joined(watches, run_id, 1)
+    clock.advance(5)
+    assert watches.beats.beat_due() == 0  # not due yet
+    clock.advance(10)  # 15 s of the engine's clock: due
+    assert watches.beats.beat_due() == 1
+    assert isinstance(await asyncio.wait_for(pending, 10), Heartbeat)
+    assert isinstance(await _beat(watches, clock, stream), Heartbeat)
     await stream.aclose()
+    assert len(watches.beats) == 0  # a closed watch leaves nothing behind
+    await watches.close()
 
 
 async def test_a_watch_resumed_at_or_past_the_end_of_a_final_run(engine: Engine) -> None:
@@ -69,14 +89,14 @@ async def test_a_watch_resumed_at_or_past_the_end_of_a_final_run(engine: Engine)
     await engine.tick()
     last = (await engine.runs.get(run_id, ME)).last_seq
     # At the end of a final run: nothing to send, the stream ends at once (it used to wait forever).
-    assert [i async for i in engine.watches.watch_run(run_id, last, ME)] == []
+    assert [i async for i in await engine.watches.watch_run(run_id, last, ME)] == []
     # Past the end, or negative: the cursor is not this run's.
     for bad in (last + 1, -1):
         with pytest.raises(ConveyorError) as refused:
-            await anext(engine.watches.watch_run(run_id, bad, ME))
+            await engine.watches.watch_run(run_id, bad, ME)
         assert refused.value.kind is ErrorKind.INVALID_ARGUMENT
     with pytest.raises(ConveyorError) as past:
-        await anext(engine.watches.watch_run(run_id, last + 1, ME))
+        await engine.watches.watch_run(run_id, last + 1, ME)
     assert past.value.reason == "AFTER_SEQ_PAST_END"
 
 
@@ -109,7 +129,7 @@ async def test_a_watch_on_one_replica_sees_another_replicas_commits_at_once(
         await a.workflows.create(GATED, ME)
         run_id = (await a.runs.trigger(TriggerRequest("gated"), ME)).id
         await a.tick()
-        stream = b.watches.watch_run(run_id, 0, ME)
+        stream = await b.watches.watch_run(run_id, 0, ME)
         assert isinstance(await anext(stream), Snapshot)
         if backend == "sqlite":
             woken = b.runner.keyed.next(run_key(run_id))
@@ -151,7 +171,8 @@ async def test_events_carry_what_a_view_needs_to_follow_without_refetching(engin
     assert view[""]["finished_at"] == run.finished_at.isoformat() if run.finished_at else False
 
 
-async def test_a_quiet_watch_heartbeats_without_reading_the_database(engine: Engine) -> None:
+async def test_a_quiet_watch_heartbeats_without_reading_the_database(engine: Engine,
+                                                                    clock: ManualClock) -> None:
     """Idle watches cost next to nothing: between the feed's wake-ups and the safety poll a
     watch only sends heartbeats; it reads again when its run changes."""
     await engine.workflows.create(GATED, ME)
@@ -167,10 +188,10 @@ async def test_a_quiet_watch_heartbeats_without_reading_the_database(engine: Eng
             return store.read()
 
     quiet = Watches(Counting(), engine.clock, engine.runner.keyed,  # type: ignore[arg-type]
-                    poll_seconds=60, heartbeat_seconds=0.01)
-    stream = quiet.watch_run(run_id, 0, ME)
+                    poll_seconds=60)
+    stream = await quiet.watch_run(run_id, 0, ME)
     assert isinstance(await anext(stream), Snapshot)
-    beats = [await anext(stream) for _ in range(10)]
+    beats = [await _beat(quiet, clock, stream) for _ in range(10)]
     assert all(isinstance(b, Heartbeat) for b in beats)
     assert reads == 2  # the snapshot, then the events after it once
     await engine.runs.comment(run_id, "news", ME)
@@ -179,3 +200,4 @@ async def test_a_quiet_watch_heartbeats_without_reading_the_database(engine: Eng
         item = await anext(stream)
     assert isinstance(item, EventRecord) and item.type == "run.comment" and reads == 3
     await stream.aclose()
+    await quiet.close()

@@ -7,6 +7,7 @@ last message (StreamError): SSE clients see no status once the body started.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -143,26 +144,24 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
     async def WatchWorkflowRun(
             self, request: runs_pb.WatchWorkflowRunRequest,
             context: grpc.aio.ServicerContext) -> AsyncIterator[runs_pb.WatchWorkflowRunResponse]:
-        items = self._engine.watches.watch_run(request.workflow_run_id, request.after_seq,
-                                               caller=caller_from(context))
-        sent = False
-        try:
-            async for item in items:
-                if isinstance(item, Snapshot):
-                    snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
-                                                   steps=[convert.step_to_proto(s) for s in item.steps])
-                    yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
-                elif isinstance(item, Heartbeat):
-                    yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
-                else:
-                    yield self._event_messages.of(item)
-                sent = True
-        except Exception as e:
-            if not sent:
-                raise  # a status, mapped by the error interceptor (404, 400 ... over REST too)
-            # Once the stream began, an HTTP/1.1 client can no longer see a status (SSE): the
-            # error is the stream's last message instead.
-            yield runs_pb.WatchWorkflowRunResponse(error=stream_error(e, "WatchWorkflowRun"))
+        items = await self._engine.watches.watch_run(request.workflow_run_id, request.after_seq,
+                                                     caller=caller_from(context))
+        await _open_stream(context)
+        async with contextlib.aclosing(items):
+            try:
+                async for item in items:
+                    if isinstance(item, Snapshot):
+                        snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
+                                                       steps=[convert.step_to_proto(s) for s in item.steps])
+                        yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
+                    elif isinstance(item, Heartbeat):
+                        yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))
+                    else:
+                        yield self._event_messages.of(item)
+            except Exception as e:
+                # The stream began: an HTTP/1.1 client can no longer see a status (SSE), so the
+                # error is the stream's last message instead.
+                yield runs_pb.WatchWorkflowRunResponse(error=stream_error(e, "WatchWorkflowRun"))
 
     async def WatchProjectRuns(
             self, request: runs_pb.WatchProjectRunsRequest,
@@ -170,18 +169,24 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
         statuses = convert.run_statuses(request.status)
         if statuses is None:  # only `unspecified`: no change can match
             return
-        items = self._engine.watches.watch_project(request.project_id, list(request.workflow_id),
-                                                   [str(s) for s in statuses], request.cursor,
-                                                   caller=caller_from(context))
-        sent = False
-        try:
-            async for item in items:
-                if isinstance(item, Heartbeat):
-                    yield runs_pb.WatchProjectRunsResponse(heartbeat=convert.heartbeat_to_proto(item.at))
-                else:
-                    yield runs_pb.WatchProjectRunsResponse(run=self._run(item.run), cursor=item.cursor)
-                sent = True
-        except Exception as e:
-            if not sent:
-                raise
-            yield runs_pb.WatchProjectRunsResponse(error=stream_error(e, "WatchProjectRuns"))
+        items = await self._engine.watches.watch_project(request.project_id, list(request.workflow_id),
+                                                         [str(s) for s in statuses], request.cursor,
+                                                         caller=caller_from(context))
+        await _open_stream(context)
+        async with contextlib.aclosing(items):
+            try:
+                async for item in items:
+                    if isinstance(item, Heartbeat):
+                        yield runs_pb.WatchProjectRunsResponse(heartbeat=convert.heartbeat_to_proto(item.at))
+                    else:
+                        yield runs_pb.WatchProjectRunsResponse(run=self._run(item.run), cursor=item.cursor)
+            except Exception as e:
+                yield runs_pb.WatchProjectRunsResponse(error=stream_error(e, "WatchProjectRuns"))
+
+
+async def _open_stream(context: grpc.aio.ServicerContext) -> None:
+    """A watch was accepted: its headers go out now, not with its first message (a project
+    watch may have nothing to send for a heartbeat period), so a REST client behind Envoy gets
+    its 200 and text/event-stream at once. A refusal (NOT_FOUND, INVALID_ARGUMENT ...) was
+    raised before this, as a status (404, 400 ... over REST); after it, errors are messages."""
+    await context.send_initial_metadata(())

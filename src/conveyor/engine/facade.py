@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 from conveyor.engine.audit import AuditLog
 from conveyor.engine.background import Background
-from conveyor.engine.clock import Clock, SystemClock
+from conveyor.engine.clock import Clock, DatabaseClock
 from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
 from conveyor.engine.keys import Keys
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # The retention sweep runs this often (expired rows are already ignored; this only frees room).
 PURGE_INTERVAL_SECONDS = 600.0
+# The database clock's offset is measured again this often (drift is milliseconds a minute).
+CLOCK_SYNC_SECONDS = 60.0
+# An offset beyond this is worth a line in the log (NTP keeps healthy hosts within milliseconds).
+CLOCK_SKEW_WARNING_SECONDS = 1.0
 # When API keys were last used is written this often (ApiKey.last_used_at is "to within a minute").
 KEY_USAGE_INTERVAL_SECONDS = 60.0
 
@@ -45,7 +50,11 @@ class Engine:
 
     def __init__(self, store: Store, settings: Settings, clock: Clock | None = None) -> None:
         self.store = store
-        self.clock: Clock = clock or SystemClock()
+        # Served, the engine judges time by the database's clock (SPEC §4.3); tests inject theirs.
+        self._database_clock: DatabaseClock | None = None
+        if clock is None:
+            clock = self._database_clock = DatabaseClock()
+        self.clock: Clock = clock
         self.offload = Offload()
         self.runner = Runner(store, self.clock, self.offload, batch_size=settings.engine_batch_size,
                              idle_seconds=settings.engine_idle_seconds, limits=settings.limits,
@@ -73,10 +82,14 @@ class Engine:
                                    idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
         self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
         self._key_usage = Background("conveyor-key-usage", self._key_usage_loop)
+        self._clock_sync = Background("conveyor-clock-sync", self._clock_sync_loop)
         self._unlisten: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Start advancing runs in the background (not used by tests that tick by hand)."""
+        if self._database_clock is not None:
+            await self.sync_clock()  # before any timer is judged
+            self._clock_sync.start()
         # Other replicas' commits (PostgreSQL) fire this process's waiters too.
         self._unlisten = await self.store.listen(self.runner.keyed.fire, self.runner.keyed.fire_all)
         self.runner.start()
@@ -92,15 +105,17 @@ class Engine:
             self._unlisten = None
         await self._housekeeping.stop()
         await self._key_usage.stop()
+        await self._clock_sync.stop()
         for last_words in (self.audit.close, self.keys.flush_usage):
             try:
                 await last_words()
             except Exception:
                 log.exception("writing the audit log or key usage at shutdown failed")
-        await self.watches.tails.close()
+        await self.watches.close()
         await self.schedules.stop()
         await self.notifier.stop()
         await self.http.stop()  # before the leases close: its reports go through them
+        await self.dispatch.close()  # likewise its releases of undelivered leases
         await self.triggers.close()
         await self.leases.close()
         await self.runner.stop()
@@ -115,6 +130,28 @@ class Engine:
                 # A sweep failing now and then is harmless: what it left is deleted by the next,
                 # and expired rows are ignored meanwhile (they only take room).
                 log.exception("the retention sweep failed")
+
+    async def sync_clock(self) -> None:
+        """Measure the database clock's offset from this host's (`DatabaseClock`)."""
+        assert self._database_clock is not None
+
+        async def database_now() -> datetime:
+            async with self.store.read() as repo:
+                return await repo.database_now()
+
+        offset = await self._database_clock.sync(database_now)
+        if abs(offset.total_seconds()) > CLOCK_SKEW_WARNING_SECONDS:
+            log.warning("this host's clock is %.1f s off the database's; timers follow the database's",
+                        -offset.total_seconds())
+
+    async def _clock_sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_SYNC_SECONDS)
+            try:
+                await self.sync_clock()
+            except Exception:
+                # The last offset stays: clocks drift by milliseconds a minute, not seconds.
+                log.warning("reading the database's clock failed; keeping the last offset", exc_info=True)
 
     async def _key_usage_loop(self) -> None:
         while True:

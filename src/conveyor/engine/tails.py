@@ -4,75 +4,89 @@ The first watcher of a run opens the run's tail: one task that waits on the run'
 change feed, reads the events after the last one it read, and hands the same records to every
 subscriber's buffer. A run watched by 1,000 clients is read once per commit, not 1,000 times.
 
+Where a run's history ends is judged by the run's status, never by the type of an event: every
+read (`read_history`) reads the events and then the run, and the events reach the end when the run
+is final and its last seq is the last event read. Events written after a run's final one (a
+comment, `run.retried`, a notification's outcome) are sent and end the watch in turn; a run
+reopened by a retry goes on.
+
 Each buffer is bounded: a subscriber too slow to drain it is dropped (the tail never waits for
 anyone) and its stream ends with the seq to resume after (SPEC §5). The last subscriber to leave
-stops the tail. One clock loop serves every tail: it tells subscribers quiet for
-`heartbeat_seconds` to send a heartbeat (no timer per watch or per wait), and every
-`poll_seconds` it reads the last seqs of all tailed runs in one query and wakes the tails that are
-behind: a feed that missed a commit is caught up without each tail polling on its own.
+stops the tail. Heartbeats come from the one clock loop of engine/heartbeats.py; every
+`poll_seconds` one safety sweep reads the last seqs of all tailed runs in one query and wakes the
+tails that are behind: a feed that missed a commit is caught up without each tail polling on its
+own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from conveyor.domain.feed import run_key
 from conveyor.domain.records import EventRecord
-from conveyor.domain.states import FINAL_RUN, run_event_type
+from conveyor.domain.states import FINAL_RUN
 from conveyor.engine.background import Background, abandon
+from conveyor.engine.heartbeats import Heartbeats
 from conveyor.engine.metrics import Metrics
-from conveyor.engine.ports import Store
+from conveyor.engine.ports import Repo, Store
 from conveyor.engine.pulse import KeyedPulses
 
 log = logging.getLogger(__name__)
 
-# Event types that end a watch: the run reached a final state.
-FINAL_EVENTS = frozenset(run_event_type(s) for s in FINAL_RUN)
 # Events read per query.
 PAGE = 500
 # Runs read per query of the safety sweep.
 _SWEEP_CHUNK = 500
 
 
-def ends_run(page: Sequence[EventRecord], more: bool) -> bool:
-    """Whether a page read in seq order ends the run's history: its last event made the run
-    final and nothing followed it when it was read (a retry or replay reopening the run goes on)."""
-    return bool(page) and page[-1].type in FINAL_EVENTS and not more
+@dataclass
+class History:
+    """One read of a run's events after a seq, judged by the run's record read right after."""
+
+    events: list[EventRecord]
+    more: bool  # events past these are committed already: read again without waiting
+    ended: bool  # the run is final and these events reach its last: a watch ends after them
+
+
+async def read_history(repo: Repo, run_id: str, after_seq: int) -> History:
+    """The events after `after_seq` (a page) and whether they end the run's history."""
+    page = await repo.list_events(run_id, after_seq, PAGE, "")
+    # The run is read AFTER its events, so its last_seq is at least theirs (one snapshot on
+    # SQLite; a later statement under PostgreSQL's READ COMMITTED). A final run whose last_seq
+    # is the last event read ended there; a greater last_seq means more to read first.
+    run = await repo.get_run(run_id, None)
+    last = page.items[-1].seq if page.items else after_seq
+    return History(page.items, run.last_seq > last, run.status in FINAL_RUN and run.last_seq == last)
 
 
 class Subscription:
     """One watcher's place in a tail: the events handed to it and not yet taken, at most
-    `limit` of them."""
+    `limit` of them; and its silence, for heartbeats."""
 
-    def __init__(self, tail: Tail, limit: int, quiet_since: float) -> None:
+    def __init__(self, tail: Tail, limit: int, beats: Heartbeats) -> None:
         self.tail = tail
         self._limit = limit
         # (event, whether the run's history ended with it when it was read)
         self._items: deque[tuple[EventRecord, bool]] = deque()
         self._ready = asyncio.Event()
-        self.quiet_since = quiet_since  # loop time of the last events or heartbeat handed over
-        self._beat = False
+        self.quiet = beats.open(self._ready)
         self.dropped = False
         self.error: BaseException | None = None
 
-    def offer(self, events: Sequence[EventRecord], end: bool) -> bool:
-        """Buffer events; False (and nothing buffered) when they would overflow the buffer."""
+    def offer(self, events: Sequence[EventRecord], end: bool, now: float) -> bool:
+        """Buffer events read at `now`; False (and nothing buffered) when they would overflow
+        the buffer."""
         if len(self._items) + len(events) > self._limit:
             return False
         last = len(events) - 1
         self._items.extend((e, end and i == last) for i, e in enumerate(events))
+        self.quiet.heard(now)
         self._ready.set()
         return True
-
-    def beat(self, now: float) -> None:
-        """Quiet too long: the next `take` answers with a heartbeat."""
-        self._beat = True
-        self.quiet_since = now
-        self._ready.set()
 
     def stop(self, error: BaseException | None = None) -> None:
         """No more events will come: dropped for being slow, or the tail failed with `error`."""
@@ -89,8 +103,7 @@ class Subscription:
                 if self.error is not None:
                     raise self.error
                 return []
-            if self._beat:
-                self._beat = False
+            if self.quiet.take():
                 return None
             self._ready.clear()
             await self._ready.wait()
@@ -112,16 +125,16 @@ class Tail:
 class RunTails:
     """The open tails, by run id."""
 
-    def __init__(self, store: Store, pulses: KeyedPulses, metrics: Metrics, buffer: int = 1000,
-                 poll_seconds: float = 30.0, heartbeat_seconds: float = 15.0) -> None:
+    def __init__(self, store: Store, pulses: KeyedPulses, metrics: Metrics, beats: Heartbeats,
+                 buffer: int = 1000, poll_seconds: float = 30.0) -> None:
         self.store = store
         self.metrics = metrics
         self.pulses = pulses
+        self.beats = beats
         self.buffer = buffer
         self.poll_seconds = poll_seconds
-        self.heartbeat_seconds = heartbeat_seconds
         self._tails: dict[str, Tail] = {}
-        self._clock = Background("conveyor-tails-clock", self._clock_loop)
+        self._sweep = Background("conveyor-tails-sweep", self._sweep_loop)
 
     def __len__(self) -> int:
         """How many runs have a tail open."""
@@ -140,16 +153,14 @@ class RunTails:
         if tail is None:
             tail = self._tails[run_id] = Tail(run_id, seq)
             tail.task = asyncio.create_task(self._follow(tail), name=f"conveyor-tail-{run_id}")
-            self._clock.start()
-        # Each watch's heartbeats start at its own offset, so 1,000 watches opened together do
-        # not all beat in the same instant every period.
-        offset = random.uniform(0, self.heartbeat_seconds / 2)
-        subscription = Subscription(tail, self.buffer, asyncio.get_running_loop().time() - offset)
+            self._sweep.start()
+        subscription = Subscription(tail, self.buffer, self.beats)
         tail.subscribers.add(subscription)
         return subscription
 
     def leave(self, subscription: Subscription) -> None:
         """Unsubscribe (a watch ended or its client went away); the last one stops the tail."""
+        self.beats.close(subscription.quiet)
         tail = subscription.tail
         tail.subscribers.discard(subscription)
         if not tail.subscribers and self._tails.get(tail.run_id) is tail:
@@ -163,18 +174,17 @@ class RunTails:
             while True:
                 committed = self.pulses.next(key)  # before reading: no commit is missed
                 async with self.store.read() as repo:
-                    page = await repo.list_events(tail.run_id, tail.seq, PAGE, "")
-                if page.items:
-                    tail.seq = page.items[-1].seq
-                    end = ends_run(page.items, bool(page.next_token))
-                    now = asyncio.get_running_loop().time()
+                    history = await read_history(repo, tail.run_id, tail.seq)
+                if history.events:
+                    tail.seq = history.events[-1].seq
+                    now = self.beats.now()
                     for subscription in list(tail.subscribers):
-                        subscription.quiet_since = now
-                        if not subscription.offer(page.items, end):
+                        if not subscription.offer(history.events, history.ended, now):
                             subscription.stop()  # too slow: it ends once it drained its buffer
                             tail.subscribers.discard(subscription)
+                            self.beats.close(subscription.quiet)
                             self.metrics.watchers_dropped.inc()
-                if not page.next_token:
+                if not history.more:
                     await committed.wait()
         except asyncio.CancelledError:
             raise
@@ -188,24 +198,14 @@ class RunTails:
             if self._tails.get(tail.run_id) is tail:
                 del self._tails[tail.run_id]
 
-    async def _clock_loop(self) -> None:
-        """Heartbeats and the safety poll of every tail at once; ends when no tail is left."""
-        loop = asyncio.get_running_loop()
-        tick = min(1.0, self.heartbeat_seconds / 2)
-        polled_at = loop.time()
+    async def _sweep_loop(self) -> None:
+        """The safety poll of every tail at once; ends when no tail is left."""
         while self._tails:
-            await asyncio.sleep(tick)
-            now = loop.time()
-            for tail in list(self._tails.values()):
-                for subscription in tail.subscribers:
-                    if now - subscription.quiet_since >= self.heartbeat_seconds:
-                        subscription.beat(now)
-            if now - polled_at >= self.poll_seconds:
-                polled_at = now
-                try:
-                    await self._catch_up_missed()
-                except Exception as e:
-                    log.warning("the run watches' safety poll failed: %r", e)
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self._catch_up_missed()
+            except Exception as e:
+                log.warning("the run watches' safety poll failed: %r", e)
 
     async def _catch_up_missed(self) -> None:
         ids = list(self._tails)
@@ -219,4 +219,4 @@ class RunTails:
         tasks = [tail.task for tail in self._tails.values() if tail.task is not None]
         self._tails.clear()
         await abandon(tasks)
-        await self._clock.stop()
+        await self._sweep.stop()

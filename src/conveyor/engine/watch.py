@@ -7,6 +7,9 @@ watchers, woken by the run's key of the change feed only (domain/feed.py). The s
 async generator pulled by the client; a watcher that falls a whole buffer behind ends with
 WATCHER_TOO_SLOW and the seq to resume after, so it never slows the engine nor grows memory.
 A project watch reads its project's feed of status changes (storage/run_changes.py).
+Opening a watch (`watch_run`, `watch_project`) checks the request and answers the stream: a
+refusal comes before anything is sent, so the API can send its headers as soon as it has the
+stream. Every open watch gets its heartbeats from one clock loop (engine/heartbeats.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,10 +26,11 @@ from conveyor.domain.feed import project_key
 from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
 from conveyor.domain.states import FINAL_RUN, RunStatus
 from conveyor.engine.clock import Clock
+from conveyor.engine.heartbeats import Heartbeats
 from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
-from conveyor.engine.tails import PAGE, RunTails, Subscription, ends_run
+from conveyor.engine.tails import PAGE, RunTails, Subscription, read_history
 from conveyor.engine.workflows import project_of
 
 
@@ -73,27 +77,33 @@ class Watches:
                  buffer: int = 1000) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
-        self.tails = RunTails(store, pulses, self.metrics, buffer=buffer, poll_seconds=poll_seconds,
-                              heartbeat_seconds=heartbeat_seconds)
+        self.beats = Heartbeats(clock, heartbeat_seconds)
+        self.tails = RunTails(store, pulses, self.metrics, self.beats, buffer=buffer,
+                              poll_seconds=poll_seconds)
         self.clock = clock
         self.pulses = pulses
         self.poll_seconds = poll_seconds
-        self.heartbeat_seconds = heartbeat_seconds
 
     async def watch_run(self, run_id: str, after_seq: int, caller: Caller) -> AsyncGenerator[WatchItem]:
-        """after_seq == 0: a snapshot first, then the events after it; after_seq == N: the
-        events after N. Ends after the event that makes the run final, and at once when resumed
-        at or past the end of a final run. An after_seq past the run's last event is
-        INVALID_ARGUMENT (nothing was sent: the client's cursor is not this run's)."""
+        """Open a run's watch: refused here, before anything is sent (NOT_FOUND; an after_seq
+        past the run's last event is INVALID_ARGUMENT: the client's cursor is not this run's);
+        then the stream. after_seq == 0: a snapshot first, then the events after it; after_seq
+        == N: the events after N. It ends once the run is final and every event up to its last
+        is sent, whatever events follow the final one (judged by the run's status, see
+        engine/tails.py); at once when resumed at the end of a final run."""
         if after_seq < 0:
             raise invalid("after_seq must not be negative", [FieldViolation("after_seq", "is negative")])
         async with self.store.read() as repo:
-            run = await repo.get_run(run_id, caller.project)  # NOT_FOUND before anything is sent
+            run = await repo.get_run(run_id, caller.project)
             steps = (await repo.steps_of([run.id]))[run.id] if after_seq == 0 else []
         if after_seq > run.last_seq:
             raise invalid(f"after_seq {after_seq} is past the run's last event ({run.last_seq})",
                           [FieldViolation("after_seq", f"is past the last event, {run.last_seq}")],
                           reason="AFTER_SEQ_PAST_END")
+        return self._run_items(run, steps, after_seq)
+
+    async def _run_items(self, run: RunRecord, steps: list[StepRecord],
+                         after_seq: int) -> AsyncGenerator[WatchItem]:
         with self.metrics.watching("run"):
             if after_seq == 0:
                 yield Snapshot(run, steps, run.last_seq)
@@ -107,20 +117,21 @@ class Watches:
                 caught_up = after_seq >= run.last_seq
                 while True:
                     if subscription is None and caught_up:
-                        subscription = self.tails.join(run_id, after_seq)
+                        subscription = self.tails.join(run.id, after_seq)
                     if subscription is not None and after_seq >= subscription.tail.seq:
                         break
                     async with self.store.read() as repo:
-                        page = await repo.list_events(run_id, after_seq, PAGE, "")
-                    for event in page.items:
+                        history = await read_history(repo, run.id, after_seq)
+                    for event in history.events:
                         yield event
                         after_seq = event.seq
-                    if ends_run(page.items, bool(page.next_token)):
+                    if history.ended:
                         return
-                    if subscription is not None and not page.items:
+                    if subscription is not None and not history.events:
                         break
-                    caught_up = not page.next_token
-                # Then what the tail hands over (seqs already sent are skipped) until the run ends.
+                    caught_up = not history.more
+                # Then what the tail hands over (seqs already sent are skipped) until the run
+                # ends: the last event handed over reached the end of a final run when read.
                 while True:
                     items = await subscription.take()
                     if items is None:
@@ -128,29 +139,23 @@ class Watches:
                         continue
                     if not items:  # dropped: the client did not keep up with the run
                         raise too_slow(after_seq, self.tails.buffer)
-                    for i, (event, ends) in enumerate(items):
+                    for event, _ in items:
                         if event.seq > after_seq:
                             yield event
                             after_seq = event.seq
-                            if ends and i == len(items) - 1:
-                                return
+                    last, ended = items[-1]
+                    if ended and last.seq == after_seq:
+                        return
             finally:
                 if subscription is not None:
                     self.tails.leave(subscription)
 
     async def watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
-                            cursor: str, caller: Caller) -> AsyncIterator[ProjectChange | Heartbeat]:
-        """`_watch_project`, counted as an open watch while it runs."""
-        with self.metrics.watching("project"):
-            async with contextlib.aclosing(
-                    self._watch_project(project_id, workflow_ids, statuses, cursor, caller)) as items:
-                async for item in items:
-                    yield item
-
-    async def _watch_project(self, project_id: str, workflow_ids: Sequence[str], statuses: Sequence[str],
-                             cursor: str, caller: Caller) -> AsyncGenerator[ProjectChange | Heartbeat]:
-        """Every run status change of the project after `cursor` ("" = from now), in commit
-        order, the same from every replica (storage/run_changes.py); never ends by itself."""
+                            cursor: str, caller: Caller) -> AsyncGenerator[ProjectChange | Heartbeat]:
+        """Open a project's watch: refused here, before anything is sent (a foreign project,
+        an unknown workflow, a forged cursor); then the stream of every run status change of
+        the project after `cursor` ("" = from now), in commit order, the same from every replica
+        (storage/run_changes.py). It never ends by itself."""
         project = project_of(project_id, caller)  # a foreign project: PROJECT_FORBIDDEN
         async with self.store.read() as repo:
             if workflow_ids:
@@ -160,28 +165,48 @@ class Watches:
                 cursor = await repo.head_cursor(project)
             else:
                 await repo.changes_after(project, cursor, (), (), 1)  # a forged cursor fails now
-        loop = asyncio.get_running_loop()
-        quiet_since = loop.time()
-        while True:
-            changed = self.pulses.next(project_key(project))  # before reading: no commit is missed
-            async with self.store.read() as repo:
-                page = await repo.changes_after(project, cursor, workflow_ids, statuses, PAGE)
-                runs = {r.id: r for r in await repo.get_runs(sorted({c.run_id for c in page.changes}),
-                                                             caller.project)}
-            for change in page.changes:
-                cursor = change.cursor
-                run = runs.get(change.run_id)
-                if run is not None:
-                    yield ProjectChange(dataclasses.replace(run, status=RunStatus(change.status),
-                                                            updated_at=change.at), change.cursor)
-            if page.changes:
-                quiet_since = loop.time()
-                if len(page.changes) == PAGE:
-                    continue
-            elif loop.time() - quiet_since >= self.heartbeat_seconds:
-                yield Heartbeat(self.clock.now())
-                quiet_since = loop.time()
-            wait = _HELD_SECONDS if page.held else min(self.poll_seconds, self.heartbeat_seconds)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await changed.wait()
+        return self._project_changes(project, workflow_ids, statuses, cursor, caller)
+
+    async def _project_changes(self, project: str, workflow_ids: Sequence[str], statuses: Sequence[str],
+                               cursor: str, caller: Caller) -> AsyncGenerator[ProjectChange | Heartbeat]:
+        keys = (project_key(project),)
+        changed = asyncio.Event()
+        # Woken by a commit of the project or by its heartbeat falling due, whichever is first:
+        # a commit with nothing for this watch (a comment) does not move its heartbeat.
+        quiet = self.beats.open(changed)
+        with self.metrics.watching("project"):
+            try:
+                while True:
+                    # A private event per wait (not the key's shared one): the heartbeat loop
+                    # may set it without waking the project's other watches.
+                    changed = quiet.wake = self.pulses.next_any(keys)  # before reading
+                    try:
+                        async with self.store.read() as repo:
+                            page = await repo.changes_after(project, cursor, workflow_ids, statuses, PAGE)
+                            runs = {r.id: r for r in await repo.get_runs(
+                                sorted({c.run_id for c in page.changes}), caller.project)}
+                        for change in page.changes:
+                            cursor = change.cursor
+                            run = runs.get(change.run_id)
+                            if run is not None:
+                                as_changed = dataclasses.replace(run, status=RunStatus(change.status),
+                                                                 updated_at=change.at)
+                                quiet.heard(self.beats.now())
+                                yield ProjectChange(as_changed, change.cursor)
+                        if len(page.changes) == PAGE:
+                            continue
+                        if quiet.take():
+                            yield Heartbeat(self.clock.now())
+                        wait = _HELD_SECONDS if page.held else self.poll_seconds
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await changed.wait()
+                    finally:
+                        self.pulses.forget(keys, changed)
+            finally:
+                self.beats.close(quiet)
+
+    async def close(self) -> None:
+        """Stop the tails and the heartbeat loop (open streams get nothing more)."""
+        await self.tails.close()
+        await self.beats.stop()
