@@ -152,6 +152,8 @@ class App:
             await self.supervisor.stop()
         if self.gateway is not None:
             await self.gateway.stop()
+        if self.engine is not None:
+            self.engine.dispatch.quiesce()  # before the server refuses new reports: see quiesce
         if self.server is not None:
             await self.server.stop(SHUTDOWN_GRACE)
         if self.engine is not None:

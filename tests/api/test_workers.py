@@ -702,17 +702,132 @@ async def test_an_expired_lease_is_a_failed_attempt_retried_with_the_next_attemp
     assert (await run_of(api, run_id)).status == RUN.completed
 
 
-async def test_an_expired_lease_without_retries_fails_the_run(api: Api) -> None:
-    run_id, task = await _leased(api)
+async def release(api: Api, task: pb.Task, worker: str = "w1", reason: str = "deploying",
+                  attempt: int | None = None) -> None:
+    await api.workers.ReleaseTask(workers_pb.ReleaseTaskRequest(
+        task_id=task.task_id, attempt=task.attempt if attempt is None else attempt, worker_id=worker,
+        reason=reason))
+
+
+def _lost_events(events: list[pb.RunEvent]) -> list[dict[str, Any]]:
+    return [json_format.MessageToDict(e.data) for e in events if "lost" in e.data]
+
+
+async def test_an_expired_lease_is_a_loss_offered_again_at_once_with_no_retry_spent(api: Api) -> None:
+    run_id, task = await _leased(api)  # max_attempts 1: a failure would end the run
 
     api.clock.advance(30)
     await api.engine.tick()
 
     step = (await steps_of(api, run_id))["t"]
-    assert step.status == STEP.failed and "expired" in step.error
-    assert (await run_of(api, run_id)).status == RUN.failed
-    error = await failure(complete(api, task))
+    assert step.status == STEP.queued and "lost" in step.error and "expired" in step.error
+    assert (await run_of(api, run_id)).status == RUN.running
+    (lost,) = _lost_events(await events_of(api, run_id))
+    assert lost["attempt"] == 1 and "expired with no report" in lost["lost"]
+    error = await failure(complete(api, task))  # the silent holder comes back too late
     assert error.info is not None and error.info.reason == "LEASE_LOST"
+    (again,) = await poll(api, worker="w2")  # at once: no backoff
+    assert again.task_id == task.task_id and again.attempt == 2
+    assert again.max_attempts == 2  # the last attempt the policy allows, the lost one not counted
+    await complete(api, again, worker="w2", result={"ok": True})
+    assert (await run_of(api, run_id)).status == RUN.completed
+
+
+async def test_a_released_task_is_offered_again_at_once_and_a_failure_still_counts(api: Api) -> None:
+    run_id, task = await _leased(api, retry={"max_attempts": 2, "initial_interval_seconds": 60})
+
+    await release(api, task, reason="SIGTERM")
+
+    step = (await steps_of(api, run_id))["t"]
+    assert step.status == STEP.queued and step.attempt == 1
+    (lost,) = _lost_events(await events_of(api, run_id))
+    assert lost["lost"] == "released by 'w1': SIGTERM"
+    (second,) = await poll(api, worker="w2", wait_seconds=0)  # no backoff, no clock moved
+    assert second.attempt == 2
+    # A verdict still counts: the policy's 2 attempts are both left after the loss.
+    await api.workers.FailTask(workers_pb.FailTaskRequest(task_id=second.task_id, attempt=2, worker_id="w2",
+                                                          error="boom"))
+    assert (await steps_of(api, run_id))["t"].status == STEP.queued
+    api.clock.advance(60)
+    await api.engine.tick()
+    (third,) = await poll(api, worker="w3")
+    await api.workers.FailTask(workers_pb.FailTaskRequest(task_id=third.task_id, attempt=3, worker_id="w3",
+                                                          error="boom again"))
+    step = (await steps_of(api, run_id))["t"]
+    assert step.status == STEP.failed and step.attempt == 3 and step.error == "boom again"
+    assert (await run_of(api, run_id)).status == RUN.failed
+
+
+@pytest.mark.parametrize("who", [{"worker": "w2"}, {"attempt": 2}])
+async def test_a_release_by_anyone_but_the_holder_of_the_attempt_is_lease_lost(
+        api: Api, who: dict[str, Any]) -> None:
+    run_id, task = await _leased(api)
+    before = await snapshot(api, run_id)
+
+    error = await failure(release(api, task, **who))
+
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.info is not None and error.info.reason == "LEASE_LOST"
+    assert await snapshot(api, run_id) == before
+    await complete(api, task)  # the holder's lease is untouched
+    assert (await run_of(api, run_id)).status == RUN.completed
+
+
+async def test_a_release_after_the_report_is_lease_lost(api: Api) -> None:
+    run_id, task = await _leased(api)
+    await complete(api, task)
+
+    error = await failure(release(api, task))
+
+    assert error.info is not None and error.info.reason == "LEASE_LOST"
+    assert (await steps_of(api, run_id))["t"].status == STEP.completed
+
+
+@pytest.mark.parametrize("fields", [{"task_id": ""}, {"task_id": "t" * 10_000}, {"worker_id": "w\x00"},
+                                    {"reason": "r" * 100_000}])
+async def test_a_bad_release_is_invalid_and_changes_nothing(api: Api, fields: dict[str, Any]) -> None:
+    run_id, task = await _leased(api)
+    before = await snapshot(api, run_id)
+    request: dict[str, Any] = {"task_id": task.task_id, "attempt": 1, "worker_id": "w1", **fields}
+
+    error = await failure(api.workers.ReleaseTask(workers_pb.ReleaseTaskRequest(**request)))
+
+    assert error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert await snapshot(api, run_id) == before
+
+
+async def test_max_losses_in_a_row_fail_a_poison_task_lost(api: Api) -> None:
+    run_id, _ = await _leased(api, retry={"max_attempts": 3, "max_losses": 3})
+    for attempt in (1, 2, 3):
+        if attempt > 1:
+            (task,) = await poll(api, worker=f"w{attempt}")
+            assert task.attempt == attempt
+        api.clock.advance(30)  # its worker died with it
+        await api.engine.tick()
+
+    step = (await steps_of(api, run_id))["t"]
+    assert step.status == STEP.failed and step.error.startswith("LOST:") and "3 lost in a row" in step.error
+    run = await run_of(api, run_id)
+    assert run.status == RUN.failed
+    final = json_format.MessageToDict(next(e for e in reversed(await events_of(api, run_id))
+                                           if e.step_ref == "t").data)
+    assert final["reason"] == "LOST" and final["attempt"] == 3
+
+
+async def test_a_verdict_between_losses_starts_the_count_again(api: Api) -> None:
+    run_id, task = await _leased(api, retry={"max_attempts": 5, "max_losses": 2,
+                                             "initial_interval_seconds": 1})
+    await release(api, task)  # lost 1 in a row
+    (task,) = await poll(api)
+    await api.workers.FailTask(workers_pb.FailTaskRequest(task_id=task.task_id, attempt=2, worker_id="w1",
+                                                          error="a verdict"))
+    api.clock.advance(1)
+    await api.engine.tick()
+    (task,) = await poll(api)
+    await release(api, task)  # lost 1 in a row again, not 2
+
+    step = (await steps_of(api, run_id))["t"]
+    assert step.status == STEP.queued and step.attempt == 3
 
 
 # -- revocation -------------------------------------------------------------------------------
@@ -1110,7 +1225,8 @@ async def test_a_bad_heartbeat_is_invalid_and_extends_nothing(api: Api, fields: 
     assert error.code == batch.code == grpc.StatusCode.INVALID_ARGUMENT
     api.clock.advance(30)
     await api.engine.tick()
-    assert (await steps_of(api, run_id))["t"].status == STEP.failed  # the lease was not extended
+    step = (await steps_of(api, run_id))["t"]
+    assert step.status == STEP.queued and "expired" in step.error  # the lease was not extended: lost
 
 
 async def test_whole_numbers_sent_over_grpc_stay_whole(api: Api) -> None:

@@ -174,7 +174,8 @@ async def workers(server: Server, ledger: Ledger, tmp_path: Path) -> AsyncIterat
         # Serving once it logs so (its streams open right after).
         await eventually(lambda: "serving" in w.log() or proc.returncode is not None, START_TIMEOUT,
                          what="the worker to start")
-        assert proc.returncode is None, w.log()
+        # It served (one that leased a task which kills its worker may be gone already).
+        assert "serving" in w.log(), w.log()
         return w
 
     try:

@@ -39,6 +39,7 @@ class FakeWorkers(workers_grpc.WorkersServiceServicer):
         self.heartbeats: list[workers_pb.HeartbeatTasksRequest] = []
         self.completed: list[workers_pb.CompleteTaskRequest] = []
         self.failed: list[workers_pb.FailTaskRequest] = []
+        self.released: list[workers_pb.ReleaseTaskRequest] = []
         self.revoked: set[tuple[str, int]] = set()
         self.lose_reports_of: set[str] = set()
 
@@ -132,6 +133,12 @@ class FakeWorkers(workers_grpc.WorkersServiceServicer):
         await self._report((request.task_id, request.attempt), context)
         self.failed.append(request)
         return workers_pb.FailTaskResponse()
+
+    async def ReleaseTask(self, request: workers_pb.ReleaseTaskRequest,
+                          context: grpc.aio.ServicerContext) -> workers_pb.ReleaseTaskResponse:
+        await self._report((request.task_id, request.attempt), context)
+        self.released.append(request)
+        return workers_pb.ReleaseTaskResponse()
 
 
 async def start_fake(port: int = 0) -> tuple[grpc.aio.Server, FakeWorkers, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -61,6 +62,10 @@ async def run_async(ctx: Context, input: dict[str, Any]) -> Any:
             if ctx.attempt == 1:
                 await asyncio.sleep(input["seconds"])
             result = {"attempt": ctx.attempt}
+        elif mode == "die":
+            # A poison task: it takes its whole worker down (kill -9 of itself), every time.
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise AssertionError("unreachable")
         else:
             raise NonRetryableError(f"unknown mode {mode!r}")
     except asyncio.CancelledError:

@@ -157,7 +157,7 @@ async def test_a_refused_report_is_dropped_and_the_worker_goes_on(fake: tuple[Fa
     await stop(worker, t)
 
 
-async def test_stop_cancels_what_outlives_the_grace_period_and_reports_it_retryable(
+async def test_stop_cancels_what_outlives_the_grace_period_and_releases_it(
         fake: tuple[FakeWorkers, str]) -> None:
     server, target = fake
     worker = Worker(tasks=[slow_async, blocking], target=target, slots=4, grace_seconds=0.5)
@@ -170,9 +170,11 @@ async def test_stop_cancels_what_outlives_the_grace_period_and_reports_it_retrya
     async with asyncio.timeout(5):
         await t
     assert [c.task_id for c in server.completed] == ["quick"]
-    failed = {f.task_id: f for f in server.failed}
-    assert set(failed) == {"slow", "deaf"}
-    assert all(f.error == "worker shutting down" and not f.non_retryable for f in failed.values())
+    assert server.failed == []  # a shutdown is no verdict on a task: given back, not failed
+    released = {r.task_id: r for r in server.released}
+    assert set(released) == {"slow", "deaf"}
+    assert all(r.reason == "worker shutting down" and r.attempt == 1 and r.worker_id == worker.worker_id
+               for r in released.values())
     assert sorted(cancelled) == ["deaf", "slow"]
 
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
+
+import pytest
 
 from tests.sdk.conftest import Client, Ledger, Server, WorkerFactory, task_step
 
@@ -152,11 +155,12 @@ async def test_cancel_reaches_a_sync_handler_as_the_cancelled_flag(client: Clien
     assert (await client.steps(run_id))["s"]["status"] == "canceled"
 
 
-async def test_sigterm_drains_finishes_short_handlers_and_fails_long_ones_as_retryable(
+async def test_sigterm_drains_finishes_short_handlers_and_releases_long_ones_to_the_next_worker(
         client: Client, workers: WorkerFactory, ledger: Ledger) -> None:
+    # max_attempts 1 everywhere: a deploy must not spend a retry, let alone fail a run.
     await client.create_workflow({"name": "drain", "steps": [
-        task_step("short", "sdk-async", {"mode": "sleep", "seconds": 1}, max_attempts=2),
-        task_step("long", "sdk-async", {"mode": "sleep", "seconds": 60}, max_attempts=2, interval=30)]})
+        task_step("short", "sdk-async", {"mode": "sleep", "seconds": 1}),
+        task_step("long", "sdk-async", {"mode": "sleep_first", "seconds": 60})]})
     worker = await workers(grace=2)
     run_id = await client.trigger("drain")
     await ledger.wait(event="start", step="short")
@@ -169,18 +173,23 @@ async def test_sigterm_drains_finishes_short_handlers_and_fails_long_ones_as_ret
     steps = await client.steps(run_id)
     assert steps["short"]["status"] == "completed"
     assert steps["short"]["output"] == {"slept": 1, "attempt": 1}
-    # The long one was canceled after the grace period and reported as a retryable failure:
-    # it waits for its second attempt instead of failing the step.
+    # The long one was canceled after the grace period and given back: queued for the next
+    # worker at once, its one attempt unspent.
     assert ledger.entries(event="cancelled", step="long")
-    assert steps["long"]["status"] not in ("failed", "completed", "running"), steps["long"]
-    messages = [e.get("message", "") for e in await client.events(run_id) if e.get("step_ref") == "long"]
-    assert any("worker shutting down" in m for m in messages), messages
+    assert steps["long"]["status"] == "queued", steps["long"]
+    (lost,) = [e["data"]["lost"] for e in await client.events(run_id)
+               if e.get("step_ref") == "long" and "lost" in e.get("data", {})]
+    assert re.fullmatch(rf"released by '[^']*:{worker.pid}:[^']*': worker shutting down", lost)
+    await workers()
+    run = await client.wait_run(run_id, "completed", "failed", within=15)
+    assert run["status"] == "completed"
+    assert (await client.steps(run_id))["long"]["output"] == {"attempt": 2}
 
 
 async def test_a_killed_worker_s_task_comes_back_after_its_lease_and_completes_once(
         client: Client, workers: WorkerFactory, ledger: Ledger) -> None:
     await client.create_workflow({"name": "killed", "steps": [
-        task_step("s", "sdk-async", {"mode": "sleep_first", "seconds": 60}, max_attempts=3)]})
+        task_step("s", "sdk-async", {"mode": "sleep_first", "seconds": 60})]})  # max_attempts 1
     first = await workers(lease=2)
     run_id = await client.trigger("killed")
     await ledger.wait(event="start", attempt=1)
@@ -195,6 +204,25 @@ async def test_a_killed_worker_s_task_comes_back_after_its_lease_and_completes_o
     assert step["attempt"] == 2
     done = ledger.entries(event="done")
     assert [(d["attempt"], d["pid"]) for d in done] == [(2, second.pid)]
+    lost = [e["data"]["lost"] for e in await client.events(run_id) if "lost" in e.get("data", {})]
+    assert len(lost) == 1 and "expired with no report" in lost[0]
+
+
+async def test_a_task_that_kills_every_worker_fails_lost_after_five_losses(
+        client: Client, workers: WorkerFactory, ledger: Ledger) -> None:
+    await client.create_workflow({"name": "poison", "steps": [
+        task_step("s", "sdk-async", {"mode": "die"}, max_attempts=3)]})
+    run_id = await client.trigger("poison")
+    for attempt in range(1, 6):
+        worker = await workers(lease=1)
+        await ledger.wait(event="start", attempt=attempt, within=20)
+        assert await worker.wait_exit(10) == -signal.SIGKILL
+    run = await client.wait_run(run_id, "completed", "failed", within=20)
+    assert run["status"] == "failed"
+    step = (await client.steps(run_id))["s"]
+    assert step["status"] == "failed" and step["attempt"] == 5 and step["error"].startswith("LOST:")
+    final = [e for e in await client.events(run_id) if e.get("step_ref") == "s"][-1]
+    assert final["data"]["reason"] == "LOST"
 
 
 async def test_the_batched_heartbeat_keeps_tasks_alive_past_several_lease_lengths(
@@ -226,3 +254,26 @@ async def test_a_restarted_server_is_served_again_without_restarting_the_worker(
     run = await client.wait_run(second, "completed", "failed", within=20)
     assert run["status"] == "completed"
     assert worker.proc.returncode is None
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_a_server_restart_mid_task_spends_no_attempt(
+        server: Server, client: Client, workers: WorkerFactory, ledger: Ledger, stop: str) -> None:
+    # The server is away longer than the lease: the attempt is lost meanwhile (judged by the
+    # database's clock when the server is back), never failed.
+    await client.create_workflow({"name": "restart", "steps": [
+        task_step("s", "sdk-async", {"mode": "sleep_first", "seconds": 3})]})  # max_attempts 1
+    await workers(lease=1)
+    run_id = await client.trigger("restart")
+    await ledger.wait(event="start", attempt=1)
+    if stop == "sigterm":
+        await server.stop()
+    else:
+        server.kill()
+        await server.proc.wait()  # type: ignore[union-attr]
+    await asyncio.sleep(2)  # real processes: the lease runs out while the server is away
+    await server.start()
+    run = await client.wait_run(run_id, "completed", "failed", within=30)
+    events = await client.events(run_id)
+    assert run["status"] == "completed", [(e["type"], e.get("message")) for e in events]
+    assert not [e for e in events if e.get("status") == "failed"]

@@ -58,7 +58,7 @@ _ROLES: dict[str, dict[str, Role | None]] = {
     },
     "WorkersService": {
         "PollTasks": OP, "StreamTasks": OP, "HeartbeatTask": OP, "HeartbeatTasks": OP, "CompleteTask": OP,
-        "FailTask": OP,
+        "FailTask": OP, "ReleaseTask": OP,
     },
     "KeysService": {"CreateApiKey": A, "ListApiKeys": A, "RevokeApiKey": A},
     "AuditService": {"ListAuditEntries": A},

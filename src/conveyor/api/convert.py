@@ -230,8 +230,10 @@ def heartbeat_to_proto(at: datetime) -> pb.Heartbeat:
 def task_to_proto(lease: Lease) -> pb.Task:
     """A leased step as its worker sees it: the rendered config, the run's payload, the lease."""
     step, run = lease.step, lease.run
+    # The number of the last attempt the policy allows: lost attempts spent none of it.
+    last = lease.spec.retry.max_attempts + step.losses
     task = pb.Task(task_id=step.id, attempt=step.attempt, workflow_run_id=run.id, step_ref=step.step_ref,
-                   queue=step.queue, project_id=run.project_id, max_attempts=lease.spec.retry.max_attempts,
+                   queue=step.queue, project_id=run.project_id, max_attempts=last,
                    timeout_seconds=lease.spec.timeout_seconds)
     _set_struct(task.config, step.input or {})
     _set_struct(task.payload, run.payload)

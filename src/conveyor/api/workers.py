@@ -86,3 +86,9 @@ class WorkersServicer(workers_grpc.WorkersServiceServicer):
                                        not request.non_retryable, caller_from(context),
                                        retry_after=request.retry_after_seconds)
         return workers_pb.FailTaskResponse()
+
+    async def ReleaseTask(self, request: workers_pb.ReleaseTaskRequest,
+                          context: grpc.aio.ServicerContext) -> workers_pb.ReleaseTaskResponse:
+        await self._engine.leases.release(request.task_id, request.attempt, request.worker_id,
+                                          request.reason, caller_from(context))
+        return workers_pb.ReleaseTaskResponse()

@@ -137,6 +137,7 @@ def retry_step(c: Changes, steps: list[StepRecord], spec: WorkflowSpec, ref: str
     check_step_op(StepOp.RETRY, step.status, c.run.status)
     _reopen(c, steps, step)
     step.ready_at = None
+    step.loss_streak = 0  # an operator's fresh start
     c.step_to(step, StepStatus.QUEUED, f"retried by {c.actor}")
     by_ref = {s.step_ref: s for s in steps}
     for child_ref in spec.descendants(ref)[1:]:
@@ -181,6 +182,7 @@ def _reset(c: Changes, step: StepRecord) -> None:
     step.skip_reason = ""
     step.ready_at = step.due_at = None
     step.deps_completed = 0
+    step.loss_streak = 0  # an operator's fresh start
     if step.status == StepStatus.PENDING:
         c.touch_step(step)
     else:

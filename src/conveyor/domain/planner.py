@@ -30,6 +30,8 @@ from conveyor.domain.states import (
 CONDITION_FALSE = "condition false"
 ENGINE = "engine"
 OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+# Why a step failed after `max_losses` attempts in a row ended with no verdict.
+LOST = "LOST"
 DEFAULT_LIMITS = Limits()
 
 # Kinds whose attempts a lease holder starts and reports (external workers for `task`, the
@@ -120,8 +122,9 @@ class _Pass:
             elif step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
                 self.timer_due(step)
             elif step.lease_expires_at is not None and step.lease_expires_at <= self.now:
-                # Its holder stopped heartbeating: the attempt failed, retried per policy.
-                self.fail(step, self.spec.step(step.step_ref), f"lease of {step.worker_id!r} expired")
+                # Its holder stopped heartbeating and never reported: no verdict, a loss.
+                lose_step(self.c, step, self.spec.step(step.step_ref),
+                          f"lease of {step.worker_id!r} expired with no report")
                 self.moved(step)
         if run.status == RunStatus.PENDING:
             if not may_start:
@@ -363,8 +366,10 @@ def fail_step(c: Changes, step: StepRecord, spec: StepSpec, error: str,
     seconds when its executor asked for that), or fail the step for good (the planner then
     fails the run). `reason`, when given, is recorded in the event."""
     step.error = error
-    if retryable and spec.retry.has_attempts_left(step.attempt):
-        wait = max(spec.retry.backoff_seconds(step.attempt), retry_after)
+    step.loss_streak = 0  # a verdict: the losses before it were not in a row with the next ones
+    failures = step.attempt - step.losses
+    if retryable and spec.retry.has_attempts_left(failures):
+        wait = max(spec.retry.backoff_seconds(failures), retry_after)
         step.ready_at = c.now + timedelta(seconds=wait)
         step.due_at = None
         c.step_to(step, S.QUEUED, f"attempt {step.attempt} {status}: {error}; retrying in {wait:g}s",
@@ -374,6 +379,24 @@ def fail_step(c: Changes, step: StepRecord, spec: StepSpec, error: str,
         if reason:
             data["reason"] = reason
         c.step_to(step, status, error, data=data)
+
+
+def lose_step(c: Changes, step: StepRecord, spec: StepSpec, why: str) -> None:
+    """A running attempt ended with no verdict of its executor (SPEC §4.3: its lease expired,
+    its worker released it, its stream closed before delivery): offered again at once, spending
+    no retry budget, unless it is the policy's `max_losses`-th loss in a row, which fails the
+    step with reason LOST (a task that kills every worker taking it must not loop forever)."""
+    step.losses += 1
+    step.loss_streak += 1
+    if step.loss_streak >= spec.retry.max_losses:
+        step.error = f"{LOST}: attempt {step.attempt} lost ({why}), {step.loss_streak} lost in a row"
+        c.step_to(step, S.FAILED, step.error,
+                  data={"attempt": step.attempt, "lost": why, "reason": LOST, "error": step.error})
+        return
+    step.error = f"attempt {step.attempt} lost: {why}"
+    step.ready_at = c.now
+    step.due_at = None
+    c.step_to(step, S.QUEUED, f"{step.error}; offered again", data={"attempt": step.attempt, "lost": why})
 
 
 def finish_run(c: Changes, steps: list[StepRecord], status: RunStatus, message: str, error: str) -> None:

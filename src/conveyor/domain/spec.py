@@ -62,6 +62,8 @@ class StepKind(enum.StrEnum):
 
 # Longest a workflow may keep its finished runs, in days (ten years).
 MAX_RETENTION_DAYS = 3650
+# Most losses in a row a retry policy may allow: a poison task must end while it is news.
+MAX_LOSSES = 100
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class RetryPolicy:
     backoff_coefficient: float = 2.0
     # 0 means 100 times the initial interval.
     max_interval_seconds: float = 0.0
+    # Attempts in a row that may end with no verdict (lost) before the step fails LOST (SPEC §4.3).
+    max_losses: int = 5
 
     @property
     def effective_max_interval_seconds(self) -> float:
@@ -90,9 +94,10 @@ class RetryPolicy:
             return cap
         return min(wait, cap)
 
-    def has_attempts_left(self, attempt: int) -> bool:
-        """True when the 1-based `attempt` that just failed may be followed by another."""
-        return attempt < self.max_attempts
+    def has_attempts_left(self, failures: int) -> bool:
+        """True when a step whose attempts have failed `failures` times (losses not counted) may
+        be tried again."""
+        return failures < self.max_attempts
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,7 @@ def _step_to_dict(s: StepSpec) -> dict[str, Any]:
             "initial_interval_seconds": s.retry.initial_interval_seconds,
             "backoff_coefficient": s.retry.backoff_coefficient,
             "max_interval_seconds": s.retry.max_interval_seconds,
+            "max_losses": s.retry.max_losses,
         },
         "timeout_seconds": s.timeout_seconds,
         "when": s.when,
@@ -316,7 +322,7 @@ _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _STEP_KEYS = frozenset({"ref", "kind", "depends_on", "queue", "config", "retry", "timeout_seconds",
                         "when", "description"})
 _RETRY_KEYS = frozenset({"max_attempts", "initial_interval_seconds", "backoff_coefficient",
-                         "max_interval_seconds"})
+                         "max_interval_seconds", "max_losses"})
 _VARIABLE_KEYS = frozenset({"name", "required", "default", "description"})
 _SCHEDULE_KEYS = frozenset({"cron", "timezone"})
 # Config keys each kind accepts; task config is free-form (it is the worker's input).
@@ -554,6 +560,10 @@ def _parse_retry(data: Any, path: str, problems: _Problems) -> RetryPolicy:
     initial = _number(data, "initial_interval_seconds", f"{path}.initial_interval_seconds", problems)
     coefficient = _number(data, "backoff_coefficient", f"{path}.backoff_coefficient", problems)
     maximum = _number(data, "max_interval_seconds", f"{path}.max_interval_seconds", problems)
+    losses = data.get("max_losses", 0)
+    if not _is_number(losses) or not float(losses).is_integer() or not 0 <= losses <= MAX_LOSSES:
+        problems.add(f"{path}.max_losses", f"must be a whole number from 1 to {MAX_LOSSES}")
+        losses = 0
     if initial < 0:
         problems.add(f"{path}.initial_interval_seconds", "must not be negative")
     if coefficient != 0 and coefficient < 1:
@@ -566,6 +576,7 @@ def _parse_retry(data: Any, path: str, problems: _Problems) -> RetryPolicy:
         initial_interval_seconds=initial if initial > 0 else 1.0,
         backoff_coefficient=coefficient if coefficient >= 1 else 2.0,
         max_interval_seconds=max(maximum, 0.0),
+        max_losses=int(losses) or RetryPolicy.max_losses,
     )
     if 0 < policy.max_interval_seconds < policy.initial_interval_seconds:
         problems.add(f"{path}.max_interval_seconds", "must not be less than initial_interval_seconds")

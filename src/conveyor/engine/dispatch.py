@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ SAFETY_POLL_SECONDS = 1.0
 # An idle stream sends a heartbeat this often, so proxies on the way keep it open.
 STREAM_HEARTBEAT_SECONDS = 15.0
 REVOKED_ELSEWHERE = "lease no longer held"
+# Why a lease taken for a stream that closed before delivering it was given back.
+UNDELIVERED = "the task stream closed before the task was delivered"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class Dispatch:
         self.clock = clock
         self.leases = leases
         self.runner = leases.runner
+        # Releases of leases whose stream closed before delivering them, under way.
+        self._releasing: set[asyncio.Task[None]] = set()
+        # Set when the server begins to stop: no lease is handed out after it (see `quiesce`).
+        self.quiescing = False
 
     def request(self, project_id: str, queue: str, worker_id: str, lease_seconds: int,
                 caller: Caller) -> Request:
@@ -98,6 +107,8 @@ class Dispatch:
         probe = False
         while True:
             ready = self.runner.keyed.next(key)  # before looking: a commit in between wakes us
+            if self.quiescing:
+                return []
             leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, max_tasks or 1,
                                                req.caller, probe=probe)
             left = deadline - loop.time()
@@ -123,6 +134,10 @@ class Dispatch:
         # What this stream still wants, where its worker's reports can see it and lease its next
         # tasks in their own transaction (they land in the inbox).
         demand = Demand(req.project, req.queue, req.worker_id, req.lease_seconds, most, held)
+        # Leases taken for the worker and not yet written to its stream: a stream closed before
+        # delivering them gives them back (a loss, SPEC §4.3) instead of leaving them to expire.
+        # The one being yielded when the stream closes counts as undelivered.
+        undelivered: list[Lease] = []
         self.leases.attach(demand)
         try:
             while True:
@@ -130,11 +145,14 @@ class Dispatch:
                 # became ready; the worker's: its leases ended, were revoked or were leased anew).
                 woken = self.runner.keyed.next_any(keys)
                 try:
+                    if self.quiescing:
+                        return
                     while demand.inbox:
-                        lease = demand.inbox.pop(0)
+                        lease = demand.inbox[0]
                         held[lease.step.id] = lease.step.attempt
                         quiet_since = loop.time()
                         yield lease
+                        demand.inbox.pop(0)  # grpc wrote it before asking for the next item
                     for item in self._ended(held):
                         yield item
                     if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
@@ -145,9 +163,12 @@ class Dispatch:
                     if free > 0:
                         leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
                                                            req.caller, probe=probe)
-                        for lease in leases:
+                        undelivered += leases
+                        while undelivered:
+                            lease = undelivered[0]
                             held[lease.step.id] = lease.step.attempt
                             yield lease
+                            undelivered.pop(0)
                         if leases:
                             quiet_since = loop.time()
                         if len(leases) == free:
@@ -166,6 +187,40 @@ class Dispatch:
                     self.runner.keyed.forget(keys, woken)
         finally:
             self.leases.detach(demand)
+            self._give_back(undelivered + demand.inbox, req)
+
+    def _give_back(self, leases: list[Lease], req: Request) -> None:
+        """Release leases a closed stream never delivered, in the background: the stream's task
+        is being cancelled, and a release is a report that waits for its commit."""
+        if not leases:
+            return
+
+        async def release() -> None:
+            results = await asyncio.gather(
+                *(self.leases.release(lease.step.id, lease.step.attempt, req.worker_id, UNDELIVERED,
+                                      req.caller) for lease in leases), return_exceptions=True)
+            for lease, result in zip(leases, results, strict=True):
+                if isinstance(result, BaseException) and not _lease_lost(result):
+                    # The lease expires instead, which is a loss too, only later.
+                    log.warning("task %s attempt %d: giving back an undelivered lease failed: %s",
+                                lease.step.id, lease.step.attempt, result)
+
+        task = asyncio.create_task(release(), name="conveyor-undelivered-leases")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    def quiesce(self) -> None:
+        """The server is stopping: hand out no more leases. Open streams end (their workers
+        reconnect elsewhere, or here after the restart) and polls answer empty. Without this a
+        stream would keep leasing through the shutdown grace while new report and heartbeat
+        calls are already refused, and every lease it gave would be lost."""
+        self.quiescing = True
+        self.runner.keyed.fire_all()  # every stream and poll looks again, and sees it
+
+    async def close(self) -> None:
+        """Wait for the releases under way (before the leases' report drain closes)."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     def _ended(self, held: dict[str, int]) -> list[Revoked]:
         """Leases of `held` that ended in this process: a report by the worker frees its slot
@@ -200,6 +255,11 @@ def lease_length(lease_seconds: int) -> int:
     if not 0 <= lease_seconds <= MAX_LEASE_SECONDS:
         raise _invalid(f"lease_seconds must be at most {MAX_LEASE_SECONDS}")
     return lease_seconds or DEFAULT_LEASE_SECONDS
+
+
+def _lease_lost(error: BaseException) -> bool:
+    """The lease had ended anyway (reported, revoked, expired): nothing was left to give back."""
+    return isinstance(error, ConveyorError) and error.reason == "LEASE_LOST"
 
 
 def _invalid(message: str) -> ConveyorError:

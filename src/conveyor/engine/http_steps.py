@@ -18,8 +18,8 @@ would meet the same answer. Redirects are not followed.
 
 At-least-once: each lease covers its attempt's timeout plus a margin (extended once before the
 request when the attempt's timeout is longer than the default). An executor that dies
-mid-request never reports; the lease expires, the runner's sweep counts the attempt as failed and
-retries it per policy with attempt+1.
+mid-request never reports; the lease expires, and the attempt is lost (no retry spent) and offered
+again with attempt+1. A server that stops gives its attempts back at once (`stop`), a loss too.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 # request and between the response and its report's commit. Short, because it is also how long
 # a crashed executor's attempt waits before it is retried.
 LEASE_MARGIN_SECONDS = 10.0
+# Why an attempt cut by a server stop was given back, and how long the giving back may take
+# (the database may be what is failing; a lease not given back expires, which is a loss too).
+STOPPING = "server stopping"
+RELEASE_TIMEOUT_SECONDS = 5.0
 # Characters of a non-2xx response body quoted in the attempt's error.
 _EXCERPT_CHARS = 200
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
@@ -117,6 +121,7 @@ class HttpSteps:
         policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
         self._egress = EgressClient(policy, resolver, self.max_concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._leases: dict[asyncio.Task[None], Lease] = {}  # of the tasks in flight
         self._slot_freed = asyncio.Event()
         self._background = Background("conveyor-http-steps", self._loop)
 
@@ -135,10 +140,20 @@ class HttpSteps:
         self._background.start()
 
     async def stop(self) -> None:
-        """Stop leasing and abandon the requests in flight without reporting them: their leases
-        expire and they are retried, exactly as after a crash (at-least-once either way)."""
+        """Stop leasing, cut the requests in flight and give their leases back: a server stop
+        is no verdict on a request, so each attempt is lost, not failed (SPEC §4.3), and is
+        offered again at once (to another replica, or to this one when it is back)."""
         await self._background.stop()  # first: the loop starts no new task after this
+        cut = list(self._leases.values())  # before abandoning: their done callbacks forget them
         await abandon(self._in_flight)
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                await asyncio.gather(*(self.leases.release(lease.step.id, lease.step.attempt, self.holder,
+                                                           STOPPING, self._caller) for lease in cut),
+                                     return_exceptions=True)  # LEASE_LOST: reported or ended anyway
+        except TimeoutError:
+            log.warning("http steps: giving back %d lease(s) at shutdown timed out; they will expire",
+                        len(cut))
         await self._egress.close()
 
     async def _loop(self) -> None:
@@ -160,6 +175,7 @@ class HttpSteps:
                 for lease in leases:
                     task = asyncio.create_task(self._attempt(lease), name=f"http-step-{lease.step.id}")
                     self._in_flight.add(task)
+                    self._leases[task] = lease
                     task.add_done_callback(self._finished)
                 # Every free slot taken: more may be ready, worth a look as soon as a slot frees.
                 saturated = len(leases) == free
@@ -168,6 +184,7 @@ class HttpSteps:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        self._leases.pop(task, None)
         self._slot_freed.set()
 
     # -- one attempt --------------------------------------------------------------------------

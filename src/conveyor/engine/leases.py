@@ -6,8 +6,10 @@ A lease is the step row itself: `worker_id`, `attempt`, `job_run_id` and `lease_
 locks; `heartbeat` moves one lease's expiry and touches only that step row; `complete` and
 `fail` report an attempt, fenced by (step, attempt, holder): a late or duplicate report is
 LEASE_LOST and changes nothing. The run is planned on in the same transaction as the report.
-Expired leases are swept by the runner through their own index (`Runner.tick`), and any exit
-from running (cancel, skip, replay, timeout, run timeout) clears the lease (`Changes.step_to`).
+`release` gives an attempt back unfinished. An attempt released, or whose lease expired with no
+report (swept by the runner through their own index, `Runner.tick`), is a loss, not a failure
+(SPEC §4.3, `planner.lose_step`). Any exit from running (cancel, skip, replay, timeout, run
+timeout) clears the lease (`Changes.step_to`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import find_step_by_id
-from conveyor.domain.planner import ENGINE, check_lease, complete_step, fail_step, plan, start_leased
+from conveyor.domain.planner import (
+    ENGINE,
+    check_lease,
+    complete_step,
+    fail_step,
+    lose_step,
+    plan,
+    start_leased,
+)
 from conveyor.domain.records import Caller, RunRecord, StepRecord
 from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
@@ -200,6 +210,12 @@ class Leases:
         await self._report(_Report(task_id, attempt, holder, caller, error=error, retryable=retryable,
                                    retry_after=retry_after))
 
+    async def release(self, task_id: str, attempt: int, holder: str, reason: str, caller: Caller) -> None:
+        """The holder gives the attempt back unfinished (a worker shutting down, an executor
+        stopping): a loss, not a failure (SPEC §4.3), so the task is offered again at once."""
+        why = f"released by {holder!r}" + (f": {reason}" if reason else "")
+        await self._report(_Report(task_id, attempt, holder, caller, lost=why))
+
     # -- reports, committed in groups --------------------------------------------------------
 
     async def _report(self, report: _Report) -> None:
@@ -287,8 +303,9 @@ class Leases:
                 else:
                     live.append(r)
             # Slots these reports free on their workers' streams, reserved now (on the loop, so
-            # the stream cannot lease them meanwhile) for the tasks these runs make ready.
-            handed += self._reserve(live, found)
+            # the stream cannot lease them meanwhile) for the tasks these runs make ready. A
+            # release frees none: its holder is going away and must not get the task back.
+            handed += self._reserve([r for r in live if r.lost is None], found)
             run_ids = sorted({found[r.task_id].workflow_run_id for r in live})
             runs = {run.id: run for run in await repo.get_runs(run_ids, None, lock=True)}
             await self.runner.capped(repo, list(runs.values()))
@@ -314,7 +331,9 @@ class Leases:
                         continue
                     spec = specs[runs[run_id].workflow_version_id].step(step.step_ref)
                     c.reporter = r.holder
-                    if r.output is not None:
+                    if r.lost is not None:
+                        lose_step(c, step, spec, r.lost)
+                    elif r.output is not None:
                         complete_step(c, step, spec, r.output, self.limits)
                     else:
                         fail_step(c, step, spec, r.error, retryable=r.retryable, retry_after=r.retry_after)
@@ -422,7 +441,8 @@ def _live(leases: list[Lease]) -> list[Lease]:
 
 @dataclass
 class _Report:
-    """One worker report waiting for its batch: a completion (`output`) or a failure."""
+    """One worker report waiting for its batch: a completion (`output`), a release (`lost`:
+    why the attempt ends with no verdict) or a failure."""
 
     task_id: str
     attempt: int
@@ -432,6 +452,7 @@ class _Report:
     error: str = ""
     retryable: bool = True
     retry_after: float = 0.0
+    lost: str | None = None
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future(),
                                          repr=False)
 

@@ -26,8 +26,9 @@ How it talks to the server, and why:
   served again within seconds.
 - **Shutdown** (`stop()`, SIGTERM, SIGINT): streams close at once (no new leases), running
   handlers get `grace_seconds` to finish and be reported normally; then what still runs is
-  cancelled and reported as a retryable failure ("worker shutting down"). A second signal
-  skips the rest of the grace period.
+  cancelled and given back with `ReleaseTask` ("worker shutting down"): a lost attempt, not a
+  failed one, so another worker gets the task at once and no retry is spent (SPEC §4.3). A
+  second signal skips the rest of the grace period.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ CALL_TIMEOUT = 10.0
 SHUTDOWN_REPORT_TIMEOUT = 10.0
 # Most leases named in one HeartbeatTasks call (the server's cap).
 MAX_HEARTBEAT_BATCH = 1_000
-# Revoked leases and shutdown reports in the server's words.
+# Why the worker gives back what it did not finish when it shuts down.
 SHUTDOWN_ERROR = "worker shutting down"
 
 # The channel's own reconnect backoff defaults to 1 s growing to 120 s: a server back after a
@@ -93,6 +94,9 @@ _RESULT_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.R
 _RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+# What an attempt sends when it ends: its verdict, or (shutting down) its lease given back.
+_Report = workers_pb.CompleteTaskRequest | workers_pb.FailTaskRequest | workers_pb.ReleaseTaskRequest
 
 
 def default_worker_id() -> str:
@@ -176,7 +180,7 @@ class _Attempt:
     phase: str = "running"
     # Set when the server revoked the lease: the attempt is never reported.
     revoked: bool = False
-    # Set when the worker canceled it for shutdown: reported as a retryable failure.
+    # Set when the worker canceled it for shutdown: given back (ReleaseTask), not reported.
     shutdown: bool = False
 
     @property
@@ -461,8 +465,7 @@ class Worker:
         finally:
             self._finish(attempt)
 
-    async def _execute(self, attempt: _Attempt, definition: TaskDefinition[Any]
-                       ) -> workers_pb.CompleteTaskRequest | workers_pb.FailTaskRequest | None:
+    async def _execute(self, attempt: _Attempt, definition: TaskDefinition[Any]) -> _Report | None:
         """Run the handler; the report it earned, or None when nothing must be reported."""
         task = attempt.task
         ctx = attempt.ctx
@@ -481,7 +484,8 @@ class Worker:
             attempt.phase = "reporting"
             if attempt.revoked:
                 return None
-            return self._fail(task, SHUTDOWN_ERROR)
+            return workers_pb.ReleaseTaskRequest(task_id=task.task_id, attempt=task.attempt,
+                                                 worker_id=self.worker_id, reason=SHUTDOWN_ERROR)
         except NonRetryableError as e:
             attempt.phase = "reporting"
             ctx.logger.warning("failed (non-retryable): %s", e)
@@ -511,9 +515,9 @@ class Worker:
                                           worker_id=self.worker_id, error=error,
                                           non_retryable=non_retryable, retry_after_seconds=retry_after)
 
-    async def _report(self, attempt: _Attempt,
-                      request: workers_pb.CompleteTaskRequest | workers_pb.FailTaskRequest) -> None:
-        """Send the report until the server answers it, the lease is gone, or the worker exits."""
+    async def _report(self, attempt: _Attempt, request: _Report) -> None:
+        """Send the report (or release) until the server answers it, the lease is gone, or the
+        worker exits."""
         backoff = _Backoff()
         complete = isinstance(request, workers_pb.CompleteTaskRequest)
         task = attempt.task
@@ -523,8 +527,10 @@ class Worker:
                          task.task_id, task.attempt)
                 return
             try:
-                if complete:
+                if isinstance(request, workers_pb.CompleteTaskRequest):
                     await self._stub.CompleteTask(request, timeout=CALL_TIMEOUT, metadata=self._metadata)
+                elif isinstance(request, workers_pb.ReleaseTaskRequest):
+                    await self._stub.ReleaseTask(request, timeout=CALL_TIMEOUT, metadata=self._metadata)
                 else:
                     await self._stub.FailTask(request, timeout=CALL_TIMEOUT, metadata=self._metadata)
                 return

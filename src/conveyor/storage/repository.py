@@ -668,6 +668,15 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             .order_by(steps_t.c.lease_expires_at).limit(limit))
         return list(dict.fromkeys(r.workflow_run_id for r in rows))
 
+    async def database_now(self) -> datetime:
+        """The database server's own clock (`DatabaseClock` judges every timer by it)."""
+        if self.dialect == "postgresql":
+            # clock_timestamp(), not now(): the time of the call, not of the transaction's start.
+            return cast(datetime, (await self.conn.execute(select(func.clock_timestamp()))).scalar_one())
+        # SQLite's 'now' is the host's clock: every process on one file shares it.
+        value = (await self.conn.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))).scalar_one()
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
     async def extend_lease(self, step_id: str, attempt: int, holder: str, until: datetime,
                            now: datetime) -> bool:
         """Move a live lease's expiry to `until`, touching only the step row; False when the
