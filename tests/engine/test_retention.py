@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from conveyor.api.convert import workflow_data, workflow_to_proto
 from conveyor.domain.access import AuditEntry
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller, TriggerRequest
@@ -310,6 +311,9 @@ async def test_retention_days_is_validated_and_shown(engine: Engine) -> None:
     made = await engine.workflows.create(wf("good", [noop("a")], retention_days=3650), ME)
     assert made.spec.retention_days == 3650
     assert (await engine.workflows.get("good", "", ME)).spec.retention_days == 3650
+    # The Workflow resource shows it, and takes it back as the same definition.
+    shown = workflow_to_proto(made)
+    assert shown.retention_days == 3650 and workflow_data(shown)["retention_days"] == 3650
 
 
 def test_server_retention_settings_are_checked() -> None:
