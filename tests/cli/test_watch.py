@@ -299,6 +299,66 @@ def test_the_watch_resumes_after_the_server_is_killed_and_restarted(cli: Cli, na
             server.wait()
 
 
+def test_a_watch_resumed_before_the_final_event_ends_though_a_comment_follows_it(
+        cli: Cli, name: str, tmp_path: Path) -> None:
+    """The server is killed while the watch waits on an approval; meanwhile the run completes
+    and gets a comment (through another server, on another port, over the same database). The
+    watch resumes on its own port before the final event, gets it and the comment after it, and
+    exits 0 (the server ends the stream by the run's status, not by the last event's type)."""
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    port = _free_port()
+    data_dir, log_path = tmp_path / "data", tmp_path / "server.log"
+    server = _serve(db_url, data_dir, port, log_path)
+    own = Cli(f"127.0.0.1:{port}", data_dir, cli.home, server, log_path, db_url)
+    try:
+        own.apply(gated(name))
+        run = own.trigger(name)
+        watch = subprocess.Popen([sys.executable, "-m", "conveyor.cli", *_options(own), "watch", run["id"],
+                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=own.env(), cwd=cli.home)
+        try:
+            assert watch.stdout is not None
+            snapshot = watch.stdout.readline()
+            assert "snapshot" in json.loads(snapshot)
+            server.kill()
+            server.wait()
+
+            aside_port = _free_port()
+            aside = Cli(f"127.0.0.1:{aside_port}", data_dir, cli.home,
+                        _serve(db_url, data_dir, aside_port, log_path), log_path, db_url)
+            try:
+                aside.ok("steps", "approve", run["id"], "gate")
+                deadline = time.monotonic() + WAIT
+                while aside.get_run(run["id"])["status"] != "completed":
+                    assert time.monotonic() < deadline, "the approved run never completed"
+                    time.sleep(0.1)
+                aside.ok("runs", "comment", run["id"], "after the end")
+            finally:
+                aside.server.send_signal(signal.SIGTERM)
+                aside.server.wait(timeout=15)
+
+            server = own.server = _serve(db_url, data_dir, port, log_path)
+            out, err = watch.communicate(timeout=WAIT)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+        assert watch.returncode == 0, err
+        assert "lost; resuming" in err
+        messages = [json.loads(line) for line in [snapshot, *out.splitlines()] if line.strip()]
+        events = [m["event"] for m in messages if "event" in m]
+        start = int(messages[0]["snapshot"]["seq"])
+        assert [int(e["seq"]) for e in events] == list(range(start + 1, start + 1 + len(events)))
+        assert [e["type"] for e in events][-2:] == ["run.completed", "run.comment"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def test_a_watch_that_cannot_resume_gives_up(cli: Cli, name: str, tmp_path: Path) -> None:
     """With the server gone for good the watch fails (exit 1) once RESUME_WITHIN has passed;
     here a short one, set on the module before the command runs."""
