@@ -27,7 +27,8 @@ async def _expired(engine: Engine, clock: ManualClock) -> tuple[SqlStore, list[s
     """Two finished runs (one with a tag), two workflows, and a cutoff they both finished before."""
     for name in ("w1", "w2"):
         await engine.workflows.create({"name": name, "steps": [{"ref": "a", "kind": "noop"}]}, ME)
-    runs = [(await engine.runs.trigger(TriggerRequest(name, tags={"t": "v"}), ME)).id for name in ("w1", "w2")]
+    runs = [(await engine.runs.trigger(TriggerRequest(name, tags={"t": "v"}), ME)).id
+            for name in ("w1", "w2")]
     clock.advance(3600)
     store = engine.store
     assert isinstance(store, SqlStore)
@@ -109,6 +110,6 @@ async def test_the_audit_purge_is_bounded_and_oldest_first(engine: Engine, clock
     _assert_indexed(await _plan(store, sql, params), store.db.dialect, "ix_audit_at")
     async with store.write() as repo:
         assert await repo.purge_audit(start + timedelta(minutes=7), 4) == 3
-        left = sorted(int(r) for r in (await repo.conn.execute(  # type: ignore[attr-defined]
+        left = sorted(int(r) for r in (await repo.conn.execute(
             text("SELECT resource_id FROM audit_entries"))).scalars())
     assert left == [7, 8, 9]
