@@ -6,6 +6,8 @@ the list (the counts the API returned are shown). Each checks the DOM and the AP
 from __future__ import annotations
 
 import re
+import time
+import urllib.request
 import uuid
 from typing import Any
 
@@ -110,3 +112,49 @@ def test_bulk_cancel_two_waiting_runs(page: Page, ui_server: Any, rest: Rest) ->
         assert rest.run(r["id"])["status"] == "canceled"
     assert rest.run(untouched["id"])["status"] == "running"
     expect(row(page, untouched["id"]).locator('[data-field="status"]')).to_have_text("running")
+
+
+def _first_frame(rest: Rest, run_id: str) -> str:
+    """The first SSE frame of the run's watch as served now (its snapshot), as sent."""
+    request = urllib.request.Request(f"{rest.base_url}/v1/workflow-runs/{run_id}/watch", headers={
+        "Authorization": f"Bearer {rest.token}", "Accept": "text/event-stream"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        frame = ""
+        while not frame.endswith("\n\n"):
+            frame += response.readline().decode()
+        return frame
+
+
+def test_a_watch_cut_short_before_the_final_event_resumes_and_ends_though_a_comment_follows(
+        page: Page, ui_server: Any, rest: Rest) -> None:
+    """The page's first watch ends cleanly after a snapshot of the run still waiting (as a server
+    going away would end it); by then the run completed and got a comment. The dashboard does
+    not take that end for the run's: the run is not final, so it resumes after the snapshot's
+    seq, gets the final event and the comment, and then shows the run final and the watch over."""
+    gated = gated_workflow(rest)
+    run = rest.trigger(gated)
+    stale = _first_frame(rest, run["id"])  # running, `ok` waiting
+    assert '"waiting"' in stale
+    rest.call("POST", f"/v1/workflow-runs/{run['id']}/steps/ok/approve", {})
+    for _ in range(100):
+        if rest.run(run["id"])["status"] == "completed":
+            break
+        time.sleep(0.1)
+    rest.call("POST", f"/v1/workflow-runs/{run['id']}/comments", {"content": "after the end"})
+
+    cut = []
+
+    def first_watch_cut_short(route: Any) -> None:
+        if "after_seq" in route.request.url:
+            route.continue_()
+            return
+        cut.append(route.request.url)
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=stale)
+
+    page.route(re.compile(r".*/v1/workflow-runs/[^/]+/watch.*"), first_watch_cut_short)
+    sign_in(page, ui_server, f"#/runs/{run['id']}")
+    expect(page.locator('[data-field="run-status"]')).to_have_text("completed", timeout=TIMEOUT_MS)
+    expect(page.locator('.dag-node[data-ref="ok"]')).to_have_attribute("data-status", "completed")
+    expect(page.locator('[data-conn="ended"]')).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("table.events")).to_contain_text("after the end", timeout=TIMEOUT_MS)
+    assert len(cut) == 1

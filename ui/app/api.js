@@ -96,9 +96,11 @@ export async function page(path, params) {
  * `onMessage(msg)` gets each parsed message; after a dropped connection it reconnects with
  * `resume()` (the path to reopen, e.g. with after_seq of the last event seen), backing off up
  * to 10 s. A StreamError message is handed to onMessage; WATCHER_TOO_SLOW resumes at once.
- * Returns a function that stops it.
+ * A stream that ends by itself is over only when `finished()` says so (a run watch: its run is
+ * final, judged by the run's status as the messages left it); otherwise it was cut short (a
+ * server going away) and is resumed like a drop. Returns a function that stops it.
  */
-export function watch(initialPath, { onMessage, onState, resume }) {
+export function watch(initialPath, { onMessage, onState, resume, finished }) {
   const controller = new AbortController();
   let stopped = false;
   let delay = 500;
@@ -152,6 +154,7 @@ export function watch(initialPath, { onMessage, onState, resume }) {
         }
         outcome = 'dropped';
       }
+      if (outcome === 'ended' && !finished()) outcome = 'dropped';
       if (stopped || outcome === 'ended' || outcome === 'failed') {
         onState && onState(outcome === 'failed' ? 'error' : 'ended');
         return;

@@ -79,6 +79,9 @@ function useRunWatch(runId) {
         if (err) setError(err);
       },
       resume: from,
+      // The end of the stream is the end of the watch once the run is final, whatever event
+      // came last (a comment, a retry, a notification's outcome may follow the final one).
+      finished: () => Boolean(current.current && FINAL_RUN.has(current.current.run.status)),
     });
     return () => { stopped = true; stop(); };
   }, [runId, generation]);

@@ -240,6 +240,7 @@ export function RunsView({ route }) {
         },
         onState: (s) => setConn(s),
         resume: pathOf,
+        finished: () => false, // a project watch never ends by itself: an end is a drop
       });
     });
     return () => stops.forEach((stop) => stop());
