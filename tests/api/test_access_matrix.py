@@ -635,6 +635,8 @@ CASES: dict[str, Case] = {
         task_id=t.task_id, attempt=t.attempt, worker_id=WORKER, result=struct({"done": True}))),
     "FailTask": task_case(lambda t: workers_pb.FailTaskRequest(
         task_id=t.task_id, attempt=t.attempt, worker_id=WORKER, error="boom")),
+    "ReleaseTask": task_case(lambda t: workers_pb.ReleaseTaskRequest(
+        task_id=t.task_id, attempt=t.attempt, worker_id=WORKER, reason="deploying")),
     # KeysService
     "CreateApiKey": Case(_create_key, foreign=FORBIDDEN,
                          ok=lambda w, r, o: _check(_first(o).key.project_id == ALPHA

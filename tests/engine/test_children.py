@@ -810,7 +810,8 @@ async def test_capped_chains_on_two_engines_do_not_deadlock(pair: Pair) -> None:
     takes a key-share lock on its workflow's row (the foreign key). Engine A's batch holds only
     runs of p1 (it locks p1 and starts children of x); engine B's holds runs of q and x (it locks
     q and x and starts children of p1). Each pass, once it holds its workflow locks, waits (up
-    to a second) for the other to hold its own: the two passes must still not deadlock."""
+    to half a second: below SQLite's busy timeout, which the other waits with) for the other to
+    hold its own: the two passes must still not deadlock."""
     p, out = pair, Outcomes()
     cap = {"max_concurrent_runs": 1000}
     await p.a.workflows.create(wf("x", [noop("n")], **cap), ME)
@@ -833,7 +834,7 @@ async def test_capped_chains_on_two_engines_do_not_deadlock(pair: Pair) -> None:
                 if got and not locked[me].is_set():
                     locked[me].set()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(locked[other].wait(), 1.0)
+                        await asyncio.wait_for(locked[other].wait(), 0.5)
                 return got
             return capped
         me.runner.capped = hold()  # type: ignore[method-assign]

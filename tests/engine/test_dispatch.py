@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from conveyor.domain.errors import ConveyorError
-from conveyor.domain.records import Caller, TriggerRequest
+from conveyor.domain.records import Caller, RunQuery, TriggerRequest
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine import dispatch as dispatch_module
 from conveyor.engine.clock import ManualClock
@@ -408,3 +408,48 @@ async def test_a_retried_task_wakes_its_queue_when_its_backoff_ends(engine: Engi
     (again,) = await asyncio.wait_for(waiting, 2)
 
     assert (again.step.id, again.step.attempt) == (lease.step.id, 2)
+
+
+# -- losses -------------------------------------------------------------------------------------
+
+
+async def test_a_stream_closed_before_delivery_gives_its_undelivered_leases_back(engine: Engine) -> None:
+    await engine.workflows.create(one_task(), ME)
+    run_ids = await trigger(engine, "work", n=3)
+    await engine.tick()
+    stream = open_stream(engine, "w1", max_in_flight=3)
+    first = await next_item(stream, 5)
+    second = await next_item(stream, 5)  # asking again: the first was written to the worker
+
+    await stream.aclose()  # the worker hung up with the second on its way and the third unsent
+    await engine.dispatch.close()
+
+    by_run = {run_id: await step_of(engine, run_id) for run_id in run_ids}
+    delivered = by_run[first.run.id]
+    assert delivered.status == StepStatus.RUNNING and delivered.worker_id == "w1"
+    for run_id in set(run_ids) - {first.run.id}:
+        step = by_run[run_id]
+        assert step.status == StepStatus.QUEUED and step.attempt == 1, step
+        (lost,) = [e for e in await events_of(engine, run_id) if e.data and "lost" in e.data]
+        assert lost.data["lost"] == "released by 'w1': the task stream closed before the task was delivered"
+    assert second.run.id in set(run_ids) - {first.run.id}
+    # Offered again at once, to anyone.
+    again = await engine.leases.acquire("q", "w2", 60, 10, ME)
+    assert sorted(lease.step.attempt for lease in again) == [2, 2]
+
+
+async def test_a_quiescing_dispatch_hands_out_nothing_and_ends_its_streams(engine: Engine) -> None:
+    await engine.workflows.create(one_task(), ME)
+    stream = open_stream(engine, "w1", max_in_flight=2)
+    waiting = asyncio.ensure_future(next_item(stream, 5))
+
+    engine.dispatch.quiesce()
+    await trigger(engine, "work")
+    await engine.tick()
+
+    with pytest.raises(StopAsyncIteration):
+        await waiting
+    req = engine.dispatch.request("", "q", "w2", 60, ME)
+    assert await engine.dispatch.poll(req, 5, 0) == []
+    (run_id,) = [r.id for r in (await engine.runs.list(RunQuery(), 10, "", ME)).items]
+    assert (await step_of(engine, run_id)).status == StepStatus.QUEUED

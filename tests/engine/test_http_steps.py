@@ -495,12 +495,40 @@ async def test_the_background_loop_runs_steps_as_they_become_ready_within_the_ca
 
 # -- at-least-once -----------------------------------------------------------------------------
 
+async def test_a_server_stop_mid_request_gives_the_attempt_back_as_lost(
+        engine: Engine, server: Server, make_engine: Callable[..., Engine]) -> None:
+    server.handler = _hang_first(server)
+    run_id = await one_http_run(engine, {"url": server.url()})  # max_attempts 1
+    stopping = make_engine()  # a replica whose executor runs in the background, then stops
+    stopping.http.start()
+    await server.wait_for(lambda: len(server.requests) == 1)
+
+    await stopping.http.stop()
+
+    step = await step_of(engine, run_id)
+    assert step.status == StepStatus.QUEUED and step.attempt == 1
+    assert step.error.endswith(f"lost: released by {stopping.http.holder!r}: server stopping")
+    (lost,) = [e for e in await events_of(engine, run_id) if e.data and "lost" in e.data]
+    assert lost.data["attempt"] == 1
+    assert await engine.http.run_once() == 1  # offered again at once: no clock moved
+    step = await step_of(engine, run_id)
+    assert step.status == StepStatus.COMPLETED and step.attempt == 2
+    assert len(server.requests) == 2
+    assert await status(engine, run_id) == RunStatus.COMPLETED
+    await check_history(engine, run_id)
+
+
+def _hang_first(server: Server) -> Handler:
+    """A handler that never answers the first request and answers every later one."""
+    async def hang_first(seen: Seen) -> Reply | None:
+        return None if len(server.requests) == 1 else json_reply({"ok": True})
+    return hang_first
+
+
 async def test_a_crash_mid_request_runs_the_step_again_once_its_lease_expires(
         engine: Engine, server: Server, clock: ManualClock) -> None:
-    async def first_hangs(seen: Seen) -> Reply | None:
-        return None if len(server.requests) == 1 else json_reply({"ok": True})
-    server.handler = first_hangs
-    run_id = await one_http_run(engine, {"url": server.url()}, attempts=2)
+    server.handler = _hang_first(server)
+    run_id = await one_http_run(engine, {"url": server.url()})  # max_attempts 1
 
     # A second executor (a process of its own) leases the step and dies mid-request: it never
     # reports anything.
@@ -516,10 +544,9 @@ async def test_a_crash_mid_request_runs_the_step_again_once_its_lease_expires(
     assert await engine.http.run_once() == 0  # still leased: nobody else takes it
 
     clock.advance(Settings().http_default_timeout_seconds + LEASE_MARGIN_SECONDS)
-    await engine.tick()  # the expired lease is a failed attempt, retried after 1 s
+    await engine.tick()  # the expired lease is a lost attempt (no verdict), offered again at once
     step = await step_of(engine, run_id)
-    assert step.status == StepStatus.QUEUED and "expired" in step.error
-    clock.advance(1)
+    assert step.status == StepStatus.QUEUED and "lost" in step.error and "expired" in step.error
     assert await engine.http.run_once() == 1
 
     step = await step_of(engine, run_id)
