@@ -6,8 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
+
+from conveyor.domain.errors import is_outage
+
+
+def log_loop_failure(log: logging.Logger, what: str, error: Exception) -> None:
+    """A background loop's pass failed: a database outage is one line (the store logged why,
+    and every pass of every loop meets it until the database is back), anything else a bug
+    worth its traceback."""
+    if is_outage(error):
+        log.warning("%s: %s", what, error)
+    else:
+        log.error("%s", what, exc_info=error)
 
 
 class Background:

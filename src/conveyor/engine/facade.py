@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from conveyor.engine.audit import AuditLog
-from conveyor.engine.background import Background
+from conveyor.engine.background import Background, log_loop_failure
 from conveyor.engine.clock import Clock, DatabaseClock
 from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
@@ -125,10 +125,10 @@ class Engine:
             await asyncio.sleep(PURGE_INTERVAL_SECONDS)
             try:
                 await self.retention.sweep()
-            except Exception:
+            except Exception as e:
                 # A sweep failing now and then is harmless: what it left is deleted by the next,
                 # and expired rows are ignored meanwhile (they only take room).
-                log.exception("the retention sweep failed")
+                log_loop_failure(log, "the retention sweep failed", e)
 
     async def sync_clock(self) -> None:
         """Measure the database clock's offset from this host's (`DatabaseClock`)."""
@@ -157,9 +157,9 @@ class Engine:
             await asyncio.sleep(KEY_USAGE_INTERVAL_SECONDS)
             try:
                 await self.keys.flush_usage()
-            except Exception:
+            except Exception as e:
                 # Only last_used_at is late; the next flush writes it.
-                log.exception("recording when API keys were last used failed")
+                log_loop_failure(log, "recording when API keys were last used failed", e)
 
     async def tick(self) -> int:
         """Advance every run that is due now; returns how many runs were looked at."""

@@ -40,7 +40,7 @@ from conveyor.domain.errors import ConveyorError
 from conveyor.domain.feed import HTTP_KEY
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
-from conveyor.engine.background import Background, abandon
+from conveyor.engine.background import Background, abandon, log_loop_failure
 from conveyor.engine.egress import (
     EgressClient,
     EgressDenied,
@@ -167,10 +167,10 @@ class HttpSteps:
             if free > 0:
                 try:
                     leases = await self._lease(free, probe)
-                except Exception:
+                except Exception as e:
                     # The database is unavailable or the lease failed: the steps stay ready in
                     # the database; look again after the idle wait.
-                    log.exception("http steps: leasing failed")
+                    log_loop_failure(log, "http steps: leasing failed", e)
                     leases = []
                 for lease in leases:
                     task = asyncio.create_task(self._attempt(lease), name=f"http-step-{lease.step.id}")

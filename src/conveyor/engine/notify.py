@@ -47,7 +47,7 @@ from conveyor.domain.notifications import (
     signature,
 )
 from conveyor.domain.spec import RetryPolicy
-from conveyor.engine.background import Background, abandon
+from conveyor.engine.background import Background, abandon, log_loop_failure
 from conveyor.engine.clock import Clock
 from conveyor.engine.egress import (
     EgressClient,
@@ -148,9 +148,9 @@ class Notifier:
             if free > 0:
                 try:
                     claimed, next_due = await self._claim_if_due(free)
-                except Exception:
+                except Exception as e:
                     # The database is unavailable: the rows wait in the outbox; look again later.
-                    log.exception("notifications: claiming failed")
+                    log_loop_failure(log, "notifications: claiming failed", e)
                     claimed, next_due = [], None
                 for entry in claimed:
                     task = asyncio.create_task(self._deliver(entry), name=f"notify-{entry.id}")

@@ -45,7 +45,7 @@ from conveyor.domain.records import RunRecord, WorkflowRecord
 from conveyor.domain.spec import Schedule, apply_variables
 from conveyor.domain.states import RunStatus
 from conveyor.engine import creation
-from conveyor.engine.background import Background
+from conveyor.engine.background import Background, log_loop_failure
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.ports import Store
@@ -206,8 +206,8 @@ class Schedules:
                     at = await repo.next_schedule_fire()
                 if at is not None:
                     wait = min(wait, max(_MIN_WAIT_SECONDS, (at - self.clock.now()).total_seconds()))
-            except Exception:
+            except Exception as e:
                 # Database trouble or a bug: nothing of the failed batch happened; the next
                 # pass tries again.
-                log.exception("firing due schedules failed")
+                log_loop_failure(log, "firing due schedules failed", e)
             await asyncio.sleep(wait)
