@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/workers.py --http
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/watch.py
+	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/faults.py
 
 clean:
