@@ -73,6 +73,7 @@ async def test_queue_wait_and_lease_expiry_by_kind_and_queue(engine: Engine, clo
     clock.advance(31)  # w1 never heartbeats
     await engine.tick()
     assert value(engine, "conveyor_lease_expiries_total", kind="task", queue="gpu") == 1
+    assert value(engine, "conveyor_step_losses_total", kind="task", queue="gpu") == 1
     # The attempt was lost: it went back to the queue after 31 s.
     assert step_seconds(engine, "sum", "task", "queued", "gpu") == 31
     clock.advance(2)
@@ -85,6 +86,7 @@ async def test_queue_wait_and_lease_expiry_by_kind_and_queue(engine: Engine, clo
     await engine.leases.complete(again.step.id, 2, "w2", {"ok": True}, ME)
     assert step_seconds(engine, "sum", "task", "completed", "gpu") == 4
     assert value(engine, "conveyor_lease_expiries_total", kind="task", queue="gpu") == 1  # a report is none
+    assert value(engine, "conveyor_step_losses_total", kind="task", queue="gpu") == 1
     assert value(engine, "conveyor_runs_finished_total", status="completed") == 1
 
 

@@ -73,6 +73,8 @@ class Changes:
         # Other runs this unit's changes concern, to be woken (not locked): a child run whose
         # step stopped waiting for it, a parent whose child run ended.
         self.signals: set[str] = set()
+        # Steps whose running attempt this unit counted as lost (SPEC §4.3), for the metrics.
+        self.lost: list[StepRecord] = []
 
     @property
     def dirty(self) -> bool:

@@ -388,6 +388,7 @@ def lose_step(c: Changes, step: StepRecord, spec: StepSpec, why: str) -> None:
     step with reason LOST (a task that kills every worker taking it must not loop forever)."""
     step.losses += 1
     step.loss_streak += 1
+    c.lost.append(step)
     if step.loss_streak >= spec.retry.max_losses:
         step.error = f"{LOST}: attempt {step.attempt} lost ({why}), {step.loss_streak} lost in a row"
         c.step_to(step, S.FAILED, step.error,

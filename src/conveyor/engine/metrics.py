@@ -63,6 +63,10 @@ class Metrics:
         self.lease_expiries = Counter(
             "conveyor_lease_expiries", "Leases that expired (their holder stopped heartbeating) "
             "and were revoked by the engine, by kind and queue", ["kind", "queue"], registry=r)
+        self.losses = Counter(
+            "conveyor_step_losses", "Attempts that ended with no verdict (lease expired with no "
+            "report, released by their holder): offered again, no retry spent; by kind and queue",
+            ["kind", "queue"], registry=r)
         self.pass_seconds = Histogram(
             "conveyor_runner_pass_seconds", "Runner passes (claim due runs, plan, save, commit) "
             "that committed, by wall time", buckets=_PASS_BUCKETS, registry=r)
@@ -116,6 +120,8 @@ class Metrics:
                 self._child(self.runs_finished, run.status.value).inc()
             if c.steps:
                 self._steps(c)
+            for step in c.lost:
+                self._child(self.losses, step.kind, step.queue).inc()
 
     def _steps(self, c: Changes) -> None:
         now = c.now
