@@ -1,7 +1,8 @@
 """Who may call what, proven over the real server (issue 7 items 2 and 3, SPEC §6).
 
 The role table: every RPC of the descriptors has an entry in `RPC_ROLES` (and no entry names
-an RPC that does not exist), each role is refused exactly the RPCs above it, and every way of
+an RPC that does not exist), each role is refused exactly the RPCs it does not include (the
+worker role: everything but the task leases and reports), and every way of
 not presenting a usable key (none, garbage, the wrong scheme, revoked, expired) is
 UNAUTHENTICATED, for every RPC but the webhook delivery (its URL's token is the credential).
 
@@ -11,8 +12,9 @@ names alpha's resource (`CASES`, one per RPC, checked to cover them all). A suff
 alpha or `*` behaves as an admin would (the cell's own fresh resource where the call changes
 state, so no cell breaks the next); too low a role is PERMISSION_DENIED; a foreign key gets
 exactly what the same call gets for an id that does not exist (code, reason, message, details),
-empty lists, PROJECT_FORBIDDEN where it names alpha as the project to act in, and changes
-nothing of alpha's (checked against a snapshot after the whole matrix).
+empty lists, PROJECT_FORBIDDEN where it names alpha as the project to act in (secrets: what
+naming a project that does not exist gets), and changes nothing of alpha's (checked against a
+snapshot after the whole matrix).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from conveyor.settings import Settings
 from conveyor.v1 import audit_service_pb2 as audit_pb
 from conveyor.v1 import keys_service_pb2 as keys_pb
 from conveyor.v1 import resources_pb2 as pb
+from conveyor.v1 import secrets_service_pb2 as secrets_pb
 from conveyor.v1 import step_runs_service_pb2 as steps_pb
 from conveyor.v1 import webhooks_service_pb2 as hooks_pb
 from conveyor.v1 import workers_service_pb2 as workers_pb
@@ -58,7 +61,7 @@ STRUCT = "google.protobuf.Struct"
 ALPHA, BETA = "alpha", "beta"
 # The project feed's first position (storage/run_changes.py's cursor of (txid 0, id 0)).
 FEED_START = base64.urlsafe_b64encode(json.dumps([0, 0]).encode()).decode().rstrip("=")
-ROLES = ("viewer", "operator", "admin")
+ROLES = ("worker", "viewer", "operator", "admin")
 SCOPES = {"own": ALPHA, "foreign": BETA, "star": "*"}
 YEARLY = {"cron": "0 0 1 1 *"}
 WORKER = "w-alpha"
@@ -189,7 +192,7 @@ def needed(method: MethodDescriptor) -> Role | None:
 def role_below(method: MethodDescriptor, role: str) -> bool:
     """Whether a key of `role` is too low for `method` (never for a keyless RPC)."""
     need = needed(method)
-    return need is not None and Role[role.upper()] < need
+    return need is not None and not Role[role.upper()].includes(need)
 
 
 # -- the role table --------------------------------------------------------------------------
@@ -212,16 +215,17 @@ _OPERATOR_WORKFLOW_RPCS = {"PauseSchedule", "ResumeSchedule"}
 
 
 def rule_role(method: MethodDescriptor) -> Role | None:
-    """The role issue 7 and SPEC §6 give an RPC: viewer reads and watches; operator triggers,
-    operates runs and steps, comments and leases tasks (a worker is an operator of its
-    project); admin changes definitions and webhooks, manages keys and reads the audit log."""
+    """The role issues 7 and 16 and SPEC §6 give an RPC: worker leases, heartbeats, reports and
+    releases tasks (and operators and admins may too); viewer reads and watches; operator
+    triggers, operates runs and steps, comments; admin changes definitions and webhooks, manages
+    keys and reads the audit log."""
     service, name = method.containing_service.name, method.name
     if service == "WebhooksService":
         return None
-    if service in ("KeysService", "AuditService"):
+    if service in ("KeysService", "AuditService", "SecretsService"):
         return Role.ADMIN
     if service == "WorkersService":
-        return Role.OPERATOR
+        return Role.WORKER
     if name.startswith(("Get", "List", "Watch")):
         return Role.VIEWER
     if service == "WorkflowsService" and name not in _OPERATOR_WORKFLOW_RPCS:
@@ -235,9 +239,22 @@ def test_the_role_table_follows_the_rule_of_the_roles() -> None:
     assert differ == {}, "(table, rule) of the RPCs whose role breaks the rule"
 
 
+def test_a_worker_may_work_tasks_and_nothing_else_and_operators_keep_that_right() -> None:
+    def may(role: Role) -> list[str]:
+        return sorted(m.rsplit("/", 1)[-1] for m, need in RPC_ROLES.items()
+                      if need is not None and role.includes(need))
+
+    worker_rpcs = ["CompleteTask", "FailTask", "HeartbeatTask", "HeartbeatTasks", "PollTasks", "ReleaseTask",
+                   "StreamTasks"]
+    assert may(Role.WORKER) == worker_rpcs
+    assert set(may(Role.VIEWER)).isdisjoint(worker_rpcs)
+    assert set(worker_rpcs) <= set(may(Role.OPERATOR)) <= set(may(Role.ADMIN))
+
+
 async def test_each_role_is_refused_exactly_the_rpcs_above_it(served: Served) -> None:
-    """Viewer read and watch; operator + trigger, run/step operations, worker leases; admin +
-    definitions, keys, the audit log. Empty requests: the gate decides before anything else."""
+    """Worker: task leases and reports only; viewer read and watch; operator + trigger, run/step
+    operations, worker leases; admin + definitions, keys, the audit log. Empty requests: the
+    gate decides before anything else."""
     engine = served.api.engine
     tokens = {role: await key(engine, f"any-{role}", "*", role) for role in ROLES}
     wrong: list[str] = []
@@ -416,6 +433,8 @@ Build = Callable[[World, bool], Awaitable[Message]]
 Check = Callable[[World, Message, Outcome], None]
 
 ABSENT, FORBIDDEN, EMPTY = "absent", "forbidden", "empty"
+# Secrets live under a project's path: a foreign key naming alpha gets what naming no project gets.
+NO_PROJECT = "no project"
 
 
 @dataclass
@@ -424,7 +443,8 @@ class Case:
     cell allowed to act) on a resource of the cell's own where the call changes state; with
     fresh=False on the shared one. `foreign`: what a foreign key with the role gets — ABSENT
     (what the same request gets with ids that do not exist), FORBIDDEN (PROJECT_FORBIDDEN:
-    the request names alpha as the project to act in) or EMPTY (a list: nothing of alpha's).
+    the request names alpha as the project to act in), EMPTY (a list: nothing of alpha's) or
+    NO_PROJECT (what the same request gets naming a project that does not exist).
     `ok`: checks an allowed cell's result. `pool`/`work`: allowed cells use a fresh run /
     a ready task of queue "work" (counted up front)."""
 
@@ -499,6 +519,19 @@ async def _create_workflow(w: World, fresh: bool) -> Message:
 async def _create_key(w: World, fresh: bool) -> Message:
     return keys_pb.CreateApiKeyRequest(name=w.next("key") if fresh else "refused-key",
                                        project_id=ALPHA, role="viewer")
+
+
+async def _put_secret(w: World, fresh: bool) -> Message:
+    name = f"S_{next(w.serial)}" if fresh else "TOKEN"  # a refused call must not replace alpha's
+    return secrets_pb.PutSecretRequest(project_id=ALPHA, name=name, value="v")
+
+
+async def _delete_secret(w: World, fresh: bool) -> Message:
+    if not fresh:
+        return secrets_pb.DeleteSecretRequest(project_id=ALPHA, name="TOKEN")
+    name = f"D_{next(w.serial)}"
+    await w.api.engine.secrets.put(TEST_ADMIN, ALPHA, name, "v")
+    return secrets_pb.DeleteSecretRequest(project_id=ALPHA, name=name)
 
 
 async def _revoke_key(w: World, fresh: bool) -> Message:
@@ -647,6 +680,13 @@ CASES: dict[str, Case] = {
     # AuditService
     "ListAuditEntries": shared(lambda w: audit_pb.ListAuditEntriesRequest(project_id=ALPHA), foreign=EMPTY,
                                ok=lambda w, r, o: _all_of(ALPHA, o)),
+    # SecretsService: names and dates come back, never a value.
+    "PutSecret": Case(_put_secret, foreign=NO_PROJECT,
+                      ok=lambda w, r, o: _check((_first(o).project_id, _first(o).name) == (ALPHA, r.name))),
+    "ListSecrets": shared(lambda w: secrets_pb.ListSecretsRequest(project_id=ALPHA), foreign=NO_PROJECT,
+                          ok=lambda w, r, o: _check("TOKEN" in {s.name for s in o.items}
+                                                    and {s.project_id for s in o.items} == {ALPHA})),
+    "DeleteSecret": Case(_delete_secret, foreign=NO_PROJECT),
     # WebhooksService: the URL's token is the credential, whoever sends it.
     "DeliverWebhook": shared(lambda w: hooks_pb.DeliverWebhookRequest(token=w.hook_token),
                              ok=lambda w, r, o: _check((_first(o).project_id, _first(o).workflow_id)
@@ -708,7 +748,7 @@ async def build_world(served: Served) -> World:
         await api.trigger(work_wf.id)
     beta_work = await api.create_workflow({"name": "work", "project_id": BETA,
                                            "steps": [{"ref": "w", "kind": "task", "queue": "work"}]})
-    for _ in range(2):  # younger than alpha's: one for each foreign worker role's stream
+    for _ in range(3):  # younger than alpha's: one for each foreign worker role's stream
         await api.trigger(beta_work.id)
     await engine.tick()
 
@@ -723,6 +763,7 @@ async def build_world(served: Served) -> World:
         api, "CreateApiKey", keys_pb.CreateApiKeyRequest(name="alpha-ci", project_id=ALPHA, role="operator"))
     rotated = await api.workflows.RotateWebhook(wf_pb.RotateWebhookRequest(workflow_id=wf.id))
     await api.runs.AddRunComment(runs_pb.AddRunCommentRequest(workflow_run_id=run.id, content="looks good"))
+    await engine.secrets.put(TEST_ADMIN, ALPHA, "TOKEN", "alpha's value")
     fake = {ident: new_id() for ident in (wf.id, run.id, task.task_id, created.key.id)}
     return World(api=api, bare=served.bare, tokens=tokens, wf=wf, run_id=run.id, task=task,
                  key_id=created.key.id, key_token=created.token,
@@ -740,7 +781,10 @@ async def alpha_state(w: World) -> dict[str, Any]:
     keys = await as_admin(api, "ListApiKeys",
                           keys_pb.ListApiKeysRequest(project_id=ALPHA, include_revoked=True))
     (alpha_ci,) = [k for k in keys if k.id == w.key_id]
+    (token,) = [s for s in await as_admin(api, "ListSecrets", secrets_pb.ListSecretsRequest(
+        project_id=ALPHA, limit=1000)) if s.name == "TOKEN"]
     return {
+        "secret": token.updated_at.ToJsonString(),
         "run": (run.status, run.project_id),
         "steps": {s.step_ref: (s.status, s.attempt) for s in steps},
         "events": [(e.seq, e.type) for e in events],
@@ -776,6 +820,8 @@ async def test_every_rpc_by_every_role_of_alpha_a_foreign_project_and_every_proj
                 assert not outcome.items
             elif case.foreign == EMPTY:
                 await check_foreign_list(w, cell, request, outcome, metadata)
+            elif case.foreign == NO_PROJECT:
+                await check_as_if_absent(w, cell, request, outcome, metadata, {ALPHA: "nowhere"})
             else:
                 await check_as_if_absent(w, cell, request, outcome, metadata)
         except Exception as e:
@@ -806,15 +852,17 @@ async def test_every_rpc_by_every_role_of_alpha_a_foreign_project_and_every_proj
 
 
 async def check_as_if_absent(w: World, cell: Cell, request: Message, outcome: Outcome,
-                             metadata: Sequence[tuple[str, str]]) -> None:
-    """The foreign key's answer is exactly the answer for ids that name nothing."""
-    twin = substitute(request, w.fake)
+                             metadata: Sequence[tuple[str, str]], fake: dict[str, str] | None = None) -> None:
+    """The foreign key's answer is exactly the answer for ids that name nothing (`fake`: alpha's
+    ids, or what else the request names, to what names nothing)."""
+    fake = w.fake if fake is None else fake
+    twin = substitute(request, fake)
     assert twin != request, "the request names none of alpha's ids"
     absent = await invoke(w.bare, cell.method, twin, metadata,
                           first_only=CASES[cell.method.name].first_only)
-    seen = Outcome(outcome.code, outcome.reason, swap_text(outcome.message, w.fake),
-                   {k: swap_text(v, w.fake) for k, v in outcome.metadata.items()},
-                   [substitute(item, w.fake) for item in outcome.items])
+    seen = Outcome(outcome.code, outcome.reason, swap_text(outcome.message, fake),
+                   {k: swap_text(v, fake) for k, v in outcome.metadata.items()},
+                   [substitute(item, fake) for item in outcome.items])
     assert seen == absent, f"absent: {absent}"
     if absent.code != OK:
         assert absent.code == grpc.StatusCode.NOT_FOUND and not absent.items
@@ -837,7 +885,7 @@ async def check_foreign_workers_lease_nothing(w: World, bare: grpc.aio.Channel) 
     though alpha's "work" tasks are older than beta's (tasks are leased oldest first)."""
     wrong = []
     poll, stream = method_named("PollTasks"), method_named("StreamTasks")
-    roles = ("operator", "admin")
+    roles = ("worker", "operator", "admin")
     for role in roles:
         # Beta has one "work" task per foreign role: each stream's first message leases one.
         streamed = await invoke(bare, stream, workers_pb.StreamTasksRequest(

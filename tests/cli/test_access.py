@@ -44,6 +44,10 @@ def test_a_key_created_in_the_database_acts_with_its_role_and_project(cli: Cli, 
     assert run.code == 0, run.err
     run_id = run.json()["id"]
     assert run.json()["triggered_by"] == f"{name}-op"
+    # A worker key of the project works tasks and reads nothing, not even the run.
+    worker = new_key(cli, f"{name}-worker", "cli-web", "worker")
+    unread = as_key(cli, worker, "runs", "get", run_id)
+    assert unread.code == 4 and "ROLE_TOO_LOW" in unread.err
     # Another project's admin: the run is not there for it.
     hidden = as_key(cli, stranger, "runs", "get", run_id)
     assert hidden.code == 5 and "RUN_NOT_FOUND" in hidden.err

@@ -10,9 +10,13 @@ is too low: PERMISSION_DENIED (403); over the key's rate: RESOURCE_EXHAUSTED (42
 `retry-after` header. Project isolation is not decided here: every use case scopes by the
 caller's project, so a foreign resource answers NOT_FOUND as if absent.
 
-Worker RPCs need an operator key of the project (decision, README): a worker leases, completes
-and fails steps of its project's runs, which is what an operator may do; a separate role would
-add a fourth rung for no capability an operator lacks.
+Worker RPCs need a `worker` key of the project, or an operator's or admin's (decision, README):
+a worker key may lease, heartbeat, report and release its project's tasks and do nothing else,
+so a process that runs tasks holds no right to read, cancel or steer the project's runs.
+
+A stream outlives its admission: it holds its key (engine/keys.py `KeyHolds`) and ends with
+UNAUTHENTICATED once the key is revoked or expires, on every replica (the engine's streams check
+it; see there).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller
 from conveyor.engine.facade import Engine
 
-V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+W, V, OP, A = Role.WORKER, Role.VIEWER, Role.OPERATOR, Role.ADMIN
 
 # The role each RPC needs, by service then method; None: no key (the webhook's URL carries its
 # own secret). A test checks every RPC of the descriptors has an entry, so a new RPC cannot be
@@ -57,8 +61,8 @@ _ROLES: dict[str, dict[str, Role | None]] = {
         "RetryStep": OP, "ReplaySubtree": OP,
     },
     "WorkersService": {
-        "PollTasks": OP, "StreamTasks": OP, "HeartbeatTask": OP, "HeartbeatTasks": OP, "CompleteTask": OP,
-        "FailTask": OP, "ReleaseTask": OP,
+        "PollTasks": W, "StreamTasks": W, "HeartbeatTask": W, "HeartbeatTasks": W, "CompleteTask": W,
+        "FailTask": W, "ReleaseTask": W,
     },
     "KeysService": {"CreateApiKey": A, "ListApiKeys": A, "RevokeApiKey": A},
     "AuditService": {"ListAuditEntries": A},
@@ -72,8 +76,7 @@ RPC_ROLES: dict[str, Role | None] = {
 # deliveries), but not the workers' lease traffic, which is high-volume and already recorded as
 # run events naming the worker.
 AUDITED: frozenset[str] = frozenset(
-    m for m, role in RPC_ROLES.items()
-    if (role is None or role >= OP) and not m.startswith("/conveyor.v1.WorkersService/"))
+    m for m, role in RPC_ROLES.items() if role is None or role in (OP, A))
 # Served without a key: grpc's health checks and reflection.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -136,7 +139,7 @@ class Gate:
                                 "the API key is unknown, revoked or expired")
         caller = key.caller()
         bind(caller)
-        if key.role < needed:
+        if not key.role.includes(needed):
             raise ConveyorError(ErrorKind.PERMISSION_DENIED, "ROLE_TOO_LOW",
                                 f"{method.rsplit('/', 1)[-1]} needs the {needed.label} role; "
                                 f"key {key.name!r} is {key.role.label}",

@@ -82,7 +82,9 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="Unique name; runs and events record it as the actor.")
 @click.option("--project", required=True, help="The project the key may act in, or * for every project.")
-@click.option("--role", required=True, type=click.Choice(["viewer", "operator", "admin"]))
+@click.option("--role", required=True, type=click.Choice(["worker", "viewer", "operator", "admin"]),
+              help="worker: only leases and reports tasks; viewer: reads and watches; operator: + triggers "
+                   "and steers runs; admin: + definitions, webhooks, keys, the audit log.")
 @click.option("--expires-in", "expires_in", metavar="DURATION",
               help="e.g. 30d, 12h, 90m, 2w (default: never).")
 @click.option("--rate-limit", type=click.IntRange(min=0), default=0,

@@ -30,13 +30,18 @@ KEY_TOKEN_PREFIX = "cvk_"
 WEBHOOK_TOKEN_PREFIX = "whk_"
 # Characters of a token kept in the clear, to recognize a key in lists ("cvk_3fA9").
 TOKEN_PREFIX_LENGTH = 8
+# Every character a token may hold (well_formed_token).
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 # Names travel in events and audit entries as the actor: a boring alphabet, like project ids.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,99}")
 
 
 class Role(IntEnum):
-    """Roles, ordered: each may do everything the ones below it may."""
+    """Roles. Viewer, operator and admin are a ladder: each may do everything the ones below it
+    may. The worker stands beside the ladder: it may only lease, heartbeat, report and release
+    its project's tasks (not even read a run), which operators and admins may do too."""
 
+    WORKER = 0  # lease, heartbeat, report and release tasks; nothing else
     VIEWER = 1  # read and watch
     OPERATOR = 2  # + trigger, every run and step operation, comments, worker leases
     ADMIN = 3  # + workflow definitions, webhooks, keys, the audit log
@@ -45,14 +50,24 @@ class Role(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    def includes(self, needed: Role) -> bool:
+        """Whether a key of this role may do what needs `needed`."""
+        if needed is Role.WORKER:
+            return self is Role.WORKER or self >= Role.OPERATOR
+        return self >= needed  # the worker (0) is below every rung of the ladder
+
+
+ROLE_NAMES = ", ".join(r.label for r in Role)
+
 
 def parse_role(text: str) -> Role:
-    """The role named `text` ("viewer", "operator", "admin"); INVALID_ARGUMENT otherwise."""
+    """The role named `text` ("worker", "viewer", "operator", "admin"); INVALID_ARGUMENT
+    otherwise."""
     try:
         return Role[text.upper()]
     except KeyError:
-        raise invalid(f"role must be viewer, operator or admin, not {text!r}",
-                      [FieldViolation("role", "must be viewer, operator or admin")],
+        raise invalid(f"role must be one of {ROLE_NAMES}, not {text!r}",
+                      [FieldViolation("role", f"must be one of {ROLE_NAMES}")],
                       reason="INVALID_ROLE") from None
 
 
@@ -67,6 +82,13 @@ def check_name(name: str) -> str:
 def new_token(prefix: str) -> str:
     """A fresh bearer token: `prefix` then 43 URL-safe characters (256 random bits)."""
     return prefix + secrets.token_urlsafe(32)
+
+
+def well_formed_token(token: str) -> bool:
+    """Whether `token` could be a token at all: visible ASCII only (no space, control character,
+    line break or NUL), which is also all an HTTP/2 header value can carry safely. The gate
+    refuses anything else MALFORMED_TOKEN; the CLI refuses to send it."""
+    return _TOKEN.fullmatch(token) is not None
 
 
 def token_hash(token: str) -> str:
@@ -98,7 +120,7 @@ class ApiKey:
 
     def caller(self) -> Caller:
         project = None if self.project_id == ALL_PROJECTS else self.project_id
-        return Caller(name=self.name, project=project, role=self.role.label)
+        return Caller(name=self.name, project=project, role=self.role.label, key_id=self.id)
 
     def usable_at(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -110,7 +132,7 @@ def role_of(caller: Caller) -> Role:
 
 def require(caller: Caller, needed: Role, what: str) -> None:
     """PERMISSION_DENIED unless the caller's role includes `needed`."""
-    if role_of(caller) < needed:
+    if not role_of(caller).includes(needed):
         raise ConveyorError(ErrorKind.PERMISSION_DENIED, "ROLE_TOO_LOW",
                             f"{what} needs the {needed.label} role; key {caller.name!r} is {caller.role}",
                             metadata={"needed": needed.label, "role": caller.role})

@@ -6,7 +6,9 @@ waits on its own key only (SPEC §5: a watcher never slows the engine).
 - `queue_key(project, queue)`: task steps of a queue became ready (a worker's poll or stream);
 - `worker_key(project, worker)`: a lease of that worker was reported or revoked (its stream);
 - `HTTP_KEY`: an http step became ready (the engine's http executor);
-- `NOTIFY_KEY`: events a run's notification targets may ask for were written (the notifier).
+- `NOTIFY_KEY`: events a run's notification targets may ask for were written (the notifier);
+- `api_key_key(key)`: an API key stopped working (its open streams end; fired in-process only,
+  by engine/keys.py, which re-reads the held keys to learn of other replicas' revocations).
 
 `keys_of` is the one definition of which keys a set of committed changes fires: the engine fires
 them in its own process after commit, and on PostgreSQL the same keys travel to every other
@@ -44,6 +46,10 @@ def queue_key(project: str, queue: str) -> Key:
 
 def worker_key(project: str, worker: str) -> Key:
     return ("worker", project, worker)
+
+
+def api_key_key(key_id: str) -> Key:
+    return ("api_key", key_id)
 
 
 def keys_of(units: Iterable[Changes]) -> set[Key]:

@@ -172,11 +172,14 @@ class Page(Generic[T]):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: the API key's name, its project (None = every project) and role."""
+    """Who is calling: the API key's name, its project (None = every project) and role, and the
+    key's id ("" for callers that hold no key: the engine's actors, a webhook delivery, anybody
+    when authentication is disabled); open streams end when that key stops working."""
 
     name: str
     project: str | None = None
     role: str = "admin"
+    key_id: str = ""
 
 
 @dataclass

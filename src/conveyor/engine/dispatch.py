@@ -9,6 +9,10 @@ Wake-ups come from `Runner.keyed` after commit, keyed by queue and by worker, so
 costs nothing until its own queue moves. The database stays the source of truth: a slow safety
 poll covers what another replica committed, and a stream re-reads the leases it handed out so a
 revocation committed elsewhere reaches its worker too.
+
+Polls and streams hold their caller's API key (engine/keys.py): once it is revoked or expires
+they lease nothing more and end with UNAUTHENTICATED; what a stream leased and did not deliver
+is given back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from conveyor.domain.feed import queue_key, worker_key
 from conveyor.domain.records import Caller
 from conveyor.domain.states import StepStatus
 from conveyor.engine.clock import Clock
+from conveyor.engine.keys import KeyHolds
 from conveyor.engine.leases import Demand, Lease, Leases
 from conveyor.engine.ports import Store
 from conveyor.engine.watch import Heartbeat
@@ -73,10 +78,11 @@ class Request:
 class Dispatch:
     """Long-polls and task streams over `Leases`."""
 
-    def __init__(self, store: Store, clock: Clock, leases: Leases) -> None:
+    def __init__(self, store: Store, clock: Clock, leases: Leases, holds: KeyHolds) -> None:
         self.store = store
         self.clock = clock
         self.leases = leases
+        self.holds = holds
         self.runner = leases.runner
         # Releases of leases whose stream closed before delivering them, under way.
         self._releasing: set[asyncio.Task[None]] = set()
@@ -103,21 +109,29 @@ class Dispatch:
             raise _invalid(f"wait_seconds must be at most {MAX_WAIT_SECONDS}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
-        key = queue_key(req.project, req.queue)
         probe = False
-        while True:
-            ready = self.runner.keyed.next(key)  # before looking: a commit in between wakes us
-            if self.quiescing:
-                return []
-            leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, max_tasks or 1,
-                                               req.caller, probe=probe)
-            left = deadline - loop.time()
-            if leases or left <= 0:
-                return leases
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, SAFETY_POLL_SECONDS)):
-                    await ready.wait()
-            probe = not ready.is_set()  # the safety poll, not a commit of this queue
+        with self.holds.hold(req.caller) as hold:
+            keys = (queue_key(req.project, req.queue), *hold.keys)
+            while True:
+                ready = self.runner.keyed.next_any(keys)  # before looking: a commit in between wakes us
+                try:
+                    hold.check()
+                    if self.quiescing:
+                        return []
+                    leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds,
+                                                       max_tasks or 1, req.caller, probe=probe)
+                    if hold.error is not None:  # the key stopped working meanwhile
+                        self._give_back(leases, req)
+                        hold.check()
+                    left = deadline - loop.time()
+                    if leases or left <= 0:
+                        return leases
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(left, SAFETY_POLL_SECONDS)):
+                            await ready.wait()
+                    probe = not ready.is_set()  # the safety poll, not a commit of this queue
+                finally:
+                    self.runner.keyed.forget(keys, ready)
 
     async def stream(self, req: Request, max_in_flight: int) -> AsyncIterator[StreamItem]:
         """Leases as tasks become ready while fewer than `max_in_flight` are held, revocations
@@ -129,7 +143,6 @@ class Dispatch:
         held: dict[str, int] = {}  # task id -> attempt, of the leases this stream handed out
         quiet_since = checked_at = loop.time()
         queue, mine = queue_key(req.project, req.queue), worker_key(req.project, req.worker_id)
-        keys = (mine, queue)
         probe = False
         # What this stream still wants, where its worker's reports can see it and lease its next
         # tasks in their own transaction (they land in the inbox).
@@ -140,51 +153,56 @@ class Dispatch:
         undelivered: list[Lease] = []
         self.leases.attach(demand)
         try:
-            while True:
-                # Taken before looking: a commit in between wakes us (the queue's key: tasks
-                # became ready; the worker's: its leases ended, were revoked or were leased anew).
-                woken = self.runner.keyed.next_any(keys)
-                try:
-                    if self.quiescing:
-                        return
-                    while demand.inbox:
-                        lease = demand.inbox[0]
-                        held[lease.step.id] = lease.step.attempt
-                        quiet_since = loop.time()
-                        yield lease
-                        demand.inbox.pop(0)  # grpc wrote it before asking for the next item
-                    for item in self._ended(held):
-                        yield item
-                    if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
-                        for item in await self._gone_elsewhere(held, req.worker_id):
-                            yield item
-                        checked_at = loop.time()
-                    free = demand.free()
-                    if free > 0:
-                        leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds, free,
-                                                           req.caller, probe=probe)
-                        undelivered += leases
-                        while undelivered:
-                            lease = undelivered[0]
+            with self.holds.hold(req.caller) as hold:
+                keys = (mine, queue, *hold.keys)
+                while True:
+                    # Taken before looking: a commit in between wakes us (the queue's key: tasks
+                    # became ready; the worker's: its leases ended, were revoked or were leased
+                    # anew; the hold's: the caller's key stopped working).
+                    woken = self.runner.keyed.next_any(keys)
+                    try:
+                        hold.check()
+                        if self.quiescing:
+                            return
+                        while demand.inbox:
+                            lease = demand.inbox[0]
                             held[lease.step.id] = lease.step.attempt
-                            yield lease
-                            undelivered.pop(0)
-                        if leases:
                             quiet_since = loop.time()
-                        if len(leases) == free:
-                            continue  # every free slot was filled: more may be ready, look again at once
-                    if demand.inbox:
-                        continue  # a report leased for us meanwhile
-                    if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
-                        yield Heartbeat(self.clock.now())
-                        quiet_since = loop.time()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(SAFETY_POLL_SECONDS):
-                            await woken.wait()
-                    probe = not woken.is_set()  # the safety poll, not a commit of our keys
-                finally:
-                    # Also when the client went away mid-yield: nothing of this wait is left behind.
-                    self.runner.keyed.forget(keys, woken)
+                            yield lease
+                            demand.inbox.pop(0)  # grpc wrote it before asking for the next item
+                        for item in self._ended(held):
+                            yield item
+                        if loop.time() - checked_at >= SAFETY_POLL_SECONDS:
+                            for item in await self._gone_elsewhere(held, req.worker_id):
+                                yield item
+                            checked_at = loop.time()
+                        free = demand.free()
+                        if free > 0:
+                            leases = await self.leases.acquire(req.queue, req.worker_id, req.lease_seconds,
+                                                               free, req.caller, probe=probe)
+                            undelivered += leases
+                            hold.check()  # the key stopped working meanwhile: given back
+                            while undelivered:
+                                lease = undelivered[0]
+                                held[lease.step.id] = lease.step.attempt
+                                yield lease
+                                undelivered.pop(0)
+                            if leases:
+                                quiet_since = loop.time()
+                            if len(leases) == free:
+                                continue  # every free slot was filled: more may be ready, look again at once
+                        if demand.inbox:
+                            continue  # a report leased for us meanwhile
+                        if loop.time() - quiet_since >= STREAM_HEARTBEAT_SECONDS:
+                            yield Heartbeat(self.clock.now())
+                            quiet_since = loop.time()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(SAFETY_POLL_SECONDS):
+                                await woken.wait()
+                        probe = not woken.is_set()  # the safety poll, not a commit of our keys
+                    finally:
+                        # Also when the client went away mid-yield: nothing of this wait is left behind.
+                        self.runner.keyed.forget(keys, woken)
         finally:
             self.leases.detach(demand)
             self._give_back(undelivered + demand.inbox, req)

@@ -66,14 +66,17 @@ class Engine:
         self.steps = StepService(store, self.clock, self.runner)
         self.leases = Leases(store, self.clock, self.runner, settings.limits,
                              queue_limit=settings.report_queue_limit)
-        self.dispatch = Dispatch(store, self.clock, self.leases)
+        # Open streams hold their caller's key and end when it stops working (engine/keys.py).
+        self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds,
+                         pulses=self.runner.keyed)
+        self.dispatch = Dispatch(store, self.clock, self.leases, self.keys.holds)
         self.metrics = self.runner.metrics
-        self.watches = Watches(store, self.clock, self.runner.keyed, metrics=self.metrics)
+        self.watches = Watches(store, self.clock, self.runner.keyed, metrics=self.metrics,
+                               holds=self.keys.holds)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
         self.notifier = Notifier(store, self.clock, self.runner, settings)
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
-        self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds)
         self.audit = AuditLog(store)
         self.retention = Retention(store, self.clock, self.metrics, retention_days=settings.retention_days,
                                    audit_retention_days=settings.audit_retention_days,
@@ -111,6 +114,7 @@ class Engine:
             except Exception:
                 log.exception("writing the audit log or key usage at shutdown failed")
         await self.watches.close()
+        await self.keys.holds.stop()
         await self.schedules.stop()
         await self.notifier.stop()
         await self.http.stop()  # before the leases close: its reports go through them

@@ -10,6 +10,8 @@ A project watch reads its project's feed of status changes (storage/run_changes.
 Opening a watch (`watch_run`, `watch_project`) checks the request and answers the stream: a
 refusal comes before anything is sent, so the API can send its headers as soon as it has the
 stream. Every open watch gets its heartbeats from one clock loop (engine/heartbeats.py).
+A watch holds its caller's API key (engine/keys.py) and ends with UNAUTHENTICATED (KEY_REVOKED,
+KEY_EXPIRED) once the key stops working.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from conveyor.domain.records import Caller, EventRecord, RunRecord, StepRecord
 from conveyor.domain.states import FINAL_RUN, RunStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.heartbeats import Heartbeats
+from conveyor.engine.keys import KeyHolds
 from conveyor.engine.metrics import Metrics
 from conveyor.engine.ports import Store
 from conveyor.engine.pulse import KeyedPulses
@@ -74,8 +77,10 @@ class Watches:
 
     def __init__(self, store: Store, clock: Clock, pulses: KeyedPulses, poll_seconds: float = 30.0,
                  heartbeat_seconds: float = 15.0, metrics: Metrics | None = None,
-                 buffer: int = 1000) -> None:
+                 buffer: int = 1000, holds: KeyHolds | None = None) -> None:
         self.store = store
+        # The engine's, which revocations reach; a fresh one ends watches only on expiry (tests).
+        self.holds = holds if holds is not None else KeyHolds(store, clock, pulses)
         self.metrics = metrics or Metrics()
         self.beats = Heartbeats(clock, heartbeat_seconds)
         self.tails = RunTails(store, pulses, self.metrics, self.beats, buffer=buffer,
@@ -100,11 +105,11 @@ class Watches:
             raise invalid(f"after_seq {after_seq} is past the run's last event ({run.last_seq})",
                           [FieldViolation("after_seq", f"is past the last event, {run.last_seq}")],
                           reason="AFTER_SEQ_PAST_END")
-        return self._run_items(run, steps, after_seq)
+        return self._run_items(run, steps, after_seq, caller)
 
-    async def _run_items(self, run: RunRecord, steps: list[StepRecord],
-                         after_seq: int) -> AsyncGenerator[WatchItem]:
-        with self.metrics.watching("run"):
+    async def _run_items(self, run: RunRecord, steps: list[StepRecord], after_seq: int,
+                         caller: Caller) -> AsyncGenerator[WatchItem]:
+        with self.metrics.watching("run"), self.holds.hold(caller) as hold:
             if after_seq == 0:
                 yield Snapshot(run, steps, run.last_seq)
                 after_seq = run.last_seq
@@ -116,8 +121,10 @@ class Watches:
                 # and read once more if the tail was ahead: it hands over only what it reads next.
                 caught_up = after_seq >= run.last_seq
                 while True:
+                    hold.check()
                     if subscription is None and caught_up:
                         subscription = self.tails.join(run.id, after_seq)
+                        hold.on_lost = subscription.stop  # wakes it: the check below ends the watch
                     if subscription is not None and after_seq >= subscription.tail.seq:
                         break
                     async with self.store.read() as repo:
@@ -134,6 +141,7 @@ class Watches:
                 # ends: the last event handed over reached the end of a final run when read.
                 while True:
                     items = await subscription.take()
+                    hold.check()
                     if items is None:
                         yield Heartbeat(self.clock.now())
                         continue
@@ -169,18 +177,20 @@ class Watches:
 
     async def _project_changes(self, project: str, workflow_ids: Sequence[str], statuses: Sequence[str],
                                cursor: str, caller: Caller) -> AsyncGenerator[ProjectChange | Heartbeat]:
-        keys = (project_key(project),)
         changed = asyncio.Event()
-        # Woken by a commit of the project or by its heartbeat falling due, whichever is first:
-        # a commit with nothing for this watch (a comment) does not move its heartbeat.
+        # Woken by a commit of the project, by its heartbeat falling due or by the caller's key
+        # stopping to work, whichever is first: a commit with nothing for this watch (a comment)
+        # does not move its heartbeat.
         quiet = self.beats.open(changed)
-        with self.metrics.watching("project"):
+        with self.metrics.watching("project"), self.holds.hold(caller) as hold:
+            keys = (project_key(project), *hold.keys)
             try:
                 while True:
                     # A private event per wait (not the key's shared one): the heartbeat loop
                     # may set it without waking the project's other watches.
                     changed = quiet.wake = self.pulses.next_any(keys)  # before reading
                     try:
+                        hold.check()
                         async with self.store.read() as repo:
                             page = await repo.changes_after(project, cursor, workflow_ids, statuses, PAGE)
                             runs = {r.id: r for r in await repo.get_runs(

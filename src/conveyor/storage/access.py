@@ -64,6 +64,13 @@ class AccessStatements:
         m = (await self.conn.execute(stmt)).mappings().first()
         return None if m is None else _key(m)
 
+    async def keys_by_id(self, ids: Sequence[str]) -> dict[str, ApiKey]:
+        """The keys of these ids that exist (by the primary key; open streams re-check theirs)."""
+        if not ids:
+            return {}
+        rows = (await self.conn.execute(select(keys_t).where(keys_t.c.id.in_(list(ids))))).mappings().all()
+        return {m["id"]: _key(m) for m in rows}
+
     async def find_key(self, ident: str, scope: str | None, lock: bool = False) -> ApiKey:
         """A key by id or name; NOT_FOUND outside the caller's scope (a project's keys)."""
         cond = or_(keys_t.c.id == ident, keys_t.c.name == ident)
