@@ -81,6 +81,7 @@ class Tally:
     grpc: list[tuple[float, float]] = field(default_factory=list)  # (when, latency s)
     rest: list[tuple[float, float]] = field(default_factory=list)
     samples: list[tuple[float, float, int]] = field(default_factory=list)  # (when, RSS MiB, fds)
+    fd_kinds: list[tuple[float, Counter[str]]] = field(default_factory=list)  # (when, fds by kind)
     expected: dict[str, int] = field(default_factory=dict)  # run id -> the status it must end in
     ops: Counter[str] = field(default_factory=Counter)
     errors: int = 0
@@ -128,7 +129,7 @@ class Load:
         run = await self.runs.GetWorkflowRun(
             workflow_runs_service_pb2.GetWorkflowRunRequest(workflow_run_id=run_id), timeout=CALL_TIMEOUT)
         if run.status != Status.failed:
-            self.tally.error("a run asked to fail", f"ended {Status.Name(run.status)}")
+            self.tally.error("a run asked to fail", f"ended {Status.Value.Name(run.status)}")
             return
         retry = step_runs_service_pb2.RetryStepRequest(workflow_run_id=run_id, step_ref="t")
         await self.steps.RetryStep(retry, timeout=CALL_TIMEOUT)
@@ -215,10 +216,26 @@ async def paced(rate: float, until: float, action: Callable[[int], Coroutine[Any
     await asyncio.gather(*tasks)
 
 
+def fd_kinds(pid: int) -> Counter[str]:
+    """A process's open file descriptors by what they are: sockets, pipes, the database's files
+    (SQLite: the file, its -wal and -shm, per connection), anything else by path."""
+    kinds: Counter[str] = Counter()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:  # closed between the listing and the readlink
+            continue
+        kind = link.split(":", 1)[0] if ":" in link and not link.startswith("/") else link
+        kinds["database" if "conveyor.db" in kind else kind] += 1
+    return kinds
+
+
 async def sample(pid: int, tally: Tally, until: float) -> None:
     while time.monotonic() < until:
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        tally.samples.append((tally.now(), common.rss_mb(pid), fds))
+        kinds = fd_kinds(pid)
+        when = tally.now()
+        tally.samples.append((when, common.rss_mb(pid), sum(kinds.values())))
+        tally.fd_kinds.append((when, kinds))
         await asyncio.sleep(SAMPLE_SECONDS)
 
 
@@ -235,8 +252,8 @@ async def check_outcomes(target: str, tally: Tally) -> tuple[int, int]:
     wrong = [(run_id, want, found.get(run_id)) for run_id, want in tally.expected.items()
              if found.get(run_id) != want]
     for run_id, want, got in wrong[:common.ERROR_SAMPLES]:
-        seen = Status.Name(got) if got is not None else "missing"
-        tally.error("run outcome", f"{run_id} ended {seen}, not {Status.Name(want)}")
+        seen = Status.Value.Name(got) if got is not None else "missing"
+        tally.error("run outcome", f"{run_id} ended {seen}, not {Status.Value.Name(want)}")
     tally.errors += max(0, len(wrong) - common.ERROR_SAMPLES)
     return len(tally.expected) - len(wrong), len(wrong)
 
@@ -263,6 +280,12 @@ def figures(tally: Tally, seconds: float) -> tuple[float, float]:
           f"(target < {GROWTH_TARGET:g} %)")
     print(f"server open files: start {fd0:.0f}, end {fd1:.0f}, growth {growth(fd0, fd1):.1f} % "
           f"(target < {GROWTH_TARGET:g} %)")
+    for span, label in ((start, "start"), (end, "end")):
+        kinds = next((k for when, k in reversed(tally.fd_kinds) if when < span[1]), Counter())
+        print(f"  open files at the {label}: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    tenths = [statistics.median(during(rss, (seconds * i / 10, seconds * (i + 1) / 10)) or [float("nan")])
+              for i in range(10)]
+    print("  server RSS by tenth of the run (MiB): " + " ".join(f"{mib:.0f}" for mib in tenths))
     for label, latencies in (("gRPC", tally.grpc), ("REST", tally.rest)):
         p0, p1 = (common.percentile(during(latencies, s), 99) * 1000 for s in (start, end))
         print(f"trigger p99 {label}: start {p0:.1f} ms, end {p1:.1f} ms, growth {growth(p0, p1):.1f} % "
