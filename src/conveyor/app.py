@@ -8,6 +8,7 @@ probe (health.py) drives both /ready and the gRPC health status.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -59,7 +60,7 @@ class App:
                            command_timeout=self.settings.db_command_timeout_seconds)
         if not self.settings.notify_secret:
             self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
-        self.engine = Engine(SqlStore(self.db), self.settings)
+        self.engine = Engine(SqlStore(self.db), self.settings, rest_urls=self._rest_urls)
         metrics = self.engine.runner.metrics
         metrics.watch_pool(self.db.pool_usage)
         if self.settings.auth_enabled:
@@ -107,6 +108,15 @@ class App:
             except RuntimeError:  # not listening yet
                 pass
         return self.settings.rest_base_url
+
+    def _rest_urls(self) -> list[str]:
+        """Every address this server's webhook URLs are shown or reached under (the public URL,
+        Envoy's real one, the configured one): a notification to one is delivered internally."""
+        urls = [self._rest_base_url(), self.settings.rest_base_url]
+        if self.gateway is not None:
+            with contextlib.suppress(RuntimeError):  # not listening yet
+                urls.append(self.gateway.url)
+        return list(dict.fromkeys(urls))
 
     def _notify_secret(self) -> str:
         """The key notifications are signed with when CONVEYOR_NOTIFY_SECRET is unset: generated

@@ -42,7 +42,8 @@ class Settings:
     grpc_port: int = 50051
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    db_url: str = field(default_factory=default_db_url)
+    # Not in the repr (nor is any secret below): a password in the URL must not reach a log line.
+    db_url: str = field(default_factory=default_db_url, repr=False)
     data_dir: Path = DEFAULT_DATA_DIR
     envoy_enabled: bool = True
     envoy_admin_port: int = 0
@@ -117,13 +118,21 @@ class Settings:
     # How long a token's key is remembered: a key revoked on another replica stops working
     # within this time.
     key_cache_seconds: float = 5.0
+    # Calls without a valid key (none, malformed, unknown) a client address may make per second,
+    # and webhook deliveries per second from one address (api/access.py; README "Anonymous
+    # traffic"); beyond, RESOURCE_EXHAUSTED RATE_LIMITED. 0: no limit.
+    anonymous_rate_limit: int = 10
+    webhook_rate_limit: int = 50
+    # What Envoy adds to every request it forwards (x-conveyor-gateway) so the gRPC server knows
+    # the x-forwarded-for beside it is Envoy's: generated at each start (app.py), never configured.
+    gateway_secret: str = field(default="", repr=False)
     # Where REST clients reach this server (webhook URLs are shown under it); default
     # http://<http_host>:<http_port>.
     public_url: str = ""
     # -- outbound notifications (engine/notify.py; README "Notifications") --
     # The HMAC-SHA256 key deliveries are signed with (CONVEYOR_NOTIFY_SECRET); empty: the server
     # keeps a generated one in <data_dir>/notify.secret. Replicas must share it.
-    notify_secret: str = ""
+    notify_secret: str = field(default="", repr=False)
     # Attempts of one delivery before it is given up, and the backoff between them (doubling).
     notify_max_attempts: int = 10
     notify_initial_backoff_seconds: float = 2.0
@@ -172,8 +181,9 @@ class Settings:
             if value not in ("enabled", "disabled"):
                 raise ValueError("CONVEYOR_AUTH must be 'enabled' or 'disabled'")
             env["auth_enabled"] = value == "enabled"
-        if "CONVEYOR_RATE_LIMIT" in os.environ:
-            env["rate_limit"] = int(os.environ["CONVEYOR_RATE_LIMIT"])
+        for name in ("rate_limit", "anonymous_rate_limit", "webhook_rate_limit"):
+            if (key := f"CONVEYOR_{name.upper()}") in os.environ:
+                env[name] = int(os.environ[key])
         if "CONVEYOR_PUBLIC_URL" in os.environ:
             env["public_url"] = os.environ["CONVEYOR_PUBLIC_URL"].rstrip("/")
         if "CONVEYOR_NOTIFY_SECRET" in os.environ:

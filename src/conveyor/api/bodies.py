@@ -6,6 +6,8 @@ CreateWorkflow, UpdateWorkflow and TriggerWorkflowRun put the body in a `google.
 field named `body`, and this module parses it: every key must name a field of the message, every
 value must have the field's JSON type (a bool is `true`/`false`, never `"true"`), and every
 problem is one field violation. gRPC clients send the typed fields and never set `body`.
+DeliverWebhook's body is its payload, one JSON object with any keys: anything else (null, a list,
+a number, a string, invalid JSON) is refused instead of transcoded into an empty payload.
 
 The result is the same typed request a gRPC client would have sent, so everything after this
 (limits, conversion, the engine) has one path.
@@ -29,7 +31,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
-from conveyor.domain.limits import Limits, json_depth, json_size, trigger_body_bytes
+from conveyor.domain.limits import Limits, document_body_bytes, json_depth, json_size, trigger_body_bytes
 
 # Request type -> the field its REST body stands for ("" for the request itself, as `body: "*"`
 # would bind it). The request's own `body` field and its path variables are not body fields.
@@ -37,7 +39,10 @@ BODY_TARGETS: dict[str, str] = {
     "conveyor.v1.CreateWorkflowRequest": "workflow",
     "conveyor.v1.UpdateWorkflowRequest": "workflow",
     "conveyor.v1.TriggerWorkflowRunRequest": "",
+    "conveyor.v1.DeliverWebhookRequest": "payload",
 }
+# Requests whose body is one JSON document (a Struct field), not a message's fields.
+_DOCUMENT_BODIES = frozenset({"conveyor.v1.DeliverWebhookRequest"})
 # Fields that travel in the path, never in the body.
 _PATH_FIELDS = frozenset({"workflow_id", "body"})
 
@@ -78,7 +83,9 @@ def has_raw_body(request: Message) -> bool:
 def body_bytes(request_type: str, limits: Limits) -> int:
     """The longest raw body a request of `request_type` (a full name in BODY_TARGETS) may have:
     a workflow definition max_definition_bytes, a trigger room for its largest payload and
-    fields (domain.limits.trigger_body_bytes)."""
+    fields (domain.limits.trigger_body_bytes), a document its largest payload."""
+    if request_type in _DOCUMENT_BODIES:
+        return document_body_bytes(limits)
     if BODY_TARGETS[request_type]:
         return limits.max_definition_bytes
     return trigger_body_bytes(limits)
@@ -105,6 +112,13 @@ def take_raw_body(request: Message, limits: Limits, counts: Mapping[str, int] | 
     result = type(request)()
     result.CopyFrom(request)
     result.ClearField("body")
+    if name in _DOCUMENT_BODIES:
+        problems: list[_Problem] = []
+        _check_document(data, "body", limits, problems)
+        if problems:
+            raise _invalid(problems)
+        json_format.ParseDict(data, getattr(result, target_name))
+        return result
     if target_name:
         template = getattr(request, target_name)
         target = getattr(result, target_name)
@@ -116,7 +130,7 @@ def take_raw_body(request: Message, limits: Limits, counts: Mapping[str, int] | 
         target = type(request)()
         excluded = _PATH_FIELDS
         prefix = ""
-    problems: list[_Problem] = []
+    problems = []
     _check_object(data, target.DESCRIPTOR, prefix, excluded, _Caps(limits, counts or {}), problems)
     if problems:
         raise _invalid(problems)

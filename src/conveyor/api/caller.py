@@ -12,13 +12,14 @@ from contextvars import ContextVar
 
 import grpc
 
+from conveyor.domain import actors
 from conveyor.domain.records import Caller
 
 # Every caller when authentication is disabled (CONVEYOR_AUTH=disabled): admin of every project.
-ANONYMOUS = Caller(name="anonymous", project=None, role="admin")
+ANONYMOUS = Caller(name=actors.ANONYMOUS, project=None, role="admin")
 # Who a webhook delivery acts as: it may trigger the workflow its token names, nothing else
 # (the webhook servicer scopes it to that workflow's project).
-WEBHOOK = Caller(name="webhook", project=None, role="operator")
+WEBHOOK = Caller(name=actors.WEBHOOK, project=None, role="operator")
 
 _CALLER: ContextVar[Caller | None] = ContextVar("conveyor_caller", default=None)
 

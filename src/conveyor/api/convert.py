@@ -20,7 +20,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from conveyor.domain.access import ApiKey, AuditEntry
 from conveyor.domain.errors import FieldViolation, invalid
 from conveyor.domain.limits import Limits
-from conveyor.domain.notifications import validated_notifications
+from conveyor.domain.notifications import WEBHOOK_PATH, validated_notifications
 from conveyor.domain.records import (
     EventRecord,
     RunQuery,
@@ -41,8 +41,6 @@ IDEMPOTENCY_METADATA_KEY = "idempotency-key"
 _WORKFLOW_OUTPUT_ONLY = frozenset(
     {"id", "version", "workflow_version_id", "archived", "created_by", "created_at", "updated_at",
      "next_fire_at", "schedule_paused", "webhook_enabled", "webhook_url_hint", "webhook_rotated_at"})
-# Where webhooks are delivered over REST (webhooks_service.proto's path, before the token).
-WEBHOOK_PATH = "/v1/webhooks/"
 
 
 # --- records -> protos ---------------------------------------------------------------------------

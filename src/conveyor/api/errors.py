@@ -28,13 +28,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, overloaded
+from conveyor.domain.errors import ERROR_DOMAIN, ConveyorError, ErrorKind, FieldViolation, overloaded
 from conveyor.v1 import resources_pb2
 
 logger = logging.getLogger(__name__)
-
-# The domain of every ErrorInfo we send (AIP-193: the service's name).
-ERROR_DOMAIN = "conveyor.dev"
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

@@ -3,22 +3,24 @@
 The token in the URL is the credential (the gate asks for no key): it names one workflow, and
 the delivery may do exactly one thing, trigger that workflow, in its project, with the body as
 payload and the `Idempotency-Key` header honored, as `webhook`. Unknown, rotated-away and
-disabled tokens all answer the same NOT_FOUND.
+disabled tokens all answer the same NOT_FOUND. Over REST the body arrives raw and must be a JSON
+object (api/bodies.py). An `X-Conveyor-Lineage` header this server signed (a notification of one
+of its runs) makes the run join that run's family (engine/webhooks.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import grpc
 
 from conveyor.api import convert
-from conveyor.api.caller import caller_from
-from conveyor.domain.records import TriggerRequest
+from conveyor.domain.families import LINEAGE_HEADER
 from conveyor.engine.facade import Engine
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import webhooks_service_pb2 as hooks_pb
 from conveyor.v1 import webhooks_service_pb2_grpc as hooks_grpc
+
+# The gRPC metadata key Envoy forwards the X-Conveyor-Lineage header as.
+_LINEAGE_KEY = LINEAGE_HEADER.lower()
 
 
 class WebhooksServicer(hooks_grpc.WebhooksServiceServicer):
@@ -30,9 +32,8 @@ class WebhooksServicer(hooks_grpc.WebhooksServiceServicer):
     async def DeliverWebhook(self, request: hooks_pb.DeliverWebhookRequest,
                              context: grpc.aio.ServicerContext) -> pb.WorkflowRun:
         wf = await self._engine.workflows.webhook_target(request.token)
-        caller = dataclasses.replace(caller_from(context), project=wf.project_id)
-        req = TriggerRequest(workflow_id=wf.id, project_id=wf.project_id,
-                             payload=convert.struct_to_dict(request, "payload"),
-                             idempotency_key=convert.idempotency_key("", context.invocation_metadata()))
-        run = await self._engine.runs.trigger(req, caller)
+        metadata = context.invocation_metadata() or ()
+        lineage = next((v for k, v in metadata if k == _LINEAGE_KEY and isinstance(v, str)), "")
+        run = await self._engine.webhooks.deliver(wf, convert.struct_to_dict(request, "payload"),
+                                                  convert.idempotency_key("", metadata), lineage)
         return convert.run_to_proto(run, self._engine.clock.now())

@@ -8,6 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# The domain of every ErrorInfo the API sends (AIP-193: the service's name).
+ERROR_DOMAIN = "conveyor.dev"
+
 
 class ErrorKind(enum.Enum):
     """What went wrong, independent of the wire (api/errors.py maps it to a gRPC code)."""

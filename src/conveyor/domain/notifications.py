@@ -5,7 +5,9 @@ Owns the notification shape a workflow definition or a trigger names (`{url, eve
 validation as field violations, how a run's targets are merged (the workflow's, then the
 trigger's), which of a unit of work's events become outbox entries (`outbox_entries`: pure, so
 storage calls it inside the transaction that writes the events), the JSON body each entry
-carries, and the HMAC-SHA256 signature receivers verify. Sending (I/O, retries, the clock) is the
+carries, and the HMAC-SHA256 signature receivers verify; and how a delivery recognises this
+server's own webhooks: a target URL under the server's REST address (`own_webhook_token`), and a
+webhook's refusal in a response (`conveyor_refusal`). Sending (I/O, retries, the clock) is the
 engine's (engine/notify.py).
 """
 
@@ -13,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from conveyor.domain.errors import FieldViolation, invalid
+from conveyor.domain.errors import ERROR_DOMAIN, FieldViolation, invalid
+from conveyor.domain.families import Cause
 from conveyor.domain.limits import Limits
 
 if TYPE_CHECKING:  # records import the spec, which imports this module
@@ -29,8 +33,10 @@ __all__ = [
     "NOTIFY_EVENTS",
     "OutboxEntry",
     "check_notifications",
+    "conveyor_refusal",
     "merge_targets",
     "outbox_entries",
+    "own_webhook_token",
     "signature",
     "validated_notifications",
     "verify_signature",
@@ -58,6 +64,14 @@ ABANDONED = "notification.abandoned"
 SIGNATURE_HEADER = "X-Conveyor-Signature"
 DELIVERY_HEADER = "X-Conveyor-Delivery"
 EVENT_HEADER = "X-Conveyor-Event"
+# A receiver that honors it (a Conveyor webhook does) starts one run per delivery, however often
+# an at-least-once delivery is sent; its value is the delivery id.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+# Where a workflow's webhook URL lives under the server's REST address (webhooks_service.proto's
+# path, before the token).
+WEBHOOK_PATH = "/v1/webhooks/"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _KEYS = frozenset({"url", "events"})
 
@@ -78,6 +92,9 @@ class OutboxEntry:
     created_at: datetime
     # Attempts claimed so far, this one included once claimed (0 while only written).
     attempt: int = 0
+    # The run that causes it as its family's loop rules see it (domain/families.py): filled in
+    # by the notifier when it claims the entry, not stored.
+    cause: Cause | None = None
 
 
 def check_notifications(data: Any, path: str, limits: Limits,
@@ -234,3 +251,48 @@ def verify_signature(secret: str, header: str, body: bytes, now: float, toleranc
         return False
     expected = signature(secret, timestamp, body).split("v1=", 1)[1]
     return abs(now - timestamp) <= tolerance and hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+def own_webhook_token(url: str, bases: Iterable[str]) -> str | None:
+    """The webhook token of `url` when it is one of this server's webhook URLs: the webhook path
+    under one of `bases` (where REST clients reach this server: scheme, host and port compared,
+    a base's path as prefix); None for any other URL."""
+    try:
+        target = urlsplit(url)
+        origin = _origin(target)
+    except ValueError:
+        return None
+    for base in bases:
+        try:
+            parts = urlsplit(base)
+            if not parts.hostname or _origin(parts) != origin:
+                continue
+        except ValueError:
+            continue
+        prefix = parts.path.rstrip("/") + WEBHOOK_PATH
+        if target.path.startswith(prefix):
+            token = unquote(target.path[len(prefix):])
+            if token and "/" not in token:
+                return token
+    return None
+
+
+def _origin(parts: Any) -> tuple[str, str, int | None]:
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower().rstrip("."), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def conveyor_refusal(body: bytes) -> tuple[str, str] | None:
+    """(reason, message) when a response body is a Conveyor server's error (the JSON its REST
+    gateway answers: an ErrorInfo of our domain among `details`); None for anything else."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("details"), list):
+        return None
+    for detail in doc["details"]:
+        if (isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo")
+                and detail.get("domain") == ERROR_DOMAIN and isinstance(detail.get("reason"), str)):
+            return detail["reason"], str(doc.get("message", ""))
+    return None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.domain import actors
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate, evaluate_bool, render
@@ -28,7 +29,7 @@ from conveyor.domain.states import (
 )
 
 CONDITION_FALSE = "condition false"
-ENGINE = "engine"
+ENGINE = actors.ENGINE
 OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 # Why a step failed after `max_losses` attempts in a row ended with no verdict.
 LOST = "LOST"

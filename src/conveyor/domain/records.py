@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from conveyor.domain.families import Cause
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 
@@ -85,10 +86,12 @@ class RunRecord:
     parent_workflow_run_id: str = ""
     parent_step_run_id: str = ""
     depth: int = 0
-    # The run that started this run's family of child runs ("" for a run nobody started).
+    # The run that started this run's family of child runs ("" for a run nobody started; a
+    # webhook run a notification caused is a family of its own for retention).
     root_run_id: str = ""
-    # Workflow ids of this run and its ancestors, root first (None: a run nobody started, whose
-    # lineage is its own workflow): a child's loop check is one membership test.
+    # Workflow ids of the runs that caused this one (its ancestors, and the run whose
+    # notification started it through a webhook), first cause first, its own last (None: a run
+    # nobody caused, whose lineage is its own workflow): a loop check is one membership test.
     lineage: list[str] | None = None
     last_seq: int = 0
     wake_at: datetime | None = None
@@ -199,6 +202,9 @@ class TriggerRequest:
     immediate: bool = False
     # Webhooks this run notifies besides its workflow's ([{url, events}], validated).
     notifications: list[dict[str, Any]] = field(default_factory=list)
+    # The run whose notification, delivered to a webhook of this server, asks for this run
+    # (domain/families.py); None for every other trigger.
+    caused_by: Cause | None = None
 
 
 @dataclass

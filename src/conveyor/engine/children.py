@@ -11,7 +11,8 @@ Cross-run effects never lock the other run: a run that ends signals its parent, 
 waiting signals its child (`Changes.signals`, stored as run_wakeups), and the other run's next
 pass, under its own lock, reads what changed. A workflow may not start itself directly or
 through an ancestor (WORKFLOW_LOOP, one membership test of the run's stored lineage) nor nest
-deeper than the configured depth (NESTING_TOO_DEEP).
+deeper than the configured depth (NESTING_TOO_DEEP): domain/families.py's rules, which webhook
+runs caused by a notification follow too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.expressions import ExpressionError
+from conveyor.domain.families import lineage_of, refusal
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.new_runs import NewRun
 from conveyor.domain.planner import ENGINE, Links, child_config, fail_step, plan, ready_children, start_child
@@ -35,8 +37,6 @@ from conveyor.engine.ids import new_id
 from conveyor.engine.offload import Offload
 from conveyor.engine.ports import Repo
 
-WORKFLOW_LOOP = "WORKFLOW_LOOP"
-NESTING_TOO_DEEP = "NESTING_TOO_DEEP"
 CHILD_REFUSED = "CHILD_REFUSED"
 
 
@@ -164,10 +164,9 @@ def _refusal(parent: RunRecord, config: dict[str, Any], target: WorkflowRecord |
         return CHILD_REFUSED, target.message if target is not None else "no workflow_id"
     if target.archived:
         return CHILD_REFUSED, f"workflow {target.name!r} is archived"
-    if target.id in (parent.lineage or [parent.workflow_id]):
-        return WORKFLOW_LOOP, f"workflow {target.name!r} would start itself (through run {parent.id})"
-    if parent.depth + 1 > max_depth:
-        return NESTING_TOO_DEEP, f"child runs nest at most {max_depth} deep"
+    if refused := refusal(lineage_of(parent), parent.depth, target.id, target.name, parent.id, max_depth,
+                          "child runs"):
+        return refused
     if not isinstance(config.get("payload", {}), dict):
         return CHILD_REFUSED, "config.payload must render to an object"
     return None
@@ -184,5 +183,5 @@ def _child_run(parent: RunRecord, step: StepRecord, target: WorkflowRecord, payl
         created_by=parent.created_by, max_parallel_steps=spec.max_parallel_steps,
         parent_workflow_run_id=parent.id, parent_step_run_id=step.id, depth=parent.depth + 1,
         root_run_id=parent.root_run_id or parent.id,
-        lineage=[*(parent.lineage or [parent.workflow_id]), target.id],
+        lineage=[*lineage_of(parent), target.id],
         expires_at=now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None)

@@ -9,8 +9,10 @@ absent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from conveyor.engine.audit import AuditLog
@@ -30,6 +32,7 @@ from conveyor.engine.schedules import Schedules
 from conveyor.engine.steps import StepService
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.watch import Watches
+from conveyor.engine.webhooks import Webhooks
 from conveyor.engine.workflows import WorkflowService
 from conveyor.settings import Settings
 
@@ -48,8 +51,16 @@ KEY_USAGE_INTERVAL_SECONDS = 60.0
 class Engine:
     """Use cases plus the run-advancing loop."""
 
-    def __init__(self, store: Store, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings, clock: Clock | None = None,
+                 rest_urls: Callable[[], Sequence[str]] | None = None) -> None:
+        """`rest_urls`: where REST clients reach this server now (the server knows Envoy's port
+        only once it listens); a notification to a webhook under one of them is delivered here."""
         self.store = store
+        if not settings.notify_secret:
+            # The server (app.py) always passes one (CONVEYOR_NOTIFY_SECRET, or the data
+            # directory's notify.secret); an engine built without one still signs its
+            # notifications and checks its webhooks' lineage headers, with a secret of its own.
+            settings = dataclasses.replace(settings, notify_secret=secrets.token_hex(32))
         # Served, the engine judges time by the database's clock (SPEC §4.3); tests may inject
         # any clock (one of the database, over a skewed local clock, included).
         self.clock: Clock = clock or DatabaseClock()
@@ -60,7 +71,8 @@ class Engine:
                              max_nesting_depth=settings.max_nesting_depth)
         self.triggers = Triggers(store, self.clock, self.runner, batch_size=settings.trigger_batch_size,
                                  idempotency_ttl=settings.idempotency_ttl_seconds, limits=settings.limits,
-                                 queue_limit=settings.trigger_queue_limit)
+                                 queue_limit=settings.trigger_queue_limit,
+                                 max_nesting_depth=settings.max_nesting_depth)
         self.workflows = WorkflowService(store, self.clock, self.offload, settings.limits)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
@@ -74,7 +86,10 @@ class Engine:
         self.watches = Watches(store, self.clock, self.runner.keyed, metrics=self.metrics,
                                holds=self.keys.holds)
         self.http = HttpSteps(self.leases, self.runner.keyed, settings)
-        self.notifier = Notifier(store, self.clock, self.runner, settings)
+        self.webhooks = Webhooks(self.workflows, self.triggers, settings.notify_secret)
+        self.notifier = Notifier(store, self.clock, self.runner, settings,
+                                 deliver_here=self.webhooks.deliver_caused,
+                                 rest_urls=rest_urls or (lambda: [settings.rest_base_url]))
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
         self.audit = AuditLog(store)

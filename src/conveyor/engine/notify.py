@@ -11,6 +11,13 @@ exponential backoff) or `notification.abandoned` (attempts used up, or a destina
 refuses; row deleted). Each outcome is fenced by the attempt it claimed, so a delivery taken over
 after its lease ran out records nothing twice.
 
+Loops through webhooks end (domain/families.py): every delivery carries its run's family in a
+signed X-Conveyor-Lineage header, and Idempotency-Key: <delivery id>, so a Conveyor webhook it
+reaches refuses a workflow the family reached before (WORKFLOW_LOOP) and starts one run however
+often the delivery is sent; such a refusal in the response is given up at once, its reason in the
+event. A target that is one of this server's own webhook URLs (under `rest_urls`) is not sent
+over HTTP at all: it is delivered here, with the same cause and key, whatever the egress policy.
+
 Never blocking the engine: no request runs inside a transaction; at most `notify_max_concurrency`
 requests are in flight, at most `notify_per_url_concurrency` of them to one URL (a slow endpoint
 delays only its own notifications), each bounded by `notify_timeout_seconds`. The loop sleeps
@@ -27,14 +34,23 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
+from conveyor.domain.actors import NOTIFIER
 from conveyor.domain.changes import Changes
-from conveyor.domain.errors import ConcurrentChange
+from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
+from conveyor.domain.families import (
+    LINEAGE_HEADER,
+    NESTING_TOO_DEEP,
+    WORKFLOW_LOOP,
+    Cause,
+    cause_of,
+    sign_cause,
+)
 from conveyor.domain.feed import NOTIFY_KEY
 from conveyor.domain.notifications import (
     ABANDONED,
@@ -42,10 +58,14 @@ from conveyor.domain.notifications import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     FAILED,
+    IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     OutboxEntry,
+    conveyor_refusal,
+    own_webhook_token,
     signature,
 )
+from conveyor.domain.records import RunRecord
 from conveyor.domain.spec import RetryPolicy
 from conveyor.engine.background import Background, abandon, log_loop_failure
 from conveyor.engine.clock import Clock
@@ -65,7 +85,7 @@ from conveyor.settings import Settings
 log = logging.getLogger(__name__)
 
 # Who the delivery events name as their actor.
-ACTOR = "engine:notify"
+ACTOR = NOTIFIER
 # Added to the request timeout to make a claim's lease: covers the claim's commit before the
 # request and the outcome's commit after it.
 LEASE_MARGIN_SECONDS = 10.0
@@ -77,6 +97,13 @@ _DRAIN_BYTES = 64 * 1024
 _RECORD_ATTEMPTS = 5
 # The outbox is looked at at least this often, even if the feed said nothing.
 SAFETY_POLL_SECONDS = 30.0
+# A webhook's refusals that another attempt would meet again: given up at once.
+_FINAL_REFUSALS = frozenset({WORKFLOW_LOOP, NESTING_TOO_DEEP})
+# Refusals of a delivery made here that a later attempt may not meet (the database, the queue).
+_PASSING_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.ABORTED})
+
+# Hands a delivery to this server's own webhook: (token, body, delivery id, cause) -> the run.
+DeliverHere = Callable[[str, dict[str, object], str, Cause | None], Awaitable[RunRecord]]
 
 
 
@@ -87,23 +114,21 @@ class _Outcome:
     detail: str  # "HTTP 204", or why the attempt failed
     status_code: int = 0
     retryable: bool = True
+    started_run_id: str = ""  # delivered here: the run it started
 
 
 class Notifier:
     """Claims due outbox rows, POSTs them and records each outcome as a run event."""
 
     def __init__(self, store: Store, clock: Clock, runner: Runner, settings: Settings,
-                 resolver: Resolver = resolve) -> None:
+                 resolver: Resolver = resolve, deliver_here: DeliverHere | None = None,
+                 rest_urls: Callable[[], Sequence[str]] = lambda: ()) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
-        if settings.notify_secret:
-            self.secret = settings.notify_secret
-        else:
-            # The server (app.py) always passes one (CONVEYOR_NOTIFY_SECRET, or the data
-            # directory's notify.secret); an engine built without one still signs, with a secret
-            # nobody can verify against.
-            self.secret = secrets.token_hex(32)
+        self.secret = settings.notify_secret  # the engine (facade.py) makes sure there is one
+        self.deliver_here = deliver_here
+        self.rest_urls = rest_urls
         self.max_concurrency = max(1, settings.notify_max_concurrency)
         self.per_url = max(1, settings.notify_per_url_concurrency)
         self.timeout = settings.notify_timeout_seconds
@@ -193,6 +218,11 @@ class Notifier:
                 else:
                     # Over this URL's share: back to due now, its attempt not counted.
                     await repo.release_notification(entry.id, entry.attempt, now)
+            if taken:
+                runs = await repo.get_runs(sorted({e.run_id for e in taken}), None)
+                causes = {r.id: cause_of(r) for r in runs}
+                for entry in taken:
+                    entry.cause = causes.get(entry.run_id)
         return taken
 
     # -- one delivery -------------------------------------------------------------------------
@@ -207,17 +237,22 @@ class Notifier:
 
     async def _post(self, entry: OutboxEntry) -> _Outcome:
         """POST the signed body; every way it can end becomes an outcome, never an exception."""
+        token = own_webhook_token(entry.url, self.rest_urls()) if self.deliver_here is not None else None
+        if token is not None:
+            return await self._here(entry, token)
         aiohttp = aiohttp_module()
         body = json.dumps(entry.body, separators=(",", ":"), ensure_ascii=False).encode()
         stamp = int(self.clock.now().timestamp())
         headers = {"Content-Type": "application/json", "User-Agent": "conveyor-notify/1",
                    SIGNATURE_HEADER: signature(self.secret, stamp, body), DELIVERY_HEADER: entry.id,
-                   EVENT_HEADER: entry.event_type}
+                   EVENT_HEADER: entry.event_type, IDEMPOTENCY_HEADER: entry.id}
+        if entry.cause is not None:
+            headers[LINEAGE_HEADER] = sign_cause(self.secret, entry.cause)
         try:
             check_literal(self._egress.policy, urlsplit(entry.url).hostname or "")
             async with asyncio.timeout(self.timeout), self._egress.session().post(
                     entry.url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.content.read(_DRAIN_BYTES)
+                answer = await response.content.read(_DRAIN_BYTES)
                 status = response.status
         except EgressDenied as e:
             return _Outcome(False, str(e), retryable=False)
@@ -228,7 +263,26 @@ class Notifier:
             return _Outcome(False, f"{type(e).__name__}: {detail}"[:_EXCERPT_CHARS])
         if 200 <= status < 300:
             return _Outcome(True, f"HTTP {status}", status)
+        if (refused := conveyor_refusal(answer)) is not None:
+            # A Conveyor webhook's refusal: its reason says whether another attempt could pass.
+            reason, message = refused
+            return _Outcome(False, f"HTTP {status} {reason}: {message}"[:_EXCERPT_CHARS], status,
+                            retryable=reason not in _FINAL_REFUSALS)
         return _Outcome(False, f"HTTP {status}", status)  # redirects are not followed either
+
+    async def _here(self, entry: OutboxEntry, token: str) -> _Outcome:
+        """Deliver to this server's own webhook without HTTP: the trigger a delivery over HTTP
+        would make, with the same cause and idempotency key; a refusal is the outcome."""
+        assert self.deliver_here is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                run = await self.deliver_here(token, entry.body, entry.id, entry.cause)
+        except ConveyorError as e:
+            return _Outcome(False, f"{e.reason}: {e.message}"[:_EXCERPT_CHARS],
+                            retryable=e.kind in _PASSING_KINDS)
+        except TimeoutError:
+            return _Outcome(False, f"TimeoutError: no run started within {self.timeout:g}s")
+        return _Outcome(True, f"run {run.id} started here", started_run_id=run.id)
 
     async def _record(self, entry: OutboxEntry, outcome: _Outcome) -> None:
         """The outcome as a run event, with the row's fate, in one transaction; nothing when the
@@ -237,6 +291,8 @@ class Notifier:
                                    "event_type": entry.event_type, "event_seq": entry.event_seq}
         if outcome.status_code:
             data["status_code"] = outcome.status_code
+        if outcome.started_run_id:
+            data["started_run_id"] = outcome.started_run_id
         for _ in range(_RECORD_ATTEMPTS):
             now = self.clock.now()
             if outcome.ok:

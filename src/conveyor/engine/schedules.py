@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
+from conveyor.domain import actors
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.limits import Limits
 from conveyor.domain.new_runs import NewRun, open_run
@@ -54,7 +55,7 @@ from conveyor.engine.runner import Runner
 log = logging.getLogger(__name__)
 
 # Who runs fired by a schedule are triggered and created by (RunRecord, events' actor).
-SCHEDULE = "schedule"
+SCHEDULE = actors.SCHEDULE
 # Due workflows fired per transaction (each a run insert; planned inside the transaction).
 _BATCH = 64
 # Shortest sleep of the loop: a schedule still due after a pass is held by another replica's

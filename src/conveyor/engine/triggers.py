@@ -29,7 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from conveyor.domain.actors import check_run_as
 from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind, is_outage, overloaded
+from conveyor.domain.families import refusal
 from conveyor.domain.limits import Limits
 from conveyor.domain.new_runs import NewRun
 from conveyor.domain.operations import workflow_archived
@@ -89,7 +91,7 @@ class Triggers:
 
     def __init__(self, store: Store, clock: Clock, runner: Runner, batch_size: int = 256,
                  idempotency_ttl: int = 24 * 3600, limits: Limits | None = None,
-                 queue_limit: int = 2048) -> None:
+                 queue_limit: int = 2048, max_nesting_depth: int = 10) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
@@ -97,6 +99,7 @@ class Triggers:
         self.queue_limit = queue_limit
         self.ttl = timedelta(seconds=idempotency_ttl)
         self.limits = limits or Limits()
+        self.max_depth = max_nesting_depth
         self._queue: list[_Pending] = []
         # Workflows recently triggered, so a batch needs no read transaction to find them.
         self._known: OrderedDict[_WfKey, WorkflowRecord] = OrderedDict()
@@ -107,6 +110,7 @@ class Triggers:
         if req.max_parallel_steps < 0 or req.timeout_seconds < 0:
             raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT",
                                 "max_parallel_steps and timeout_seconds must not be negative")
+        check_run_as(req.run_as)
         if len(self._queue) >= self.queue_limit:
             # Refused before it waits: a full queue means the database is slow or gone, and a
             # request that waited behind it would only time out later.
@@ -302,13 +306,24 @@ class Triggers:
             expires_at=now + timedelta(seconds=timeout) if timeout else None,
             notifications=req.notifications or None,  # the workflow's are added by open_run
         )
+        message, data = "", None
+        if (cause := req.caused_by) is not None:
+            # A notification of another run asks for this one: it joins that run's family, so a
+            # workflow its own family reaches again is refused, as a child run would be.
+            refused = refusal(cause.lineage, cause.depth, wf.id, wf.name, cause.run_id, self.max_depth,
+                              "runs started by notifications")
+            if refused is not None:
+                raise ConveyorError(ErrorKind.FAILED_PRECONDITION, *refused)
+            run.lineage, run.depth = [*cause.lineage, wf.id], cause.depth + 1
+            message = f"started by a notification of run {cause.run_id}"
+            data = {"caused_by_run_id": cause.run_id}
         if req.idempotency_key:
             item.key = (wf.project_id, wf.id, req.idempotency_key)
             item.request_hash = request_hash(req, wf.id)
         # The current version's cap is the workflow's (both change together on update).
         item.new = creation.start_run(run, spec, run.triggered_by, self.limits,
                                       capped=spec.max_concurrent_runs > 0,
-                                      check_condition=req.check_conditions)
+                                      check_condition=req.check_conditions, message=message, data=data)
 
     @staticmethod
     def _idempotent(item: _Pending, hits: dict[IdemKey, tuple[str, str]],

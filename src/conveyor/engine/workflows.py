@@ -21,11 +21,11 @@ from typing import Any
 
 from conveyor.domain.access import TOKEN_PREFIX_LENGTH, WEBHOOK_TOKEN_PREFIX, new_token, token_hash
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid, not_found
+from conveyor.domain.families import WORKFLOW_LOOP
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import workflow_archived
 from conveyor.domain.records import DEFAULT_PROJECT, Caller, Page, WorkflowRecord
 from conveyor.domain.spec import Schedule, WorkflowSpec, parse_workflow
-from conveyor.engine.children import WORKFLOW_LOOP
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.offload import Offload
