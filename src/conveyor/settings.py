@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.domain.egress import EgressPolicy
 from conveyor.domain.limits import Limits
 
 DEFAULT_DATA_DIR = Path(".conveyor")
@@ -102,13 +103,11 @@ class Settings:
     http_max_body_bytes: int = 256 * 1024
     # An attempt's timeout when neither its config nor its step sets one.
     http_default_timeout_seconds: float = 30.0
-    # Hosts a request may reach: names, "*.example.com" (its subdomains) or CIDR networks;
-    # empty = any host outside the denied networks.
-    http_allowed_hosts: tuple[str, ...] = ()
-    # Never reached, whatever a host resolves to: link-local (cloud metadata endpoints such as
-    # 169.254.169.254), "this network" 0.0.0.0/8, and the IPv6 EC2 metadata address.
-    http_denied_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8",
-                                             "fd00:ec2::254/128")
+    # The special-purpose destinations (loopback, private, link-local, CGNAT...: domain/egress.py)
+    # http steps and notifications may reach after all (CONVEYOR_HTTP_ALLOW, comma-separated):
+    # addresses or networks ("10.0.0.0/8"), host names ("localhost", "*.internal.example"),
+    # either on one port ("127.0.0.1:9000"). Public addresses need no entry; empty: none.
+    http_allow: tuple[str, ...] = ()
     # -- access (api/access.py, engine/keys.py) --
     # False only behind something else that authenticates (CONVEYOR_AUTH=disabled): every call
     # is then an admin of every project.
@@ -164,12 +163,16 @@ class Settings:
             env["grpc_port"] = int(os.environ["CONVEYOR_GRPC_PORT"])
         if "CONVEYOR_HTTP_PORT" in os.environ:
             env["http_port"] = int(os.environ["CONVEYOR_HTTP_PORT"])
-        # The egress policy of http steps: comma-separated hosts (names, *.suffix, CIDR) and
-        # networks; an empty CONVEYOR_HTTP_DENIED_NETWORKS denies nothing.
-        for name, key in (("http_allowed_hosts", "CONVEYOR_HTTP_ALLOWED_HOSTS"),
-                          ("http_denied_networks", "CONVEYOR_HTTP_DENIED_NETWORKS")):
-            if key in os.environ:
-                env[name] = tuple(v.strip() for v in os.environ[key].split(",") if v.strip())
+        for old in ("CONVEYOR_HTTP_ALLOWED_HOSTS", "CONVEYOR_HTTP_DENIED_NETWORKS"):
+            if old in os.environ:
+                # Not read as the new setting: the old one restricted egress, the new one widens
+                # it; an operator must say which destinations to allow (README "Egress").
+                raise ValueError(f"{old} is no longer read: special-purpose destinations are denied "
+                                 f"unless CONVEYOR_HTTP_ALLOW allows them; unset it")
+        if "CONVEYOR_HTTP_ALLOW" in os.environ:
+            allow = tuple(v.strip() for v in os.environ["CONVEYOR_HTTP_ALLOW"].split(",") if v.strip())
+            EgressPolicy.parse(allow)  # a malformed entry stops the start, named
+            env["http_allow"] = allow
         if "CONVEYOR_HTTP_MAX_CONCURRENCY" in os.environ:
             env["http_max_concurrency"] = int(os.environ["CONVEYOR_HTTP_MAX_CONCURRENCY"])
         for name in ("envoy_restart_first_seconds", "envoy_restart_max_seconds",

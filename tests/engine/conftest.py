@@ -27,9 +27,11 @@ async def pair(database: Database, clock: ManualClock, backend: str) -> AsyncIte
 
 @pytest.fixture
 async def replicas(database: Database, clock: ManualClock) -> AsyncIterator[list[Engine]]:
-    """Two engines with their own pools on one database, as two server replicas."""
+    """Two engines with their own pools on one database, as two server replicas (allowed to
+    reach test servers on 127.0.0.1, which egress denies by default)."""
     dbs = [Database(database.url), Database(database.url)]
-    out = [Engine(SqlStore(db), Settings(db_url=database.url), clock) for db in dbs]
+    settings = Settings(db_url=database.url, http_allow=("127.0.0.1",))
+    out = [Engine(SqlStore(db), settings, clock) for db in dbs]
     try:
         yield out
     finally:

@@ -69,8 +69,10 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def make_engine(database: Database, clock: ManualClock, **settings: Any) -> Engine:
+    # The receiver's address allowed: loopback is denied unless CONVEYOR_HTTP_ALLOW says so.
     base: dict[str, Any] = {"notify_secret": SECRET, "notify_max_attempts": 3,
-                            "notify_initial_backoff_seconds": 1.0, "notify_timeout_seconds": 2.0}
+                            "notify_initial_backoff_seconds": 1.0, "notify_timeout_seconds": 2.0,
+                            "http_allow": ("127.0.0.1",)}
     return Engine(SqlStore(database), Settings(db_url=str(database.url), **{**base, **settings}), clock)
 
 
@@ -175,7 +177,7 @@ async def test_a_rolled_back_change_sends_nothing(eng: Engine, receiver: Receive
 
 
 async def test_the_egress_policy_applies(database: Database, clock: ManualClock, receiver: Receiver) -> None:
-    engine = make_engine(database, clock, http_denied_networks=("127.0.0.0/8",))
+    engine = make_engine(database, clock, http_allow=())  # the default: loopback denied
     try:
         await engine.workflows.create(wf("w", [noop("a")], notifications=[
             {"url": receiver.url(), "events": ["run.completed"]}]), ME)
@@ -184,7 +186,9 @@ async def test_the_egress_policy_applies(database: Database, clock: ManualClock,
         assert await engine.notifier.run_once() == 1
         assert receiver.got == []
         (event,) = [e for e in await events_of(engine, run_id) if e.type.startswith("notification.")]
-        assert event.type == "notification.abandoned" and "EGRESS_DENIED" in event.data["error"]
+        assert event.type == "notification.abandoned"
+        assert event.data["error"] == ("EGRESS_DENIED: 127.0.0.1 is loopback (127.0.0.0/8), "
+                                       "not allowed by CONVEYOR_HTTP_ALLOW")
     finally:
         await engine.stop()
 

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from conveyor.domain.egress import url_problem
 from conveyor.domain.errors import ERROR_DOMAIN, FieldViolation, invalid
 from conveyor.domain.families import Cause
 from conveyor.domain.limits import Limits
@@ -157,20 +158,9 @@ def validated_notifications(data: Any, path: str, limits: Limits) -> list[dict[s
 
 
 def _url_problem(url: str, limits: Limits) -> str | None:
-    if len(url) > limits.max_url_length:
-        return f"is {len(url)} characters; at most {limits.max_url_length} are allowed"
-    # Control characters (NUL included) or spaces would be refused by the database or split the
-    # request line; a URL has none once encoded.
-    if any(ch <= " " or ch == "\x7f" for ch in url):
-        return "must not contain spaces or control characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an absolute http or https URL"
-    if parts.username is not None or parts.password is not None:
+    if problem := url_problem(url, limits.max_url_length):
+        return problem
+    if "@" in urlsplit(url).netloc:
         # Credentials in a URL end up in logs and events; receivers check the signature instead.
         return "must not hold a user name or password"
     return None

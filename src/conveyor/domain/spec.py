@@ -22,10 +22,10 @@ import zoneinfo
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from croniter import croniter
 
+from conveyor.domain.egress import url_problem
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
 from conveyor.domain.expressions import (
     ExpressionError,
@@ -491,10 +491,9 @@ def _parse_config(kind: StepKind, data: Any, path: str, problems: _Problems) -> 
 
     if kind == StepKind.HTTP:
         url = required_string("url")
-        if url is not None and not _has_template(url):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                problems.add(f"{path}.url", "must be an absolute http or https URL")
+        if (url is not None and not _has_template(url)
+                and (problem := url_problem(url, problems.limits.max_url_length))):
+            problems.add(f"{path}.url", problem)
         method = config.get("method", "GET")
         if not isinstance(method, str):
             problems.add(f"{path}.method", "must be a string")

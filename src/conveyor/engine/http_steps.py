@@ -34,22 +34,14 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from conveyor.domain.egress import BadUrl, Destination, EgressDenied, EgressPolicy, destination
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.feed import HTTP_KEY
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
 from conveyor.engine.background import Background, abandon, log_loop_failure
-from conveyor.engine.egress import (
-    EgressClient,
-    EgressDenied,
-    EgressPolicy,
-    Resolver,
-    aiohttp_module,
-    check_literal,
-    resolve,
-)
+from conveyor.engine.egress import EgressClient, Resolver, aiohttp_module, resolve
 from conveyor.engine.leases import MAX_RETRY_AFTER_SECONDS, Lease, Leases
 from conveyor.engine.pulse import KeyedPulses
 from conveyor.settings import Settings
@@ -71,6 +63,8 @@ RELEASE_TIMEOUT_SECONDS = 5.0
 _EXCERPT_CHARS = 200
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+# An attempt's error when the executor itself failed (the server's log has the traceback).
+_INTERNAL = "INTERNAL: the request could not be made (see the server log)"
 
 
 
@@ -86,7 +80,7 @@ class _TooLarge(Exception):
 @dataclass(frozen=True)
 class _Request:
     method: str
-    url: str
+    target: Destination
     headers: dict[str, str]
     body: Any
     timeout: float
@@ -112,14 +106,14 @@ class HttpSteps:
         self.max_concurrency = settings.http_max_concurrency
         self.max_body_bytes = settings.http_max_body_bytes
         self.default_timeout = settings.http_default_timeout_seconds
+        self.max_url_length = settings.limits.max_url_length
         # The safety poll: a retry whose backoff ends is made ready by time passing, which no
         # commit announces, and a pulse of another process never reaches this one.
         self.idle_seconds = settings.engine_idle_seconds
         # Shown as the step's worker_id: which process ran the attempt.
         self.holder = f"engine:http:{socket.gethostname()}:{os.getpid()}"
         self._caller = Caller(name=self.holder)  # no project: http steps of every project
-        policy = EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks)
-        self._egress = EgressClient(policy, resolver, self.max_concurrency)
+        self._egress = EgressClient(EgressPolicy.parse(settings.http_allow), resolver, self.max_concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._leases: dict[asyncio.Task[None], Lease] = {}  # of the tasks in flight
         self._slot_freed = asyncio.Event()
@@ -200,6 +194,12 @@ class HttpSteps:
         except _BadConfig as e:
             await self._report(lease, _Outcome(error=f"config: {e}", retryable=False))
             return
+        except Exception:
+            # A bug, not the config's fault; still the attempt is failed now, not left to strand
+            # its lease (and the same config would meet the same bug on every retry).
+            log.exception("http step %s attempt %d: building the request failed", step.id, step.attempt)
+            await self._report(lease, _Outcome(error=_INTERNAL, retryable=False))
+            return
         try:
             if request.timeout > self.default_timeout:
                 # Acquired for the default timeout: extend the lease to cover this attempt's.
@@ -237,9 +237,11 @@ class HttpSteps:
         url = config.get("url")
         if not isinstance(url, str):
             raise _BadConfig("url must be a string")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _BadConfig(f"url must be an absolute http or https URL, not {url[:200]!r}")
+        try:
+            target = destination(url, self.max_url_length)
+        except BadUrl as e:
+            # Not quoted: a rendered URL may hold a secret.
+            raise _BadConfig(f"url {e}") from None
         headers = config.get("headers") or {}
         if not isinstance(headers, dict):
             raise _BadConfig("headers must be an object")
@@ -248,7 +250,7 @@ class HttpSteps:
                                     or not 0 < timeout < math.inf):
             raise _BadConfig(f"timeout_seconds must be a positive number, not {timeout!r}")
         timeouts = [float(t) for t in (timeout, lease.spec.timeout_seconds) if t]
-        return _Request(method.upper(), url, {str(k): _header_value(k, v) for k, v in headers.items()},
+        return _Request(method.upper(), target, {str(k): _header_value(k, v) for k, v in headers.items()},
                         config.get("body"), min(timeouts, default=self.default_timeout))
 
     async def _perform(self, request: _Request) -> _Outcome:
@@ -256,16 +258,17 @@ class HttpSteps:
         aiohttp = aiohttp_module()
         body = request.body
         try:
-            check_literal(self._egress.policy, urlsplit(request.url).hostname or "")
             # The whole attempt is bounded: connect, send and every read, so a server dripping
             # bytes cannot outlast it either.
-            async with asyncio.timeout(request.timeout), self._egress.session().request(
-                    request.method, request.url, headers=request.headers, allow_redirects=False,
+            async with asyncio.timeout(request.timeout), self._egress.request(
+                    request.method, request.target, headers=request.headers,
                     data=body.encode() if isinstance(body, str) else None,
                     json=body if body is not None and not isinstance(body, str) else None) as response:
                 content = await self._read_capped(response)
         except EgressDenied as e:
             return _Outcome(error=str(e), retryable=False)
+        except BadUrl as e:
+            return _Outcome(error=f"config: url {e}", retryable=False)
         except _TooLarge:
             return _Outcome(error=f"RESPONSE_TOO_LARGE: the response body exceeds {self.max_body_bytes} "
                                   f"bytes (http_max_body_bytes)", retryable=False)
@@ -276,6 +279,9 @@ class HttpSteps:
             return _Outcome(error=f"ConnectError: {_one_line(str(e)) or 'no detail'}")
         except (aiohttp.ClientError, ValueError) as e:
             return _Outcome(error=f"{type(e).__name__}: {_one_line(str(e)) or 'no detail'}")
+        except Exception:
+            log.exception("http step request to %s failed unexpectedly", request.target.host)
+            return _Outcome(error=_INTERNAL, retryable=False)
         return self._outcome(response, content)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:

@@ -38,10 +38,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
 
 from conveyor.domain.actors import NOTIFIER
 from conveyor.domain.changes import Changes
+from conveyor.domain.egress import BadUrl, EgressDenied, EgressPolicy, destination
 from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.families import (
     LINEAGE_HEADER,
@@ -69,15 +69,7 @@ from conveyor.domain.records import RunRecord
 from conveyor.domain.spec import RetryPolicy
 from conveyor.engine.background import Background, abandon, log_loop_failure
 from conveyor.engine.clock import Clock
-from conveyor.engine.egress import (
-    EgressClient,
-    EgressDenied,
-    EgressPolicy,
-    Resolver,
-    aiohttp_module,
-    check_literal,
-    resolve,
-)
+from conveyor.engine.egress import EgressClient, Resolver, aiohttp_module, resolve
 from conveyor.engine.ports import Store
 from conveyor.engine.runner import Runner
 from conveyor.settings import Settings
@@ -136,9 +128,8 @@ class Notifier:
                                  initial_interval_seconds=settings.notify_initial_backoff_seconds,
                                  backoff_coefficient=2.0,
                                  max_interval_seconds=settings.notify_max_backoff_seconds)
-        self._egress = EgressClient(
-            EgressPolicy.parse(settings.http_allowed_hosts, settings.http_denied_networks), resolver,
-            self.max_concurrency)
+        self.max_url_length = settings.limits.max_url_length
+        self._egress = EgressClient(EgressPolicy.parse(settings.http_allow), resolver, self.max_concurrency)
         # Deliveries in flight and the URL each one posts to.
         self._in_flight: dict[asyncio.Task[None], str] = {}
         self._background = Background("conveyor-notify", self._loop)
@@ -249,13 +240,16 @@ class Notifier:
         if entry.cause is not None:
             headers[LINEAGE_HEADER] = sign_cause(self.secret, entry.cause)
         try:
-            check_literal(self._egress.policy, urlsplit(entry.url).hostname or "")
-            async with asyncio.timeout(self.timeout), self._egress.session().post(
-                    entry.url, data=body, headers=headers, allow_redirects=False) as response:
+            target = destination(entry.url, self.max_url_length)
+            async with asyncio.timeout(self.timeout), self._egress.request(
+                    "POST", target, data=body, headers=headers) as response:
                 answer = await response.content.read(_DRAIN_BYTES)
                 status = response.status
         except EgressDenied as e:
             return _Outcome(False, str(e), retryable=False)
+        except BadUrl as e:
+            # Checked when the target was named; one stored before that check could be anything.
+            return _Outcome(False, f"INVALID_URL: the url {e}", retryable=False)
         except TimeoutError:
             return _Outcome(False, f"TimeoutError: no response within {self.timeout:g}s")
         except (aiohttp.ClientError, OSError, ValueError) as e:
