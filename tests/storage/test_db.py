@@ -53,11 +53,11 @@ def test_urls_are_normalised_to_async_drivers(tmp_path: Path) -> None:
 @pytest.mark.sqlite_only
 async def test_sqlite_pragmas(database: Database) -> None:
     assert await database.pragmas() == {
-        "busy_timeout": 5000,
+        "busy_timeout": 1000,
         "journal_mode": "wal",
         "synchronous": 1,  # NORMAL
         "foreign_keys": 1,
-        "cache_size": -32000,
+        "cache_size": -16000,
         "temp_store": 2,  # MEMORY
         "journal_size_limit": 64 * 1024 * 1024,
     }
