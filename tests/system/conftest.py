@@ -54,11 +54,13 @@ SpawnFactory = Callable[..., AbstractAsyncContextManager[Served]]
 def spawn(tmp_path: Path) -> SpawnFactory:
     """``async with spawn(db_url, envoy=False) as served``: a real server process (on free ports
     unless `grpc_port` / `http_port` name one). `name`: its data directory under tmp_path (and
-    its log, `<name>.log`; "server.log" for the default), so replicas can run side by side."""
+    its log, `<name>.log`; "server.log" for the default), so replicas can run side by side.
+    `env`: CONVEYOR_* variables of its own (e.g. CONVEYOR_HTTP_ALLOW)."""
 
     @asynccontextmanager
     async def start(db_url: str, envoy: bool = False, grpc_port: int = 0,
-                    http_port: int = 0, name: str = "data") -> AsyncIterator[Served]:
+                    http_port: int = 0, name: str = "data",
+                    env: dict[str, str] | None = None) -> AsyncIterator[Served]:
         data_dir = tmp_path / name
         log_path = tmp_path / ("server.log" if name == "data" else f"{name}.log")
         args = [sys.executable, "-m", "conveyor.cli", "serve", "--grpc-port", str(grpc_port),
@@ -66,8 +68,9 @@ def spawn(tmp_path: Path) -> SpawnFactory:
         if not envoy:
             args.append("--no-envoy")
         log = log_path.open("ab")
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log,
-                                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                    env=environ)
         grpc_target = rest_url = ""
         printed: list[str] = []
         try:

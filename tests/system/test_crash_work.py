@@ -176,6 +176,12 @@ class EffectServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def allow(self) -> dict[str, str]:
+        """The server's environment that lets its http steps reach this one (loopback is denied
+        by default)."""
+        return {"CONVEYOR_HTTP_ALLOW": f"127.0.0.1:{self.port}"}
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -610,7 +616,7 @@ async def setup(spawn: SpawnFactory, db_url: str, tmp_path: Path,
         await http.start()
         stack.push_async_callback(http.stop)
         port = _free_port()
-        served = await stack.enter_async_context(spawn(db_url, grpc_port=port))
+        served = await stack.enter_async_context(spawn(db_url, grpc_port=port, env=http.allow))
         api = await stack.enter_async_context(Api.connect(f"127.0.0.1:{port}", served.token))
         worker = await start_worker(stack, f"127.0.0.1:{port}", served.token, tmp_path / "ledger.jsonl",
                                     tmp_path / "worker-0.log", lease)
@@ -659,7 +665,8 @@ async def test_sigkill_the_server_at_random_points_loses_nothing_and_repeats_onl
                 served.kill()
                 await served.proc.wait()
                 # Same database, same port: the worker and the test's channel find it again.
-                served = await rig.stack.enter_async_context(spawn(db_url, grpc_port=rig.port))
+                served = await rig.stack.enter_async_context(spawn(db_url, grpc_port=rig.port,
+                                                                   env=rig.http.allow))
         await settle(api, rng, RUNS + 1)
         assert rig.worker.proc.returncode is None, "the worker reconnects by itself, it never exits"
         history = await gather_history(api, tmp_path / "ledger.jsonl", rig.http, kills, payloads)
