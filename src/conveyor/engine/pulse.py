@@ -47,6 +47,16 @@ class KeyedPulses:
                 if not waiters:
                     del self._any[key]
 
+    def __len__(self) -> int:
+        """Keys with a pulse kept for a waiter (what this process holds)."""
+        return len(self._events) + len(self._any)
+
+    def drop(self, key: Hashable, event: asyncio.Event) -> None:
+        """The one waiter of `key` (a watched run's tail) is gone for good: its pulse goes too, or
+        a key that is never fired again (a finished run's) would be kept forever."""
+        if self._events.get(key) is event:
+            del self._events[key]
+
     def fire_all(self) -> None:
         """Wake every waiter: commits may have been missed (the feed from other replicas was
         down a while), so everyone looks again."""

@@ -170,6 +170,7 @@ class RunTails:
 
     async def _follow(self, tail: Tail) -> None:
         key = run_key(tail.run_id)
+        committed: asyncio.Event | None = None
         try:
             while True:
                 committed = self.pulses.next(key)  # before reading: no commit is missed
@@ -197,6 +198,11 @@ class RunTails:
             tail.subscribers.clear()
             if self._tails.get(tail.run_id) is tail:
                 del self._tails[tail.run_id]
+        finally:
+            # A tail is its run key's one waiter: with no tail of the run left, its pulse goes
+            # (a finished run's key may never fire again). A newer tail keeps it.
+            if committed is not None and tail.run_id not in self._tails:
+                self.pulses.drop(key, committed)
 
     async def _sweep_loop(self) -> None:
         """The safety poll of every tail at once; ends when no tail is left."""
