@@ -268,6 +268,8 @@ async def bench_http(args: argparse.Namespace, data_dir: Path) -> None:
     try:
         assert http.stdout is not None
         port = int(await http.stdout.readline())
+        # Loopback is denied to http steps unless allowed: the server gets this target only.
+        os.environ["CONVEYOR_HTTP_ALLOW"] = f"127.0.0.1:{port}"
         async with common.spawn_server(data_dir, envoy=False) as served:
             target = served.grpc_target
             url = f"http://127.0.0.1:{port}/hook"

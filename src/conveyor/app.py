@@ -4,6 +4,10 @@
 the operators' endpoints and Envoy first (no new REST requests), then the gRPC server with a
 grace period for calls in flight, then the engine's loop, then the database pool. The readiness
 probe (health.py) drives both /ready and the gRPC health status.
+
+Nothing secret is printed (SPEC §11): the database URL only with its password masked
+(`database`), and the first start's admin token only to a terminal; where the output is kept
+(a pipe, a container's log) only the path of the file that holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from conveyor.gateway.envoy import EnvoyGateway
 from conveyor.gateway.supervisor import EnvoySupervisor, RestartBackoff
 from conveyor.health import OpsServer, Readiness
 from conveyor.settings import Settings
-from conveyor.storage.db import Database
+from conveyor.storage.db import Database, masked_url
 from conveyor.storage.migrate import migrate
 from conveyor.storage.store import SqlStore
 
@@ -48,7 +52,8 @@ class App:
         self.supervisor: EnvoySupervisor | None = None
         self.readiness: Readiness | None = None
         self.ops: OpsServer | None = None
-        # The admin token this start created (the first start over a database), else "".
+        # The admin token this start created (the first start over a database) when stdout is a
+        # terminal, else "".
         self.new_admin_token = ""
 
     async def start(self) -> None:
@@ -60,6 +65,8 @@ class App:
                            command_timeout=self.settings.db_command_timeout_seconds)
         if not self.settings.notify_secret:
             self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
+        # Envoy proves with it that the x-forwarded-for of a call is its own (api/clients.py).
+        self.settings = dataclasses.replace(self.settings, gateway_secret=secrets.token_urlsafe(32))
         self.engine = Engine(SqlStore(self.db), self.settings, rest_urls=self._rest_urls)
         metrics = self.engine.runner.metrics
         metrics.watch_pool(self.db.pool_usage)
@@ -136,8 +143,9 @@ class App:
         return secret
 
     async def _bootstrap_admin(self, engine: Engine) -> None:
-        """Zero setup: on a database without an admin key of every project, create one, print
-        its token once and keep it in the data directory (mode 0600) for the CLI and README."""
+        """Zero setup: on a database without an admin key of every project, create one and keep
+        its token in the data directory (mode 0600) for the CLI and README; show it once on a
+        terminal (printed anywhere else, it would live on in a log)."""
         token = await engine.keys.bootstrap()
         if token is None:
             return
@@ -148,6 +156,9 @@ class App:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         os.chmod(path, 0o600)  # an existing file keeps its mode through O_TRUNC
+        if not sys.stdout.isatty():
+            print(f"conveyor: created the admin API key 'admin'; its token is in {path}", flush=True)
+            return
         print(f"conveyor: created the admin API key 'admin' (kept in {path}); its token, shown once:",
               flush=True)
         print(token, flush=True)
@@ -170,6 +181,11 @@ class App:
             await self.engine.stop()
         if self.db is not None:
             await self.db.dispose()
+
+    @property
+    def database(self) -> str:
+        """The database URL as it may be shown: its password masked."""
+        return masked_url(self.settings.db_url)
 
     @property
     def grpc_address(self) -> str:

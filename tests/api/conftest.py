@@ -24,7 +24,10 @@ from tests.auth import bearer_interceptors, key
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    return Settings(db_url=db_url, grpc_host="127.0.0.1", grpc_port=0, envoy_enabled=False)
+    # No per-address limit on anonymous calls and webhook deliveries: tests here make hundreds
+    # from 127.0.0.1 on the wall clock (tests/api/test_anonymous_limits.py turns it on).
+    return Settings(db_url=db_url, grpc_host="127.0.0.1", grpc_port=0, envoy_enabled=False,
+                    anonymous_rate_limit=0, webhook_rate_limit=0)
 
 
 @pytest.fixture

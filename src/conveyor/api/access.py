@@ -10,6 +10,15 @@ is too low: PERMISSION_DENIED (403); over the key's rate: RESOURCE_EXHAUSTED (42
 `retry-after` header. Project isolation is not decided here: every use case scopes by the
 caller's project, so a foreign resource answers NOT_FOUND as if absent.
 
+Anonymous traffic is bounded per client address (api/clients.py says which address): calls
+without a valid key (none, malformed, unknown) share one bucket of `anonymous_rate` per second,
+webhook deliveries another of `webhook_rate`; beyond, RESOURCE_EXHAUSTED RATE_LIMITED with
+`retry-after`, before the token is looked up. A token the key cache knows skips the address's
+bucket, so a flood from an address never refuses a working key's cached calls. Calls refused
+with no valid key behind them (and deliveries whose token names no webhook) are counted in
+`conveyor_refused_requests_total{reason}`, not written to the audit log one entry each: the log
+records what callers who proved who they are did, refusals of theirs included.
+
 Worker RPCs need a `worker` key of the project, or an operator's or admin's (decision, README):
 a worker key may lease, heartbeat, report and release its project's tasks and do nothing else,
 so a process that runs tasks holds no right to read, cancel or steer the project's runs.
@@ -26,11 +35,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cachetools import TTLCache
 from google.protobuf.descriptor import FieldDescriptor
 
 from conveyor.api.caller import ANONYMOUS, WEBHOOK, bind, bound
+from conveyor.api.clients import client_address
 from conveyor.api.errors import INTERNAL_MESSAGE, STATUS_CODES
-from conveyor.domain.access import AuditEntry, Role
+from conveyor.domain.access import AuditEntry, Role, well_formed_token
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.records import Caller
 from conveyor.engine.facade import Engine
@@ -81,12 +92,17 @@ AUDITED: frozenset[str] = frozenset(
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
+# Buckets the rate limiter holds at once (keys and client addresses); beyond, the least recently
+# used is dropped, which only gives that key or address a full burst again.
+MAX_BUCKETS = 100_000
 class RateLimiter:
-    """Token buckets per key: `rate` requests per second, bursts of up to one second's worth."""
+    """Token buckets per key: `rate` requests per second, bursts of up to one second's worth.
+    A bucket untouched for a second is full again, the same as none: it is then forgotten."""
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
         self._now = now
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when counted)
+        # key -> (tokens, when counted)
+        self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(MAX_BUCKETS, 1.0, timer=now)
 
     def take(self, key: str, rate: int) -> float:
         """0 when the request may go ahead; else seconds until the bucket holds a token."""
@@ -101,13 +117,24 @@ class RateLimiter:
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str:
+    def refund(self, key: str) -> None:
+        """Give back the token a request took (it turned out not to count)."""
+        if (bucket := self._buckets.get(key)) is not None:
+            self._buckets[key] = (bucket[0] + 1.0, bucket[1])
+
     for name, value in metadata:
         if name == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise ConveyorError(ErrorKind.UNAUTHENTICATED, "MALFORMED_TOKEN",
                                     "the authorization header must be 'Bearer <API key>'")
-            return token.strip()
+            # grpc hands over a value that is not UTF-8 decoded as Latin-1 (and logs it; see
+            # logs.py), and one with a line break or NUL as it came: whatever it holds, it is no
+            # key, and it is never quoted. Only spaces around it are forgiven.
+            if not well_formed_token(token := token.strip(" ")):
+                raise ConveyorError(ErrorKind.UNAUTHENTICATED, "MALFORMED_TOKEN",
+                                    "the API key holds characters no API key has (only printable ASCII)")
+            return token
     raise ConveyorError(ErrorKind.UNAUTHENTICATED, "MISSING_TOKEN",
                         "this call needs an API key: send 'authorization: Bearer <API key>'")
 
@@ -116,27 +143,54 @@ class Gate:
     """Admits calls (authentication, role, rate) and records the audit entries of writes."""
 
     def __init__(self, engine: Engine, enabled: bool, default_rate: int,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, *, anonymous_rate: int = 0, webhook_rate: int = 0,
+                 gateway_secret: str = "") -> None:
         self._engine = engine
         self._enabled = enabled
         self._default_rate = default_rate
         self._limiter = limiter or RateLimiter()
+        self._anonymous_rate = anonymous_rate
+        self._webhook_rate = webhook_rate
+        self._gateway_secret = gateway_secret
 
-    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None:
-        """Bind the call's Caller, or raise the ConveyorError that refuses it."""
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str = "") -> None:
+        """Bind the call's Caller, or raise the ConveyorError that refuses it (`peer`: the
+        connection's, grpc's `context.peer()`)."""
+        try:
+            await self._admit(method, metadata, peer)
+        except ConveyorError as e:
+            if bound() is None:  # no valid key behind it: counted, never audited
+                self._engine.metrics.refused(e.reason)
+            raise
+
+    async def _admit(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> None:
         if method.startswith(_PUBLIC_PREFIXES):
             return
         needed = RPC_ROLES.get(method, A)  # an RPC missing from the table is admin-only
         if needed is None:
             bind(WEBHOOK)
             return
+            self._limit_address("webhook deliveries", metadata, peer, self._webhook_rate)
         if not self._enabled:
             bind(ANONYMOUS)
             return
-        key = await self._engine.keys.resolve(_bearer(metadata))
+        try:
+            token = _bearer(metadata)
+        except ConveyorError:
+            self._limit_address("calls without a valid API key", metadata, peer, self._anonymous_rate)
+            raise
+        key = self._engine.keys.known(token)
         if key is None:
-            raise ConveyorError(ErrorKind.UNAUTHENTICATED, "INVALID_TOKEN",
-                                "the API key is unknown, revoked or expired")
+            # Taken before the lookup, so a flood is refused before it costs the database
+            # anything; given back when the token turns out to name a working key.
+            bucket = self._limit_address("calls without a valid API key", metadata, peer,
+                                         self._anonymous_rate)
+            key = await self._engine.keys.resolve(token)
+            if key is None:
+                raise ConveyorError(ErrorKind.UNAUTHENTICATED, "INVALID_TOKEN",
+                                    "the API key is unknown, revoked or expired")
+            if bucket:
+                self._limiter.refund(bucket)
         caller = key.caller()
         bind(caller)
         if not key.role.includes(needed):
@@ -153,8 +207,30 @@ class Gate:
 
     def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
         """Record a write call's outcome, refused by the gate or not (called by the interceptor
+    def _limit_address(self, what: str, metadata: Sequence[tuple[str, Any]], peer: str, rate: int) -> str:
+        """Take a token from the client address's bucket of `what` (RATE_LIMITED when it is
+        empty); the bucket's name, "" when there is no limit."""
+        if rate <= 0:
+            return ""
+        address = client_address(metadata, peer, self._gateway_secret)
+        bucket = f"{what} from {address}"
+        if (wait := self._limiter.take(bucket, rate)) > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise ConveyorError(ErrorKind.RESOURCE_EXHAUSTED, "RATE_LIMITED",
+                                f"too many {what} from {address}: at most {rate} per second",
+                                metadata={"retry_after": str(seconds), "limit": str(rate)})
+        return bucket
+
         once the call ended)."""
         if method not in AUDITED:
+            return
+        caller = bound()
+        if error is not None and (caller is None or caller is WEBHOOK):
+            # No valid key, or a webhook token that named no workflow (the servicer binds the
+            # delivery's own caller once it did): counted, not recorded one entry each. The
+            # gate counted its own refusals already.
+            if caller is WEBHOOK:
+                self._engine.metrics.refused(getattr(error, "reason", "INTERNAL"))
             return
         if isinstance(error, ConveyorError):
             if error.kind is ErrorKind.RESOURCE_EXHAUSTED and error.reason == "RATE_LIMITED":
@@ -164,7 +240,6 @@ class Gate:
             code, reason, message = "INTERNAL", "INTERNAL", INTERNAL_MESSAGE
         else:
             code, reason, message = "OK", "", ""
-        caller = bound()
         self._engine.audit.record(AuditEntry(
             at=self._engine.clock.now(), actor=caller.name if caller is not None else "",
             project_id=_project(request, response, caller), method=method.removeprefix("/conveyor.v1."),

@@ -156,16 +156,17 @@ def _undecodable_error() -> ConveyorError:
 
 class Admission(Protocol):
     """What runs around every handler: `admit` before (binds the caller or raises the error that
-    refuses the call), `audit` after (with how the call ended). api/access.py's Gate."""
+    refuses the call; `peer` is the connection's, for limits per client address), `audit`
+    after (with how the call ended). api/access.py's Gate."""
 
-    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None: ...
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> None: ...
     def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None: ...
 
 
 class _Open:
     """Admits every call and audits none (tests of the interceptor alone)."""
 
-    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]]) -> None:
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]], peer: str) -> None:
         return None
 
     def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
@@ -270,7 +271,7 @@ class _Guard:
 
     async def _enter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata() or ()
-        await self.admission.admit(self.method, metadata)
+        await self.admission.admit(self.method, metadata, context.peer())
         if request is _UNDECODABLE:
             raise _undecodable_error()
         return self.prepare(request, metadata)

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor import logs
 from conveyor.api.access import Gate
 from conveyor.api.audit import AuditServicer
 from conveyor.api.errors import ErrorInterceptor
@@ -101,10 +102,14 @@ async def build_server(engine: Engine, settings: Settings,
 
     A coroutine because the health servicer's statuses are set with awaits.
     """
+    logs.hide_undecodable_metadata()
     server = grpc.aio.server(
         # Every request is checked against the limits before its handler runs.
         interceptors=[ErrorInterceptor(prepare=RequestChecker(settings.limits).prepare,
-                                       admission=Gate(engine, settings.auth_enabled, settings.rate_limit),
+                                       admission=Gate(engine, settings.auth_enabled, settings.rate_limit,
+                                                      anonymous_rate=settings.anonymous_rate_limit,
+                                                      webhook_rate=settings.webhook_rate_limit,
+                                                      gateway_secret=settings.gateway_secret),
                                        max_in_flight=settings.max_in_flight)],
         options=[
             ("grpc.max_receive_message_length", rest_body_bytes(settings) * JSON_TO_PROTOBUF_GROWTH),

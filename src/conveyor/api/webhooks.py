@@ -10,9 +10,12 @@ of its runs) makes the run join that run's family (engine/webhooks.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
 from conveyor.api import convert
+from conveyor.api.caller import bind, caller_from
 from conveyor.domain.families import LINEAGE_HEADER
 from conveyor.engine.facade import Engine
 from conveyor.v1 import resources_pb2 as pb
@@ -32,6 +35,9 @@ class WebhooksServicer(hooks_grpc.WebhooksServiceServicer):
     async def DeliverWebhook(self, request: hooks_pb.DeliverWebhookRequest,
                              context: grpc.aio.ServicerContext) -> pb.WorkflowRun:
         wf = await self._engine.workflows.webhook_target(request.token)
+        # The delivery proved its webhook: from here on, a refusal is audited like a key's (the
+        # gate counts those of tokens that name no webhook instead, api/access.py).
+        bind(dataclasses.replace(caller_from(context), project=wf.project_id))
         metadata = context.invocation_metadata() or ()
         lineage = next((v for k, v in metadata if k == _LINEAGE_KEY and isinstance(v, str)), "")
         run = await self._engine.webhooks.deliver(wf, convert.struct_to_dict(request, "payload"),

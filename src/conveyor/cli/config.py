@@ -5,7 +5,9 @@ Precedence, first found wins:
   token:   --token, CONVEYOR_TOKEN, the config file, ./.conveyor/admin.token (the admin key a
            server writes there on its first start, so `make run` needs no setup).
 The config file is $XDG_CONFIG_HOME/conveyor/config.json (~/.config/... by default), written
-with mode 0600 since it holds a credential.
+with mode 0600 since it holds a credential. A token holding anything but visible ASCII (a line
+break, a NUL, a space) cannot travel in a header: it is a usage error naming where it came from,
+before any call is made (and never quoted).
 """
 
 from __future__ import annotations
@@ -59,14 +61,24 @@ class Target:
 
     def token(self) -> str | None:
         if self.token_flag:
-            return self.token_flag
+            return _checked(self.token_flag, "--token (or CONVEYOR_TOKEN)")
         saved = load_config().get("token")
         if saved:
-            return str(saved)
+            return _checked(str(saved), str(config_path()))
         try:
-            return ADMIN_TOKEN_FILE.read_text().strip() or None
+            token = ADMIN_TOKEN_FILE.read_text().strip()
         except OSError:
             return None
+        return _checked(token, str(ADMIN_TOKEN_FILE)) if token else None
+
+
+def _checked(token: str, source: str) -> str:
+    from conveyor.domain.access import well_formed_token
+
+    if not well_formed_token(token):
+        raise CliError(f"the token from {source} holds characters no API key has (only printable "
+                       f"ASCII, no spaces, line breaks or NUL)", USAGE, "MALFORMED_TOKEN")
+    return token
 
 
 @click.command(help="Save the server address and token for later commands (in "
@@ -74,13 +86,14 @@ class Target:
 @click.option("--address", metavar="HOST:PORT", help="gRPC address of the server")
 @click.option("--token", metavar="TOKEN", help="API key")
 def login(address: str | None, token: str | None) -> None:
+    token_given = token is not None
     if address is None and token is None:
         token = click.prompt("token", hide_input=True, err=True).strip()
     config = load_config()
     if address is not None:
         config["address"] = address
     if token is not None:
-        config["token"] = token
+        config["token"] = _checked(token, "--token" if token_given else "the prompt")
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created 0600 before anything is written to it: the token is never readable by others.

@@ -2,7 +2,9 @@
 
 These are the administrator's commands that make the first keys, so they open the database
 themselves (`--db-url`, default the server's own `.conveyor/conveyor.db`) rather than calling a
-server, which would need a key already. Admin keys can do the same over the API (KeysService).
+server, which would need a key already. A database that does not exist is refused (exit 2), never
+created: a mistyped path or data directory would otherwise get a new, empty database with the key
+in it, which no server reads. Admin keys can do the same over the API (KeysService).
 `keys create` prints the key, then its token alone on the last line (`| tail -1` takes it).
 """
 
@@ -53,13 +55,14 @@ def _with_keys(db_url: str | None, data_dir: Path | None, use: Callable[[Keys], 
     from conveyor.engine.clock import SystemClock
     from conveyor.engine.keys import Keys
     from conveyor.settings import Settings
-    from conveyor.storage.db import Database
+    from conveyor.storage.db import Database, NoDatabase, require_database
     from conveyor.storage.migrate import migrate
     from conveyor.storage.store import SqlStore
 
     settings = Settings.from_env(db_url=db_url, data_dir=data_dir)
 
     async def run() -> T:
+        await require_database(settings.db_url)
         await migrate(settings.db_url)
         db = Database(settings.db_url)
         try:
@@ -72,6 +75,11 @@ def _with_keys(db_url: str | None, data_dir: Path | None, use: Callable[[Keys], 
     except ConveyorError as e:
         code = {ErrorKind.NOT_FOUND: NOT_FOUND, ErrorKind.INVALID_ARGUMENT: USAGE}.get(e.kind, FAILURE)
         raise CliError(e.message, code, e.reason) from None
+    except ValueError as e:  # a URL that names no database Conveyor knows (password masked)
+        raise CliError(str(e), USAGE, "INVALID_DB_URL") from None
+    except NoDatabase as e:
+        raise CliError(f"{e}: name an existing one with --db-url or --data-dir (`conveyor serve` "
+                       f"creates its SQLite file on its first start)", USAGE, "NO_DATABASE") from None
 
 
 @click.group()

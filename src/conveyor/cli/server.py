@@ -50,11 +50,12 @@ async def run_server(settings: Settings) -> None:
         if app.gateway is not None:
             print(f"conveyor: REST on {app.gateway.url}", flush=True)
             if app.gateway.serves_ui:
-                # On the first start the link signs the browser in (the fragment never leaves
-                # the browser; the dashboard moves the token to session storage and drops it).
+                # On the first start on a terminal, the link signs the browser in (the fragment
+                # never leaves the browser; the dashboard moves the token to session storage
+                # and drops it). Elsewhere there is no token to put in it (app.py).
                 sign_in = f"#token={app.new_admin_token}" if app.new_admin_token else ""
                 print(f"conveyor: dashboard on {app.gateway.url}/ui/{sign_in}", flush=True)
-        print(f"conveyor: database {settings.db_url}", flush=True)
+        print(f"conveyor: database {app.database}", flush=True)
         await stop.wait()
         print("conveyor: shutting down", flush=True)
     finally:

@@ -91,6 +91,11 @@ class Metrics:
         self.envoy_restarts = Counter(
             "conveyor_envoy_restarts", "Times this server restarted its Envoy after it exited "
             "(gateway/supervisor.py)", registry=r)
+        self.refused_requests = Counter(
+            "conveyor_refused_requests", "Calls refused with no valid key or webhook behind them, "
+            "by reason (MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, WEBHOOK_NOT_FOUND, "
+            "RATE_LIMITED...): counted here instead of one audit entry each (api/access.py)",
+            ["reason"], registry=r)
         self._pool = _PoolCollector()
         r.register(self._pool)
         # Labelled children by metric and label values: labels() takes a lock and builds a key
@@ -171,6 +176,10 @@ class Metrics:
             yield
         finally:
             gauge.dec()
+
+    def refused(self, reason: str) -> None:
+        """A call refused with no valid key or webhook behind it (the API's gate)."""
+        self._child(self.refused_requests, reason).inc()
 
     def _duration(self, step: StepRecord, status: str) -> Histogram:
         return self._child(self.step_duration, step.kind, step.queue, status)

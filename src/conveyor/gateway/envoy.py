@@ -243,9 +243,15 @@ class EnvoyGateway:
             # One flow mapping (JSON) per line, at the indentation of the list they join.
             ui_routes="\n".join(f"{ROUTES_INDENT}- {json.dumps(route)}" for route in ui.routes),
             ui_max_body_bytes=max(ui.max_body_bytes, DIRECT_RESPONSE_DEFAULT_BYTES),
+            # URL-safe characters: a valid YAML scalar inside its double quotes.
+            gateway_secret=self._settings.gateway_secret,
         )
         config_path = self._dir / "envoy.yaml"
-        config_path.write_text(config)
+        # Created 0600: the config holds the gateway secret.
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(config)
+        os.chmod(config_path, 0o600)  # an existing file keeps its mode through O_TRUNC
         return config_path
 
     async def _wait_until_ready(self, admin_address_path: Path) -> None:

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -58,6 +59,9 @@ from conveyor.v1 import workers_service_pb2_grpc as workers_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PROJECT = "default"
+# Every character an API key may hold: visible ASCII (the server's domain/access.py, which the
+# SDK does not import, says the same).
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 log = logging.getLogger("conveyor.sdk.worker")
 
@@ -224,6 +228,10 @@ class Worker:
             raise ValueError("grace_seconds must be >= 0")
         self.grace_seconds = float(grace_seconds)
         self.api_key = api_key if api_key is not None else os.environ.get("CONVEYOR_API_KEY") or None
+        if self.api_key is not None and not _TOKEN.fullmatch(self.api_key):
+            # grpc would refuse it at every call, with nothing but its own log lines to say why.
+            raise ValueError("api_key (or CONVEYOR_API_KEY) holds characters no API key has (only "
+                             "printable ASCII, no spaces, line breaks or NUL)")
         self._check_slots()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None

@@ -10,6 +10,7 @@ only through `write()` (`read()` transactions are read-only on both backends).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import await_only
@@ -94,6 +96,42 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.drivername in ("postgresql", "postgresql+asyncpg"):
         return parsed.set(drivername="postgresql+asyncpg")
     raise ValueError(f"unsupported database URL {parsed!r}: use sqlite:///path or postgresql://...")
+
+
+def masked_url(url: str) -> str:
+    """The URL as it may be printed or logged: its password, if any, shown as ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL at all: it may be anything, a password too
+        return "(not a database URL)"
+
+
+# PostgreSQL's SQLSTATE for a database that does not exist (invalid_catalog_name).
+_NO_SUCH_DATABASE = "3D000"
+
+
+class NoDatabase(Exception):
+    """The database a URL names does not exist."""
+
+
+async def require_database(url: str) -> None:
+    """Raise NoDatabase unless the database exists, creating nothing: an absent SQLite file
+    stays absent (opening it would create it), a PostgreSQL database is only connected to."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not await asyncio.to_thread(Path(parsed.database or "").is_file):
+            raise NoDatabase(f"no database at {parsed.database}")
+        return
+    database = Database(url)
+    try:
+        async with database.read():
+            pass
+    except DBAPIError as e:
+        if getattr(e.orig, "sqlstate", None) == _NO_SUCH_DATABASE:
+            raise NoDatabase(f"no database {parsed.database!r} at {masked_url(url)}") from None
+        raise
+    finally:
+        await database.dispose()
 
 
 class Database:
