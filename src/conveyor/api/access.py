@@ -90,11 +90,11 @@ AUDITED: frozenset[str] = frozenset(
     m for m, role in RPC_ROLES.items() if role is None or role in (OP, A))
 # Served without a key: grpc's health checks and reflection.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
 # Buckets the rate limiter holds at once (keys and client addresses); beyond, the least recently
 # used is dropped, which only gives that key or address a full burst again.
 MAX_BUCKETS = 100_000
+
+
 class RateLimiter:
     """Token buckets per key: `rate` requests per second, bursts of up to one second's worth.
     A bucket untouched for a second is full again, the same as none: it is then forgotten."""
@@ -115,13 +115,13 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / rate
 
-
-def _bearer(metadata: Sequence[tuple[str, Any]]) -> str:
     def refund(self, key: str) -> None:
         """Give back the token a request took (it turned out not to count)."""
         if (bucket := self._buckets.get(key)) is not None:
             self._buckets[key] = (bucket[0] + 1.0, bucket[1])
 
+
+def _bearer(metadata: Sequence[tuple[str, Any]]) -> str:
     for name, value in metadata:
         if name == "authorization":
             scheme, _, token = str(value).partition(" ")
@@ -168,9 +168,9 @@ class Gate:
             return
         needed = RPC_ROLES.get(method, A)  # an RPC missing from the table is admin-only
         if needed is None:
+            self._limit_address("webhook deliveries", metadata, peer, self._webhook_rate)
             bind(WEBHOOK)
             return
-            self._limit_address("webhook deliveries", metadata, peer, self._webhook_rate)
         if not self._enabled:
             bind(ANONYMOUS)
             return
@@ -205,8 +205,6 @@ class Gate:
                                 f"key {key.name!r} is over its limit of {rate} requests per second",
                                 metadata={"retry_after": str(seconds), "limit": str(rate)})
 
-    def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
-        """Record a write call's outcome, refused by the gate or not (called by the interceptor
     def _limit_address(self, what: str, metadata: Sequence[tuple[str, Any]], peer: str, rate: int) -> str:
         """Take a token from the client address's bucket of `what` (RATE_LIMITED when it is
         empty); the bucket's name, "" when there is no limit."""
@@ -221,9 +219,9 @@ class Gate:
                                 metadata={"retry_after": str(seconds), "limit": str(rate)})
         return bucket
 
+    def audit(self, method: str, request: Any, response: Any, error: BaseException | None) -> None:
+        """Record a write call's outcome, refused by the gate or not (called by the interceptor
         once the call ended)."""
-        if method not in AUDITED:
-            return
         caller = bound()
         if error is not None and (caller is None or caller is WEBHOOK):
             # No valid key, or a webhook token that named no workflow (the servicer binds the
@@ -231,6 +229,8 @@ class Gate:
             # gate counted its own refusals already.
             if caller is WEBHOOK:
                 self._engine.metrics.refused(getattr(error, "reason", "INTERNAL"))
+            return
+        if method not in AUDITED:
             return
         if isinstance(error, ConveyorError):
             if error.kind is ErrorKind.RESOURCE_EXHAUSTED and error.reason == "RATE_LIMITED":
