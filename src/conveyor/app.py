@@ -18,11 +18,14 @@ import gc
 import os
 import secrets
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
 from conveyor.api.server import build_server, set_serving
+from conveyor.engine.cipher import new_key_text
 from conveyor.engine.facade import Engine
 from conveyor.gateway.envoy import EnvoyGateway
 from conveyor.gateway.supervisor import EnvoySupervisor, RestartBackoff
@@ -64,7 +67,11 @@ class App:
                            connect_timeout=self.settings.db_connect_timeout_seconds,
                            command_timeout=self.settings.db_command_timeout_seconds)
         if not self.settings.notify_secret:
-            self.settings = dataclasses.replace(self.settings, notify_secret=self._notify_secret())
+            self.settings = dataclasses.replace(self.settings, notify_secret=_kept_secret(
+                self.settings.notify_secret_path, lambda: secrets.token_hex(32)))
+        if not self.settings.secret_key:
+            self.settings = dataclasses.replace(self.settings, secret_key=_kept_secret(
+                self.settings.secret_key_path, new_key_text))
         # Envoy proves with it that the x-forwarded-for of a call is its own (api/clients.py).
         self.settings = dataclasses.replace(self.settings, gateway_secret=secrets.token_urlsafe(32))
         self.engine = Engine(SqlStore(self.db), self.settings, rest_urls=self._rest_urls)
@@ -125,23 +132,6 @@ class App:
                 urls.append(self.gateway.url)
         return list(dict.fromkeys(urls))
 
-    def _notify_secret(self) -> str:
-        """The key notifications are signed with when CONVEYOR_NOTIFY_SECRET is unset: generated
-        on the first start and kept in the data directory (mode 0600), like the admin token, so
-        receivers can read it once and restarts keep it."""
-        path = self.settings.notify_secret_path
-        if path.exists():
-            secret = path.read_text().strip()
-            if secret:
-                return secret
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
-        os.chmod(path, 0o600)
-        return secret
-
     async def _bootstrap_admin(self, engine: Engine) -> None:
         """Zero setup: on a database without an admin key of every project, create one and keep
         its token in the data directory (mode 0600) for the CLI and README; show it once on a
@@ -190,3 +180,20 @@ class App:
     @property
     def grpc_address(self) -> str:
         return f"{self.settings.grpc_host}:{self.grpc_port}"
+
+
+def _kept_secret(path: Path, generate: Callable[[], str]) -> str:
+    """A key the settings leave unset (CONVEYOR_NOTIFY_SECRET, CONVEYOR_SECRET_KEY): generated on
+    the first start and kept in the data directory (mode 0600), like the admin token, so restarts
+    keep it (and receivers of notifications can read theirs once)."""
+    if path.exists():
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return secret

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conveyor.domain.egress import EgressPolicy
 from conveyor.domain.limits import Limits
+from conveyor.domain.secrets import key_bytes
 
 DEFAULT_DATA_DIR = Path(".conveyor")
 
@@ -132,6 +133,10 @@ class Settings:
     # The HMAC-SHA256 key deliveries are signed with (CONVEYOR_NOTIFY_SECRET); empty: the server
     # keeps a generated one in <data_dir>/notify.secret. Replicas must share it.
     notify_secret: str = field(default="", repr=False)
+    # -- project secrets (engine/secrets.py, engine/cipher.py; README "Secrets") --
+    # The key secrets are sealed with: 32 random bytes in URL-safe base64 (CONVEYOR_SECRET_KEY);
+    # empty: the server keeps a generated one in <data_dir>/secret.key. Replicas must share it.
+    secret_key: str = field(default="", repr=False)
     # Attempts of one delivery before it is given up, and the backoff between them (doubling).
     notify_max_attempts: int = 10
     notify_initial_backoff_seconds: float = 2.0
@@ -189,6 +194,9 @@ class Settings:
                 env[name] = int(os.environ[key])
         if "CONVEYOR_PUBLIC_URL" in os.environ:
             env["public_url"] = os.environ["CONVEYOR_PUBLIC_URL"].rstrip("/")
+        if "CONVEYOR_SECRET_KEY" in os.environ:
+            key_bytes(os.environ["CONVEYOR_SECRET_KEY"])  # refused at start, not at first use
+            env["secret_key"] = os.environ["CONVEYOR_SECRET_KEY"]
         if "CONVEYOR_NOTIFY_SECRET" in os.environ:
             env["notify_secret"] = os.environ["CONVEYOR_NOTIFY_SECRET"]
         if "CONVEYOR_METRICS_PORT" in os.environ:
@@ -220,6 +228,11 @@ class Settings:
     def notify_secret_path(self) -> Path:
         """Where the server keeps its generated notification signing secret (mode 0600)."""
         return self.data_dir / "notify.secret"
+
+    @property
+    def secret_key_path(self) -> Path:
+        """Where the server keeps its generated secret key (mode 0600)."""
+        return self.data_dir / "secret.key"
 
     @property
     def admin_token_path(self) -> Path:

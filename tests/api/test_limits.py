@@ -19,6 +19,7 @@ from conveyor.api.requests import (
     FILTER_FIELDS,
     ID_FIELDS,
     NOTIFICATION_FIELDS,
+    SECRET_FIELDS,
     SHORT_TEXT_FIELDS,
     STEP_FIELDS,
     TAG_FIELDS,
@@ -350,7 +351,7 @@ def request_types() -> list[Descriptor]:
 
 
 def test_every_string_and_repeated_field_of_every_request_has_a_limit() -> None:
-    string_classes = (ID_FIELDS, SHORT_TEXT_FIELDS, TEXT_FIELDS)
+    string_classes = (ID_FIELDS, SHORT_TEXT_FIELDS, TEXT_FIELDS, SECRET_FIELDS)
     count_classes = (FILTER_FIELDS, BULK_FIELDS, STEP_FIELDS, VARIABLE_FIELDS, TAG_FIELDS,
                      NOTIFICATION_FIELDS)
     for message in request_types():

@@ -153,6 +153,13 @@ def rows(now: datetime, dialect: str, since: Callable[[str], bool]) -> Rows:
         ],
         # A child run that ended left this for its parent (the runner had not moved it yet).
         "run_wakeups": [{"run_id": WAITING, "at": done}],
+        # Project secrets (0009), sealed (engine/cipher.py: version byte, nonce, ciphertext and tag).
+        "secrets": [
+            {"project_id": PROJECT, "name": "API_TOKEN",
+             "ciphertext": b"\x01" + bytes(range(12)) + b"\xfe" * 40, "created_at": t0, "updated_at": done},
+            {"project_id": "other", "name": "API_TOKEN", "ciphertext": b"\x01" + bytes(12) + b"\x00\xff" * 20,
+             "created_at": t0, "updated_at": t0},
+        ],
     }
     # PostgreSQL: the writing transaction's id, as storage/run_changes.py writes it.
     txid: ClauseElement | None = (sql_cast(sql_cast(func.pg_current_xact_id(), Text), BigInteger)

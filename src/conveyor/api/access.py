@@ -77,6 +77,8 @@ _ROLES: dict[str, dict[str, Role | None]] = {
     },
     "KeysService": {"CreateApiKey": A, "ListApiKeys": A, "RevokeApiKey": A},
     "AuditService": {"ListAuditEntries": A},
+    # Secrets are credentials: only admins set them; nobody reads a value back (SPEC §11).
+    "SecretsService": {"PutSecret": A, "ListSecrets": A, "DeleteSecret": A},
     "WebhooksService": {"DeliverWebhook": None},
 }
 RPC_ROLES: dict[str, Role | None] = {

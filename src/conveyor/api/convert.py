@@ -29,9 +29,11 @@ from conveyor.domain.records import (
     TriggerRequest,
     WorkflowRecord,
 )
+from conveyor.domain.secrets import Secret
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.leases import Lease
 from conveyor.v1 import resources_pb2 as pb
+from conveyor.v1 import secrets_service_pb2 as secrets_pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
 # The gRPC metadata key Envoy forwards the `Idempotency-Key` HTTP header as.
@@ -226,14 +228,15 @@ def heartbeat_to_proto(at: datetime) -> pb.Heartbeat:
 
 
 def task_to_proto(lease: Lease) -> pb.Task:
-    """A leased step as its worker sees it: the rendered config, the run's payload, the lease."""
+    """A leased step as its worker sees it: the rendered config (with the secrets it names,
+    which only this message carries), the run's payload, the lease."""
     step, run = lease.step, lease.run
     # The number of the last attempt the policy allows: lost attempts spent none of it.
     last = lease.spec.retry.max_attempts + step.losses
     task = pb.Task(task_id=step.id, attempt=step.attempt, workflow_run_id=run.id, step_ref=step.step_ref,
                    queue=step.queue, project_id=run.project_id, max_attempts=last,
                    timeout_seconds=lease.spec.timeout_seconds)
-    _set_struct(task.config, step.input or {})
+    _set_struct(task.config, lease.config)
     _set_struct(task.payload, run.payload)
     _set_time(task.lease_expires_at, step.lease_expires_at)
     return task
@@ -284,6 +287,14 @@ def key_to_proto(key: ApiKey) -> pb.ApiKey:
     _set_time(msg.expires_at, key.expires_at)
     _set_time(msg.last_used_at, key.last_used_at)
     _set_time(msg.revoked_at, key.revoked_at)
+    return msg
+
+
+def secret_to_proto(secret: Secret) -> secrets_pb.Secret:
+    """A secret as the API lists it: never its value."""
+    msg = secrets_pb.Secret(project_id=secret.project_id, name=secret.name)
+    _set_time(msg.created_at, secret.created_at)
+    _set_time(msg.updated_at, secret.updated_at)
     return msg
 
 

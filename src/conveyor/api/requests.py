@@ -57,6 +57,8 @@ ID_FIELDS = frozenset({
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})
 # "url": a notification's webhook (the domain holds it to max_url_length).
 TEXT_FIELDS = frozenset({"description", "when", "condition", "error", "content", "webhook_url", "url"})
+# A secret's value (PutSecret): up to max_secret_bytes (the domain also holds its UTF-8 bytes to it).
+SECRET_FIELDS = frozenset({"value"})
 
 # Repeated fields (and maps) by count class.
 # "events": the event types a notification asks for (a filter of the run's events).
@@ -107,6 +109,7 @@ class RequestChecker:
             **dict.fromkeys(ID_FIELDS, lim.max_id_length),
             **dict.fromkeys(SHORT_TEXT_FIELDS, lim.max_short_text_length),
             **dict.fromkeys(TEXT_FIELDS, lim.max_text_length),
+            **dict.fromkeys(SECRET_FIELDS, lim.max_secret_bytes),
         }
         self._count_limits = {
             **dict.fromkeys(FILTER_FIELDS, lim.max_filter_values),

@@ -18,6 +18,7 @@ from conveyor.api.audit import AuditServicer
 from conveyor.api.errors import ErrorInterceptor
 from conveyor.api.keys import KeysServicer
 from conveyor.api.requests import RequestChecker
+from conveyor.api.secrets import SecretsServicer
 from conveyor.api.step_runs import StepRunsServicer
 from conveyor.api.webhooks import WebhooksServicer
 from conveyor.api.workers import WorkersServicer
@@ -32,6 +33,8 @@ from conveyor.v1 import (
     audit_service_pb2_grpc,
     keys_service_pb2,
     keys_service_pb2_grpc,
+    secrets_service_pb2,
+    secrets_service_pb2_grpc,
     step_runs_service_pb2,
     step_runs_service_pb2_grpc,
     webhooks_service_pb2,
@@ -55,6 +58,7 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
         (keys_service_pb2, "KeysService"),
         (audit_service_pb2, "AuditService"),
         (webhooks_service_pb2, "WebhooksService"),
+        (secrets_service_pb2, "SecretsService"),
     ))
 
 # RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED);
@@ -127,6 +131,7 @@ async def build_server(engine: Engine, settings: Settings,
     keys_service_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(engine), server)
     audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(engine), server)
     webhooks_service_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(engine), server)
+    secrets_service_pb2_grpc.add_SecretsServiceServicer_to_server(SecretsServicer(engine), server)
 
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("conveyor.cli.watch:watch", "Follow a run (or a project's runs) live until it ends."),
     "keys": ("conveyor.cli.keys:keys", "Create, list and revoke API keys (in the database)."),
     "audit": ("conveyor.cli.audit:audit", "List the audit log: every write call, refused ones too."),
+    "secrets": ("conveyor.cli.secrets:secrets", "Set, list and delete a project's secrets (never shown)."),
     "backup": ("conveyor.cli.backup:backup", "Copy the live SQLite database to a file, consistently."),
 }
 

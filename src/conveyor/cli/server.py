@@ -74,9 +74,12 @@ def serve(grpc_port: int | None, http_port: int | None, db_url: str | None, data
           no_envoy: bool, metrics_port: int | None) -> None:
     from conveyor.settings import Settings
 
-    settings = Settings.from_env(grpc_port=grpc_port, http_port=http_port, db_url=db_url,
-                                 data_dir=Path(data_dir) if data_dir else None,
-                                 envoy_enabled=False if no_envoy else None, metrics_port=metrics_port)
+    try:
+        settings = Settings.from_env(grpc_port=grpc_port, http_port=http_port, db_url=db_url,
+                                     data_dir=Path(data_dir) if data_dir else None,
+                                     envoy_enabled=False if no_envoy else None, metrics_port=metrics_port)
+    except ValueError as e:  # a CONVEYOR_* variable that cannot be: say which, no traceback
+        raise click.UsageError(str(e)) from e
     _configure_logging(settings.log_format)
     asyncio.run(run_server(settings))
 

@@ -129,6 +129,13 @@ AUDIT_ENTRY = View(columns=[
     Column("MESSAGE", lambda a: a.message, wide=True),
 ], name=lambda a: a.id)
 
+SECRET = View(columns=[
+    Column("NAME", lambda s: s.name),
+    Column("PROJECT", lambda s: s.project_id),
+    Column("CREATED", lambda s: when(s, "created_at")),
+    Column("UPDATED", lambda s: when(s, "updated_at")),
+], name=lambda s: s.name)
+
 COMMENT = View(columns=[
     Column("SEQ", lambda c: str(c.seq)),
     Column("AT", lambda c: when(c, "created_at"), clock=True),

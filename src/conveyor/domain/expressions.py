@@ -4,9 +4,10 @@ Owns every use of cel-python in Conveyor, and the bounds on what an expression m
 Expressions (a workflow's `condition`, a step's `when`, a condition step's `expression`) and
 templates inside step config are evaluated over
 `{"payload": ..., "steps": {"<ref>": {"output": ..., "status": ...}}, "run": ...}` and give back
-plain JSON-like Python values. Errors are `ExpressionError`s whose message is safe to show to a
-client: cel-python's own messages embed Python class reprs and whole activations, so they are
-rewritten here and never passed through.
+plain JSON-like Python values. The templates of http and task configs may also name
+`secrets.NAME` (domain/secrets.py), rendered only when an attempt starts. Errors are
+`ExpressionError`s whose message is safe to show to a client: cel-python's own messages embed
+Python class reprs and whole activations, so they are rewritten here and never passed through.
 
 Numbers: every JSON number reaching us through a protobuf Struct is a double (`3` arrives as
 `3.0`), while CEL literals like `3` are ints and CEL refuses to compare or combine the two. So
@@ -55,6 +56,7 @@ __all__ = [
     "evaluate",
     "evaluate_bool",
     "find_templates",
+    "referenced_secrets",
     "referenced_steps",
     "render",
 ]
@@ -76,8 +78,11 @@ class ExpressionError(Exception):
 _TEMPLATE = re.compile(r"\{\{((?:(?!\}\}).)*)\}\}", re.DOTALL)
 _WHOLE_TEMPLATE = re.compile(r"\s*\{\{((?:(?!\}\}).)*)\}\}\s*", re.DOTALL)
 
-# The variables an expression may start from (SPEC §2).
-_ROOTS = frozenset({"payload", "steps", "run"})
+# The variables an expression may start from (SPEC §2), and `secrets` (SPEC §11): allowed only
+# where the caller says so (the config of http and task steps), only as `secrets.NAME`, and
+# available only when the context holds them (when an attempt starts).
+SECRETS = "secrets"
+_ROOTS = frozenset({"payload", "steps", "run", SECRETS})
 # Type names CEL lets an expression mention as values, as in `type(x) == string`.
 _TYPE_NAMES = frozenset({"bool", "bytes", "double", "int", "list", "map", "null_type", "string",
                          "type", "uint"})
@@ -499,27 +504,43 @@ def _program(expr: str) -> _Program:
 _DEFAULT_LIMITS = Limits()
 
 
-def _checked(expr: Any, limits: Limits) -> _Program:
+def _checked(expr: Any, limits: Limits, secrets: bool = False) -> _Program:
     if not isinstance(expr, str):
         raise ExpressionError("expression must be a string")
     if len(expr) > limits.max_expression_length:
         raise ExpressionError(
             f"expression {_short(expr)!r}: longer than {limits.max_expression_length} characters")
-    return _program(expr)
+    program = _program(expr)
+    if SECRETS in program.reads:
+        if not secrets:
+            raise ExpressionError(f"expression {_short(expr)!r}: secrets may be used only in the config "
+                                  "of http and task steps")
+        if program.reads[SECRETS] is None:
+            # The names a step needs must be known from its definition: they alone are loaded,
+            # handed out and redacted.
+            raise ExpressionError(f"expression {_short(expr)!r}: a secret must be named as secrets.NAME")
+    return program
 
 
-def compile_expression(expr: str, *, limits: Limits | None = None) -> None:
-    """Raise ExpressionError unless `expr` is a valid CEL expression over payload/steps/run."""
-    _checked(expr, limits or _DEFAULT_LIMITS)
+def compile_expression(expr: str, *, limits: Limits | None = None, secrets: bool = False) -> None:
+    """Raise ExpressionError unless `expr` is a valid CEL expression over payload/steps/run
+    (and, with `secrets`, `secrets.NAME`)."""
+    _checked(expr, limits or _DEFAULT_LIMITS, secrets)
 
 
-def referenced_steps(expr: str, *, limits: Limits | None = None) -> set[str]:
-    """The `<ref>` of every `steps.<ref>` that `expr` names (raises ExpressionError if invalid).
+def referenced_steps(expr: str, *, limits: Limits | None = None, secrets: bool = False) -> set[str]:
+    """The `<ref>` of every `steps.<ref>` that `expr` names (raises ExpressionError if invalid;
+    `secrets`: as compile_expression).
 
     Only names written out count: `steps[name]` or `size(steps)` name no step. For a template
     string, apply it to each expression `find_templates` gives.
     """
-    return set(_checked(expr, limits or _DEFAULT_LIMITS).named_steps)
+    return set(_checked(expr, limits or _DEFAULT_LIMITS, secrets).named_steps)
+
+
+def referenced_secrets(expr: str, *, limits: Limits | None = None) -> frozenset[str]:
+    """The NAME of every `secrets.NAME` that `expr` names (raises ExpressionError if invalid)."""
+    return _checked(expr, limits or _DEFAULT_LIMITS, secrets=True).reads.get(SECRETS) or frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +699,8 @@ def _activation(program: _Program, context: Mapping[str, Any], meter: _Meter) ->
 
 
 def _evaluate(expr: Any, context: Mapping[str, Any], limits: Limits, meter: _Meter) -> Any:
-    program = _checked(expr, limits)
+    # Secrets are for the expressions whose context holds them: an attempt's config.
+    program = _checked(expr, limits, secrets=SECRETS in context)
     token = _METER.set(meter)
     try:
         evaluator = _BoundedEvaluator(program.tree, program.runner.new_activation())

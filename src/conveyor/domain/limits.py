@@ -62,6 +62,10 @@ class Limits:
     # an oversized definition costs nothing to refuse. A 1,000-step chain is ~57 KB of JSON;
     # 2 MiB leaves room for steps with large configs.
     max_definition_bytes: int = 2 * 1024 * 1024
+    # A project secret's value, as UTF-8 (SPEC §11): room for a private key or a service
+    # account's JSON; and how many secrets one project may hold.
+    max_secret_bytes: int = 64 * 1024
+    max_secrets: int = 1000
 
 
 def json_depth(value: object, stop_at: int) -> int:

@@ -8,6 +8,7 @@ chain of them finishes in one pass and one transaction.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +19,7 @@ from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate, evaluate_bool, render
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.records import RunRecord, StepRecord
+from conveyor.domain.secrets import missing, redactor
 from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
 from conveyor.domain.states import (
     DONE_STEP,
@@ -411,10 +413,15 @@ def finish_run(c: Changes, steps: list[StepRecord], status: RunStatus, message: 
 
 
 def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: StepSpec, holder: str,
-                 job_run_id: str, until: datetime, limits: Limits) -> bool:
+                 job_run_id: str, until: datetime, limits: Limits,
+                 secrets: Mapping[str, str | None] | None = None) -> dict[str, Any] | None:
     """A lease holder starts an attempt of a leased step: attempt+1, the lease until `until`,
-    the attempt's timeout, and the config rendered from its templates into `input` (a template
-    that fails fails the attempt instead). True when the step is now leased."""
+    the attempt's timeout, and the config rendered from its templates (a template that fails
+    fails the attempt instead). `secrets`: the values of its project's secrets the step names
+    (None: one this server cannot decrypt); one missing fails the attempt for good.
+
+    Returns the rendered config for its executor, secrets and all, or None when the attempt
+    failed. What is kept, the step's `input`, has every secret value masked (SPEC §11)."""
     step.attempt += 1
     step.ready_at = None
     step.error = ""
@@ -423,13 +430,22 @@ def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: St
     step.lease_expires_at = until
     step.due_at = c.now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None
     c.step_to(step, S.RUNNING, data={"attempt": step.attempt, "worker_id": holder})
+    found = secrets or {}
+    problem = missing(spec.secrets, found, c.run.project_id)
+    if problem is not None:
+        fail_step(c, step, spec, problem[1], retryable=False, reason=problem[0])
+        return None
+    redact = redactor(spec.secrets, found)
     try:
         context = expression_context(c.run, steps)
-        step.input = render(spec.config, context, limits=limits) if spec.config else {}
+        if spec.secrets:
+            context["secrets"] = {name: found[name] for name in spec.secrets}
+        config = render(spec.config, context, limits=limits) if spec.config else {}
     except ExpressionError as e:
-        fail_step(c, step, spec, f"template: {e}")
-        return False
-    return True
+        fail_step(c, step, spec, redact.text(f"template: {e}"))  # a failed lookup may quote a value
+        return None
+    step.input = redact(config)
+    return config
 
 
 def ready_children(run: RunRecord, steps: list[StepRecord], now: datetime) -> list[StepRecord]:

@@ -30,6 +30,7 @@ from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, inv
 from conveyor.domain.expressions import (
     ExpressionError,
     find_templates,
+    referenced_secrets,
     referenced_steps,
 )
 from conveyor.domain.limits import Limits
@@ -60,6 +61,9 @@ class StepKind(enum.StrEnum):
     NOOP = "noop"
 
 
+# Kinds whose config templates may name `secrets.NAME` (SPEC §11): the ones whose config goes
+# out of the engine, to a worker or in a request, when an attempt starts.
+SECRET_KINDS = frozenset({StepKind.TASK, StepKind.HTTP})
 # Longest a workflow may keep its finished runs, in days (ten years).
 MAX_RETENTION_DAYS = 3650
 # Most losses in a row a retry policy may allow: a poison task must end while it is news.
@@ -113,6 +117,13 @@ class StepSpec:
     timeout_seconds: int = 0
     when: str = ""
     description: str = ""
+
+    @functools.cached_property
+    def secrets(self) -> frozenset[str]:
+        """The NAME of every `secrets.NAME` its config's templates name (http and task steps)."""
+        if self.kind not in SECRET_KINDS:
+            return frozenset()
+        return frozenset().union(*(referenced_secrets(e) for e in find_templates(self.config)))
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,11 @@ class WorkflowSpec:
         """True when running this workflow evaluates CEL: a condition, a `when`, a step config
         (which may hold templates) or a condition step's expression."""
         return bool(self.condition) or any(s.when or s.config for s in self.steps)
+
+    @functools.cached_property
+    def secret_names(self) -> frozenset[str]:
+        """The secrets any of its steps names."""
+        return frozenset().union(*(s.secrets for s in self.steps))
 
     @functools.cached_property
     def child_workflows(self) -> tuple[str, ...]:
@@ -415,11 +431,13 @@ def _unknown_keys(data: Mapping[str, Any], known: frozenset[str], path: str,
             problems.add(f"{path}.{key}", "unknown field")
 
 
-def _check_expression(expr: str, path: str, problems: _Problems, what: str = "") -> None:
-    """Compile `expr` (within the expression limits) and note the steps it names."""
+def _check_expression(expr: str, path: str, problems: _Problems, what: str = "",
+                      secrets: bool = False) -> None:
+    """Compile `expr` (within the expression limits; `secrets`: it may name secrets) and note
+    the steps it names."""
     try:
         # Compiles it too: an invalid expression raises here.
-        refs = referenced_steps(expr, limits=problems.limits)
+        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets)
     except ExpressionError as exc:
         problems.add(path, f"{what}{exc.message}")
         return
@@ -439,10 +457,10 @@ def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield from _leaves(item, f"{path}[{i}]")
 
 
-def _check_templates(config: Mapping[str, Any], path: str, problems: _Problems) -> None:
+def _check_templates(config: Mapping[str, Any], path: str, problems: _Problems, secrets: bool) -> None:
     for leaf_path, text in _leaves(config, path):
         for expr in find_templates(text):
-            _check_expression(expr, leaf_path, problems, what="invalid template: ")
+            _check_expression(expr, leaf_path, problems, what="invalid template: ", secrets=secrets)
         # What is left once every complete template is taken out must hold no "{{": an unclosed
         # one would otherwise be sent as literal text, silently.
         if "{{" in _TEMPLATE_TEXT.sub("", text):
@@ -472,7 +490,7 @@ def _parse_config(kind: StepKind, data: Any, path: str, problems: _Problems) -> 
     config = copy.deepcopy(dict(data))
     if kind in _CONFIG_KEYS:
         _unknown_keys(config, _CONFIG_KEYS[kind], path, problems)
-    _check_templates(config, path, problems)
+    _check_templates(config, path, problems, secrets=kind in SECRET_KINDS)
 
     def optional_string(key: str) -> None:
         if key in config and not isinstance(config[key], str):

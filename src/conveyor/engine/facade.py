@@ -17,6 +17,7 @@ from datetime import datetime
 
 from conveyor.engine.audit import AuditLog
 from conveyor.engine.background import Background, log_loop_failure
+from conveyor.engine.cipher import Cipher
 from conveyor.engine.clock import Clock, DatabaseClock
 from conveyor.engine.dispatch import Dispatch
 from conveyor.engine.http_steps import HttpSteps
@@ -29,6 +30,7 @@ from conveyor.engine.retention import Retention
 from conveyor.engine.runner import Runner
 from conveyor.engine.runs import RunService
 from conveyor.engine.schedules import Schedules
+from conveyor.engine.secrets import Secrets
 from conveyor.engine.steps import StepService
 from conveyor.engine.triggers import Triggers
 from conveyor.engine.watch import Watches
@@ -76,7 +78,11 @@ class Engine:
         self.workflows = WorkflowService(store, self.clock, self.offload, settings.limits)
         self.runs = RunService(store, self.clock, self.runner, self.triggers)
         self.steps = StepService(store, self.clock, self.runner)
-        self.leases = Leases(store, self.clock, self.runner, settings.limits,
+        # The server (app.py) always passes its key (CONVEYOR_SECRET_KEY, or the data directory's
+        # secret.key); an engine built without one seals under a key of its own, for its life.
+        cipher = Cipher.from_text(settings.secret_key) if settings.secret_key else Cipher.ephemeral()
+        self.secrets = Secrets(store, self.clock, cipher, settings.limits)
+        self.leases = Leases(store, self.clock, self.runner, settings.limits, self.secrets,
                              queue_limit=settings.report_queue_limit)
         # Open streams hold their caller's key and end when it stops working (engine/keys.py).
         self.keys = Keys(store, self.clock, cache_seconds=settings.key_cache_seconds,

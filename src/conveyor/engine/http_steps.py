@@ -230,7 +230,7 @@ class HttpSteps:
     def _request_of(self, lease: Lease) -> _Request:
         """The request from the rendered config (templates may render anything, so it is
         checked again here); the timeout is the config's or the step's, the shorter if both."""
-        config = lease.step.input or {}
+        config = lease.config  # rendered with its secrets; the stored input has them masked
         method = config.get("method", "GET")
         if not isinstance(method, str) or method.upper() not in _METHODS:
             raise _BadConfig(f"method must be one of {', '.join(sorted(_METHODS))}, not {method!r}")

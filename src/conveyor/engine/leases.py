@@ -10,13 +10,17 @@ LEASE_LOST and changes nothing. The run is planned on in the same transaction as
 report (swept by the runner through their own index, `Runner.tick`), is a loss, not a failure
 (SPEC §4.3, `planner.lose_step`). Any exit from running (cancel, skip, replay, timeout, run
 timeout) clears the lease (`Changes.step_to`).
+
+Secrets (SPEC §11): the values of the secrets a leased step names are loaded in the lease's
+transaction and rendered into the config its executor gets (`Lease.config`), never into what is
+stored; a report's output, error or release reason has them masked before it is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,12 +46,14 @@ from conveyor.domain.planner import (
     start_leased,
 )
 from conveyor.domain.records import Caller, RunRecord, StepRecord
+from conveyor.domain.secrets import redactor
 from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.clock import Clock
 from conveyor.engine.ids import new_id
 from conveyor.engine.ports import Repo, Store
 from conveyor.engine.runner import Runner
+from conveyor.engine.secrets import Secrets
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +67,25 @@ _REPORT_TRIES = 3
 
 @dataclass
 class Lease:
-    """One leased attempt: the step (its rendered config in `input`), its run and its spec."""
+    """One leased attempt: the step, its run, its spec, and its config rendered for its executor
+    (secrets included: the step's stored `input` has them masked)."""
 
     run: RunRecord
     step: StepRecord
     spec: StepSpec
+    config: dict[str, Any]
 
 
 class Leases:
     """Acquire, extend and report step leases."""
 
-    def __init__(self, store: Store, clock: Clock, runner: Runner, limits: Limits,
+    def __init__(self, store: Store, clock: Clock, runner: Runner, limits: Limits, secrets: Secrets,
                  batch_size: int = 256, queue_limit: int = 2048) -> None:
         self.store = store
         self.clock = clock
         self.runner = runner
         self.limits = limits
+        self.secrets = secrets
         self.batch_size = batch_size
         # Reports waiting for their batch; beyond, RESOURCE_EXHAUSTED QUEUE_FULL (the SDK retries).
         self.queue_limit = queue_limit
@@ -125,6 +134,7 @@ class Leases:
         await self.runner.capped(repo, runs)  # planning on may end a run and free its slot
         steps = await repo.steps_of([r.id for r in runs])
         specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs})
+        found = await self.secrets.load(repo, await self.runner.offload.run(_secrets_of, runs, specs))
 
         def start() -> list[Changes]:
             # On the offload thread: each lease renders its step's config templates.
@@ -138,9 +148,11 @@ class Leases:
                     if len(leases) >= max_steps or not _ready(step, queue, kinds, now):
                         continue
                     self.runner.metrics.leased(step, now)  # before starting clears its ready_at
-                    if start_leased(c, steps[run.id], step, spec.step(step.step_ref), holder, new_id(), until,
-                                    self.limits):
-                        leases.append(Lease(run, step, spec.step(step.step_ref)))
+                    step_spec = spec.step(step.step_ref)
+                    config = start_leased(c, steps[run.id], step, step_spec, holder, new_id(), until,
+                                          self.limits, found.get(run.project_id))
+                    if config is not None:
+                        leases.append(Lease(run, step, step_spec, config))
                 c.actor = ENGINE
                 plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
                 units.append(c)
@@ -311,6 +323,10 @@ class Leases:
             await self.runner.capped(repo, list(runs.values()))
             steps = await repo.steps_of(run_ids)
             specs = await self.runner.specs(repo, {r.workflow_version_id for r in runs.values()})
+            # The secrets of every step of these runs: those a report must not store, and those
+            # of the steps it makes ready, leased below in the same unit.
+            wanted = await self.runner.offload.run(_secrets_of, runs.values(), specs)
+            values = await self.secrets.load(repo, wanted)
 
             def apply() -> list[Changes]:
                 # On the offload thread: each report is checked against its lease before it
@@ -330,13 +346,16 @@ class Leases:
                         answers[id(r)] = e
                         continue
                     spec = specs[runs[run_id].workflow_version_id].step(step.step_ref)
+                    # What the attempt gives back may quote the secrets it was given.
+                    redact = redactor(spec.secrets, values.get(runs[run_id].project_id, {}))
                     c.reporter = r.holder
                     if r.lost is not None:
-                        lose_step(c, step, spec, r.lost)
+                        lose_step(c, step, spec, redact.text(r.lost))
                     elif r.output is not None:
-                        complete_step(c, step, spec, r.output, self.limits)
+                        complete_step(c, step, spec, redact(r.output), self.limits)
                     else:
-                        fail_step(c, step, spec, r.error, retryable=r.retryable, retry_after=r.retry_after)
+                        fail_step(c, step, spec, redact.text(r.error), retryable=r.retryable,
+                                  retry_after=r.retry_after)
                     c.reporter = None
                     answers[id(r)] = None
                     accepted.add(run_id)
@@ -352,7 +371,8 @@ class Leases:
                     if c.run.status in (RunStatus.RUNNING, RunStatus.PAUSED):
                         workflow = specs[c.run.workflow_version_id]
                         plan(c, steps[run_id], workflow, limits=self.limits)
-                        if self._lease_ready(c, steps[run_id], workflow, handed, now):
+                        if self._lease_ready(c, steps[run_id], workflow, handed, now,
+                                             values.get(c.run.project_id)):
                             plan(c, steps[run_id], workflow, limits=self.limits)  # the new attempts' timers
                 return [units[run_id] for run_id in sorted(accepted)]
 
@@ -377,7 +397,8 @@ class Leases:
         return out
 
     def _lease_ready(self, c: Changes, steps: list[StepRecord], spec: WorkflowSpec,
-                     handed: list[_Handover], now: datetime) -> bool:
+                     handed: list[_Handover], now: datetime,
+                     secrets: dict[str, str | None] | None) -> bool:
         """Lease the task steps this unit made ready to the reserved streams of their queue, in
         this same unit: the next step of a chain goes to the worker that finished the step
         before it with no further transaction. True when any was leased."""
@@ -391,9 +412,10 @@ class Leases:
                     step_spec = spec.step(step.step_ref)
                     c.actor = demand.worker_id  # the lease's event names its worker, as acquire's does
                     self.runner.metrics.leased(step, now)
-                    if start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
-                                    now + timedelta(seconds=demand.lease_seconds), self.limits):
-                        h.leases.append(Lease(c.run, step, step_spec))
+                    config = start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
+                                          now + timedelta(seconds=demand.lease_seconds), self.limits, secrets)
+                    if config is not None:
+                        h.leases.append(Lease(c.run, step, step_spec, config))
                     h.left -= 1
                     c.actor = ENGINE
                     started = True
@@ -431,6 +453,17 @@ class _Handover:
     reserved: int
     left: int
     leases: list[Lease] = field(default_factory=list)
+
+
+def _secrets_of(runs: Iterable[RunRecord], specs: Mapping[str, WorkflowSpec]) -> dict[str, set[str]]:
+    """The secrets the steps of these runs name, by project (nothing for most runs). On the
+    offload thread: a spec not asked before parses its templates (CEL) to know."""
+    wanted: dict[str, set[str]] = {}
+    for run in runs:
+        names = specs[run.workflow_version_id].secret_names
+        if names:
+            wanted.setdefault(run.project_id, set()).update(names)
+    return wanted
 
 
 def _live(leases: list[Lease]) -> list[Lease]:

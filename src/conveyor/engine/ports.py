@@ -18,6 +18,7 @@ from conveyor.domain.changes import Changes
 from conveyor.domain.feed import ChangesPage, Key
 from conveyor.domain.notifications import OutboxEntry
 from conveyor.domain.records import EventRecord, Page, RunQuery, RunRecord, StepRecord, WorkflowRecord
+from conveyor.domain.secrets import Secret
 from conveyor.domain.spec import WorkflowSpec
 
 
@@ -123,6 +124,13 @@ class Repo(Protocol):
     async def insert_audit(self, entries: Sequence[AuditEntry]) -> None: ...
     async def list_audit(self, query: AuditQuery, scope: str | None, limit: int,
                          token: str) -> Page[AuditEntry]: ...
+
+    # project secrets (storage/secrets.py): values only ever sealed
+    async def put_secret(self, project: str, name: str, sealed: bytes, now: datetime,
+                         most: int) -> Secret | None: ...
+    async def list_secrets(self, project: str, limit: int, token: str) -> Page[Secret]: ...
+    async def delete_secret(self, project: str, name: str) -> bool: ...
+    async def sealed_secrets(self, project: str, names: Sequence[str]) -> dict[str, bytes]: ...
 
 
 class Store(Protocol):

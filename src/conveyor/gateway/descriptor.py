@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from conveyor.v1 import (
     audit_service_pb2,
     keys_service_pb2,
+    secrets_service_pb2,
     step_runs_service_pb2,
     webhooks_service_pb2,
     workers_service_pb2,
@@ -34,6 +35,7 @@ ROOT_FILES: tuple[FileDescriptor, ...] = (
     keys_service_pb2.DESCRIPTOR,
     audit_service_pb2.DESCRIPTOR,
     webhooks_service_pb2.DESCRIPTOR,
+    secrets_service_pb2.DESCRIPTOR,
     status_pb2.DESCRIPTOR,
     error_details_pb2.DESCRIPTOR,
 )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -393,3 +394,18 @@ class NotificationRow(Base):
         # run finds them) without scanning the outbox, which grows while a receiver is down.
         Index("ix_notification_outbox_run", "run_id"),
     )
+
+
+class SecretRow(Base):
+    """A project secret (SPEC §11): its value sealed with the server's key (engine/cipher.py),
+    never in the clear; one value per name in a project."""
+
+    __tablename__ = "secrets"
+    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    # A project's list, newest first.
+    __table_args__ = (Index("ix_secrets_project_created", "project_id", "created_at", "name"),)

@@ -75,6 +75,7 @@ from conveyor.storage.notifications import NotificationStatements, outbox_of_new
 from conveyor.storage.paging import cursor_time, decode_cursor, encode_cursor, page_size
 from conveyor.storage.retention import RetentionStatements
 from conveyor.storage.run_changes import RunChangeStatements, status_changes
+from conveyor.storage.secrets import SecretStatements
 from conveyor.storage.versions import VersionStatements
 
 # At most this many workflows may match a run list's `search` (their ids are bound parameters).
@@ -217,7 +218,7 @@ Q = TypeVar("Q", bound=Select[Any])
 
 
 class Repository(AccessStatements, NotificationStatements, RunChangeStatements, RetentionStatements,
-                 VersionStatements):
+                 SecretStatements, VersionStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
