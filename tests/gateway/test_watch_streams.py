@@ -50,8 +50,9 @@ class Served:
 @pytest.fixture
 async def served(database: Database, clock: ManualClock,
                  envoy_gateway: EnvoyGatewayFactory) -> AsyncIterator[Served]:
+    # The hook listens on 127.0.0.1, which egress denies unless allowed.
     settings = Settings(db_url=str(database.url), grpc_host="127.0.0.1", grpc_port=0,
-                        envoy_enabled=False, notify_secret=SECRET)
+                        envoy_enabled=False, notify_secret=SECRET, http_allow=("127.0.0.1",))
     engine = Engine(SqlStore(database), settings, clock)
     server, port = await build_server(engine, settings)
     await server.start()
