@@ -1,7 +1,10 @@
 """The example worker of the README: serves the two `task` steps of `hello_workflow.json`.
 
     make run                                              # terminal 1: the server
-    .venv/bin/conveyor worker examples.hello_worker:worker  # terminal 2: this worker
+    # terminal 2: this worker, with a key that may only work the project's tasks
+    export CONVEYOR_API_KEY=$(.venv/bin/conveyor keys create --project default --role worker \
+        --name hello-worker | tail -1)
+    .venv/bin/conveyor worker examples.hello_worker:worker
     curl -s -X POST localhost:8080/v1/workflows -d @examples/hello_workflow.json
     curl -s -X POST localhost:8080/v1/workflows/hello/runs -d '{"payload": {"name": "Ada"}}'
 

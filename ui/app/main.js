@@ -32,7 +32,7 @@ function SignIn({ onSignedIn, reason }) {
     setError(null);
     setToken(value);
     try {
-      await get('/v1/workflows', { limit: 1 }); // any role may list: the key works
+      await get('/v1/workflows', { limit: 1 }); // every role but worker may list: the key works
       onSignedIn();
     } catch (err) {
       setToken('');

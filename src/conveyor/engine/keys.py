@@ -195,7 +195,7 @@ class Keys:
         self._unknown: TTLCache[str, bool] = TTLCache(UNKNOWN_ENTRIES, cache_seconds,
                                                       timer=lambda: clock.now().timestamp())
         self._used: dict[str, datetime] = {}
-        self.holds = KeyHolds(store, clock, pulses or KeyedPulses(), self._forget)
+        self.holds = KeyHolds(store, clock, pulses if pulses is not None else KeyedPulses(), self._forget)
 
     async def create(self, caller: Caller, name: str, project_id: str, role: str,
                      expires_at: datetime | None = None, rate_limit: int = 0) -> tuple[ApiKey, str]:

@@ -23,7 +23,11 @@ How it talks to the server, and why:
   re-leased elsewhere: logged and dropped.
 - **Reconnects**: UNAVAILABLE (or any stream error) backs off 0.1 s doubling to 5 s with jitter
   and reopens; the channel's own reconnect backoff is capped likewise, so a restarted server is
-  served again within seconds.
+  served again within seconds. A key the server refuses (revoked, expired, too low a role: the
+  stream ends UNAUTHENTICATED or PERMISSION_DENIED) is logged as an ERROR naming the reason, once
+  per change of failure, and retried the same way: the worker leases nothing meanwhile and
+  serves again as soon as the key works (a revoked or expired key never does: restart the worker
+  with a new one).
 - **Shutdown** (`stop()`, SIGTERM, SIGINT): streams close at once (no new leases), running
   handlers get `grace_seconds` to finish and be reported normally; then what still runs is
   cancelled and given back with `ReleaseTask` ("worker shutting down"): a lost attempt, not a
@@ -94,6 +98,8 @@ _CHANNEL_OPTIONS = [
 # A CompleteTask answer that refuses the result itself (invalid, or beyond the server's
 # message size): the same result would be refused again.
 _RESULT_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A stream's answers that say the API key does not work (revoked, expired, unknown, too low).
+_KEY_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # Report answers worth retrying (the server is away or busy); anything else is final.
 _RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
@@ -162,8 +168,9 @@ class _Lane:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     backoff: _Backoff = field(default_factory=_Backoff)
     retry_at: float = 0.0
-    # True from a stream failure until a stream delivers again (quiets the log during outages).
-    failing: bool = False
+    # The status code of the stream failures since a stream last delivered ("" while none):
+    # one log line per outage, not one per retry.
+    failing: str = ""
 
     def give_back(self, n: int) -> None:
         if n > 0:
@@ -395,7 +402,7 @@ class Worker:
                     healthy = True
                     lane.backoff.reset()
                     if lane.failing:
-                        lane.failing = False
+                        lane.failing = ""
                         log.info("queue %s: task stream connected again", queue)
                 kind = message.WhichOneof("message")
                 if kind == "task":
@@ -406,11 +413,19 @@ class Worker:
         except grpc.aio.AioRpcError as e:
             if time.monotonic() - opened > BACKOFF_MAX:
                 lane.backoff.reset()  # it served a while: this is a fresh outage
-            # One line per outage, not one per retry.
-            level = logging.DEBUG if lane.failing else logging.WARNING
-            lane.failing = True
-            log.log(level, "queue %s: task stream failed (%s: %s); reconnecting with backoff", queue,
-                    e.code().name, e.details())
+            # One line per outage (or change of failure), not one per retry.
+            code = e.code().name
+            refused = e.code() in _KEY_REFUSED
+            level = (logging.DEBUG if lane.failing == code
+                     else logging.ERROR if refused else logging.WARNING)
+            lane.failing = code
+            if refused:
+                log.log(level, "queue %s: the server refused this worker's API key (%s %s: %s); no task is "
+                        "leased until it works again; retrying with backoff", queue, code, _reason(e),
+                        e.details())
+            else:
+                log.log(level, "queue %s: task stream failed (%s: %s); reconnecting with backoff", queue,
+                        code, e.details())
         except TimeoutError:
             log.warning("queue %s: nothing from the server for %gs; reconnecting", queue, STREAM_IDLE_TIMEOUT)
         finally:

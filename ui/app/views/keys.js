@@ -8,7 +8,8 @@ import { fmtTime, html } from '../html.js';
 import { href, navigate } from '../router.js';
 
 const LIMIT = 50;
-const ROLES = ['viewer', 'operator', 'admin'];
+// worker: only leases and reports tasks of its project (what `conveyor worker` needs), nothing else.
+const ROLES = ['viewer', 'operator', 'admin', 'worker'];
 const EXPIRIES = [['', 'never'], ['1', '1 day'], ['7', '7 days'], ['30', '30 days'], ['90', '90 days'], ['365', '1 year']];
 
 function routeParams(project, revoked, tokens) {
