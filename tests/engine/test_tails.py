@@ -199,19 +199,19 @@ async def test_watches_that_ended_leave_no_pulse_behind(engine: Engine) -> None:
     run_ids = [await _gated_run(engine)]
     run_ids += [(await engine.runs.trigger(TriggerRequest("gated"), ME)).id for _ in range(2)]
     await engine.tick()
-    before = len(engine.runner.keyed)
+    before = engine.runner.keyed.held()
     for run_id in run_ids:
         stream = await engine.watches.watch_run(run_id, 0, ME)
         assert isinstance(await anext(stream), Snapshot)
         waiting = asyncio.create_task(_events(stream, 1))
         await _joined(engine.watches, run_id, 1)
-        assert len(engine.runner.keyed) > before  # the tail waits on its run's key
+        assert engine.runner.keyed.held() > before  # the tail waits on its run's key
         waiting.cancel()  # the client goes away
         await asyncio.gather(waiting, return_exceptions=True)
         await stream.aclose()
 
     for _ in range(1000):  # the tails stop once their last watcher left
-        if len(engine.runner.keyed) == before:
+        if engine.runner.keyed.held() == before:
             break
         await asyncio.sleep(0.01)
-    assert len(engine.runner.keyed) == before  # no run's key is kept for a tail that is gone
+    assert engine.runner.keyed.held() == before  # no run's key is kept for a tail that is gone

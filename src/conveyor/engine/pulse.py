@@ -47,8 +47,9 @@ class KeyedPulses:
                 if not waiters:
                     del self._any[key]
 
-    def __len__(self) -> int:
-        """Keys with a pulse kept for a waiter (what this process holds)."""
+    def held(self) -> int:
+        """Keys with a pulse kept for a waiter (what this process holds). Not `__len__`: an
+        object with a length is false when empty, and `pulses or KeyedPulses()` then swaps it."""
         return len(self._events) + len(self._any)
 
     def drop(self, key: Hashable, event: asyncio.Event) -> None:
