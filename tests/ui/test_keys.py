@@ -102,21 +102,26 @@ def test_create_a_key_then_revoke_it_and_find_both_in_the_audit_log(page: Page, 
     expect(row.locator(".status")).to_have_text("revoked", timeout=TIMEOUT_MS)
     status, body = call(ui_server.base_url, token, "GET", "/v1/workflows")
     assert status == 401, body
-    # A refused write is audited (reads are not).
-    status, body = call(ui_server.base_url, token, "POST", "/v1/workflows", {"name": "nope", "steps": []})
-    assert status == 401, body
+    # A key's refused write is audited (reads are not; calls with no valid key are only counted).
+    status, viewer = call(ui_server.base_url, ui_server.token, "POST", "/v1/api-keys",
+                          {"name": f"ui_viewer_{uuid.uuid4().hex[:8]}", "project_id": "ui-other",
+                           "role": "viewer"})
+    assert status == 200, viewer
+    status, body = call(ui_server.base_url, viewer["token"], "POST", "/v1/workflows",
+                        {"project_id": "ui-other", "name": "nope", "steps": []})
+    assert status == 403, body
 
-    # The audit log: the creation by the admin, and the revoked key's refused write.
+    # The audit log: the creation by the admin, and the viewer's refused write.
     created = wait_for_audit(ui_server, lambda e: e["method"] == "KeysService/CreateApiKey"
                              and e.get("code") == "OK" and e.get("project_id") == "ui-team")
-    wait_for_audit(ui_server, lambda e: e.get("reason") == "INVALID_TOKEN", failures_only="true")
+    wait_for_audit(ui_server, lambda e: e.get("reason") == "ROLE_TOO_LOW", failures_only="true")
     page.get_by_role("link", name="Audit").click()
     entry = page.locator('tr[data-method="KeysService/CreateApiKey"]').filter(has_text=created["resource_id"])
     expect(entry).to_contain_text("OK")
     expect(entry).to_contain_text("ui-team")
     page.get_by_label("Failures only").check()
     expect(page).to_have_url(re.compile(r"failures=1"))
-    expect(page.locator("tbody tr").filter(has_text="INVALID_TOKEN").first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("tbody tr").filter(has_text="ROLE_TOO_LOW").first).to_be_visible(timeout=TIMEOUT_MS)
     expect(page.locator("tbody tr").filter(has_text="KeysService/CreateApiKey")).to_have_count(0)
     page.get_by_role("textbox", name=re.compile("^Project")).fill("ui-team")
     page.get_by_label("Failures only").uncheck()  # applies with the project as typed
