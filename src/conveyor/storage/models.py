@@ -80,6 +80,8 @@ class WorkflowRow(Base):
     current_version: Mapped[int] = mapped_column(Integer)
     current_version_id: Mapped[str] = mapped_column(String(36))
     max_concurrent_runs: Mapped[int] = mapped_column(Integer, default=0)
+    # The current version's `concurrency.max_runs` (0: no per-key cap), read with the slots.
+    concurrency_max_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The current version's retention_days (0: the server's default), read by the retention sweep.
     retention_days: Mapped[int] = mapped_column(Integer, default=0)
     cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -161,6 +163,12 @@ class RunRow(Base):
     # Webhooks told about chosen events ([{url, events}]); NULL for a run without any, so the
     # save of its events costs nothing more.
     notifications: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc, nullable=True)
+    # -100..100: slot waiters and the run's tasks in their queues go highest first, then FIFO.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A delayed run's start (NULL: as soon as it may): it waits pending until then.
+    start_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # The workflow's `concurrency.key` rendered at trigger ("" without one).
+    concurrency_key: Mapped[str] = mapped_column(String(200), default="", server_default="")
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -187,6 +195,16 @@ class RunRow(Base):
         # range per workflow), and a family's runs by their root (the leading column alone).
         Index("ix_runs_root_finished", "root_run_id", "workflow_id", "finished_at"),
     )
+
+
+# Slot and queue orders are highest priority first, then FIFO: indexes with a descending column,
+# declared on the columns (not as text) so that migrations and models compare equal.
+# oldest_pending: a workflow's pending runs in the order they take its free slots.
+Index("ix_runs_slot_queue", RunRow.workflow_id, RunRow.status, RunRow.priority.desc(), RunRow.created_at,
+      RunRow.id)
+# Per-key concurrency: the running runs of one key (counted) and its pending runs in slot order.
+Index("ix_runs_key_queue", RunRow.workflow_id, RunRow.concurrency_key, RunRow.status, RunRow.priority.desc(),
+      RunRow.created_at, RunRow.id)
 
 
 class RunTagRow(Base):
@@ -237,16 +255,21 @@ class StepRunRow(Base):
     updated_at: Mapped[datetime]
     losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     loss_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The run's priority, copied: a queue hands out its highest-priority tasks first.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ux_step_runs_run_ref", "workflow_run_id", "step_ref", unique=True),
         Index("ix_step_runs_run_position", "workflow_run_id", "position"),
-        # Workers claim queued tasks of a queue oldest-first.
-        Index("ix_step_runs_queue", "project_id", "queue", "status", "ready_at"),
         Index("ix_step_runs_lease", "lease_expires_at"),
         # The timer sweep finds waiting steps whose delay or timeout is due.
         Index("ix_step_runs_due", "due_at"),
     )
+
+
+# Workers claim queued tasks of a queue highest priority first, then oldest first.
+Index("ix_step_runs_queue", StepRunRow.project_id, StepRunRow.queue, StepRunRow.status,
+      StepRunRow.priority.desc(), StepRunRow.ready_at)
 
 
 class RunEventRow(Base):
