@@ -130,6 +130,10 @@ class _Pass:
                           f"lease of {step.worker_id!r} expired with no report")
                 self.moved(step)
         if run.status == RunStatus.PENDING:
+            if run.start_at is not None and run.start_at > self.now:
+                # Delayed (a trigger's start_at): nothing starts, and it waits for no slot, before then.
+                self.set_wake(min(t for t in (run.start_at, self.next_timer(include_ready=False)) if t))
+                return
             if not may_start:
                 # Waiting for a concurrency slot: whoever frees one wakes this run (or its
                 # deadline, or a step's).

@@ -101,6 +101,12 @@ class RunRecord:
     # Webhooks told about chosen events of this run, the workflow's then the trigger's
     # ([{url, events}], domain/notifications.py); None when there are none.
     notifications: list[dict[str, Any]] | None = None
+    # -100..100 (SPEC §3): among slot waiters, and its tasks in their queues, higher goes first.
+    priority: int = 0
+    # A delayed run's start: it waits pending, and for no slot, until then (None: at once).
+    start_at: datetime | None = None
+    # Its workflow's `concurrency.key` rendered when it was created ("" without one).
+    concurrency_key: str = ""
     # The row as loaded (storage sets it); changes are saved only if the row still matches it.
     fence: RunFence | None = field(default=None, compare=False, repr=False)
 
@@ -139,6 +145,8 @@ class StepRecord:
     # and those since the last verdict, which end a poison task at the policy's max_losses.
     losses: int = 0
     loss_streak: int = 0
+    # Its run's priority, copied: a queue hands out its highest-priority tasks first.
+    priority: int = 0
     # The row as loaded (storage sets it); changes are saved only if the row still matches it.
     fence: StepFence | None = field(default=None, compare=False, repr=False)
 
@@ -202,6 +210,10 @@ class TriggerRequest:
     immediate: bool = False
     # Webhooks this run notifies besides its workflow's ([{url, events}], validated).
     notifications: list[dict[str, Any]] = field(default_factory=list)
+    # -100..100, checked by the API (domain/concurrency.py check_priority).
+    priority: int = 0
+    # When the run should start (None: at once); a time past is now, more than a year ahead refused.
+    start_at: datetime | None = None
     # The run whose notification, delivered to a webhook of this server, asks for this run
     # (domain/families.py); None for every other trigger.
     caused_by: Cause | None = None

@@ -25,6 +25,7 @@ from typing import Any
 
 from croniter import croniter
 
+from conveyor.domain.concurrency import Caps, Concurrency, parse_concurrency
 from conveyor.domain.egress import url_problem
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
 from conveyor.domain.expressions import (
@@ -163,6 +164,8 @@ class WorkflowSpec:
     steps: tuple[StepSpec, ...] = ()
     # Webhooks told about chosen run events (domain/notifications.py), as stored: {url, events}.
     notifications: tuple[dict[str, Any], ...] = ()
+    # At most `max_runs` running runs per rendered key (SPEC §3, domain/concurrency.py).
+    concurrency: Concurrency | None = None
 
     # cached_property stores into the instance __dict__ directly, so it works on a frozen
     # dataclass and stays out of the fields (equality, repr, to_dict).
@@ -208,8 +211,8 @@ class WorkflowSpec:
     @functools.cached_property
     def evaluates(self) -> bool:
         """True when running this workflow evaluates CEL: a condition, a `when`, a step config
-        (which may hold templates) or a condition step's expression."""
-        return bool(self.condition) or any(s.when or s.config for s in self.steps)
+        (which may hold templates), a condition step's expression or a concurrency key."""
+        return bool(self.condition or self.concurrency) or any(s.when or s.config for s in self.steps)
 
     @functools.cached_property
     def secret_names(self) -> frozenset[str]:
@@ -231,6 +234,11 @@ class WorkflowSpec:
         """Every ref, dependencies first; ties keep definition order (deterministic)."""
         return list(self._order)
 
+    @property
+    def caps(self) -> Caps:
+        """Its concurrency slots; a run of a workflow with any waits for the runner to start it."""
+        return Caps(self.max_concurrent_runs, self.concurrency.max_runs if self.concurrency else 0)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-serialisable storage form; also a valid `parse_workflow` input."""
         data: dict[str, Any] = {
@@ -248,6 +256,8 @@ class WorkflowSpec:
             data["schedule"] = {"cron": self.schedule.cron, "timezone": self.schedule.timezone}
         if self.notifications:  # absent when none, as definitions stored before they existed
             data["notifications"] = copy.deepcopy(list(self.notifications))
+        if self.concurrency is not None:  # absent when none, as definitions stored before it existed
+            data["concurrency"] = self.concurrency.to_dict()
         return data
 
     @classmethod
@@ -276,6 +286,7 @@ class WorkflowSpec:
                     description=s.get("description", ""))
                 for s in data.get("steps", ())),
             notifications=tuple(copy.deepcopy(list(data.get("notifications", ())))),
+            concurrency=Concurrency(**data["concurrency"]) if data.get("concurrency") else None,
         )
 
 
@@ -833,6 +844,8 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
                                f"steps.{sorted(refs)[0]}")
         problems.references.clear()
     schedule = _parse_schedule(data.get("schedule"), problems)
+    concurrency, wrong = parse_concurrency(data.get("concurrency"), problems.limits)
+    problems.violations += wrong
     variables = _parse_variables(data.get("variables"), problems)
     notifications = check_notifications(data.get("notifications"), "notifications", problems.limits,
                                         problems.violations)
@@ -873,6 +886,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
         variables=variables,
         steps=tuple(step for _, step in steps),
         notifications=tuple(notifications),
+        concurrency=concurrency,
         **caps,
     )
 

@@ -139,10 +139,18 @@ async def start(repo: Repo, offload: Offload, units: Sequence[Changes], steps: d
                 continue
             assert isinstance(target, WorkflowRecord)
             child = _child_run(c.run, step, target, payload, now)
-            new = creation.start_run(child, target.spec, ENGINE, limits,
-                                     capped=target.spec.max_concurrent_runs > 0,
-                                     message=f"started by step {step.step_ref!r} of run {c.run.id}",
-                                     data={"parent_workflow_run_id": c.run.id, "parent_step_run_id": step.id})
+            try:
+                new = creation.start_run(child, target.spec, ENGINE, limits,
+                                         capped=bool(target.spec.caps),
+                                         message=f"started by step {step.step_ref!r} of run {c.run.id}",
+                                         data={"parent_workflow_run_id": c.run.id,
+                                               "parent_step_run_id": step.id})
+            except ConveyorError as e:
+                # The target's concurrency key does not render over this payload: the same
+                # payload would fail again, so the step fails for good.
+                start_child(c, step, step_spec, "", w.config)
+                fail_step(c, step, step_spec, f"{e.reason}: {e.message}", retryable=False, reason=e.reason)
+                continue
             start_child(c, step, step_spec, new.run.id, w.config)
             news.append(new)
             if new.run.status in FINAL_RUN:
@@ -183,5 +191,5 @@ def _child_run(parent: RunRecord, step: StepRecord, target: WorkflowRecord, payl
         created_by=parent.created_by, max_parallel_steps=spec.max_parallel_steps,
         parent_workflow_run_id=parent.id, parent_step_run_id=step.id, depth=parent.depth + 1,
         root_run_id=parent.root_run_id or parent.id,
-        lineage=[*lineage_of(parent), target.id],
+        lineage=[*lineage_of(parent), target.id], priority=parent.priority,
         expires_at=now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None)

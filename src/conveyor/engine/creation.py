@@ -1,10 +1,11 @@
 """Creating runs: the engine's half of the one way a run comes into being.
 
 `start_run` builds a new run with the domain's `open_run` and, when it needs no concurrency
-slot, plans it at once, outside any transaction, so a chain of in-engine steps is written
-finished in the same insert. A failure while planning is contained to that run: it is written
-failed with a generic error, and the traceback goes to the log. `insert` writes a batch of new
-runs in the caller's transaction. Triggers, run retries, schedules and child runs use both.
+slot and is not delayed (`start_at`), plans it at once, outside any transaction, so a chain of
+in-engine steps is written finished in the same insert. A failure while planning is contained
+to that run: it is written failed with a generic error, and the traceback goes to the log.
+`insert` writes a batch of new runs in the caller's transaction. Triggers, run retries,
+schedules and child runs use both.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def start_run(run: RunRecord, spec: WorkflowSpec, actor: str, limits: Limits, *,
               message: str = "", data: dict[str, Any] | None = None) -> NewRun:
     """A new run (filled in by the caller, status pending), its steps and first events; planned
     already unless its workflow caps concurrent runs (`capped`: then the runner's slot
-    accounting starts it)."""
+    accounting starts it) or it is delayed (the runner plans it once its `start_at` is due)."""
     pristine = dataclasses.replace(run)
     new = open_run(run, spec, actor, new_id, limits, check_condition=check_condition, kept=kept,
                    message=message, data=data)
-    if new.run.status != RunStatus.PENDING or capped:
-        return new  # canceled by its condition, or waiting for the runner's slot accounting
+    if new.run.status != RunStatus.PENDING or capped or new.run.wake_at != new.run.created_at:
+        return new  # canceled by its condition, waiting for its start_at or for a slot
     try:
         plan(new.changes, new.steps, spec, limits=limits)
     except Exception:

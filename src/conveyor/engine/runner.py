@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from conveyor.domain.changes import Changes
+from conveyor.domain.concurrency import Caps, Waiter
 from conveyor.domain.errors import ConcurrentChange, ConveyorError, ErrorKind
 from conveyor.domain.feed import keys_of
 from conveyor.domain.limits import Limits
@@ -135,45 +136,72 @@ class Runner:
         fail_unplannable(c, (await repo.steps_of([run_id]))[run_id], _SET_ASIDE_SECONDS)
         return c
 
-    async def capped(self, repo: Repo, runs: Sequence[RunRecord]) -> dict[str, int]:
-        """max_concurrent_runs of the capped workflows among these runs, their rows locked: the
-        lock order is runs, then workflows (sorted), so replicas count, take and free a
-        workflow's slots one at a time and a pass that frees a slot is seen by the next. Every
-        unit that may start or end runs (passes, operations, reports, leases) takes them here."""
+    async def capped(self, repo: Repo, runs: Sequence[RunRecord]) -> dict[str, Caps]:
+        """The concurrency slots of the capped workflows among these runs (max_concurrent_runs,
+        a per-key cap), their rows locked: the lock order is runs, then workflows (sorted), so
+        replicas count, take and free a workflow's slots, of every key, one at a time and a pass
+        that frees a slot is seen by the next. Every unit that may start or end runs (passes,
+        operations, reports, leases) takes them here."""
         limits = await repo.workflow_limits({r.workflow_id for r in runs})
-        capped = {wf: n for wf, n in limits.items() if n > 0}
+        capped = {wf: caps for wf, caps in limits.items() if caps}
         if capped:
             await repo.workflow_limits(capped, lock=True)
         return capped
 
-    async def _slots(self, repo: Repo, pending: list[RunRecord], capped: dict[str, int],
+    async def _slots(self, repo: Repo, pending: list[RunRecord], capped: dict[str, Caps],
                      now: datetime) -> set[str]:
-        """Ids of the pending runs that may start now. A workflow with max_concurrent_runs
-        hands its free slots to its oldest pending runs first (FIFO, SPEC §3)."""
+        """Ids of the pending runs that may start now. A capped workflow hands its free slots to
+        its waiting runs highest priority first, then oldest (SPEC §3); with a per-key cap, each
+        key of these runs hands out its own free slots so, and max_concurrent_runs, if any,
+        takes the best of those."""
         allowed = {r.id for r in pending if r.workflow_id not in capped}
         waiting = {r.workflow_id for r in pending} & capped.keys()
         if waiting:
             running = await repo.running_counts(waiting)
             heads: list[str] = []
             for wf in sorted(waiting):
-                free = capped[wf] - running.get(wf, 0)
-                if free > 0:
-                    heads += await repo.oldest_pending(wf, free)
+                caps = capped[wf]
+                free = caps.runs - running.get(wf, 0)
+                if caps.per_key == 0:
+                    heads += [w.id for w in await repo.slot_waiters(wf, free, now)]
+                    continue
+                keys = sorted({r.concurrency_key for r in pending if r.workflow_id == wf})
+                held = await repo.running_key_counts(wf, keys)
+                candidates = [w for k in keys
+                              for w in await repo.slot_waiters(wf, caps.per_key - held.get(k, 0), now, key=k)]
+                if caps.runs and free > 0:
+                    # Waiters of keys not in this batch compete for the workflow's slots too.
+                    seen = {w.id for w in candidates}
+                    candidates += [w for w in await repo.slot_waiters(wf, free, now, per_key=caps.per_key)
+                                   if w.id not in seen and w.key not in keys]
+                chosen = _within_key_caps(candidates, held, caps.per_key)
+                heads += [w.id for w in (chosen[:max(free, 0)] if caps.runs else chosen)]
             allowed.update(heads)
-            # An older pending run outside this batch is owed the slot: make it due now.
+            # A waiter ahead of them outside this batch is owed the slot: make it due now.
             in_batch = {r.id for r in pending}
             await repo.wake([h for h in heads if h not in in_batch], now)
         return allowed
 
     async def wake_waiting(self, repo: Repo, units: Sequence[Changes], now: datetime) -> None:
-        """Runs these saved units took out of `running` freed slots: wake the oldest pending
-        runs of those workflows."""
-        freed: dict[str, int] = {}
+        """Runs these saved units took out of `running` freed slots: wake the first waiters of
+        those workflows (with a per-key cap: of the keys freed, and, under max_concurrent_runs,
+        of any key with room)."""
+        freed: dict[str, list[str]] = {}
         for u in units:
             if u.left_running:
-                freed[u.run.workflow_id] = freed.get(u.run.workflow_id, 0) + 1
-        for wf, n in freed.items():
-            await repo.wake(await repo.oldest_pending(wf, n), now)
+                freed.setdefault(u.run.workflow_id, []).append(u.run.concurrency_key)
+        if not freed:
+            return
+        limits = await repo.workflow_limits(freed)
+        for wf, keys in sorted(freed.items()):
+            caps = limits.get(wf, Caps())
+            woken: list[str] = []
+            if caps.per_key:
+                for key in sorted(set(keys)):
+                    woken += [w.id for w in await repo.slot_waiters(wf, keys.count(key), now, key=key)]
+            if caps.runs:
+                woken += [w.id for w in await repo.slot_waiters(wf, len(keys), now, per_key=caps.per_key)]
+            await repo.wake(sorted(set(woken)), now)
 
     def after_commit(self, units: Sequence[Changes]) -> None:
         """These units were committed outside a runner pass (a trigger, a report, a lease, an
@@ -301,3 +329,14 @@ class Runner:
             self._next = self.clock.now() + timedelta(seconds=wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+
+
+def _within_key_caps(candidates: list[Waiter], held: dict[str, int], per_key: int) -> list[Waiter]:
+    """The candidates in slot order, at most `per_key` running per key (`held` already run)."""
+    taken = dict(held)
+    out = []
+    for w in sorted(candidates, key=lambda w: w.order):
+        if taken.get(w.key, 0) < per_key:
+            taken[w.key] = taken.get(w.key, 0) + 1
+            out.append(w)
+    return out

@@ -99,7 +99,7 @@ class RunService:
                 # An operator's retry of a child run is a run of its own: no parent step waits for it.
                 retry_of_run_id=old.id,
                 expires_at=now + (old.expires_at - old.created_at) if old.expires_at else None,
-                notifications=old.notifications)
+                notifications=old.notifications, priority=old.priority)
             # The workflow's cap now, not the old version's; planned on the CPU thread.
             capped = old.workflow_id in await self.runner.capped(repo, [old])
             new = await self.runner.offload.run(

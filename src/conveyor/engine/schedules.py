@@ -31,6 +31,7 @@ both instants. A time skipped by spring-forward fires at the first instant after
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -38,6 +39,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from conveyor.domain import actors
+from conveyor.domain.concurrency import INVALID_CONCURRENCY_KEY
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.limits import Limits
 from conveyor.domain.new_runs import NewRun, open_run
@@ -151,11 +153,17 @@ class Schedules:
             max_parallel_steps=spec.max_parallel_steps,
             expires_at=now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None)
         if problem is None:
-            return creation.start_run(run, spec, SCHEDULE, self.limits, capped=spec.max_concurrent_runs > 0,
-                                      message=message, data=data)
+            try:
+                return creation.start_run(run, spec, SCHEDULE, self.limits, capped=bool(spec.caps),
+                                          message=message, data=data)
+            except ConveyorError as e:
+                if e.reason != INVALID_CONCURRENCY_KEY:
+                    raise
+                problem = e
         # The tick is recorded where scheduled runs are looked for, as a run that failed at once
-        # (it holds no concurrency slot: it is written already finished).
-        new = open_run(run, spec, SCHEDULE, new_id, self.limits, message=message, data=data)
+        # (it holds no concurrency slot, so it needs no key: it is written already finished).
+        new = open_run(run, dataclasses.replace(spec, concurrency=None), SCHEDULE, new_id, self.limits,
+                       message=message, data=data)
         new.changes.run_to(RunStatus.RUNNING)
         finish_run(new.changes, new.steps, RunStatus.FAILED, NO_VARIABLES,
                    "; ".join(f"{v.field}: {v.description}" for v in problem.violations) or problem.message)

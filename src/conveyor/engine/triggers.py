@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from conveyor.domain.actors import check_run_as
+from conveyor.domain.concurrency import check_priority, effective_start
 from conveyor.domain.errors import ConveyorError, DuplicateKey, ErrorKind, is_outage, overloaded
 from conveyor.domain.families import refusal
 from conveyor.domain.limits import Limits
@@ -78,6 +79,10 @@ def request_hash(req: TriggerRequest, workflow_id: str) -> str:
             "timeout_seconds": req.timeout_seconds, "check_conditions": req.check_conditions}
     if req.notifications:  # only when given: keys recorded before notifications existed still match
         body["notifications"] = req.notifications
+    if req.priority:  # the same: only when not the default
+        body["priority"] = req.priority
+    if req.start_at is not None:
+        body["start_at"] = req.start_at.isoformat()
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -111,6 +116,7 @@ class Triggers:
             raise ConveyorError(ErrorKind.INVALID_ARGUMENT, "INVALID_ARGUMENT",
                                 "max_parallel_steps and timeout_seconds must not be negative")
         check_run_as(req.run_as)
+        check_priority(req.priority)
         if len(self._queue) >= self.queue_limit:
             # Refused before it waits: a full queue means the database is slow or gone, and a
             # request that waited behind it would only time out later.
@@ -296,6 +302,9 @@ class Triggers:
             raise workflow_archived(wf.name)
         payload = apply_variables(spec, dict(req.payload))
         timeout = req.timeout_seconds or spec.timeout_seconds
+        # A delayed run's deadline counts from its start.
+        start_at = effective_start(req.start_at, now)
+        begins = start_at or now
         run = RunRecord(
             id=new_id(), project_id=wf.project_id, workflow_id=wf.id, workflow_name=wf.name,
             workflow_version=wf.version, workflow_version_id=wf.version_id, status=RunStatus.PENDING,
@@ -303,8 +312,9 @@ class Triggers:
             triggered_by=req.run_as or item.caller.name, created_by=item.caller.name,
             max_parallel_steps=req.max_parallel_steps or spec.max_parallel_steps,
             entity_id=req.entity_id, idempotency_key=req.idempotency_key,
-            expires_at=now + timedelta(seconds=timeout) if timeout else None,
+            expires_at=begins + timedelta(seconds=timeout) if timeout else None,
             notifications=req.notifications or None,  # the workflow's are added by open_run
+            priority=req.priority, start_at=start_at,
         )
         message, data = "", None
         if (cause := req.caused_by) is not None:
@@ -322,7 +332,7 @@ class Triggers:
             item.request_hash = request_hash(req, wf.id)
         # The current version's cap is the workflow's (both change together on update).
         item.new = creation.start_run(run, spec, run.triggered_by, self.limits,
-                                      capped=spec.max_concurrent_runs > 0,
+                                      capped=bool(spec.caps),
                                       check_condition=req.check_conditions, message=message, data=data)
 
     @staticmethod

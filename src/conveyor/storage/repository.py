@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.domain.changes import Changes
+from conveyor.domain.concurrency import Caps, Waiter
 from conveyor.domain.errors import (
     ConcurrentChange,
     ConveyorError,
@@ -241,7 +242,8 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             await self.conn.execute(insert(wf_t).values(
                 id=wf.id, project_id=wf.project_id, name=wf.name, description=wf.spec.description,
                 current_version=wf.version, current_version_id=wf.version_id,
-                max_concurrent_runs=max_concurrent_runs, retention_days=wf.spec.retention_days,
+                max_concurrent_runs=max_concurrent_runs, concurrency_max_runs=wf.spec.caps.per_key,
+                retention_days=wf.spec.retention_days,
                 created_by=wf.created_by,
                 created_at=wf.created_at, updated_at=wf.updated_at,
                 cron=wf.spec.schedule.cron if wf.spec.schedule else None,
@@ -261,7 +263,7 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
         await self.conn.execute(update(wf_t).where(wf_t.c.id == wf.id).values(
             current_version=wf.version, current_version_id=wf.version_id,
             description=wf.spec.description, max_concurrent_runs=wf.spec.max_concurrent_runs,
-            retention_days=wf.spec.retention_days,
+            concurrency_max_runs=wf.spec.caps.per_key, retention_days=wf.spec.retention_days,
             cron=wf.spec.schedule.cron if wf.spec.schedule else None,
             cron_timezone=wf.spec.schedule.timezone if wf.spec.schedule else None,
             next_fire_at=wf.next_fire_at, schedule_paused=wf.schedule_paused,
@@ -338,23 +340,27 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             .where(wf_t.c.id.in_(sorted(set(workflow_ids)))))
         return {r.id: (r.current_version_id, r.archived_at is not None) for r in rows}
 
-    async def workflow_limits(self, workflow_ids: Iterable[str], lock: bool = False) -> dict[str, int]:
-        """max_concurrent_runs per workflow; `lock` holds the workflow rows so that replicas
-        hand out a capped workflow's run slots one at a time."""
+    async def workflow_limits(self, workflow_ids: Iterable[str], lock: bool = False) -> dict[str, Caps]:
+        """The concurrency slots of each workflow (max_concurrent_runs, the per-key cap); `lock`
+        holds the workflow rows so that replicas hand out a capped workflow's slots, of every
+        key, one at a time."""
         ids = sorted(set(workflow_ids))
         if not ids:
             return {}
         if self.dialect == "sqlite":  # every unit that may start or end runs asks (the writer lock holds)
             marks = ", ".join("?" * len(ids))
-            return dict(await self._sqlite_fetch(
-                f"SELECT id, max_concurrent_runs FROM workflows WHERE id IN ({marks})", ids))
-        stmt = select(wf_t.c.id, wf_t.c.max_concurrent_runs).where(wf_t.c.id.in_(ids))
+            return {r[0]: Caps(r[1], r[2]) for r in await self._sqlite_fetch(
+                f"SELECT id, max_concurrent_runs, concurrency_max_runs FROM workflows WHERE id IN ({marks})",
+                ids)}
+        stmt = (select(wf_t.c.id, wf_t.c.max_concurrent_runs, wf_t.c.concurrency_max_runs)
+                .where(wf_t.c.id.in_(ids)))
         if lock:
             # Serializes slot accounting, yet lets runs of these workflows be inserted meanwhile
             # (a child run, a trigger): their foreign key's check would otherwise wait on us while
             # we wait on theirs, a deadlock between two replicas starting each other's children.
             stmt = self._lock(stmt.order_by(wf_t.c.id), key_share=True)
-        return {r.id: r.max_concurrent_runs for r in await self.conn.execute(stmt)}
+        rows = await self.conn.execute(stmt)
+        return {r.id: Caps(r.max_concurrent_runs, r.concurrency_max_runs) for r in rows}
 
     # -- triggering ---------------------------------------------------------------------------
 
@@ -607,13 +613,37 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             .group_by(runs_t.c.workflow_id))
         return {r[0]: r[1] for r in rows}
 
-    async def oldest_pending(self, workflow_id: str, n: int) -> list[str]:
-        """Ids of the `n` oldest pending runs of a workflow (FIFO for concurrency slots)."""
+    async def running_key_counts(self, workflow_id: str, keys: Iterable[str]) -> dict[str, int]:
+        """Running runs of a workflow per concurrency key (ix_runs_key_queue), for these keys."""
         rows = await self.conn.execute(
-            select(runs_t.c.id)
-            .where(runs_t.c.workflow_id == workflow_id, runs_t.c.status == RunStatus.PENDING)
-            .order_by(runs_t.c.created_at, runs_t.c.id).limit(n))
-        return [r.id for r in rows]
+            select(runs_t.c.concurrency_key, func.count()).where(
+                runs_t.c.workflow_id == workflow_id, runs_t.c.concurrency_key.in_(sorted(set(keys))),
+                runs_t.c.status == RunStatus.RUNNING)
+            .group_by(runs_t.c.concurrency_key))
+        return {r[0]: r[1] for r in rows}
+
+    async def slot_waiters(self, workflow_id: str, n: int, now: datetime, key: str | None = None,
+                           per_key: int = 0) -> list[Waiter]:
+        """The first `n` pending runs of a workflow in slot order, highest priority then oldest
+        (ix_runs_slot_queue; with `key`, of that concurrency key: ix_runs_key_queue), leaving out
+        delayed runs not yet due. `per_key` > 0 leaves out the runs whose key already has that
+        many running runs."""
+        if n <= 0:
+            return []
+        stmt = (select(runs_t.c.id, runs_t.c.concurrency_key, runs_t.c.priority, runs_t.c.created_at)
+                .where(runs_t.c.workflow_id == workflow_id, runs_t.c.status == RunStatus.PENDING,
+                       or_(runs_t.c.start_at.is_(None), runs_t.c.start_at <= now)))
+        if key is not None:
+            stmt = stmt.where(runs_t.c.concurrency_key == key)
+        if per_key > 0:
+            held = runs_t.alias("held")
+            running = (select(func.count()).where(
+                held.c.workflow_id == workflow_id, held.c.concurrency_key == runs_t.c.concurrency_key,
+                held.c.status == RunStatus.RUNNING).scalar_subquery())
+            stmt = stmt.where(running < per_key)
+        stmt = stmt.order_by(runs_t.c.priority.desc(), runs_t.c.created_at, runs_t.c.id).limit(n)
+        rows = await self.conn.execute(stmt)
+        return [Waiter(r.id, r.concurrency_key, r.priority, r.created_at) for r in rows]
 
     async def wake(self, run_ids: Sequence[str], at: datetime) -> None:
         """Make these runs due at `at`. A run another transaction holds is skipped, never waited
@@ -632,10 +662,12 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
     async def leasable_runs(self, project: str | None, queue: str, kinds: Sequence[str], now: datetime,
                             limit: int, skip: Sequence[str] = ()) -> list[str]:
         """Ids of running runs with a queued step of these kinds on `queue` whose slot is ready,
-        oldest ready first (ix_step_runs_queue), but for the runs in `skip`."""
+        highest priority first, then oldest ready (ix_step_runs_queue), but for the runs in `skip`.
+        A run's steps share its priority."""
         if self.dialect == "sqlite":
             # Every poll and stream asks, most of them to find nothing: straight to the driver.
-            sql = ("SELECT s.workflow_run_id, MIN(s.ready_at) AS ready FROM step_runs s "
+            sql = ("SELECT s.workflow_run_id, MAX(s.priority) AS prio, MIN(s.ready_at) AS ready "
+                   "FROM step_runs s "
                    "JOIN workflow_runs r ON r.id = s.workflow_run_id "
                    f"WHERE s.queue = ? AND s.status = ? AND s.ready_at <= ? "
                    f"AND s.kind IN ({', '.join('?' * len(kinds))}) AND r.status = ?")
@@ -647,15 +679,17 @@ class Repository(AccessStatements, NotificationStatements, RunChangeStatements, 
             if skip:
                 sql += f" AND s.workflow_run_id NOT IN ({', '.join('?' * len(skip))})"
                 params += skip
-            rows = await self._sqlite_fetch(sql + " GROUP BY s.workflow_run_id ORDER BY ready LIMIT ?",
-                                            [*params, limit])
+            rows = await self._sqlite_fetch(
+                sql + " GROUP BY s.workflow_run_id ORDER BY prio DESC, ready LIMIT ?", [*params, limit])
             return [r[0] for r in rows]
-        stmt = (select(steps_t.c.workflow_run_id, func.min(steps_t.c.ready_at).label("ready"))
+        priority = func.max(steps_t.c.priority)
+        stmt = (select(steps_t.c.workflow_run_id, priority.label("prio"),
+                       func.min(steps_t.c.ready_at).label("ready"))
                 .join(runs_t, runs_t.c.id == steps_t.c.workflow_run_id)
                 .where(steps_t.c.queue == queue, steps_t.c.status == StepStatus.QUEUED,
                        steps_t.c.ready_at <= now, steps_t.c.kind.in_(kinds),
                        runs_t.c.status == RunStatus.RUNNING)
-                .group_by(steps_t.c.workflow_run_id).order_by("ready").limit(limit))
+                .group_by(steps_t.c.workflow_run_id).order_by(priority.desc(), "ready").limit(limit))
         if project is not None:
             stmt = stmt.where(steps_t.c.project_id == project)
         if skip:

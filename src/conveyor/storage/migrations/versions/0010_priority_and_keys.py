@@ -43,7 +43,8 @@ def upgrade() -> None:
     op.create_index("ix_runs_slot_queue", "workflow_runs",
                     ["workflow_id", "status", sa.text("priority DESC"), "created_at", "id"])
     op.create_index("ix_runs_key_queue", "workflow_runs",
-                    ["workflow_id", "concurrency_key", "status", sa.text("priority DESC"), "created_at", "id"])
+                    ["workflow_id", "concurrency_key", "status", sa.text("priority DESC"), "created_at",
+                     "id"])
     op.drop_index("ix_step_runs_queue", table_name="step_runs")
     op.create_index("ix_step_runs_queue", "step_runs",
                     ["project_id", "queue", "status", sa.text("priority DESC"), "ready_at"])
