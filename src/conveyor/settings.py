@@ -92,6 +92,9 @@ class Settings:
     retention_days: int = 30
     # Days the audit log is kept: longer than runs, it answers who did what (CONVEYOR_AUDIT_RETENTION_DAYS).
     audit_retention_days: int = 365
+    # Days a published event is kept, and with it the answer a repeated publish of its id gets
+    # (SPEC §9; CONVEYOR_EVENT_RETENTION_DAYS).
+    event_retention_days: int = 7
     # Runs (with their families) deleted per transaction, so the sweep never holds the writer
     # long (CONVEYOR_RETENTION_BATCH_SIZE).
     retention_batch_size: int = 500
@@ -206,7 +209,8 @@ class Settings:
         for name, key, kind in _OUTAGE_ENV:
             if key in os.environ:
                 env[name] = kind(os.environ[key])
-        for name in ("retention_days", "audit_retention_days", "retention_batch_size"):
+        for name in ("retention_days", "audit_retention_days", "event_retention_days",
+                     "retention_batch_size"):
             if (key := f"CONVEYOR_{name.upper()}") in os.environ:
                 env[name] = int(os.environ[key])
         if "CONVEYOR_DATA_DIR" in os.environ:

@@ -43,6 +43,7 @@ from conveyor.engine.facade import Engine
 from conveyor.engine.ids import new_id
 from conveyor.settings import Settings
 from conveyor.v1 import audit_service_pb2 as audit_pb
+from conveyor.v1 import events_service_pb2 as events_pb
 from conveyor.v1 import keys_service_pb2 as keys_pb
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import secrets_service_pb2 as secrets_pb
@@ -537,6 +538,11 @@ async def _delete_secret(w: World, fresh: bool) -> Message:
     return secrets_pb.DeleteSecretRequest(project_id=ALPHA, name=name)
 
 
+async def _publish_event(w: World, fresh: bool) -> Message:
+    ident = w.next("event") if fresh else "refused-event"
+    return events_pb.PublishEventRequest(project_id=ALPHA, name="deployed", key="svc", id=ident)
+
+
 async def _revoke_key(w: World, fresh: bool) -> Message:
     if not fresh:
         return keys_pb.RevokeApiKeyRequest(key_id=w.key_id)
@@ -690,6 +696,11 @@ CASES: dict[str, Case] = {
                           ok=lambda w, r, o: _check("TOKEN" in {s.name for s in o.items}
                                                     and {s.project_id for s in o.items} == {ALPHA})),
     "DeleteSecret": Case(_delete_secret, foreign=NO_PROJECT),
+    # EventsService: a key publishes into and lists its own project.
+    "PublishEvent": Case(_publish_event, foreign=FORBIDDEN,
+                         ok=lambda w, r, o: _check((_first(o).project_id, _first(o).id) == (ALPHA, r.id))),
+    "ListEvents": shared(lambda w: events_pb.ListEventsRequest(project_id=ALPHA), foreign=EMPTY,
+                         ok=lambda w, r, o: _all_of(ALPHA, o)),
     # WebhooksService: the URL's token is the credential, whoever sends it.
     "DeliverWebhook": shared(lambda w: hooks_pb.DeliverWebhookRequest(token=w.hook_token),
                              ok=lambda w, r, o: _check((_first(o).project_id, _first(o).workflow_id)
@@ -767,6 +778,8 @@ async def build_world(served: Served) -> World:
     rotated = await api.workflows.RotateWebhook(wf_pb.RotateWebhookRequest(workflow_id=wf.id))
     await api.runs.AddRunComment(runs_pb.AddRunCommentRequest(workflow_run_id=run.id, content="looks good"))
     await engine.secrets.put(TEST_ADMIN, ALPHA, "TOKEN", "alpha's value")
+    for project in (ALPHA, BETA):
+        await engine.events.publish(TEST_ADMIN, project, "deployed", "svc", {}, "seed")
     fake = {ident: new_id() for ident in (wf.id, run.id, task.task_id, created.key.id)}
     return World(api=api, bare=served.bare, tokens=tokens, wf=wf, run_id=run.id, task=task,
                  key_id=created.key.id, key_token=created.token,

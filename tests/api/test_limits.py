@@ -16,6 +16,7 @@ from conveyor.api.errors import MAX_ERROR_TEXT, MAX_VIOLATIONS
 from conveyor.api.requests import (
     BULK_FIELDS,
     DOCUMENT_PROTOBUF_GROWTH,
+    EVENT_TRIGGER_FIELDS,
     FILTER_FIELDS,
     ID_FIELDS,
     NOTIFICATION_FIELDS,
@@ -28,6 +29,7 @@ from conveyor.api.requests import (
     _document,
 )
 from conveyor.domain.limits import Limits
+from conveyor.v1 import events_service_pb2 as events_pb
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import step_runs_service_pb2 as steps_pb
 from conveyor.v1 import workers_service_pb2 as workers_pb
@@ -331,7 +333,7 @@ async def test_errors_quoting_client_text_stay_small(api: Api) -> None:
 
 # --- every field has a limit ---------------------------------------------------------------------
 
-REQUEST_MODULES = (runs_pb, steps_pb, wf_pb, workers_pb)
+REQUEST_MODULES = (runs_pb, steps_pb, wf_pb, workers_pb, events_pb)
 
 
 def request_types() -> list[Descriptor]:
@@ -353,7 +355,7 @@ def request_types() -> list[Descriptor]:
 def test_every_string_and_repeated_field_of_every_request_has_a_limit() -> None:
     string_classes = (ID_FIELDS, SHORT_TEXT_FIELDS, TEXT_FIELDS, SECRET_FIELDS)
     count_classes = (FILTER_FIELDS, BULK_FIELDS, STEP_FIELDS, VARIABLE_FIELDS, TAG_FIELDS,
-                     NOTIFICATION_FIELDS)
+                     NOTIFICATION_FIELDS, EVENT_TRIGGER_FIELDS)
     for message in request_types():
         for field in message.fields:
             entry = field.message_type

@@ -17,6 +17,7 @@ from conveyor.engine.facade import Engine
 from conveyor.settings import Settings
 from conveyor.v1 import (
     audit_service_pb2,
+    events_service_pb2,
     keys_service_pb2,
     secrets_service_pb2,
     step_runs_service_pb2,
@@ -31,7 +32,7 @@ from tests.api.support import Api, RichError, decode, failure
 
 CONTRACT_FILES = (workflows_service_pb2, workflow_runs_service_pb2, step_runs_service_pb2,
                   workers_service_pb2, keys_service_pb2, audit_service_pb2, webhooks_service_pb2,
-                  secrets_service_pb2)
+                  secrets_service_pb2, events_service_pb2)
 
 
 def contract_methods() -> list[MethodDescriptor]:
@@ -66,7 +67,8 @@ def test_the_contract_has_the_services_the_server_names() -> None:
     assert SERVICE_NAMES == ("conveyor.v1.WorkflowsService", "conveyor.v1.WorkflowRunsService",
                              "conveyor.v1.StepRunsService", "conveyor.v1.WorkersService",
                              "conveyor.v1.KeysService", "conveyor.v1.AuditService",
-                             "conveyor.v1.WebhooksService", "conveyor.v1.SecretsService")
+                             "conveyor.v1.WebhooksService", "conveyor.v1.SecretsService",
+                             "conveyor.v1.EventsService")
     unknown = PENDING_RPCS - {path(m) for m in contract_methods()}
     assert unknown == set(), "PENDING_RPCS names RPCs that do not exist"
 

@@ -160,6 +160,19 @@ def rows(now: datetime, dialect: str, since: Callable[[str], bool]) -> Rows:
             {"project_id": "other", "name": "API_TOKEN", "ciphertext": b"\x01" + bytes(12) + b"\x00\xff" * 20,
              "created_at": t0, "updated_at": t0},
         ],
+        # Events (0011): one that started a run of "work" and skipped "nightly", one with a client id;
+        # "work" listens to order.paid.
+        "events": [
+            {"project_id": PROJECT, "id": "00000000-0000-7000-8000-0000000000e1", "name": "order.paid",
+             "key": "cust-1", "payload": {"total": 5}, "request_hash": "cd" * 32, "received_at": t0,
+             "resumed": 0, "started": 1, "created_by": "ci",
+             "skipped": [{"workflow_id": NIGHTLY, "workflow_name": "nightly",
+                          "reason": "on_events when: failed"}]},
+            {"project_id": PROJECT, "id": "client-id-17", "name": "user.signup", "key": "", "payload": {},
+             "request_hash": "ef" * 32, "received_at": done, "resumed": 0, "started": 0, "skipped": None,
+             "created_by": "ci"},
+        ],
+        "event_listeners": [{"project_id": PROJECT, "event_name": "order.paid", "workflow_id": WORK}],
     }
     # PostgreSQL: the writing transaction's id, as storage/run_changes.py writes it.
     txid: ClauseElement | None = (sql_cast(sql_cast(func.pg_current_xact_id(), Text), BigInteger)

@@ -79,6 +79,8 @@ _ROLES: dict[str, dict[str, Role | None]] = {
     "AuditService": {"ListAuditEntries": A},
     # Secrets are credentials: only admins set them; nobody reads a value back (SPEC §11).
     "SecretsService": {"PutSecret": A, "ListSecrets": A, "DeleteSecret": A},
+    # Publishing starts runs, as a trigger does (a worker key may not: it only works tasks).
+    "EventsService": {"PublishEvent": OP, "ListEvents": V},
     "WebhooksService": {"DeliverWebhook": None},
 }
 RPC_ROLES: dict[str, Role | None] = {

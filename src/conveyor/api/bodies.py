@@ -40,6 +40,7 @@ BODY_TARGETS: dict[str, str] = {
     "conveyor.v1.UpdateWorkflowRequest": "workflow",
     "conveyor.v1.TriggerWorkflowRunRequest": "",
     "conveyor.v1.DeliverWebhookRequest": "payload",
+    "conveyor.v1.PublishEventRequest": "",
 }
 # Requests whose body is one JSON document (a Struct field), not a message's fields.
 _DOCUMENT_BODIES = frozenset({"conveyor.v1.DeliverWebhookRequest"})

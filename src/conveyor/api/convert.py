@@ -19,6 +19,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from conveyor.domain.access import ApiKey, AuditEntry
 from conveyor.domain.errors import FieldViolation, invalid
+from conveyor.domain.events import Event
 from conveyor.domain.limits import Limits
 from conveyor.domain.notifications import WEBHOOK_PATH, validated_notifications
 from conveyor.domain.records import (
@@ -32,6 +33,7 @@ from conveyor.domain.records import (
 from conveyor.domain.secrets import Secret
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.engine.leases import Lease
+from conveyor.v1 import events_service_pb2 as events_pb
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import secrets_service_pb2 as secrets_pb
 from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
@@ -287,6 +289,18 @@ def key_to_proto(key: ApiKey) -> pb.ApiKey:
     _set_time(msg.expires_at, key.expires_at)
     _set_time(msg.last_used_at, key.last_used_at)
     _set_time(msg.revoked_at, key.revoked_at)
+    return msg
+
+
+def published_to_proto(event: Event) -> events_pb.Event:
+    """A published event, with what its publish did."""
+    msg = events_pb.Event(
+        id=event.id, project_id=event.project_id, name=event.name, key=event.key, resumed=event.resumed,
+        started=event.started, created_by=event.created_by,
+        skipped=[events_pb.SkippedWorkflow(workflow_id=s.workflow_id, workflow_name=s.workflow_name,
+                                           reason=s.reason) for s in event.skipped])
+    _set_struct(msg.payload, event.payload)
+    _set_time(msg.received_at, event.received_at)
     return msg
 
 

@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 from conveyor.api.bodies import has_raw_body, take_raw_body
 from conveyor.api.convert import IDEMPOTENCY_METADATA_KEY
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation
+from conveyor.domain.events import MAX_ON_EVENTS
 from conveyor.domain.limits import Limits
 
 # String fields by length class (field names, over every request message and the messages they
@@ -50,6 +51,8 @@ ID_FIELDS = frozenset({
     "page_token", "workflow_version_id", "created_by", "cron", "timezone", "content_type",
     "task_id", "worker_id", "role", "key_id", "token", "token_prefix", "actor", "method", "resource_id",
     "code", "webhook_url_hint", "cursor", "events",
+    # An event's key (PublishEvent, ListEvents): as long as the entity_id it becomes.
+    "key",
     # A list's text filter (ListWorkflowRuns): as long as the names it searches.
     "search",
 })
@@ -68,6 +71,8 @@ STEP_FIELDS = frozenset({"steps", "depends_on"})
 VARIABLE_FIELDS = frozenset({"variables"})
 TAG_FIELDS = frozenset({"tags"})
 NOTIFICATION_FIELDS = frozenset({"notifications"})
+# A workflow's `on_events` (domain/events.py MAX_ON_EVENTS).
+EVENT_TRIGGER_FIELDS = frozenset({"on_events"})
 
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 # JSON fields that become a step's output, bounded by max_output_bytes (a worker's result);
@@ -118,6 +123,7 @@ class RequestChecker:
             **dict.fromkeys(VARIABLE_FIELDS, lim.max_variables),
             **dict.fromkeys(TAG_FIELDS, lim.max_tags),
             **dict.fromkeys(NOTIFICATION_FIELDS, lim.max_notifications),
+            **dict.fromkeys(EVENT_TRIGGER_FIELDS, MAX_ON_EVENTS),
         }
 
     def prepare(self, request: Any, metadata: Sequence[tuple[str, Any]] = ()) -> Any:

@@ -16,6 +16,7 @@ from conveyor import logs
 from conveyor.api.access import Gate
 from conveyor.api.audit import AuditServicer
 from conveyor.api.errors import ErrorInterceptor
+from conveyor.api.events import EventsServicer
 from conveyor.api.keys import KeysServicer
 from conveyor.api.requests import RequestChecker
 from conveyor.api.secrets import SecretsServicer
@@ -31,6 +32,8 @@ from conveyor.settings import Settings
 from conveyor.v1 import (
     audit_service_pb2,
     audit_service_pb2_grpc,
+    events_service_pb2,
+    events_service_pb2_grpc,
     keys_service_pb2,
     keys_service_pb2_grpc,
     secrets_service_pb2,
@@ -59,6 +62,7 @@ SERVICE_NAMES: tuple[str, ...] = tuple(
         (audit_service_pb2, "AuditService"),
         (webhooks_service_pb2, "WebhooksService"),
         (secrets_service_pb2, "SecretsService"),
+        (events_service_pb2, "EventsService"),
     ))
 
 # RPCs of the contract that deliberately answer UNIMPLEMENTED for now (reason NOT_IMPLEMENTED);
@@ -132,6 +136,7 @@ async def build_server(engine: Engine, settings: Settings,
     audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(engine), server)
     webhooks_service_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(engine), server)
     secrets_service_pb2_grpc.add_SecretsServiceServicer_to_server(SecretsServicer(engine), server)
+    events_service_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(engine), server)
 
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

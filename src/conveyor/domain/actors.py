@@ -21,6 +21,8 @@ ENGINE = "engine"
 SCHEDULE = "schedule"
 # Runs started by a webhook delivery.
 WEBHOOK = "webhook"
+# Runs started by a published event (a workflow's `on_events`, SPEC §9).
+EVENT = "event"
 # Every caller when authentication is disabled (CONVEYOR_AUTH=disabled).
 ANONYMOUS = "anonymous"
 # The notifier's delivery events.
@@ -29,7 +31,7 @@ NOTIFIER = "engine:notify"
 LOCAL_CLI = "conveyor-cli"
 
 # Reserved names, compared folded; and every name under the engine's own prefix.
-_RESERVED = frozenset({ENGINE, SCHEDULE, WEBHOOK, ANONYMOUS, LOCAL_CLI})
+_RESERVED = frozenset({ENGINE, SCHEDULE, WEBHOOK, EVENT, ANONYMOUS, LOCAL_CLI})
 _ENGINE_PREFIX = ENGINE + ":"
 
 RUN_AS_RESERVED = "RUN_AS_RESERVED"

@@ -52,6 +52,7 @@ from conveyor.domain.limits import Limits
 
 __all__ = [
     "ExpressionError",
+    "compile_event_expression",
     "compile_expression",
     "evaluate",
     "evaluate_bool",
@@ -82,7 +83,11 @@ _WHOLE_TEMPLATE = re.compile(r"\s*\{\{((?:(?!\}\}).)*)\}\}\s*", re.DOTALL)
 # where the caller says so (the config of http and task steps), only as `secrets.NAME`, and
 # available only when the context holds them (when an attempt starts).
 SECRETS = "secrets"
-_ROOTS = frozenset({"payload", "steps", "run", SECRETS})
+# `event` (SPEC §9): an event being matched; allowed only where the caller says so (an
+# `on_events` entry's `when`, a `wait_event` step's `match`), and available only when the
+# context holds it.
+EVENT = "event"
+_ROOTS = frozenset({"payload", "steps", "run", SECRETS, EVENT})
 # Type names CEL lets an expression mention as values, as in `type(x) == string`.
 _TYPE_NAMES = frozenset({"bool", "bytes", "double", "int", "list", "map", "null_type", "string",
                          "type", "uint"})
@@ -504,13 +509,16 @@ def _program(expr: str) -> _Program:
 _DEFAULT_LIMITS = Limits()
 
 
-def _checked(expr: Any, limits: Limits, secrets: bool = False) -> _Program:
+def _checked(expr: Any, limits: Limits, secrets: bool = False, events: bool = False) -> _Program:
     if not isinstance(expr, str):
         raise ExpressionError("expression must be a string")
     if len(expr) > limits.max_expression_length:
         raise ExpressionError(
             f"expression {_short(expr)!r}: longer than {limits.max_expression_length} characters")
     program = _program(expr)
+    if EVENT in program.reads and not events:
+        raise ExpressionError(f"expression {_short(expr)!r}: `event` may be used only in on_events' when "
+                              "and a wait_event step's match")
     if SECRETS in program.reads:
         if not secrets:
             raise ExpressionError(f"expression {_short(expr)!r}: secrets may be used only in the config "
@@ -520,6 +528,16 @@ def _checked(expr: Any, limits: Limits, secrets: bool = False) -> _Program:
             # handed out and redacted.
             raise ExpressionError(f"expression {_short(expr)!r}: a secret must be named as secrets.NAME")
     return program
+
+
+def compile_event_expression(expr: str, *, limits: Limits | None = None) -> None:
+    """Raise ExpressionError unless `expr` is a valid CEL expression over `event` alone (an
+    `on_events` entry's `when`: no run exists yet)."""
+    program = _checked(expr, limits or _DEFAULT_LIMITS, events=True)
+    others = sorted(set(program.reads) - {EVENT})
+    if others:
+        raise ExpressionError(f"expression {_short(expr)!r}: only `event` can be used here, "
+                              f"not {others[0]!r}")
 
 
 def compile_expression(expr: str, *, limits: Limits | None = None, secrets: bool = False) -> None:
@@ -700,7 +718,7 @@ def _activation(program: _Program, context: Mapping[str, Any], meter: _Meter) ->
 
 def _evaluate(expr: Any, context: Mapping[str, Any], limits: Limits, meter: _Meter) -> Any:
     # Secrets are for the expressions whose context holds them: an attempt's config.
-    program = _checked(expr, limits, secrets=SECRETS in context)
+    program = _checked(expr, limits, secrets=SECRETS in context, events=EVENT in context)
     token = _METER.set(meter)
     try:
         evaluator = _BoundedEvaluator(program.tree, program.runner.new_activation())

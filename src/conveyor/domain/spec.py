@@ -28,6 +28,7 @@ from croniter import croniter
 from conveyor.domain.concurrency import Caps, Concurrency, parse_concurrency
 from conveyor.domain.egress import url_problem
 from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
+from conveyor.domain.events import EventTrigger, parse_on_events
 from conveyor.domain.expressions import (
     ExpressionError,
     find_templates,
@@ -166,6 +167,8 @@ class WorkflowSpec:
     notifications: tuple[dict[str, Any], ...] = ()
     # At most `max_runs` running runs per rendered key (SPEC §3, domain/concurrency.py).
     concurrency: Concurrency | None = None
+    # Events that start a run of it (SPEC §9, domain/events.py).
+    on_events: tuple[EventTrigger, ...] = ()
 
     # cached_property stores into the instance __dict__ directly, so it works on a frozen
     # dataclass and stays out of the fields (equality, repr, to_dict).
@@ -256,6 +259,8 @@ class WorkflowSpec:
             data["schedule"] = {"cron": self.schedule.cron, "timezone": self.schedule.timezone}
         if self.notifications:  # absent when none, as definitions stored before they existed
             data["notifications"] = copy.deepcopy(list(self.notifications))
+        if self.on_events:  # absent when none, as definitions stored before they existed
+            data["on_events"] = [{"name": t.name, "when": t.when} for t in self.on_events]
         if self.concurrency is not None:  # absent when none, as definitions stored before it existed
             data["concurrency"] = self.concurrency.to_dict()
         return data
@@ -286,6 +291,7 @@ class WorkflowSpec:
                     description=s.get("description", ""))
                 for s in data.get("steps", ())),
             notifications=tuple(copy.deepcopy(list(data.get("notifications", ())))),
+            on_events=tuple(EventTrigger(t["name"], t.get("when", "")) for t in data.get("on_events", ())),
             concurrency=Concurrency(**data["concurrency"]) if data.get("concurrency") else None,
         )
 
@@ -847,6 +853,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
     concurrency, wrong = parse_concurrency(data.get("concurrency"), problems.limits)
     problems.violations += wrong
     variables = _parse_variables(data.get("variables"), problems)
+    on_events = parse_on_events(data.get("on_events"), problems.limits, problems.violations)
     notifications = check_notifications(data.get("notifications"), "notifications", problems.limits,
                                         problems.violations)
 
@@ -886,6 +893,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
         variables=variables,
         steps=tuple(step for _, step in steps),
         notifications=tuple(notifications),
+        on_events=on_events,
         concurrency=concurrency,
         **caps,
     )

@@ -20,6 +20,7 @@ from conveyor.engine.background import Background, log_loop_failure
 from conveyor.engine.cipher import Cipher
 from conveyor.engine.clock import Clock, DatabaseClock
 from conveyor.engine.dispatch import Dispatch
+from conveyor.engine.events import Events
 from conveyor.engine.http_steps import HttpSteps
 from conveyor.engine.keys import Keys
 from conveyor.engine.leases import Leases
@@ -99,10 +100,12 @@ class Engine:
         self.schedules = Schedules(store, self.clock, self.runner, settings.limits,
                                    idle_seconds=settings.engine_idle_seconds)
         self.audit = AuditLog(store)
+        self.events = Events(store, self.clock, self.runner, settings.limits)
         self.retention = Retention(store, self.clock, self.metrics, retention_days=settings.retention_days,
                                    audit_retention_days=settings.audit_retention_days,
                                    batch_size=settings.retention_batch_size,
-                                   idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
+                                   idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+                                   event_retention_days=settings.event_retention_days)
         self._housekeeping = Background("conveyor-housekeeping", self._purge_loop)
         self._key_usage = Background("conveyor-key-usage", self._key_usage_loop)
         self._clock_sync = Background("conveyor-clock-sync", self._clock_sync_loop)

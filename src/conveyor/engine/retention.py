@@ -14,7 +14,9 @@ is never held long:
   goes with its root's retention (a child run's own workflow does not keep it longer). A run is
   also kept at least as long as idempotency records, so a repeated trigger never finds its
   record naming a deleted run;
-- audit entries older than the audit log's own, longer retention.
+- audit entries older than the audit log's own, longer retention;
+- events received more than `event_retention_days` ago (SPEC §9), and with them the answer a
+  repeated publish of their id would get (a publish of that id is then a new event).
 
 Every count deleted goes to `Metrics.retention_swept` once its transaction has committed.
 """
@@ -40,9 +42,11 @@ class Retention:
     """The retention sweep over one store, on the engine's clock."""
 
     def __init__(self, store: Store, clock: Clock, metrics: Metrics, *, retention_days: int,
-                 audit_retention_days: int, batch_size: int, idempotency_ttl_seconds: int) -> None:
+                 audit_retention_days: int, batch_size: int, idempotency_ttl_seconds: int,
+                 event_retention_days: int = 7) -> None:
         for name, value in (("retention_days", retention_days),
                             ("audit_retention_days", audit_retention_days),
+                            ("event_retention_days", event_retention_days),
                             ("retention_batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
@@ -51,6 +55,7 @@ class Retention:
         self.metrics = metrics
         self.default_days = retention_days
         self.audit_kept = timedelta(days=audit_retention_days)
+        self.events_kept = timedelta(days=event_retention_days)
         self.batch = batch_size
         self.kept_at_least = timedelta(seconds=idempotency_ttl_seconds)
 
@@ -68,6 +73,7 @@ class Retention:
         await self._purge("changes", lambda repo: repo.purge_changes(now - CHANGES_KEPT, self.batch), add)
         await self._runs(now, add)
         await self._purge("audit", lambda repo: repo.purge_audit(now - self.audit_kept, self.batch), add)
+        await self._purge("events", lambda repo: repo.purge_events(now - self.events_kept, self.batch), add)
         if any(deleted.values()):
             log.info("retention deleted %s", ", ".join(f"{n} {t}" for t, n in sorted(deleted.items()) if n))
         return deleted

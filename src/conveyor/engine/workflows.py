@@ -10,6 +10,10 @@ unchanged one keeps its tick, due or not), and one that removes the schedule cle
 pause; archiving clears it. Pause and resume change no version: pause clears the tick, resume
 computes the next one after now (ticks while paused never fire). Both are idempotent, and
 FAILED_PRECONDITION (NO_SCHEDULE) on a workflow without a schedule.
+
+The event names a workflow's current definition lists in `on_events` are kept here too, in the
+index a publish reads (engine/events.py): written on create, replaced on update, cleared on
+archive, each in the transaction that changes the workflow.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class WorkflowService:
         async with self.store.write() as repo:
             await _check_no_loop(repo, wf)
             await repo.insert_workflow(wf, spec.max_concurrent_runs)
+            if spec.on_events:
+                await repo.set_event_listeners(wf.id, project, _listened(spec))
         return wf
 
     async def get(self, ident: str, project_id: str, caller: Caller, version: int = 0) -> WorkflowRecord:
@@ -141,6 +147,7 @@ class WorkflowService:
             await _check_no_loop(repo, wf)
             await repo.insert_version(wf)
             await repo.set_current_version(wf)
+            await repo.set_event_listeners(wf.id, wf.project_id, _listened(spec))
         return wf
 
     async def archive(self, ident: str, project_id: str, caller: Caller) -> None:
@@ -148,6 +155,7 @@ class WorkflowService:
         async with self.store.write() as repo:
             wf = await repo.find_workflow(ident, caller.project, name_scope(project_id, caller), lock=True)
             await repo.archive_workflow(wf.id, self.clock.now())
+            await repo.set_event_listeners(wf.id, wf.project_id, ())
 
     async def pause_schedule(self, ident: str, project_id: str, caller: Caller) -> WorkflowRecord:
         """Stop the schedule from firing until resumed; the definition is unchanged."""
@@ -206,6 +214,11 @@ class WorkflowService:
         if wf is None:
             raise ConveyorError(ErrorKind.NOT_FOUND, "WEBHOOK_NOT_FOUND", "no webhook has this URL")
         return wf
+
+
+def _listened(spec: WorkflowSpec) -> set[str]:
+    """The event names a definition starts runs on."""
+    return {t.name for t in spec.on_events}
 
 
 def _as_older(wf: WorkflowRecord) -> WorkflowRecord:

@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from conveyor.v1 import (
     audit_service_pb2,
+    events_service_pb2,
     keys_service_pb2,
     secrets_service_pb2,
     step_runs_service_pb2,
@@ -36,6 +37,7 @@ ROOT_FILES: tuple[FileDescriptor, ...] = (
     audit_service_pb2.DESCRIPTOR,
     webhooks_service_pb2.DESCRIPTOR,
     secrets_service_pb2.DESCRIPTOR,
+    events_service_pb2.DESCRIPTOR,
     status_pb2.DESCRIPTOR,
     error_details_pb2.DESCRIPTOR,
 )

@@ -432,3 +432,46 @@ class SecretRow(Base):
 
     # A project's list, newest first.
     __table_args__ = (Index("ix_secrets_project_created", "project_id", "created_at", "name"),)
+
+
+class EventRow(Base):
+    """A published event (SPEC §9), kept `event_retention_days`: what was published, and what
+    its publish did (the answer a repeated publish of its id gets)."""
+
+    __tablename__ = "events"
+    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The client's idempotency id, or one the server assigned: one publish per (project, id).
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200), default="")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    # sha256 of {name, key, payload}: a repeated id with another body is refused.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime]
+    resumed: Mapped[int] = mapped_column(Integer, default=0)
+    started: Mapped[int] = mapped_column(Integer, default=0)
+    # [{workflow_id, workflow_name, reason}] of listening workflows it started no run of.
+    skipped: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+
+    __table_args__ = (
+        # Waits and lists by name and key, newest first.
+        Index("ix_events_project_name_key", "project_id", "name", "key", "received_at", "id"),
+        # A project's list, newest first.
+        Index("ix_events_project_received", "project_id", "received_at", "id"),
+        # Retention deletes the oldest.
+        Index("ix_events_received", "received_at"),
+    )
+
+
+class EventListenerRow(Base):
+    """A workflow whose current definition's `on_events` names an event: the index publishing
+    reads instead of every definition, kept by the workflow use cases (create, update, archive)."""
+
+    __tablename__ = "event_listeners"
+    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id"), primary_key=True)
+
+    # Replaced per workflow on update and archive.
+    __table_args__ = (Index("ix_event_listeners_workflow", "workflow_id"),)

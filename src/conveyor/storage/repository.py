@@ -60,6 +60,7 @@ from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.storage.access import AccessStatements
 from conveyor.storage.db import json_text
+from conveyor.storage.events import EventStatements
 from conveyor.storage.feed import CHANNEL, payloads
 from conveyor.storage.models import (
     IdempotencyRow,
@@ -218,8 +219,8 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements, NotificationStatements, RunChangeStatements, RetentionStatements,
-                 SecretStatements, VersionStatements):
+class Repository(AccessStatements, EventStatements, NotificationStatements, RunChangeStatements,
+                 RetentionStatements, SecretStatements, VersionStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
