@@ -20,8 +20,9 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.errors import ConveyorError, ErrorKind
+from conveyor.domain.feed import Key
+from conveyor.domain.kinds import Start, kind_of
 from conveyor.domain.records import EventRecord, RunFence, RunRecord, StepFence, StepRecord
-from conveyor.domain.spec import StepKind
 from conveyor.domain.states import (
     FINAL_RUN,
     FINAL_STEP,
@@ -67,9 +68,9 @@ class Changes:
         # Set while the holder of a lease reports it: its lease ends by its own report, which
         # is no revocation to tell it about.
         self.reporter: str | None = None
-        # Queued steps of leased kinds whose slot is ready: lease holders waiting on their
-        # queue are woken after commit.
-        self.announced: dict[str, StepRecord] = {}
+        # Queued steps of leased kinds whose slot is ready, with the feed key their lease
+        # holders wait on (domain/kinds.py): those are woken after commit.
+        self.announced: dict[str, tuple[StepRecord, Key]] = {}
         # Other runs this unit's changes concern, to be woken (not locked): a child run whose
         # step stopped waiting for it, a parent whose child run ended.
         self.signals: set[str] = set()
@@ -105,9 +106,9 @@ class Changes:
                                                                 step.lease_expires_at)
         step.updated_at = self.now
 
-    def announce(self, step: StepRecord) -> None:
-        """A queued step of a leased kind is ready for its lease holder."""
-        self.announced[step.id] = step
+    def announce(self, step: StepRecord, key: Key) -> None:
+        """A queued step of a leased kind is ready for its lease holders, who wait on `key`."""
+        self.announced[step.id] = (step, key)
 
     def event(self, type_: str, *, step_ref: str = "", status: str = "", message: str = "",
               data: dict[str, Any] | None = None, actor: str | None = None) -> EventRecord:
@@ -195,7 +196,7 @@ class Changes:
             mine = self.reporter is not None and self.reporter == step.worker_id
             why = "" if mine else message or f"step {status}"
             self.revoked.append((step, step.attempt, step.worker_id, why))
-        if step.status == StepStatus.RUNNING and step.kind == StepKind.WORKFLOW and step.job_run_id:
+        if step.status == StepStatus.RUNNING and kind_of(step.kind).start is Start.CHILD and step.job_run_id:
             self.signals.add(step.job_run_id)  # the child run it waited for is not awaited any more
         retry = status == StepStatus.QUEUED and bool(step.error)
         before = step.status

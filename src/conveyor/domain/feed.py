@@ -20,11 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from conveyor.domain.changes import Changes
 from conveyor.domain.notifications import NOTIFY_EVENTS
-from conveyor.domain.spec import StepKind
 from conveyor.domain.states import StepStatus
+
+if TYPE_CHECKING:  # changes.py reads the keys of step kinds (kinds.py), which are made here
+    from conveyor.domain.changes import Changes
 
 Key = tuple[str, ...]
 
@@ -62,9 +64,9 @@ def keys_of(units: Iterable[Changes]) -> set[Key]:
                 keys.add(project_key(c.run.project_id))
             if c.run.notifications and any(e.type in NOTIFY_EVENTS for e in c.events):
                 keys.add(NOTIFY_KEY)  # the outbox may have grown (a wake-up too many is harmless)
-        for step in c.announced.values():
+        for step, key in c.announced.values():
             if step.status == StepStatus.QUEUED:
-                keys.add(HTTP_KEY if step.kind == StepKind.HTTP else queue_key(step.project_id, step.queue))
+                keys.add(key)
         for step, _attempt, holder, _reason in c.revoked:
             keys.add(worker_key(step.project_id, holder))
     return keys

@@ -2,8 +2,11 @@
 engine can make right away, and when the run next needs looking at.
 
 Pure and deterministic: the engine loads state under the run's lock, calls `advance`, and
-saves the resulting `Changes`. In-engine kinds (noop, condition, delay) are executed here, so a
-chain of them finishes in one pass and one transaction.
+saves the resulting `Changes`. What differs by step kind is read from its entry in
+domain/kinds.py: in-engine kinds (noop, condition, delay, approval, input) run here, so a chain
+of them finishes in one pass and one transaction; leased kinds are given a slot and announced;
+child-run kinds are left to the runner. Every attempt, whoever starts it, begins in
+`begin_attempt`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import Any
 from conveyor.domain import actors
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, ErrorKind
-from conveyor.domain.expressions import ExpressionError, evaluate, evaluate_bool, render
+from conveyor.domain.expressions import ExpressionError, evaluate_bool, render
+from conveyor.domain.kinds import Attempt, Done, Failed, Start, Waiting, kind_of
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.secrets import missing, redactor
-from conveyor.domain.spec import StepKind, StepSpec, WorkflowSpec
+from conveyor.domain.spec import StepSpec, WorkflowSpec
 from conveyor.domain.states import (
     DONE_STEP,
     FINAL_RUN,
@@ -36,13 +40,6 @@ OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 # Why a step failed after `max_losses` attempts in a row ended with no verdict.
 LOST = "LOST"
 DEFAULT_LIMITS = Limits()
-
-# Kinds whose attempts a lease holder starts and reports (external workers for `task`, the
-# engine's http executor for `http`); the planner only gives them a slot and announces them.
-LEASED_KINDS = frozenset({StepKind.TASK, StepKind.HTTP})
-# `workflow` steps too are given a slot and left queued: the runner starts their child run in
-# the same transaction (engine/children.py), and the outcome of the child ends the step.
-CHILD_KINDS = frozenset({StepKind.WORKFLOW})
 PARENT_GONE = "parent step no longer waits for this run"
 
 
@@ -166,10 +163,12 @@ class _Pass:
                 changed = True
             if step.ready_at > self.now:
                 continue  # a retry backing off
-            if step.kind in LEASED_KINDS:
-                self.c.announce(step)  # its lease holder starts it
+            entry = kind_of(step.kind)
+            if entry.start is Start.LEASED:
+                assert entry.wake is not None
+                self.c.announce(step, entry.wake(step))  # its lease holder starts it
                 continue
-            if step.kind in CHILD_KINDS:
+            if entry.start is Start.CHILD:
                 continue  # the runner starts its child run (next_timer makes the run due now)
             self.start(step)
             changed = True
@@ -216,63 +215,38 @@ class _Pass:
         return step.status == S.QUEUED and step.ready_at is not None
 
     def start(self, step: StepRecord) -> None:
-        """Run one attempt of an in-engine step."""
+        """Run one attempt of an in-engine step: its kind's `run` says what came of it."""
         spec = self.spec.step(step.step_ref)
-        step.attempt += 1
-        step.ready_at = None
-        step.error = ""
-        self.c.step_to(step, S.RUNNING, data={"attempt": step.attempt})
+        begin_attempt(self.c, step, spec)
         try:
             config = render(spec.config, self.context(), limits=self.limits) if spec.config else {}
         except ExpressionError as e:
             self.fail(step, spec, f"template: {e}")
             return
-        kind = StepKind(step.kind)
-        if kind == StepKind.NOOP:
-            out = config.get("output", {})
-            self.complete(step, out if isinstance(out, dict) else {"value": out})
-        elif kind == StepKind.CONDITION:
-            try:
-                value = evaluate(str(spec.config["expression"]), self.context(), limits=self.limits)
-            except ExpressionError as e:
-                self.fail(step, spec, f"expression: {e}")
-                return
-            self.complete(step, {"result": value})
-        elif kind == StepKind.DELAY:
-            until = self.delay_until(config)
-            if until is None:
-                self.fail(step, spec, "delay: `seconds` or `until` did not resolve to a time")
-            elif until <= self.now:
-                self.complete(step, {"until": until.isoformat()})
-            else:
-                step.due_at = until
-                step.input = config
-                self.c.step_to(step, S.WAITING, f"until {until.isoformat()}",
-                               data={"until": until.isoformat()})
-        else:  # approval and input wait for an operator
-            step.input = config
-            if spec.timeout_seconds:
-                step.due_at = self.now + timedelta(seconds=spec.timeout_seconds)
-            self.c.step_to(step, S.WAITING, str(config.get("message", "")))
+        run = kind_of(step.kind).run
+        assert run is not None  # every in-engine kind has one (tests/domain/test_kinds.py)
+        outcome = run(Attempt(config, spec, self.context, self.now, self.limits))
+        if isinstance(outcome, Done):
+            self.complete(step, outcome.output)
+        elif isinstance(outcome, Failed):
+            self.fail(step, spec, outcome.error)
+        else:
+            self.wait(step, config, outcome)
         self.moved(step)
 
-    def delay_until(self, config: dict[str, Any]) -> datetime | None:
-        if "seconds" in config:
-            try:
-                return self.now + timedelta(seconds=float(config["seconds"]))
-            except (TypeError, ValueError, OverflowError):
-                return None
-        try:
-            until = datetime.fromisoformat(str(config.get("until", "")).replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return until if until.tzinfo is not None else None
+    def wait(self, step: StepRecord, config: dict[str, Any], waiting: Waiting) -> None:
+        step.input = config
+        if waiting.due_at is not None:
+            step.due_at = waiting.due_at  # else the attempt's timeout, if any, bounds the wait
+        self.c.step_to(step, S.WAITING, waiting.message, data=waiting.data)
 
     def timer_due(self, step: StepRecord) -> None:
-        """A waiting step's delay or timeout, or a running step's timeout, has passed."""
+        """A waiting step's timer (its kind's, or a timeout), or a running step's timeout, has
+        passed."""
         spec = self.spec.step(step.step_ref)
-        if step.kind == StepKind.DELAY and step.status == S.WAITING:
-            self.complete(step, {"until": step.due_at.isoformat() if step.due_at else ""})
+        over = kind_of(step.kind).timer_output
+        if over is not None and step.status == S.WAITING:
+            self.complete(step, over(step))
         else:
             self.fail(step, spec, f"step timed out after {spec.timeout_seconds}s", S.TIMED_OUT)
         self.moved(step)
@@ -326,7 +300,8 @@ class _Pass:
             timers += [s.ready_at for s in self.steps
                        if s.status == S.QUEUED and s.ready_at and s.ready_at > self.now]
             if self.run.status == RunStatus.RUNNING and any(
-                    s.status == S.QUEUED and s.kind in CHILD_KINDS and s.ready_at and s.ready_at <= self.now
+                    s.status == S.QUEUED and kind_of(s.kind).start is Start.CHILD and s.ready_at
+                    and s.ready_at <= self.now
                     for s in self.steps):
                 timers.append(self.now)  # a child run to start: the runner does it
         if self.run.expires_at is not None:
@@ -426,14 +401,10 @@ def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: St
 
     Returns the rendered config for its executor, secrets and all, or None when the attempt
     failed. What is kept, the step's `input`, has every secret value masked (SPEC §11)."""
-    step.attempt += 1
-    step.ready_at = None
-    step.error = ""
     step.worker_id = holder
     step.job_run_id = job_run_id
     step.lease_expires_at = until
-    step.due_at = c.now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None
-    c.step_to(step, S.RUNNING, data={"attempt": step.attempt, "worker_id": holder})
+    begin_attempt(c, step, spec, {"worker_id": holder})
     found = secrets or {}
     problem = missing(spec.secrets, found, c.run.project_id)
     if problem is not None:
@@ -456,7 +427,7 @@ def ready_children(run: RunRecord, steps: list[StepRecord], now: datetime) -> li
     """The `workflow` steps of a running run whose child run may start now."""
     if run.status != RunStatus.RUNNING:
         return []
-    return [s for s in steps if s.status == S.QUEUED and s.kind in CHILD_KINDS
+    return [s for s in steps if s.status == S.QUEUED and kind_of(s.kind).start is Start.CHILD
             and s.ready_at is not None and s.ready_at <= now]
 
 
@@ -468,13 +439,20 @@ def child_config(c: Changes, steps: list[StepRecord], spec: StepSpec, limits: Li
 def start_child(c: Changes, step: StepRecord, spec: StepSpec, child_id: str, config: dict[str, Any]) -> None:
     """A `workflow` step starts an attempt: its child run `child_id` is created in the same
     unit of work; the attempt's timeout bounds the wait for it."""
+    step.job_run_id = child_id
+    step.input = config
+    begin_attempt(c, step, spec, {"job_run_id": child_id})
+
+
+def begin_attempt(c: Changes, step: StepRecord, spec: StepSpec, data: dict[str, Any] | None = None) -> None:
+    """Every attempt of every kind begins here: attempt+1, its slot's readiness spent, the last
+    attempt's error cleared, the step's timeout as the attempt's deadline; then RUNNING, with
+    the attempt (and `data`) in its event."""
     step.attempt += 1
     step.ready_at = None
     step.error = ""
-    step.job_run_id = child_id
-    step.input = config
     step.due_at = c.now + timedelta(seconds=spec.timeout_seconds) if spec.timeout_seconds else None
-    c.step_to(step, S.RUNNING, data={"attempt": step.attempt, "job_run_id": child_id})
+    c.step_to(step, S.RUNNING, data={"attempt": step.attempt, **(data or {})})
 
 
 def check_lease(step: StepRecord, attempt: int, holder: str, now: datetime) -> None:

@@ -11,30 +11,23 @@ Retry math lives on `RetryPolicy`.
 from __future__ import annotations
 
 import copy
-import datetime
-import enum
 import functools
 import heapq
-import math
 import re
 import uuid
 import zoneinfo
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from croniter import croniter
 
+from conveyor.domain.checks import Problems, check_expression, has_template, is_number, unknown_keys
 from conveyor.domain.concurrency import Caps, Concurrency, parse_concurrency
-from conveyor.domain.egress import url_problem
-from conveyor.domain.errors import ConveyorError, ErrorKind, FieldViolation, invalid
+from conveyor.domain.errors import ConveyorError, ErrorKind, invalid
 from conveyor.domain.events import EventTrigger, parse_on_events
-from conveyor.domain.expressions import (
-    ExpressionError,
-    find_templates,
-    referenced_secrets,
-    referenced_steps,
-)
+from conveyor.domain.expressions import find_templates, referenced_secrets
+from conveyor.domain.kinds import KINDS, Start, StepKind, parse_config
 from conveyor.domain.limits import Limits
 from conveyor.domain.notifications import check_notifications
 
@@ -50,22 +43,6 @@ __all__ = [
 ]
 
 
-class StepKind(enum.StrEnum):
-    """What a step does (SPEC §2 step kinds)."""
-
-    TASK = "task"
-    HTTP = "http"
-    APPROVAL = "approval"
-    INPUT = "input"
-    DELAY = "delay"
-    CONDITION = "condition"
-    WORKFLOW = "workflow"
-    NOOP = "noop"
-
-
-# Kinds whose config templates may name `secrets.NAME` (SPEC §11): the ones whose config goes
-# out of the engine, to a worker or in a request, when an attempt starts.
-SECRET_KINDS = frozenset({StepKind.TASK, StepKind.HTTP})
 # Longest a workflow may keep its finished runs, in days (ten years).
 MAX_RETENTION_DAYS = 3650
 # Most losses in a row a retry policy may allow: a poison task must end while it is news.
@@ -123,7 +100,7 @@ class StepSpec:
     @functools.cached_property
     def secrets(self) -> frozenset[str]:
         """The NAME of every `secrets.NAME` its config's templates name (http and task steps)."""
-        if self.kind not in SECRET_KINDS:
+        if not KINDS[self.kind].secrets:
             return frozenset()
         return frozenset().union(*(referenced_secrets(e) for e in find_templates(self.config)))
 
@@ -228,8 +205,8 @@ class WorkflowSpec:
         so (a templated `workflow_id` is known only when the step runs)."""
         out = []
         for s in self.steps:
-            ident = s.config.get("workflow_id") if s.kind == StepKind.WORKFLOW else None
-            if isinstance(ident, str) and ident and not _has_template(ident):
+            ident = s.config.get("workflow_id") if KINDS[s.kind].start is Start.CHILD else None
+            if isinstance(ident, str) and ident and not has_template(ident):
                 out.append(ident)
         return tuple(dict.fromkeys(out))
 
@@ -350,7 +327,6 @@ def _topological_order(steps: tuple[StepSpec, ...]) -> list[str]:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 # Refs appear in CEL as steps.<ref>, so they must be CEL identifiers.
 _REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 
 _STEP_KEYS = frozenset({"ref", "kind", "depends_on", "queue", "config", "retry", "timeout_seconds",
                         "when", "description"})
@@ -358,42 +334,9 @@ _RETRY_KEYS = frozenset({"max_attempts", "initial_interval_seconds", "backoff_co
                          "max_interval_seconds", "max_losses"})
 _VARIABLE_KEYS = frozenset({"name", "required", "default", "description"})
 _SCHEDULE_KEYS = frozenset({"cron", "timezone"})
-# Config keys each kind accepts; task config is free-form (it is the worker's input).
-_CONFIG_KEYS: dict[StepKind, frozenset[str]] = {
-    StepKind.HTTP: frozenset({"url", "method", "headers", "body", "timeout_seconds"}),
-    StepKind.APPROVAL: frozenset({"message"}),
-    StepKind.INPUT: frozenset({"message", "schema"}),
-    StepKind.DELAY: frozenset({"seconds", "until"}),
-    StepKind.CONDITION: frozenset({"expression"}),
-    StepKind.WORKFLOW: frozenset({"workflow_id", "payload"}),
-    StepKind.NOOP: frozenset({"output"}),
-}
 
 
-class _Problems:
-    """Collects one FieldViolation per problem, so a client sees everything wrong at once; also
-    carries what the checks need besides the data: the limits, and the `steps.<ref>` each
-    expression names (checked against the DAG once every step is parsed)."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.violations: list[FieldViolation] = []
-        self.limits = limits
-        # (path of the expression or template, the refs it names)
-        self.references: list[tuple[str, set[str]]] = []
-
-    def add(self, path: str, description: str) -> None:
-        self.violations.append(FieldViolation(path, description))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _has_template(value: Any) -> bool:
-    return isinstance(value, str) and bool(find_templates(value))
-
-
-def _string(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> str:
+def _string(data: Mapping[str, Any], key: str, path: str, problems: Problems) -> str:
     value = data.get(key, "")
     if not isinstance(value, str):
         problems.add(path, "must be a string")
@@ -401,10 +344,10 @@ def _string(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -
     return value
 
 
-def _integer(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> int:
+def _integer(data: Mapping[str, Any], key: str, path: str, problems: Problems) -> int:
     """A non-negative whole number (JSON may spell it 5.0)."""
     value = data.get(key, 0)
-    if not _is_number(value) or not float(value).is_integer():
+    if not is_number(value) or not float(value).is_integer():
         problems.add(path, "must be a whole number")
         return 0
     if value < 0:
@@ -413,7 +356,7 @@ def _integer(data: Mapping[str, Any], key: str, path: str, problems: _Problems) 
     return int(value)
 
 
-def _retention_days(data: Mapping[str, Any], problems: _Problems) -> int:
+def _retention_days(data: Mapping[str, Any], problems: Problems) -> int:
     """`retention_days`: absent or 0 for the server's default, else 1 to MAX_RETENTION_DAYS."""
     days = _integer(data, "retention_days", "retention_days", problems)
     if days > MAX_RETENTION_DAYS:
@@ -423,15 +366,15 @@ def _retention_days(data: Mapping[str, Any], problems: _Problems) -> int:
     return days
 
 
-def _number(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> float:
+def _number(data: Mapping[str, Any], key: str, path: str, problems: Problems) -> float:
     value = data.get(key, 0)
-    if not _is_number(value):
+    if not is_number(value):
         problems.add(path, "must be a number")
         return 0.0
     return float(value)
 
 
-def _mapping(data: Mapping[str, Any], key: str, path: str, problems: _Problems) -> Mapping[str, Any]:
+def _mapping(data: Mapping[str, Any], key: str, path: str, problems: Problems) -> Mapping[str, Any]:
     value = data.get(key)
     if value is None:
         return {}
@@ -441,161 +384,22 @@ def _mapping(data: Mapping[str, Any], key: str, path: str, problems: _Problems) 
     return value
 
 
-def _unknown_keys(data: Mapping[str, Any], known: frozenset[str], path: str,
-                  problems: _Problems) -> None:
-    for key in data:
-        if key not in known:
-            problems.add(f"{path}.{key}", "unknown field")
-
-
-def _check_expression(expr: str, path: str, problems: _Problems, what: str = "",
-                      secrets: bool = False) -> None:
-    """Compile `expr` (within the expression limits; `secrets`: it may name secrets) and note
-    the steps it names."""
-    try:
-        # Compiles it too: an invalid expression raises here.
-        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets)
-    except ExpressionError as exc:
-        problems.add(path, f"{what}{exc.message}")
-        return
-    if refs:
-        problems.references.append((path, refs))
-
-
-def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """Every string inside `value` with its field path (`config.body.items[0]`)."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _leaves(item, f"{path}.{key}")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            yield from _leaves(item, f"{path}[{i}]")
-
-
-def _check_templates(config: Mapping[str, Any], path: str, problems: _Problems, secrets: bool) -> None:
-    for leaf_path, text in _leaves(config, path):
-        for expr in find_templates(text):
-            _check_expression(expr, leaf_path, problems, what="invalid template: ", secrets=secrets)
-        # What is left once every complete template is taken out must hold no "{{": an unclosed
-        # one would otherwise be sent as literal text, silently.
-        if "{{" in _TEMPLATE_TEXT.sub("", text):
-            problems.add(leaf_path, "unclosed template: '{{' without its '}}'")
-
-
-# A complete `{{ ... }}` (the same tempered form the expression module renders).
-_TEMPLATE_TEXT = re.compile(r"\{\{(?:(?!\}\}).)*\}\}", re.DOTALL)
-
-
-def _check_rfc3339(text: str) -> bool:
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    # RFC 3339 requires an offset; a naive time would be read in the server's zone.
-    return "T" in text.upper() and moment.tzinfo is not None
-
-
-def _parse_config(kind: StepKind, data: Any, path: str, problems: _Problems) -> dict[str, Any]:
-    """Check a step's config for its kind; returns a private, normalised copy."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.add(path, "must be an object")
-        return {}
-    config = copy.deepcopy(dict(data))
-    if kind in _CONFIG_KEYS:
-        _unknown_keys(config, _CONFIG_KEYS[kind], path, problems)
-    _check_templates(config, path, problems, secrets=kind in SECRET_KINDS)
-
-    def optional_string(key: str) -> None:
-        if key in config and not isinstance(config[key], str):
-            problems.add(f"{path}.{key}", "must be a string")
-
-    def optional_object(key: str) -> None:
-        if key in config and not isinstance(config[key], Mapping):
-            problems.add(f"{path}.{key}", "must be an object")
-
-    def required_string(key: str) -> str | None:
-        value = config.get(key)
-        if not isinstance(value, str) or not value.strip():
-            problems.add(f"{path}.{key}", "required (a non-empty string)")
-            return None
-        return value
-
-    if kind == StepKind.HTTP:
-        url = required_string("url")
-        if (url is not None and not _has_template(url)
-                and (problem := url_problem(url, problems.limits.max_url_length))):
-            problems.add(f"{path}.url", problem)
-        method = config.get("method", "GET")
-        if not isinstance(method, str):
-            problems.add(f"{path}.method", "must be a string")
-        elif not _has_template(method):
-            if method.upper() not in _HTTP_METHODS:
-                problems.add(f"{path}.method", f"must be one of {', '.join(sorted(_HTTP_METHODS))}")
-            else:
-                config["method"] = method.upper()
-        headers = config.get("headers")
-        if headers is not None:
-            if not isinstance(headers, Mapping):
-                problems.add(f"{path}.headers", "must be an object of strings")
-            else:
-                for name, value in headers.items():
-                    if not isinstance(value, str):
-                        problems.add(f"{path}.headers.{name}", "must be a string")
-        if "timeout_seconds" in config:
-            timeout = config["timeout_seconds"]
-            if not _is_number(timeout) or timeout <= 0:
-                problems.add(f"{path}.timeout_seconds", "must be a number > 0")
-    elif kind == StepKind.APPROVAL:
-        optional_string("message")
-    elif kind == StepKind.INPUT:
-        optional_string("message")
-        optional_object("schema")
-    elif kind == StepKind.DELAY:
-        present = [key for key in ("seconds", "until") if key in config]
-        if len(present) != 1:
-            problems.add(path, "exactly one of seconds or until is required")
-        if "seconds" in config:
-            seconds = config["seconds"]
-            if _has_template(seconds):
-                pass
-            elif not _is_number(seconds):
-                problems.add(f"{path}.seconds", "must be a number or a {{ }} template")
-            elif seconds < 0:
-                problems.add(f"{path}.seconds", "must not be negative")
-        if "until" in config:
-            until = config["until"]
-            if not isinstance(until, str) or not (_has_template(until) or _check_rfc3339(until)):
-                problems.add(f"{path}.until", "must be an RFC 3339 timestamp or a {{ }} template")
-    elif kind == StepKind.CONDITION:
-        expression = required_string("expression")
-        if expression is not None:
-            _check_expression(expression, f"{path}.expression", problems)
-    elif kind == StepKind.WORKFLOW:
-        required_string("workflow_id")
-        optional_object("payload")
-    return config
-
-
-def _parse_retry(data: Any, path: str, problems: _Problems) -> RetryPolicy:
+def _parse_retry(data: Any, path: str, problems: Problems) -> RetryPolicy:
     if data is None:
         return RetryPolicy()
     if not isinstance(data, Mapping):
         problems.add(path, "must be an object")
         return RetryPolicy()
-    _unknown_keys(data, _RETRY_KEYS, path, problems)
+    unknown_keys(data, _RETRY_KEYS, path, problems)
     attempts = data.get("max_attempts", 0)
-    if not _is_number(attempts) or not float(attempts).is_integer() or attempts < 0:
+    if not is_number(attempts) or not float(attempts).is_integer() or attempts < 0:
         problems.add(f"{path}.max_attempts", "must be a whole number >= 1")
         attempts = 1
     initial = _number(data, "initial_interval_seconds", f"{path}.initial_interval_seconds", problems)
     coefficient = _number(data, "backoff_coefficient", f"{path}.backoff_coefficient", problems)
     maximum = _number(data, "max_interval_seconds", f"{path}.max_interval_seconds", problems)
     losses = data.get("max_losses", 0)
-    if not _is_number(losses) or not float(losses).is_integer() or not 0 <= losses <= MAX_LOSSES:
+    if not is_number(losses) or not float(losses).is_integer() or not 0 <= losses <= MAX_LOSSES:
         problems.add(f"{path}.max_losses", f"must be a whole number from 1 to {MAX_LOSSES}")
         losses = 0
     if initial < 0:
@@ -617,12 +421,12 @@ def _parse_retry(data: Any, path: str, problems: _Problems) -> RetryPolicy:
     return policy
 
 
-def _parse_step(data: Any, path: str, problems: _Problems) -> StepSpec | None:
+def _parse_step(data: Any, path: str, problems: Problems) -> StepSpec | None:
     """One step, with the checks that need no other step; None if it is not an object."""
     if not isinstance(data, Mapping):
         problems.add(path, "must be an object")
         return None
-    _unknown_keys(data, _STEP_KEYS, path, problems)
+    unknown_keys(data, _STEP_KEYS, path, problems)
     ref = _string(data, "ref", f"{path}.ref", problems)
     if not _REF.fullmatch(ref):
         problems.add(f"{path}.ref", "required; a letter or _ then up to 63 letters, digits or _")
@@ -638,17 +442,17 @@ def _parse_step(data: Any, path: str, problems: _Problems) -> StepSpec | None:
         problems.add(f"{path}.depends_on", "must be a list of step refs")
         depends_on = []
     queue = _string(data, "queue", f"{path}.queue", problems)
-    if kind == StepKind.TASK and not queue.strip():
-        problems.add(f"{path}.queue", "required for task steps")
-    elif kind is not None and kind != StepKind.TASK and queue:
+    if kind is not None and KINDS[kind].queued and not queue.strip():
+        problems.add(f"{path}.queue", f"required for {kind} steps")
+    elif kind is not None and not KINDS[kind].queued and queue:
         problems.add(f"{path}.queue", "only task steps have a queue")
-    config = (_parse_config(kind, data.get("config"), f"{path}.config", problems)
+    config = (parse_config(kind, data.get("config"), f"{path}.config", problems)
               if kind is not None else {})
     retry = _parse_retry(data.get("retry"), f"{path}.retry", problems)
     timeout = _integer(data, "timeout_seconds", f"{path}.timeout_seconds", problems)
     when = _string(data, "when", f"{path}.when", problems)
     if when:
-        _check_expression(when, f"{path}.when", problems)
+        check_expression(when, f"{path}.when", problems)
     # An unknown kind has been reported; the placeholder never leaves parse_workflow.
     return StepSpec(
         ref=ref, kind=kind or StepKind.NOOP, depends_on=tuple(depends_on), queue=queue,
@@ -657,7 +461,7 @@ def _parse_step(data: Any, path: str, problems: _Problems) -> StepSpec | None:
     )
 
 
-def _check_dependencies(steps: list[tuple[int, StepSpec]], problems: _Problems) -> dict[str, list[str]]:
+def _check_dependencies(steps: list[tuple[int, StepSpec]], problems: Problems) -> dict[str, list[str]]:
     """Unique refs; known, non-self, non-duplicate dependencies. Returns the graph of valid edges.
 
     A malformed ref still counts as known here: its own violation already says what is wrong,
@@ -688,7 +492,7 @@ def _check_dependencies(steps: list[tuple[int, StepSpec]], problems: _Problems) 
 
 
 def _check_cycles(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]],
-                  problems: _Problems) -> None:
+                  problems: Problems) -> None:
     """Report each dependency cycle once, with its path, at the edge that closes it."""
     index: dict[str, int] = {}
     for i, step in steps:
@@ -725,7 +529,7 @@ def _check_cycles(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]]
 
 
 def _check_references(steps: list[tuple[int, StepSpec]], graph: dict[str, list[str]],
-                      problems: _Problems) -> None:
+                      problems: Problems) -> None:
     """Each `steps.<ref>` a step's expressions or templates name must be a step it depends on,
     directly or through others: only those are guaranteed finished (their output set) when it
     is evaluated. Anything else would fail, or depend on timing, at run time.
@@ -759,7 +563,7 @@ def _step_by_ref(steps: list[tuple[int, StepSpec]], ref: str) -> StepSpec:
     return next(step for _, step in steps if step.ref == ref)
 
 
-def _parse_variables(data: Any, problems: _Problems) -> tuple[Variable, ...]:
+def _parse_variables(data: Any, problems: Problems) -> tuple[Variable, ...]:
     if data is None:
         return ()
     if not isinstance(data, list | tuple):
@@ -772,7 +576,7 @@ def _parse_variables(data: Any, problems: _Problems) -> tuple[Variable, ...]:
         if not isinstance(item, Mapping):
             problems.add(path, "must be an object")
             continue
-        _unknown_keys(item, _VARIABLE_KEYS, path, problems)
+        unknown_keys(item, _VARIABLE_KEYS, path, problems)
         name = _string(item, "name", f"{path}.name", problems)
         if not name.strip():
             problems.add(f"{path}.name", "required")
@@ -794,13 +598,13 @@ def _parse_variables(data: Any, problems: _Problems) -> tuple[Variable, ...]:
     return tuple(variables)
 
 
-def _parse_schedule(data: Any, problems: _Problems) -> Schedule | None:
+def _parse_schedule(data: Any, problems: Problems) -> Schedule | None:
     if data is None:
         return None
     if not isinstance(data, Mapping):
         problems.add("schedule", "must be an object")
         return None
-    _unknown_keys(data, _SCHEDULE_KEYS, "schedule", problems)
+    unknown_keys(data, _SCHEDULE_KEYS, "schedule", problems)
     cron = _string(data, "cron", "schedule.cron", problems).strip()
     # Five fields (or an @alias): croniter would also take a sixth field, read as seconds.
     if not cron or not (len(cron.split()) == 5 or cron.startswith("@")) or not croniter.is_valid(cron):
@@ -828,7 +632,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
     INVALID_WORKFLOW and one field violation per problem. `limits` bounds the step count and
     each expression (Limits() when not given).
     """
-    problems = _Problems(limits or Limits())
+    problems = Problems(limits or Limits())
     name = _string(data, "name", "name", problems)
     if not name:
         problems.add("name", "required")
@@ -843,7 +647,7 @@ def parse_workflow(data: Mapping[str, Any], limits: Limits | None = None) -> Wor
     description = _string(data, "description", "description", problems)
     condition = _string(data, "condition", "condition", problems)
     if condition:
-        _check_expression(condition, "condition", problems)
+        check_expression(condition, "condition", problems)
         # The workflow's condition is evaluated when a run is triggered, before any step ran.
         for path, refs in problems.references:
             problems.add(path, f"the workflow condition runs before any step; it cannot use "
@@ -906,7 +710,7 @@ def apply_variables(spec: WorkflowSpec, payload: dict[str, Any]) -> dict[str, An
     """
     if not spec.variables:
         return payload
-    problems = _Problems(Limits())
+    problems = Problems(Limits())
     declared = {v.name for v in spec.variables}
     for v in spec.variables:
         if v.required and v.name not in payload:

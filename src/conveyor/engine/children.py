@@ -26,11 +26,12 @@ from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.expressions import ExpressionError
 from conveyor.domain.families import lineage_of, refusal
+from conveyor.domain.kinds import Start, kind_of
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.new_runs import NewRun
 from conveyor.domain.planner import ENGINE, Links, child_config, fail_step, plan, ready_children, start_child
 from conveyor.domain.records import RunRecord, StepRecord, WorkflowRecord
-from conveyor.domain.spec import StepKind, WorkflowSpec, apply_variables
+from conveyor.domain.spec import WorkflowSpec, apply_variables
 from conveyor.domain.states import FINAL_RUN, RunStatus, StepStatus
 from conveyor.engine import creation
 from conveyor.engine.ids import new_id
@@ -45,7 +46,7 @@ async def links(repo: Repo, runs: Sequence[RunRecord],
     """What each of these runs' pass must know of its child and parent runs (runs that have
     neither are left out)."""
     waiting = {s.job_run_id: s.id for r in runs for s in steps[r.id]
-               if s.kind == StepKind.WORKFLOW and s.status == StepStatus.RUNNING and s.job_run_id}
+               if s.status == StepStatus.RUNNING and s.job_run_id and kind_of(s.kind).start is Start.CHILD}
     children = {c.id: c for c in await repo.get_runs(list(waiting), None)} if waiting else {}
     parent_step_ids = [r.parent_step_run_id for r in runs
                        if r.parent_step_run_id and r.status not in FINAL_RUN]

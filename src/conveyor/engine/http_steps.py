@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.domain.egress import BadUrl, Destination, EgressDenied, EgressPolicy, destination
 from conveyor.domain.errors import ConveyorError
 from conveyor.domain.feed import HTTP_KEY
+from conveyor.domain.kinds import http_problems
 from conveyor.domain.records import Caller
 from conveyor.domain.spec import StepKind
 from conveyor.engine.background import Background, abandon, log_loop_failure
@@ -61,7 +61,6 @@ STOPPING = "server stopping"
 RELEASE_TIMEOUT_SECONDS = 5.0
 # Characters of a non-2xx response body quoted in the attempt's error.
 _EXCERPT_CHARS = 200
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 # An attempt's error when the executor itself failed (the server's log has the traceback).
 _INTERNAL = "INTERNAL: the request could not be made (see the server log)"
@@ -229,28 +228,16 @@ class HttpSteps:
 
     def _request_of(self, lease: Lease) -> _Request:
         """The request from the rendered config (templates may render anything, so it is
-        checked again here); the timeout is the config's or the step's, the shorter if both."""
+        checked again, by the same check as when it was written: domain/kinds.py); the timeout
+        is the config's or the step's, the shorter if both."""
         config = lease.config  # rendered with its secrets; the stored input has them masked
-        method = config.get("method", "GET")
-        if not isinstance(method, str) or method.upper() not in _METHODS:
-            raise _BadConfig(f"method must be one of {', '.join(sorted(_METHODS))}, not {method!r}")
-        url = config.get("url")
-        if not isinstance(url, str):
-            raise _BadConfig("url must be a string")
-        try:
-            target = destination(url, self.max_url_length)
-        except BadUrl as e:
-            # Not quoted: a rendered URL may hold a secret.
-            raise _BadConfig(f"url {e}") from None
+        problem = next(http_problems(config, self.max_url_length, rendered=True), None)
+        if problem is not None:
+            raise _BadConfig(" ".join(problem))  # the first; it never quotes a value (secrets)
         headers = config.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise _BadConfig("headers must be an object")
-        timeout = config.get("timeout_seconds")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or not 0 < timeout < math.inf):
-            raise _BadConfig(f"timeout_seconds must be a positive number, not {timeout!r}")
-        timeouts = [float(t) for t in (timeout, lease.spec.timeout_seconds) if t]
-        return _Request(method.upper(), target, {str(k): _header_value(k, v) for k, v in headers.items()},
+        timeouts = [float(t) for t in (config.get("timeout_seconds"), lease.spec.timeout_seconds) if t]
+        return _Request(config.get("method", "GET").upper(), destination(config["url"], self.max_url_length),
+                        {str(k): _header_value(v) for k, v in headers.items()},
                         config.get("body"), min(timeouts, default=self.default_timeout))
 
     async def _perform(self, request: _Request) -> _Outcome:
@@ -327,16 +314,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _header_value(name: object, value: object) -> str:
-    """A header's value as sent: a whole-string template keeps its JSON type when rendered, so
-    a number or boolean is written as JSON writes it."""
-    if isinstance(value, str):
-        return value
+def _header_value(value: object) -> str:
+    """A header's value as sent (checked to be a string, number or boolean): a whole-string
+    template keeps its JSON type when rendered, so a number or boolean is written as JSON
+    writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-    raise _BadConfig(f"header {name!r} must be a string, not {type(value).__name__}")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _retry_after(value: str) -> float:

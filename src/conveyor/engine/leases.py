@@ -34,6 +34,7 @@ from conveyor.domain.errors import (
     not_found,
     overloaded,
 )
+from conveyor.domain.kinds import WORKER_KINDS
 from conveyor.domain.limits import Limits
 from conveyor.domain.operations import find_step_by_id
 from conveyor.domain.planner import (
@@ -95,7 +96,7 @@ class Leases:
         self._demands: dict[tuple[str, str], list[Demand]] = {}
 
     async def acquire(self, queue: str, holder: str, lease_seconds: float, max_steps: int, caller: Caller,
-                      kinds: Collection[StepKind] = (StepKind.TASK,), probe: bool = False) -> list[Lease]:
+                      kinds: Collection[StepKind] = WORKER_KINDS, probe: bool = False) -> list[Lease]:
         """Lease up to `max_steps` ready steps of these kinds on `queue` in the caller's project
         (every project for a caller scoped to none), oldest ready first. `probe`: the caller
         looks on the off chance (a safety poll, which mostly finds nothing): a snapshot is asked
@@ -403,8 +404,8 @@ class Leases:
         this same unit: the next step of a chain goes to the worker that finished the step
         before it with no further transaction. True when any was leased."""
         started = False
-        for step in list(c.announced.values()):
-            if step.status != StepStatus.QUEUED or step.kind != StepKind.TASK:
+        for step, _key in list(c.announced.values()):
+            if step.status != StepStatus.QUEUED or step.kind not in WORKER_KINDS:
                 continue
             for h in handed:
                 demand = h.demand
