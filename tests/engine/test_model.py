@@ -25,8 +25,9 @@ Invariants checked after every rule:
   run, no active run is past its `expires_at`, no step runs past its lease or its timeout, and
   every attempt a tick ended that way is no longer running and has an event saying why;
 - limits: `max_parallel_steps` (replayed from events) and `max_concurrent_runs` (at rest) are
-  never exceeded; the engine never starts a step more than `retry.max_attempts` times without
-  an operator retrying or replaying it;
+  never exceeded; the engine never starts a step more than `retry.max_attempts` times, lost
+  attempts (an expired lease: no verdict) not counted, without an operator retrying or
+  replaying it;
 - leases: acquire hands out only ready queued tasks of running runs, at most max_steps, each the
   step's next attempt, never the same (step, attempt) twice, live and stored as returned, and
   recorded as `step.running` by its holder; it leaves runs with nothing to lease untouched; a
@@ -620,7 +621,7 @@ class EngineMachine(RuleBasedStateMachine):
         was = {s.step_ref: s.status for s in before.steps}
         for s in after.steps:
             if s.status in (S.PENDING, S.QUEUED) and was.get(s.step_ref) != s.status:
-                self.models[after.run.id].attempt_base[s.step_ref] = s.attempt
+                self.models[after.run.id].attempt_base[s.step_ref] = s.attempt - s.losses
 
     def _view(self, run_id: str) -> View:
         return self.snap[run_id]
@@ -700,7 +701,7 @@ class EngineMachine(RuleBasedStateMachine):
                     allowed_now = {R.RUNNING, R.PENDING} if self._wf(i).capped else {R.RUNNING}
                     assert st_ in allowed_now
                     assert all(s.status == S.PENDING for s in after[i].steps)
-                    self.models[i].attempt_base = {s.step_ref: s.attempt for s in after[i].steps}
+                    self.models[i].attempt_base = {s.step_ref: s.attempt - s.losses for s in after[i].steps}
                 else:
                     assert st_ == R.CANCELED
                 assert any(e.actor == ME.name for e in after[i].events[len(before[i].events):])
@@ -997,7 +998,7 @@ class EngineMachine(RuleBasedStateMachine):
             return
         view = self.snap[lease.run_id]
         stored = view.step_by_id(lease.step_id)
-        again = retryable and attempt < self._wf(lease.run_id).max_attempts(lease.ref)
+        again = retryable and attempt - stored.losses < self._wf(lease.run_id).max_attempts(lease.ref)
         expected = {S.QUEUED if again else S.FAILED}
         if view.run.status == R.TIMED_OUT:
             expected.add(S.CANCELED)  # the run's deadline had passed: planning it on ended it
@@ -1088,8 +1089,10 @@ class EngineMachine(RuleBasedStateMachine):
         for s in view.steps:
             base = model.attempt_base.get(s.step_ref, 0)
             most = wf.max_attempts(s.step_ref)
-            assert s.attempt - base <= most, \
-                f"run {run.id}: step {s.step_ref} attempt {s.attempt} > max_attempts {most} (+{base})"
+            # Lost attempts (no verdict: a lease that expired) spend no retry (SPEC §4.3).
+            assert s.attempt - s.losses - base <= most, \
+                f"run {run.id}: step {s.step_ref} attempt {s.attempt} ({s.losses} lost) > max_attempts " \
+                f"{most} (+{base})"
 
     def check_swept(self, before: Snapshot, after: Snapshot, now: datetime) -> None:
         """Every attempt that was running before a tick past its lease's expiry (or its timeout)
