@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -116,3 +117,32 @@ async def test_walkthrough_over_rest(spawn: SpawnFactory, db_url: str) -> None:
         bad_json = await client.post("/v1/workflows", content=b"{not json",
                                      headers={"content-type": "application/json"})
         assert bad_json.status_code == 400 and bad_json.headers["content-type"].startswith("application/json")
+
+
+async def test_priority_start_at_and_concurrency_over_rest(spawn: SpawnFactory, db_url: str) -> None:
+    keyed = {"name": "keyed", "concurrency": {"key": "{{ payload.customer }}", "max_runs": 1},
+             "steps": [{"ref": "gate", "kind": "approval"}]}
+    async with (spawn(db_url, envoy=True) as served,
+                httpx.AsyncClient(base_url=served.rest_url, headers=served.headers) as client):
+        created = await client.post("/v1/workflows", json=keyed)
+        assert created.status_code == 200, created.text
+        assert created.json()["concurrency"] == {"key": "{{ payload.customer }}", "max_runs": 1}
+
+        later = await client.post("/v1/workflows/keyed/runs", json={
+            "payload": {"customer": "acme"}, "priority": -3, "start_at": "2099-01-01T00:00:00Z"})
+        assert later.status_code == 400 and reason(later.json()) == "INVALID_START_AT"
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+        start_at = tomorrow.isoformat().replace("+00:00", "Z")
+        soon = await client.post("/v1/workflows/keyed/runs", json={
+            "payload": {"customer": "acme"}, "priority": -3, "start_at": start_at})
+        assert soon.status_code == 200, soon.text
+        run = soon.json()
+        assert (run["status"], run["priority"], run["start_at"], run["concurrency_key"]) == (
+            "pending", -3, start_at, "acme")
+        for bad, why in (({"priority": "high"}, "INVALID_FIELD"), ({"priority": 1000}, "INVALID_PRIORITY")):
+            refused = await client.post("/v1/workflows/keyed/runs",
+                                        json={"payload": {"customer": "a"}, **bad})
+            assert refused.status_code == 400, refused.text
+            assert reason(refused.json()) == why, refused.text
+        runs = (await client.get("/v1/workflow-runs", params={"workflow_id": "keyed"})).json()
+        assert [r["id"] for r in runs] == [run["id"]]  # the refused triggers stored nothing

@@ -177,7 +177,10 @@ def run_to_proto(run: RunRecord, now: datetime) -> pb.WorkflowRun:
         idempotency_key=run.idempotency_key,
         duration_in_seconds=duration_seconds(run, now),
         notifications=[pb.Notification(url=n["url"], events=n["events"]) for n in run.notifications or ()],
+        priority=run.priority,
+        concurrency_key=run.concurrency_key,
     )
+    _set_time(msg.start_at, run.start_at)
     _set_struct(msg.payload, run.payload)
     _set_struct(msg.output, run.output)
     _set_time(msg.started_at, run.started_at)
@@ -396,6 +399,8 @@ def trigger_request(request: runs_pb.TriggerWorkflowRunRequest,
         notifications=validated_notifications(
             [{"url": n.url, "events": list(n.events)} for n in request.notifications], "notifications",
             limits or Limits()),
+        priority=request.priority,
+        start_at=time_or_none(request, "start_at"),
     )
 
 

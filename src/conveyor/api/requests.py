@@ -83,6 +83,9 @@ _DEFINITION_REQUESTS = frozenset({"conveyor.v1.CreateWorkflowRequest", "conveyor
 _TIMESTAMP = "google.protobuf.Timestamp"
 # 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: what RFC 3339 and Python's datetime can hold.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+# Integer fields that may be negative (checked by the engine: a priority is -100..100); every
+# other integer of the API is a count, a size or a number of seconds.
+SIGNED_FIELDS = frozenset({"priority"})
 _INT_TYPES = frozenset({FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64,
                         FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64})
 _FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
@@ -219,7 +222,7 @@ class RequestChecker:
             if cap is None:
                 raise AssertionError(f"string field {field.full_name} has no length class")
             yield from self._string(value, path, cap)
-        elif field.type in _INT_TYPES and value < 0:
+        elif field.type in _INT_TYPES and value < 0 and name not in SIGNED_FIELDS:
             yield _Problem(path, "must not be negative",
                            "INVALID_PAGE_SIZE" if name == "limit" else "INVALID_FIELD")
         elif field.type in _FLOAT_TYPES and not math.isfinite(value):
