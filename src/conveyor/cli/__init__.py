@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("conveyor.cli.keys:keys", "Create, list and revoke API keys (in the database)."),
     "audit": ("conveyor.cli.audit:audit", "List the audit log: every write call, refused ones too."),
     "secrets": ("conveyor.cli.secrets:secrets", "Set, list and delete a project's secrets (never shown)."),
+    "events": ("conveyor.cli.events:events", "Publish events (starting runs that listen) and list them."),
     "backup": ("conveyor.cli.backup:backup", "Copy the live SQLite database to a file, consistently."),
 }
 

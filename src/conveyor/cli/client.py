@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from conveyor.cli.config import Target
 from conveyor.cli.errors import AUTH, FAILURE, INVALID_TRANSITION, NOT_FOUND, CliError
 from conveyor.v1 import audit_service_pb2_grpc as audit_grpc
+from conveyor.v1 import events_service_pb2_grpc as events_grpc
 from conveyor.v1 import secrets_service_pb2_grpc as secrets_grpc
 from conveyor.v1 import step_runs_service_pb2_grpc as steps_grpc
 from conveyor.v1 import workflow_runs_service_pb2_grpc as runs_grpc
@@ -58,6 +59,7 @@ class Client:
         self.steps: Any = steps_grpc.StepRunsServiceStub(self.channel)
         self.audit: Any = audit_grpc.AuditServiceStub(self.channel)
         self.secrets: Any = secrets_grpc.SecretsServiceStub(self.channel)
+        self.events: Any = events_grpc.EventsServiceStub(self.channel)
 
     def reconnect(self) -> None:
         """A new channel, after the server dropped the old one: it connects at once, where the

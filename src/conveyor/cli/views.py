@@ -136,6 +136,20 @@ SECRET = View(columns=[
     Column("UPDATED", lambda s: when(s, "updated_at")),
 ], name=lambda s: s.name)
 
+PUBLISHED = View(columns=[
+    Column("ID", lambda e: e.id),
+    Column("NAME", lambda e: e.name),
+    Column("KEY", lambda e: e.key),
+    Column("RECEIVED", lambda e: when(e, "received_at"), clock=True),
+    Column("STARTED", lambda e: str(e.started)),
+    Column("RESUMED", lambda e: str(e.resumed)),
+    Column("SKIPPED", lambda e: str(len(e.skipped)), wide=True),
+    Column("PROJECT", lambda e: e.project_id, wide=True),
+    Column("BY", lambda e: e.created_by, wide=True),
+    Column("PAYLOAD", lambda e: json.dumps(to_dict(e.payload), separators=(",", ":"))
+           if e.payload.fields else "", wide=True),
+], name=lambda e: e.id)
+
 COMMENT = View(columns=[
     Column("SEQ", lambda c: str(c.seq)),
     Column("AT", lambda c: when(c, "created_at"), clock=True),
