@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from tests.cli.conftest import Cli
@@ -62,10 +63,22 @@ def test_trigger_run_as_records_the_initiator(cli: Cli, name: str) -> None:
     assert run["triggered_by"] == "release-bot"
 
 
+def test_trigger_with_priority_and_a_delayed_start(cli: Cli, name: str) -> None:
+    cli.apply(gated(name))
+    run = cli.trigger(name, "--priority", "-7", "--start-at", "+2h")
+    assert run["status"] == "pending" and run["priority"] == -7
+    start = datetime.fromisoformat(run["start_at"].replace("Z", "+00:00"))
+    assert timedelta(minutes=119) < start - datetime.now(UTC) <= timedelta(hours=2)
+    moment = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    exact = cli.trigger(name, "--start-at", moment.astimezone(timezone(timedelta(hours=1))).isoformat())
+    assert exact["start_at"] == moment.isoformat().replace("+00:00", "Z")
+
+
 def test_trigger_usage_errors(cli: Cli, name: str) -> None:
     cli.apply(quick(name))
     for args in (["--payload", "{not json"], ["--payload", "[1, 2]"], ["--payload", "@/no/such/file"],
-                 ["--tag", "no-equals-sign"]):
+                 ["--tag", "no-equals-sign"], ["--priority", "101"], ["--priority", "high"],
+                 ["--start-at", "tomorrow"], ["--start-at", "2030-01-01T00:00:00"], ["--start-at", "+5y"]):
         result = cli.run("runs", "trigger", name, *args)
         assert result.code == 2, (args, result.err)
     assert cli.ok("runs", "list", "-w", name, "-o", "name").out == ""  # nothing was triggered

@@ -1,11 +1,14 @@
-"""Values given on the command line: JSON objects (inline or `@file`), `key=value` pairs, and
-workflow definition files (.json, .yaml, .yml). A value that does not parse is a usage error
+"""Values given on the command line: JSON objects (inline or `@file`), `key=value` pairs, moments
+(RFC 3339, or `+30s`/`+10m`/`+2h`/`+1d` from now), and workflow definition files (.json, .yaml,
+.yml). A value that does not parse is a usage error
 (exit 2) naming the option, before anything is sent."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,33 @@ class KeyValue(click.ParamType):
         if not sep or not key:
             self.fail(f"{value!r} is not written key=value", param, ctx)
         return key, val
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RELATIVE = re.compile(r"\+(\d{1,7})([smhd])")
+
+
+class Moment(click.ParamType):
+    """A point in time: RFC 3339 with its offset (`2026-12-24T18:00:00Z`), or `+N` seconds,
+    minutes, hours or days from now (`+10m`)."""
+
+    name = "TIME|+DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        relative = _RELATIVE.fullmatch(text)
+        if relative:
+            return datetime.now(UTC) + timedelta(seconds=int(relative[1]) * _UNITS[relative[2]])
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is neither an RFC 3339 time nor +N[s|m|h|d]", param, ctx)
+        if moment.tzinfo is None:
+            self.fail(f"{value!r} has no offset: write Z or +HH:MM", param, ctx)
+        return moment.astimezone(UTC)
 
 
 def read_text(path: str, kind: click.ParamType, param: click.Parameter | None,

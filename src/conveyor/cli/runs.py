@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from conveyor.cli.args import JSON_OBJECT, KEY_VALUE
+from conveyor.cli.args import JSON_OBJECT, KEY_VALUE, Moment
 from conveyor.cli.errors import FAILURE, CliError
 from conveyor.cli.output import Output, output_options
 
@@ -102,18 +103,25 @@ def get_run(ctx: click.Context, run_id: str, out: Output) -> None:
 @click.option("--idempotency-key", default="", help="A retried trigger with this key returns the same run.")
 @click.option("--run-as", default="", help="Record this initiator instead of the key's name.")
 @click.option("-p", "--project", default="", help="Project of the workflow named.")
+@click.option("--priority", type=click.IntRange(-100, 100), default=0,
+              help="-100..100: higher goes first among runs waiting for a slot and tasks in a queue.")
+@click.option("--start-at", type=Moment(), default=None,
+              help="Start later: an RFC 3339 time or +N[s|m|h|d] from now (at most a year ahead).")
 @click.option("--wait", is_flag=True, help="Follow the run until it ends; exit 1 unless it completed.")
 @output_options
 @click.pass_context
 def trigger(ctx: click.Context, workflow: str, payload: dict[str, Any] | None,
-            tag: tuple[tuple[str, str], ...], idempotency_key: str, run_as: str, project: str, wait: bool,
-            out: Output) -> None:
+            tag: tuple[tuple[str, str], ...], idempotency_key: str, run_as: str, project: str, priority: int,
+            start_at: datetime | None, wait: bool, out: Output) -> None:
     """Trigger a run of WORKFLOW (id or name)."""
     from conveyor.cli.client import connect
     from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 
     request = runs_pb.TriggerWorkflowRunRequest(workflow_id=workflow, project_id=project, tags=dict(tag),
-                                                idempotency_key=idempotency_key, run_as=run_as)
+                                                idempotency_key=idempotency_key, run_as=run_as,
+                                                priority=priority)
+    if start_at is not None:
+        request.start_at.FromDatetime(start_at)
     if payload is not None:
         request.payload.update(payload)
     with connect(ctx) as api:
