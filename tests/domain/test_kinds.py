@@ -25,6 +25,7 @@ VALID: dict[StepKind, dict[str, Any]] = {
     StepKind.CONDITION: {"expression": "true"},
     StepKind.WORKFLOW: {"workflow_id": "child"},
     StepKind.NOOP: {"output": {"a": 1}},
+    StepKind.MAP: {"items": [1, 2], "step": {"kind": "noop", "config": {"output": {"n": "{{ item }}"}}}},
 }
 SRC = Path(__file__).resolve().parents[2] / "src" / "conveyor"
 
@@ -45,9 +46,10 @@ def test_every_kind_has_one_entry_under_its_own_name() -> None:
 @pytest.mark.parametrize("kind", list(StepKind))
 def test_each_entry_says_how_its_attempts_start(kind: StepKind) -> None:
     entry = KINDS[kind]
-    # In-engine kinds say what an attempt does; leased kinds which key wakes their holders;
-    # child-run kinds neither (the runner starts the child).
-    assert (entry.run is not None) == (entry.start is Start.ENGINE)
+    # In-engine and fan-out kinds say what an attempt does; leased kinds which key wakes their
+    # holders; child-run kinds neither (the runner starts the child).
+    assert (entry.run is not None) == (entry.start in (Start.ENGINE, Start.FAN_OUT))
+    assert (entry.inner is not None) == (entry.start is Start.FAN_OUT)  # a map's items run its step
     assert (entry.wake is not None) == (entry.start is Start.LEASED)
     assert not entry.queued or entry.start is Start.LEASED  # a queue is where holders lease from
 
@@ -133,9 +135,11 @@ ALLOWED = {
     "domain/spec.py": {"StepKind.NOOP"},
 }
 _NAMED = re.compile(r"StepKind\.[A-Z_]+")
-# `kind == StepKind...`, `kind in (StepKind...`, `kind == "http"` and the like.
-_CHAIN = re.compile(r"\bkind\s*(?:==|!=|\bin\b|\bnot in\b)\s*[\(\{\[]?\s*(?:StepKind|\"(?:"
-                    + "|".join(k.value for k in StepKind) + r")\")")
+# `kind == StepKind...`, `kind in (StepKind...`, `step.kind == "http"` and the like (a bare
+# `kind == "map"` may be a JSON value's kind, as in expressions.py).
+_OP = r"\s*(?:==|!=|\bin\b|\bnot in\b)\s*[\(\{\[]?\s*"
+_CHAIN = re.compile(r"\bkind" + _OP + r"StepKind|\.kind" + _OP + r"\"(?:"
+                    + "|".join(k.value for k in StepKind) + r")\"")
 
 
 # The server's packages (the SDK and the CLI are clients: their `kind` is a message's).

@@ -199,8 +199,8 @@ def duration_seconds(run: RunRecord, now: datetime) -> float:
     return max(0.0, (end - run.started_at).total_seconds())
 
 
-def step_to_proto(step: StepRecord) -> pb.StepRun:
-    """A step run as the wire shows it."""
+def step_to_proto(step: StepRecord, progress: dict[str, int] | None = None) -> pb.StepRun:
+    """A step run as the wire shows it; `progress`: a map step's item counts."""
     msg = pb.StepRun(
         id=step.id,
         workflow_run_id=step.workflow_run_id,
@@ -217,6 +217,9 @@ def step_to_proto(step: StepRecord) -> pb.StepRun:
         skip_reason=step.skip_reason,
         approved_by=step.approved_by,
         worker_id=step.worker_id,
+        parent_ref=step.step_ref.rpartition("[")[0] if step.parent_step_id else "",
+        map_index=step.map_index,
+        progress=pb.MapProgress(**progress) if progress is not None else None,
     )
     _set_struct(msg.output, step.output)
     _set_time(msg.started_at, step.started_at)

@@ -55,6 +55,8 @@ ID_FIELDS = frozenset({
     "key",
     # A list's text filter (ListWorkflowRuns): as long as the names it searches.
     "search",
+    # ListStepRuns' map filter, and a map item's map on StepRun: a step ref.
+    "parent_ref",
 })
 # "tags" here is the length of a tag's value (its key is an identifier).
 SHORT_TEXT_FIELDS = frozenset({"comment", "reason", "tag", "tags", "message"})

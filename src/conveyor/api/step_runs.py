@@ -22,11 +22,12 @@ class StepRunsServicer(steps_grpc.StepRunsServiceServicer):
 
     async def ListStepRuns(self, request: steps_pb.ListStepRunsRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepRun]:
-        page = await self._engine.steps.list(request.workflow_run_id, request.limit,
-                                             request.page_token, caller=caller_from(context))
+        page = await self._engine.steps.list(request.workflow_run_id, request.limit, request.page_token,
+                                             caller=caller_from(context),
+                                             parent_ref=request.parent_ref or None)
         await convert.send_next_page_token(context, page.next_token)
         for step in page.items:
-            yield convert.step_to_proto(step)
+            yield convert.step_to_proto(step, page.progress.get(step.id))
 
     async def ApproveStep(self, request: steps_pb.ApproveStepRequest,
                           context: grpc.aio.ServicerContext) -> steps_pb.ApproveStepResponse:

@@ -76,6 +76,8 @@ class Changes:
         self.signals: set[str] = set()
         # Steps whose running attempt this unit counted as lost (SPEC §4.3), for the metrics.
         self.lost: list[StepRecord] = []
+        # Step rows this unit creates (a map's items): inserted, not compare-and-set, on save.
+        self.added: dict[str, StepRecord] = {}
 
     @property
     def dirty(self) -> bool:
@@ -105,6 +107,17 @@ class Changes:
             self.step_fences[step.id] = step.fence or StepFence(step.status, step.attempt,
                                                                 step.lease_expires_at)
         step.updated_at = self.now
+
+    def add_step(self, step: StepRecord) -> None:
+        """A step row this unit creates (a map's item), in the status it is created in."""
+        self.added[step.id] = step
+        self.touch_step(step)
+
+    def pin(self, step: StepRecord) -> None:
+        """Keep the step's last event of this unit as recorded: its next change records its own.
+        For a reset that must stay visible (a map item run again in the unit that resets it
+        would otherwise read as going from completed straight to running)."""
+        self._open_event.pop(step.id, None)
 
     def announce(self, step: StepRecord, key: Key) -> None:
         """A queued step of a leased kind is ready for its lease holders, who wait on `key`."""

@@ -26,6 +26,8 @@ class Problems:
         self.limits = limits
         # (path of the expression or template, the refs it names)
         self.references: list[tuple[str, set[str]]] = []
+        # The checks are inside a map's inner step, whose expressions may name `item`, `index`.
+        self.in_map = False
 
     def add(self, path: str, description: str) -> None:
         self.violations.append(FieldViolation(path, description))
@@ -52,7 +54,7 @@ def check_expression(expr: str, path: str, problems: Problems, what: str = "",
     the steps it names."""
     try:
         # Compiles it too: an invalid expression raises here.
-        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets)
+        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets, items=problems.in_map)
     except ExpressionError as exc:
         problems.add(path, f"{what}{exc.message}")
         return

@@ -87,7 +87,10 @@ SECRETS = "secrets"
 # `on_events` entry's `when`, a `wait_event` step's `match`), and available only when the
 # context holds it.
 EVENT = "event"
-_ROOTS = frozenset({"payload", "steps", "run", SECRETS, EVENT})
+# `item` and `index` (SPEC §2.1): a map item's element and position; allowed only in a map's
+# inner step, and available only when the context holds them (an item's attempt).
+ITEM, INDEX = "item", "index"
+_ROOTS = frozenset({"payload", "steps", "run", SECRETS, EVENT, ITEM, INDEX})
 # Type names CEL lets an expression mention as values, as in `type(x) == string`.
 _TYPE_NAMES = frozenset({"bool", "bytes", "double", "int", "list", "map", "null_type", "string",
                          "type", "uint"})
@@ -509,7 +512,8 @@ def _program(expr: str) -> _Program:
 _DEFAULT_LIMITS = Limits()
 
 
-def _checked(expr: Any, limits: Limits, secrets: bool = False, events: bool = False) -> _Program:
+def _checked(expr: Any, limits: Limits, secrets: bool = False, events: bool = False,
+             items: bool = False) -> _Program:
     if not isinstance(expr, str):
         raise ExpressionError("expression must be a string")
     if len(expr) > limits.max_expression_length:
@@ -519,6 +523,9 @@ def _checked(expr: Any, limits: Limits, secrets: bool = False, events: bool = Fa
     if EVENT in program.reads and not events:
         raise ExpressionError(f"expression {_short(expr)!r}: `event` may be used only in on_events' when "
                               "and a wait_event step's match")
+    if not items and (ITEM in program.reads or INDEX in program.reads):
+        raise ExpressionError(f"expression {_short(expr)!r}: `item` and `index` may be used only in a "
+                              "map's step")
     if SECRETS in program.reads:
         if not secrets:
             raise ExpressionError(f"expression {_short(expr)!r}: secrets may be used only in the config "
@@ -546,19 +553,21 @@ def compile_expression(expr: str, *, limits: Limits | None = None, secrets: bool
     _checked(expr, limits or _DEFAULT_LIMITS, secrets)
 
 
-def referenced_steps(expr: str, *, limits: Limits | None = None, secrets: bool = False) -> set[str]:
+def referenced_steps(expr: str, *, limits: Limits | None = None, secrets: bool = False,
+                     items: bool = False) -> set[str]:
     """The `<ref>` of every `steps.<ref>` that `expr` names (raises ExpressionError if invalid;
-    `secrets`: as compile_expression).
+    `secrets`: as compile_expression; `items`: it may name `item` and `index`).
 
     Only names written out count: `steps[name]` or `size(steps)` name no step. For a template
     string, apply it to each expression `find_templates` gives.
     """
-    return set(_checked(expr, limits or _DEFAULT_LIMITS, secrets).named_steps)
+    return set(_checked(expr, limits or _DEFAULT_LIMITS, secrets, items=items).named_steps)
 
 
 def referenced_secrets(expr: str, *, limits: Limits | None = None) -> frozenset[str]:
     """The NAME of every `secrets.NAME` that `expr` names (raises ExpressionError if invalid)."""
-    return _checked(expr, limits or _DEFAULT_LIMITS, secrets=True).reads.get(SECRETS) or frozenset()
+    program = _checked(expr, limits or _DEFAULT_LIMITS, secrets=True, items=True)
+    return program.reads.get(SECRETS) or frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +727,8 @@ def _activation(program: _Program, context: Mapping[str, Any], meter: _Meter) ->
 
 def _evaluate(expr: Any, context: Mapping[str, Any], limits: Limits, meter: _Meter) -> Any:
     # Secrets are for the expressions whose context holds them: an attempt's config.
-    program = _checked(expr, limits, secrets=SECRETS in context, events=EVENT in context)
+    program = _checked(expr, limits, secrets=SECRETS in context, events=EVENT in context,
+                       items=ITEM in context)
     token = _METER.set(meter)
     try:
         evaluator = _BoundedEvaluator(program.tree, program.runner.new_activation())

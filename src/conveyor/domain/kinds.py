@@ -3,7 +3,8 @@
 An entry owns a kind's config (the keys it accepts and their checks when a workflow is written),
 how an attempt starts — run by the planner inside its pass (`Start.ENGINE`), leased by a holder
 that reports it (`Start.LEASED`: external workers for `task`, the engine's http executor for
-`http`), or by starting a child run (`Start.CHILD`) — the key whose waiters learn that a leased
+`http`), by starting a child run (`Start.CHILD`), or by spreading its items into item steps
+whose ends end it (`Start.FAN_OUT`, `map`) — the key whose waiters learn that a leased
 step is ready (domain/feed.py), what an in-engine attempt does, and what a WAITING step's timer
 means. Leaving RUNNING ends the attempt's lease whatever the kind (changes.py); a child-run kind
 also signals the child run it stops waiting for.
@@ -52,6 +53,7 @@ class StepKind(enum.StrEnum):
     CONDITION = "condition"
     WORKFLOW = "workflow"
     NOOP = "noop"
+    MAP = "map"
 
 
 class Start(enum.Enum):
@@ -60,6 +62,9 @@ class Start(enum.Enum):
     ENGINE = "engine"  # the planner, inside its pass: a chain of them finishes in one transaction
     LEASED = "leased"  # a lease holder: the planner gives the step a slot and announces it
     CHILD = "child"  # the runner, by creating a child run in the same unit (engine/children.py)
+    # The planner spreads its items into item steps (`ref[i]`), each run as its inner step's kind;
+    # it ends when they have (domain/fanout.py). It holds no slot of its own: its items do.
+    FAN_OUT = "fan_out"
 
 
 # -- what an in-engine attempt does --------------------------------------------------------------
@@ -85,9 +90,11 @@ class Done:
 
 @dataclass(frozen=True)
 class Failed:
-    """The attempt failed (retried per the step's policy)."""
+    """The attempt failed (retried per the step's policy, when `retryable`)."""
 
     error: str
+    retryable: bool = True
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,18 @@ class Waiting:
     data: dict[str, Any] | None = None
 
 
-Outcome = Done | Failed | Waiting
+@dataclass(frozen=True)
+class Spread:
+    """A map's attempt: one item step per element of `items`, in order."""
+
+    items: list[Any]
+
+
+Outcome = Done | Failed | Waiting | Spread
+
+# Why a map's `items` fail its attempt (SPEC §2.1), for good: the same render gives the same list.
+MAP_ITEMS_INVALID = "MAP_ITEMS_INVALID"
+TOO_MANY_ITEMS = "TOO_MANY_ITEMS"
 
 
 def _noop(a: Attempt) -> Outcome:
@@ -139,6 +157,27 @@ def _delay_until(config: Mapping[str, Any], now: datetime) -> datetime | None:
 
 def _delay_over(step: StepRecord) -> dict[str, Any]:
     return {"until": step.due_at.isoformat() if step.due_at else ""}
+
+
+def _map(a: Attempt) -> Outcome:
+    items = a.config.get("items")
+    if not isinstance(items, list):
+        return Failed(f"{MAP_ITEMS_INVALID}: items must be a JSON array, not {_json_type(items)}",
+                      retryable=False, reason=MAP_ITEMS_INVALID)
+    if len(items) > a.limits.max_map_items:
+        return Failed(f"{TOO_MANY_ITEMS}: {len(items)} items, over the limit of {a.limits.max_map_items}",
+                      retryable=False, reason=TOO_MANY_ITEMS)
+    return Spread(items)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an object"
 
 
 def _operator(a: Attempt) -> Outcome:
@@ -245,6 +284,30 @@ def _check_workflow(config: dict[str, Any], path: str, problems: Problems) -> No
     _optional(config, path, problems, "payload", Mapping, "an object")
 
 
+# A map item's parallelism when the map does not say (SPEC §2.1).
+DEFAULT_MAP_PARALLEL = 10
+
+
+def _check_map(config: dict[str, Any], path: str, problems: Problems) -> None:
+    items = config.get("items")
+    if isinstance(items, list):
+        if len(items) > problems.limits.max_map_items:
+            problems.add(f"{path}.items", f"at most {problems.limits.max_map_items} items")
+    elif not (isinstance(items, str) and has_template(items)):
+        problems.add(f"{path}.items", "required: a JSON array or a {{ }} template that renders one")
+    for key, least in (("max_parallel", 1), ("tolerate_failures", 0)):
+        value = config.get(key, least)
+        if not is_number(value) or not float(value).is_integer() or value < least:
+            problems.add(f"{path}.{key}", f"must be a whole number >= {least}")
+    if not isinstance(config.get("step"), Mapping):
+        problems.add(f"{path}.step", "required: the step each item runs (an object)")
+
+
+def map_parallel(config: Mapping[str, Any]) -> int:
+    """How many of a map's items may run at once."""
+    return int(config.get("max_parallel", DEFAULT_MAP_PARALLEL))
+
+
 def _no_check(config: dict[str, Any], path: str, problems: Problems) -> None:
     pass
 
@@ -272,6 +335,10 @@ class Kind:
     wake: Callable[[StepRecord], Key] | None = None
     # A WAITING step's `due_at` passed: the output it completes with; None: it timed out.
     timer_output: Callable[[StepRecord], dict[str, Any]] | None = None
+    # The config keys rendered when an attempt starts; None: all of them.
+    renders: frozenset[str] | None = None
+    # The config key holding an inner step definition (spec.py parses it as a step), if any.
+    inner: str | None = None
 
 
 def _queue_of(step: StepRecord) -> Key:
@@ -293,6 +360,8 @@ KINDS: dict[StepKind, Kind] = {e.kind: e for e in (
     Kind(StepKind.CONDITION, Start.ENGINE, frozenset({"expression"}), _check_condition, run=_condition),
     Kind(StepKind.WORKFLOW, Start.CHILD, frozenset({"workflow_id", "payload"}), _check_workflow),
     Kind(StepKind.NOOP, Start.ENGINE, frozenset({"output"}), run=_noop),
+    Kind(StepKind.MAP, Start.FAN_OUT, frozenset({"items", "max_parallel", "tolerate_failures", "step"}),
+         _check_map, run=_map, renders=frozenset({"items"}), inner="step"),
 )}
 
 # The kinds external workers lease (on their step's queue), as opposed to an engine executor.
@@ -315,6 +384,8 @@ def parse_config(kind: StepKind, data: Any, path: str, problems: Problems) -> di
     entry = KINDS[kind]
     if entry.config_keys is not None:
         unknown_keys(config, entry.config_keys, path, problems)
-    check_templates(config, path, problems, secrets=entry.secrets)
+    # An inner step's templates are its own (spec.py checks them with the step).
+    own = {k: v for k, v in config.items() if k != entry.inner}
+    check_templates(own, path, problems, secrets=entry.secrets)
     entry.check(config, path, problems)
     return config

@@ -55,6 +55,8 @@ class Limits:
     # "Notifications"), and the length of each one's URL.
     max_notifications: int = 10
     max_url_length: int = 2048
+    # Items one `map` step may spread into (SPEC §2.1): more fail the step, TOO_MANY_ITEMS.
+    max_map_items: int = 10_000
     # Ids in one bulk operation.
     max_bulk_ids: int = 1000
     # Size of one workflow definition as sent: its REST body (JSON, whitespace and all), or its

@@ -57,8 +57,15 @@ def _live_status(c: Changes) -> RunStatus:
 
 
 def find_step(steps: list[StepRecord], ref: str) -> StepRecord:
+    """The step `ref` names. A map's item (`ref[i]`) is steered only while its map runs: once
+    the map has ended, its items are settled with it (retry or replay the map instead)."""
     for s in steps:
         if s.step_ref == ref:
+            if s.parent_step_id:
+                parent = next(p for p in steps if p.id == s.parent_step_id)
+                if parent.status != StepStatus.RUNNING:
+                    raise invalid_transition(f"step {ref!r} is an item of map {parent.step_ref!r}, which is "
+                                             f"{parent.status}: retry or replay the map")
             return s
     raise not_found("step", ref)
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor.domain import actors
+from conveyor.domain import actors, fanout
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import ConveyorError, ErrorKind
 from conveyor.domain.expressions import ExpressionError, evaluate_bool, render
-from conveyor.domain.kinds import Attempt, Done, Failed, Start, Waiting, kind_of
+from conveyor.domain.kinds import Attempt, Done, Failed, Spread, Start, Waiting, kind_of
 from conveyor.domain.limits import Limits, document_problem
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.secrets import missing, redactor
@@ -60,16 +60,27 @@ TIMED_STEP = frozenset({S.WAITING, S.RUNNING})
 
 
 def expression_context(run: RunRecord, steps: list[StepRecord]) -> dict[str, Any]:
-    """The variables CEL expressions and templates see: payload, steps.<ref>.output, run."""
+    """The variables CEL expressions and templates see: payload, steps.<ref>.output, run (a
+    map's items are not among `steps`: their map's output holds theirs)."""
     return {
         "payload": run.payload,
-        "steps": {s.step_ref: {"output": s.output or {}, "status": str(s.status)} for s in steps},
+        "steps": {s.step_ref: {"output": s.output or {}, "status": str(s.status)} for s in steps
+                  if not s.parent_step_id},
         "run": {
             "id": run.id, "workflow_id": run.workflow_id, "workflow_name": run.workflow_name,
             "project_id": run.project_id, "tags": run.tags, "entity_id": run.entity_id,
             "triggered_by": run.triggered_by, "attempt_of": run.retry_of_run_id,
         },
     }
+
+
+def step_context(run: RunRecord, steps: list[StepRecord], step: StepRecord) -> dict[str, Any]:
+    """The context of one step's expressions: a map item's adds its `item` and `index`."""
+    context = expression_context(run, steps)
+    if not step.parent_step_id:
+        return context
+    parent = next(s for s in steps if s.id == step.parent_step_id)
+    return fanout.item_context(context, parent, step)
 
 
 class _Pass:
@@ -84,6 +95,7 @@ class _Pass:
         self.now = changes.now
         self.steps = steps
         self.by_ref = {s.step_ref: s for s in steps}
+        self.by_id = {s.id: s for s in steps}
         self.spec = spec
         self.limits = limits
         self._context: dict[str, Any] | None = None
@@ -93,9 +105,18 @@ class _Pass:
             self._context = expression_context(self.run, self.steps)
         return self._context
 
+    def context_of(self, step: StepRecord) -> dict[str, Any]:
+        """The context of `step`'s own expressions (a map item's sees its item and index)."""
+        if not step.parent_step_id:
+            return self.context()
+        return fanout.item_context(self.context(), self.by_id[step.parent_step_id], step)
+
+    def items(self, map_step: StepRecord) -> list[StepRecord]:
+        return [s for s in self.steps if s.parent_step_id == map_step.id]
+
     def moved(self, step: StepRecord) -> None:
         """Keep the expression context in step with a step that changed status or output."""
-        if self._context is not None:
+        if self._context is not None and not step.parent_step_id:
             self._context["steps"][step.step_ref] = {"output": step.output or {}, "status": str(step.status)}
 
     # -- the pass ---------------------------------------------------------------------------
@@ -146,24 +167,42 @@ class _Pass:
         dependencies come before it, so they have settled by the time the sweep reaches it."""
         running = self.run.status == RunStatus.RUNNING
         limit = self.run.max_parallel_steps
-        busy = sum(1 for s in self.steps if s.status in SLOT_STEP or self.holds_slot(s))
+        # A map holds no slot: its items do, at most its max_parallel at once.
+        busy = sum(1 for s in self.steps if self.takes_slot(s))
+        items_busy: dict[str, int] = {}
+        for s in self.steps:
+            if s.parent_step_id and self.takes_slot(s):
+                items_busy[s.parent_step_id] = items_busy.get(s.parent_step_id, 0) + 1
         changed = False
-        for step in self.steps:
+        for step in self.steps:  # a map's spread appends its items: this sweep reaches them
+            parent = self.by_id[step.parent_step_id] if step.parent_step_id else None
+            if parent is not None and parent.status != S.RUNNING and step.status in UNFINISHED_STEP:
+                # Its map failed, timed out, was skipped or completed: its items are not awaited.
+                self.c.step_to(step, S.CANCELED, f"map {parent.step_ref} {parent.status}")
+                changed = True
+                continue
             if step.status == S.PENDING:
                 changed |= self.resolve_pending(step)
+            entry = kind_of(step.kind)
+            if step.status == S.RUNNING and entry.start is Start.FAN_OUT:
+                changed |= self.gather(step)
             if not running or step.status != S.QUEUED:
                 continue
             if step.ready_at is None:
                 if limit and busy >= limit:
                     continue
+                if parent is not None and not fanout.room(
+                        parent, self.spec.step(parent.step_ref).config, items_busy.get(parent.id, 0)):
+                    continue
                 # The step takes a slot now; it keeps it while backing off or awaiting a lease.
                 step.ready_at = self.now
                 self.c.touch_step(step)
                 busy += 1
+                if parent is not None:
+                    items_busy[parent.id] = items_busy.get(parent.id, 0) + 1
                 changed = True
             if step.ready_at > self.now:
                 continue  # a retry backing off
-            entry = kind_of(step.kind)
             if entry.start is Start.LEASED:
                 assert entry.wake is not None
                 self.c.announce(step, entry.wake(step))  # its lease holder starts it
@@ -172,9 +211,30 @@ class _Pass:
                 continue  # the runner starts its child run (next_timer makes the run due now)
             self.start(step)
             changed = True
-            if step.status not in SLOT_STEP and not self.holds_slot(step):
+            if not self.takes_slot(step):
                 busy -= 1  # finished at once (or failed into a backoff that keeps no slot)
+                if parent is not None:
+                    items_busy[parent.id] -= 1
         return changed
+
+    def takes_slot(self, step: StepRecord) -> bool:
+        """Whether `step` holds one of the run's slots (running, waiting, or given one)."""
+        if step.status in SLOT_STEP:
+            return kind_of(step.kind).start is not Start.FAN_OUT
+        return self.holds_slot(step)
+
+    def gather(self, map_step: StepRecord) -> bool:
+        """End a running map whose items' ends decide it; True if it ended."""
+        spec = self.spec.step(map_step.step_ref)
+        outcome = fanout.gather(map_step, spec.config, self.items(map_step))
+        if outcome is None:
+            return False
+        if isinstance(outcome, Done):
+            self.complete(map_step, outcome.output)
+        else:
+            self.fail(map_step, spec, outcome.error)
+        self.moved(map_step)
+        return True
 
     def resolve_pending(self, step: StepRecord) -> bool:
         spec = self.spec.step(step.step_ref)
@@ -218,21 +278,38 @@ class _Pass:
         """Run one attempt of an in-engine step: its kind's `run` says what came of it."""
         spec = self.spec.step(step.step_ref)
         begin_attempt(self.c, step, spec)
+        entry = kind_of(step.kind)
+        context = self.context_of(step)
+        written = spec.config if entry.renders is None else {
+            k: v for k, v in spec.config.items() if k in entry.renders}
         try:
-            config = render(spec.config, self.context(), limits=self.limits) if spec.config else {}
+            config = render(written, context, limits=self.limits) if written else {}
         except ExpressionError as e:
             self.fail(step, spec, f"template: {e}")
             return
-        run = kind_of(step.kind).run
-        assert run is not None  # every in-engine kind has one (tests/domain/test_kinds.py)
-        outcome = run(Attempt(config, spec, self.context, self.now, self.limits))
+        assert entry.run is not None  # every in-engine kind has one (tests/domain/test_kinds.py)
+        outcome = entry.run(Attempt(config, spec, lambda: context, self.now, self.limits))
         if isinstance(outcome, Done):
             self.complete(step, outcome.output)
         elif isinstance(outcome, Failed):
-            self.fail(step, spec, outcome.error)
+            fail_step(self.c, step, spec, outcome.error, retryable=outcome.retryable, reason=outcome.reason)
+        elif isinstance(outcome, Spread):
+            self.spread(step, spec, config, outcome.items)
         else:
             self.wait(step, config, outcome)
         self.moved(step)
+
+    def spread(self, map_step: StepRecord, spec: StepSpec, config: dict[str, Any], items: list[Any]) -> None:
+        """A map's attempt began: its items become item steps (the sweep goes on to them); an
+        empty list completes it at once."""
+        map_step.input = config
+        assert spec.item is not None
+        added = fanout.spread(self.c, self.steps, map_step, spec.item, items)
+        self.steps.extend(added)
+        self.by_id.update((s.id, s) for s in added)
+        self.by_ref.update((s.step_ref, s) for s in added)
+        if not items:
+            self.complete(map_step, {"items": [], "failed": []})
 
     def wait(self, step: StepRecord, config: dict[str, Any], waiting: Waiting) -> None:
         step.input = config
@@ -275,18 +352,20 @@ class _Pass:
         run = self.run
         if run.status in FINAL_RUN:
             return
-        failed = [s for s in self.steps if s.status in (S.FAILED, S.TIMED_OUT)]
+        # A map's items decide their map (tolerated failures included); the run, its steps.
+        steps = [s for s in self.steps if not s.parent_step_id]
+        failed = [s for s in steps if s.status in (S.FAILED, S.TIMED_OUT)]
         if failed and run.status == RunStatus.RUNNING:
             first = failed[0]
             self.finish_run(RunStatus.FAILED, f"step {first.step_ref!r} {first.status}",
                             f"step {first.step_ref!r} {first.status}: {first.error}")
             return
         if run.status == RunStatus.RUNNING and not any(s.status in UNFINISHED_STEP for s in self.steps):
-            if all(s.status in DONE_STEP for s in self.steps):
+            if all(s.status in DONE_STEP for s in steps):
                 self.set_output()
                 self.c.run_to(RunStatus.COMPLETED, run.status_message)
             else:
-                bad = next(s for s in self.steps if s.status not in DONE_STEP)
+                bad = next(s for s in steps if s.status not in DONE_STEP)
                 self.finish_run(RunStatus.FAILED, f"step {bad.step_ref!r} {bad.status}",
                                 f"step {bad.step_ref!r} {bad.status}")
             return
@@ -311,7 +390,8 @@ class _Pass:
     def set_output(self) -> None:
         """The run's output: every completed step's output by ref, unless that is too large to
         keep on the run (its steps still hold every output)."""
-        output = {s.step_ref: s.output or {} for s in self.steps if s.status == S.COMPLETED}
+        output = {s.step_ref: s.output or {} for s in self.steps
+                  if s.status == S.COMPLETED and not s.parent_step_id}
         problem = document_problem(output, self.limits.max_json_depth + 1, self.limits.max_run_output_bytes)
         if problem is None:
             self.run.output = output
@@ -412,7 +492,7 @@ def start_leased(c: Changes, steps: list[StepRecord], step: StepRecord, spec: St
         return None
     redact = redactor(spec.secrets, found)
     try:
-        context = expression_context(c.run, steps)
+        context = step_context(c.run, steps, step)
         if spec.secrets:
             context["secrets"] = {name: found[name] for name in spec.secrets}
         config = render(spec.config, context, limits=limits) if spec.config else {}
@@ -431,9 +511,10 @@ def ready_children(run: RunRecord, steps: list[StepRecord], now: datetime) -> li
             and s.ready_at is not None and s.ready_at <= now]
 
 
-def child_config(c: Changes, steps: list[StepRecord], spec: StepSpec, limits: Limits) -> dict[str, Any]:
+def child_config(c: Changes, steps: list[StepRecord], step: StepRecord, spec: StepSpec,
+                 limits: Limits) -> dict[str, Any]:
     """A `workflow` step's config rendered from its templates (ExpressionError if one fails)."""
-    return render(spec.config, expression_context(c.run, steps), limits=limits) if spec.config else {}
+    return render(spec.config, step_context(c.run, steps, step), limits=limits) if spec.config else {}
 
 
 def start_child(c: Changes, step: StepRecord, spec: StepSpec, child_id: str, config: dict[str, Any]) -> None:

@@ -147,6 +147,9 @@ class StepRecord:
     loss_streak: int = 0
     # Its run's priority, copied: a queue hands out its highest-priority tasks first.
     priority: int = 0
+    # A map item (SPEC §2.1): the id of its map step, and its index among the map's items.
+    parent_step_id: str = ""
+    map_index: int | None = None
     # The row as loaded (storage sets it); changes are saved only if the row still matches it.
     fence: StepFence | None = field(default=None, compare=False, repr=False)
 

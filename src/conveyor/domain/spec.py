@@ -99,10 +99,21 @@ class StepSpec:
 
     @functools.cached_property
     def secrets(self) -> frozenset[str]:
-        """The NAME of every `secrets.NAME` its config's templates name (http and task steps)."""
+        """The NAME of every `secrets.NAME` its config's templates name (http and task steps),
+        or its inner step's."""
+        if self.item is not None:
+            return self.item.secrets
         if not KINDS[self.kind].secrets:
             return frozenset()
         return frozenset().union(*(referenced_secrets(e) for e in find_templates(self.config)))
+
+    @functools.cached_property
+    def item(self) -> StepSpec | None:
+        """The step each item of a `map` runs (SPEC §2.1), as `ref[]`; None for other kinds."""
+        key = KINDS[self.kind].inner
+        if key is None:
+            return None
+        return _step_from_dict({**self.config[key], "ref": f"{self.ref}[]"})
 
 
 @dataclass(frozen=True)
@@ -170,15 +181,27 @@ class WorkflowSpec:
         return {ref: i for i, ref in enumerate(self._order)}
 
     def step(self, ref: str) -> StepSpec:
-        """The step with this ref; KeyError if there is none."""
-        return self._by_ref[ref]
+        """The step with this ref, or the inner step of a map's item `ref[i]`; KeyError if
+        there is none."""
+        found = self._by_ref.get(ref)
+        if found is not None:
+            return found
+        parent, bracket, _ = ref.partition("[")
+        found = self._by_ref[parent].item if bracket and ref.endswith("]") else None
+        if found is None:
+            raise KeyError(ref)
+        return found
 
     def dependents(self, ref: str) -> tuple[str, ...]:
         """The steps that depend directly on `ref`, in definition order; KeyError if unknown."""
         return self._children[ref]
 
     def descendants(self, ref: str) -> list[str]:
-        """`ref` and every step downstream of it, in topological order; KeyError if unknown."""
+        """`ref` and every step downstream of it, in topological order; KeyError if unknown.
+        A map's item has none: its map's dependents wait for the map."""
+        if ref not in self._children:
+            self.step(ref)
+            return [ref]
         seen = {ref}
         stack = [ref]
         while stack:
@@ -204,7 +227,7 @@ class WorkflowSpec:
         """The workflows (ids or names) its `workflow` steps start, where the definition says
         so (a templated `workflow_id` is known only when the step runs)."""
         out = []
-        for s in self.steps:
+        for s in (*self.steps, *(s.item for s in self.steps if s.item is not None)):
             ident = s.config.get("workflow_id") if KINDS[s.kind].start is Start.CHILD else None
             if isinstance(ident, str) and ident and not has_template(ident):
                 out.append(ident)
@@ -259,14 +282,7 @@ class WorkflowSpec:
                 Variable(name=v["name"], required=v.get("required", False), default=v.get("default"),
                          has_default="default" in v, description=v.get("description", ""))
                 for v in data.get("variables", ())),
-            steps=tuple(
-                StepSpec(
-                    ref=s["ref"], kind=StepKind(s["kind"]), depends_on=tuple(s.get("depends_on", ())),
-                    queue=s.get("queue", ""), config=copy.deepcopy(s.get("config", {})),
-                    retry=RetryPolicy(**s["retry"]) if "retry" in s else RetryPolicy(),
-                    timeout_seconds=s.get("timeout_seconds", 0), when=s.get("when", ""),
-                    description=s.get("description", ""))
-                for s in data.get("steps", ())),
+            steps=tuple(_step_from_dict(s) for s in data.get("steps", ())),
             notifications=tuple(copy.deepcopy(list(data.get("notifications", ())))),
             on_events=tuple(EventTrigger(t["name"], t.get("when", "")) for t in data.get("on_events", ())),
             concurrency=Concurrency(**data["concurrency"]) if data.get("concurrency") else None,
@@ -278,6 +294,15 @@ def _variable_to_dict(v: Variable) -> dict[str, Any]:
     if v.has_default:
         data["default"] = copy.deepcopy(v.default)
     return data
+
+
+def _step_from_dict(s: Mapping[str, Any]) -> StepSpec:
+    return StepSpec(
+        ref=s["ref"], kind=StepKind(s["kind"]), depends_on=tuple(s.get("depends_on", ())),
+        queue=s.get("queue", ""), config=copy.deepcopy(s.get("config", {})),
+        retry=RetryPolicy(**s["retry"]) if "retry" in s else RetryPolicy(),
+        timeout_seconds=s.get("timeout_seconds", 0), when=s.get("when", ""),
+        description=s.get("description", ""))
 
 
 def _step_to_dict(s: StepSpec) -> dict[str, Any]:
@@ -448,6 +473,9 @@ def _parse_step(data: Any, path: str, problems: Problems) -> StepSpec | None:
         problems.add(f"{path}.queue", "only task steps have a queue")
     config = (parse_config(kind, data.get("config"), f"{path}.config", problems)
               if kind is not None else {})
+    inner = KINDS[kind].inner if kind is not None else None
+    if inner is not None and isinstance(config.get(inner), Mapping):
+        config[inner] = _parse_inner(config[inner], f"{path}.config.{inner}", problems)
     retry = _parse_retry(data.get("retry"), f"{path}.retry", problems)
     timeout = _integer(data, "timeout_seconds", f"{path}.timeout_seconds", problems)
     when = _string(data, "when", f"{path}.when", problems)
@@ -459,6 +487,31 @@ def _parse_step(data: Any, path: str, problems: Problems) -> StepSpec | None:
         config=config, retry=retry, timeout_seconds=timeout, when=when,
         description=_string(data, "description", f"{path}.description", problems),
     )
+
+
+# What an inner step (a map's `step`) may not say: it is no node of the DAG.
+_NOT_INNER = ("ref", "depends_on", "when")
+
+
+def _parse_inner(data: Mapping[str, Any], path: str, problems: Problems) -> dict[str, Any]:
+    """A map's inner step: a step of any kind without an inner step of its own, with no ref,
+    dependencies or `when`; returns its normalised storage form (without a ref)."""
+    for key in _NOT_INNER:
+        if key in data:
+            problems.add(f"{path}.{key}", "not allowed in a map's step (each item is its map's)")
+    problems.in_map, outer = True, problems.in_map
+    try:
+        spec = _parse_step({**data, "ref": "item"}, path, problems)
+    finally:
+        problems.in_map = outer
+    if spec is None:
+        return {}
+    if KINDS[spec.kind].inner is not None and "kind" in data:
+        problems.add(f"{path}.kind", f"a map's step may be of any kind but {spec.kind}")
+    stored = _step_to_dict(spec)
+    for key in _NOT_INNER:
+        stored.pop(key, None)
+    return stored
 
 
 def _check_dependencies(steps: list[tuple[int, StepSpec]], problems: Problems) -> dict[str, list[str]]:

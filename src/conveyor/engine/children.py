@@ -88,7 +88,7 @@ async def start(repo: Repo, offload: Offload, units: Sequence[Changes], steps: d
         for c, s in ready:
             try:
                 config: dict[str, Any] | ExpressionError = child_config(
-                    c, steps[c.run.id], specs[c.run.workflow_version_id].step(s.step_ref), limits)
+                    c, steps[c.run.id], s, specs[c.run.workflow_version_id].step(s.step_ref), limits)
             except ExpressionError as e:
                 config = e
             out.append(_Wanted(c, s, config))

@@ -257,6 +257,9 @@ class StepRunRow(Base):
     loss_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The run's priority, copied: a queue hands out its highest-priority tasks first.
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A map item (SPEC §2.1): its map step's id ("" for other steps) and its index.
+    parent_step_id: Mapped[str] = mapped_column(String(36), default="", server_default="")
+    map_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ux_step_runs_run_ref", "workflow_run_id", "step_ref", unique=True),

@@ -791,15 +791,32 @@ class Repository(AccessStatements, EventStatements, NotificationStatements, RunC
         return [[row[i] if conv is None else conv(row[i]) for i, conv in pairs]
                 for row in await self._sqlite_fetch(sql, params)]
 
-    async def list_steps(self, run_id: str, limit: int, token: str) -> Page[StepRecord]:
+    async def list_steps(self, run_id: str, limit: int, token: str,
+                         parent_ref: str | None = None) -> Page[StepRecord]:
+        """A run's steps in position order; with `parent_ref`, only the items of that map."""
         n = page_size(limit)
         stmt = select(steps_t).where(steps_t.c.workflow_run_id == run_id)
+        if parent_ref is not None:
+            parent = steps_t.alias("parent")
+            stmt = stmt.where(steps_t.c.parent_step_id == select(parent.c.id).where(
+                parent.c.workflow_run_id == run_id, parent.c.step_ref == parent_ref).scalar_subquery())
         if token:
             (pos,) = decode_cursor(token, 1)
             stmt = stmt.where(steps_t.c.position > int(pos))
         rows = (await self.conn.execute(stmt.order_by(steps_t.c.position).limit(n + 1))).mappings().all()
         items = [step_from_row(m) for m in rows[:n]]
         return Page(items, encode_cursor(items[-1].position) if len(rows) > n else "")
+
+    async def item_states(self, run_id: str,
+                          map_ids: Sequence[str]) -> dict[str, list[tuple[int | None, str]]]:
+        """The (map_index, status) of each item of these map steps of the run, by map id."""
+        out: dict[str, list[tuple[int | None, str]]] = {m: [] for m in map_ids}
+        if map_ids:
+            stmt = select(steps_t.c.parent_step_id, steps_t.c.map_index, steps_t.c.status).where(
+                steps_t.c.workflow_run_id == run_id, steps_t.c.parent_step_id.in_(list(map_ids)))
+            for parent, index, status in (await self.conn.execute(stmt)).all():
+                out[parent].append((index, status))
+        return out
 
     async def list_events(self, run_id: str, after_seq: int, limit: int, token: str,
                           type_: str = "") -> Page[EventRecord]:
@@ -840,9 +857,15 @@ class Repository(AccessStatements, EventStatements, NotificationStatements, RunC
         step_params = [{"b_id": s.id, "b_status": str(f.status), "b_attempt": f.attempt,
                         "b_lease_expires_at": f.lease_expires_at,
                         **{f"v_{k}": getattr(s, k) for k in _STEP_MUTABLE}}
-                       for u in units for s in u.steps.values() for f in (u.step_fences[s.id],)]
+                       for u in units for s in u.steps.values() if s.id not in u.added
+                       for f in (u.step_fences[s.id],)]
         await self._cas(runs_t, _RUN_MUTABLE, ("last_seq",), run_params)
         await self._cas(steps_t, _STEP_MUTABLE, ("attempt", "lease_expires_at"), step_params)
+        # Step rows a unit created (a map's items), as the unit leaves them; the run's fence,
+        # checked above, says no other writer planned the run meanwhile.
+        added = [s for u in units for s in u.added.values()]
+        if added:
+            await self._insert(steps_t, _STEP_FIELDS, added)
         for u in units:
             u.describe()
         events = [e for u in units for e in u.events]
