@@ -26,6 +26,7 @@ VALID: dict[StepKind, dict[str, Any]] = {
     StepKind.WORKFLOW: {"workflow_id": "child"},
     StepKind.NOOP: {"output": {"a": 1}},
     StepKind.MAP: {"items": [1, 2], "step": {"kind": "noop", "config": {"output": {"n": "{{ item }}"}}}},
+    StepKind.WAIT_EVENT: {"event": "order.paid"},
 }
 SRC = Path(__file__).resolve().parents[2] / "src" / "conveyor"
 

@@ -149,7 +149,7 @@ def test_several_problems_yield_one_violation_each_with_field_paths() -> None:
         ("steps[1].config.method", "must be one of DELETE, GET, HEAD, PATCH, POST, PUT"),
         ("steps[1].config.extra", "unknown field"),
         ("steps[2].ref", "duplicate ref 'a' (already used by steps[0])"),
-        ("steps[2].kind", "must be one of " + ", ".join(k.value for k in StepKind)),
+        ("steps[2].kind", "must be one of " + ", ".join(StepKind)),
         ("steps[3].when", "expression 'nope == 1': unknown variable 'nope' (use payload, steps or run)"),
         ("steps[3].config.expression", "required (a non-empty string)"),
         ("steps[4].retry.max_attempts", "must be a whole number >= 1"),

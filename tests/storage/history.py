@@ -173,6 +173,13 @@ def rows(now: datetime, dialect: str, since: Callable[[str], bool]) -> Rows:
              "created_by": "ci"},
         ],
         "event_listeners": [{"project_id": PROJECT, "event_name": "order.paid", "workflow_id": WORK}],
+        # A step's wait for an event (0013): ended, having consumed the first event.
+        "event_waits": [
+            {"step_id": f"00000000-0000-7000-8001-{COMPLETED[-9:]}000", "run_id": COMPLETED,
+             "project_id": PROJECT, "name": "order.paid", "key": "cust-1", "active": False,
+             "since": t0 - timedelta(minutes=1), "after_at": t0,
+             "after_id": "00000000-0000-7000-8000-0000000000e1"},
+        ],
     }
     # PostgreSQL: the writing transaction's id, as storage/run_changes.py writes it.
     txid: ClauseElement | None = (sql_cast(sql_cast(func.pg_current_xact_id(), Text), BigInteger)

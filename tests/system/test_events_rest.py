@@ -14,6 +14,10 @@ import httpx
 
 from tests.system.conftest import SpawnFactory
 
+WAITER = {"name": "await-payment",
+          "steps": [{"ref": "paid", "kind": "wait_event",
+                     "config": {"event": "order.paid", "key": "{{ payload.customer }}",
+                                "match": "event.payload.n >= payload.least"}}]}
 LISTENER = {"name": "ship",
             "steps": [{"ref": "a", "kind": "noop", "config": {"output": {"n": "{{ payload.n }}"}}}],
             "on_events": [{"name": "order.paid", "when": "event.payload.n > 0"}]}
@@ -34,13 +38,16 @@ async def test_publish_and_list_events_over_rest(spawn: SpawnFactory, db_url: st
         created = await client.post("/v1/workflows", json=LISTENER)
         assert created.status_code == 200, created.text
         assert created.json()["on_events"] == LISTENER["on_events"]
+        assert (await client.post("/v1/workflows", json=WAITER)).status_code == 200
+        waiter = (await client.post("/v1/workflows/await-payment/runs",
+                                    json={"payload": {"customer": "cust-7", "least": 2}})).json()
 
         body = {"name": "order.paid", "key": "cust-7", "payload": {"n": 3}, "id": "pay-7"}
         first = await client.post("/v1/events", json=body)
         assert first.status_code == 200, first.text
         answer = first.json()
         assert {k: answer[k] for k in ("id", "name", "key", "resumed", "started", "project_id")} == {
-            "id": "pay-7", "name": "order.paid", "key": "cust-7", "resumed": 0, "started": 1,
+            "id": "pay-7", "name": "order.paid", "key": "cust-7", "resumed": 1, "started": 1,
             "project_id": "default"}
         assert answer["received_at"].endswith("Z") and answer["payload"] == {"n": 3}
         again = await client.post("/v1/events", json=body)
@@ -53,6 +60,10 @@ async def test_publish_and_list_events_over_rest(spawn: SpawnFactory, db_url: st
         started = [(r["triggered_by"], r["entity_id"], r["payload"]) for r in runs]
         assert started == [("event", "cust-7", {"n": 3})]
         assert (await wait_final(client, runs[0]["id"]))["status"] == "completed"
+        assert (await wait_final(client, waiter["id"]))["status"] == "completed"
+        (paid,) = (await client.get(f"/v1/workflow-runs/{waiter['id']}/steps")).json()
+        got = (paid["kind"], paid["output"]["id"], paid["output"]["payload"])
+        assert got == ("wait_event", "pay-7", {"n": 3})
 
         filtered = await client.post("/v1/events", json={"name": "order.paid", "payload": {"n": 0}})
         assert filtered.json()["started"] == 0 and filtered.json()["id"]

@@ -49,12 +49,13 @@ def unknown_keys(data: Mapping[str, Any], known: frozenset[str], path: str,
 
 
 def check_expression(expr: str, path: str, problems: Problems, what: str = "",
-                     secrets: bool = False) -> None:
-    """Compile `expr` (within the expression limits; `secrets`: it may name secrets) and note
-    the steps it names."""
+                     secrets: bool = False, events: bool = False) -> None:
+    """Compile `expr` (within the expression limits; `secrets`: it may name secrets; `events`:
+    it may read `event`) and note the steps it names."""
     try:
         # Compiles it too: an invalid expression raises here.
-        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets, items=problems.in_map)
+        refs = referenced_steps(expr, limits=problems.limits, secrets=secrets, events=events,
+                                items=problems.in_map)
     except ExpressionError as exc:
         problems.add(path, f"{what}{exc.message}")
         return

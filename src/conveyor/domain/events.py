@@ -84,6 +84,11 @@ class Event:
                 "received_at": self.received_at.isoformat()}
 
 
+def is_event_name(name: object) -> bool:
+    """Whether `name` may name an event."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def check_publish(name: str, key: str, payload: Mapping[str, Any], ident: str, limits: Limits) -> None:
     """INVALID_ARGUMENT with a violation per problem unless the event may be published."""
     problems: list[FieldViolation] = []

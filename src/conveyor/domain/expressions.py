@@ -554,14 +554,15 @@ def compile_expression(expr: str, *, limits: Limits | None = None, secrets: bool
 
 
 def referenced_steps(expr: str, *, limits: Limits | None = None, secrets: bool = False,
-                     items: bool = False) -> set[str]:
+                     events: bool = False, items: bool = False) -> set[str]:
     """The `<ref>` of every `steps.<ref>` that `expr` names (raises ExpressionError if invalid;
-    `secrets`: as compile_expression; `items`: it may name `item` and `index`).
+    `secrets`: as compile_expression; `events`: it may read `event`, as a wait_event's match;
+    `items`: it may name `item` and `index`).
 
     Only names written out count: `steps[name]` or `size(steps)` name no step. For a template
     string, apply it to each expression `find_templates` gives.
     """
-    return set(_checked(expr, limits or _DEFAULT_LIMITS, secrets, items=items).named_steps)
+    return set(_checked(expr, limits or _DEFAULT_LIMITS, secrets, events, items).named_steps)
 
 
 def referenced_secrets(expr: str, *, limits: Limits | None = None) -> frozenset[str]:

@@ -33,7 +33,8 @@ from conveyor.domain.checks import (
     unknown_keys,
 )
 from conveyor.domain.egress import url_problem
-from conveyor.domain.expressions import ExpressionError, evaluate
+from conveyor.domain.events import NAME_RULE, is_event_name
+from conveyor.domain.expressions import EVENT, ExpressionError, evaluate, evaluate_bool
 from conveyor.domain.feed import HTTP_KEY, Key, queue_key
 from conveyor.domain.limits import Limits
 
@@ -54,6 +55,7 @@ class StepKind(enum.StrEnum):
     WORKFLOW = "workflow"
     NOOP = "noop"
     MAP = "map"
+    WAIT_EVENT = "wait_event"
 
 
 class Start(enum.Enum):
@@ -185,6 +187,42 @@ def _operator(a: Attempt) -> Outcome:
     return Waiting(str(a.config.get("message", "")))
 
 
+def _wait_event(a: Attempt) -> Outcome:
+    """A wait_event step waits for its event (SPEC §9), its key rendered now; the events that
+    arrive are looked at by `_event_arrived` on the passes its signals cause."""
+    key = a.config.get("key", "")
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        key = str(int(key)) if float(key).is_integer() else str(key)
+    if not isinstance(key, str):
+        return Failed("config: key must render to a string")
+    if len(key) > a.limits.max_id_length or any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return Failed(f"config: key must render to at most {a.limits.max_id_length} characters "
+                      "without control characters")
+    a.config["key"] = key
+    timeout = a.config.get("timeout_seconds")
+    due = a.now + timedelta(seconds=float(timeout)) if timeout else None
+    name = a.config["event"]
+    return Waiting(f"event {name!r}" + (f" with key {key!r}" if key else ""), due,
+                   {"event": name, "key": key})
+
+
+def _event_arrived(step: StepRecord, arrived: list[dict[str, Any]], context: Callable[[], dict[str, Any]],
+                   limits: Limits) -> Outcome | None:
+    """The first of the events that arrived for a waiting wait_event step (oldest first) that
+    its `match` accepts completes it with that event; a `match` that fails to evaluate fails
+    the step; None when none matches (it waits on)."""
+    match = (step.input or {}).get("match", "")
+    for event in arrived:
+        if match:
+            try:
+                if not evaluate_bool(match, {**context(), EVENT: event}, limits=limits):
+                    continue
+            except ExpressionError as e:
+                return Failed(f"match: {e}")
+        return Done(dict(event))
+    return None
+
+
 # -- config checks (when a workflow is written) --------------------------------------------------
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
@@ -284,6 +322,23 @@ def _check_workflow(config: dict[str, Any], path: str, problems: Problems) -> No
     _optional(config, path, problems, "payload", Mapping, "an object")
 
 
+def _check_wait_event(config: dict[str, Any], path: str, problems: Problems) -> None:
+    if not is_event_name(config.get("event")):
+        problems.add(f"{path}.event", f"required: {NAME_RULE}")
+    if "key" in config and not isinstance(config["key"], str | int | float):
+        problems.add(f"{path}.key", "must be a string (a {{ }} template) or a number")
+    match = config.get("match")
+    if match is not None:
+        if not isinstance(match, str) or not match.strip():
+            problems.add(f"{path}.match", "must be a CEL expression")
+        else:
+            check_expression(match, f"{path}.match", problems, events=True)
+    if "timeout_seconds" in config:
+        timeout = config["timeout_seconds"]
+        if not is_number(timeout) or timeout <= 0:
+            problems.add(f"{path}.timeout_seconds", "must be a number > 0")
+
+
 # A map item's parallelism when the map does not say (SPEC §2.1).
 DEFAULT_MAP_PARALLEL = 10
 
@@ -335,6 +390,11 @@ class Kind:
     wake: Callable[[StepRecord], Key] | None = None
     # A WAITING step's `due_at` passed: the output it completes with; None: it timed out.
     timer_output: Callable[[StepRecord], dict[str, Any]] | None = None
+    # A WAITING step of a kind that waits for events (SPEC §9): given the events that arrived
+    # for it (oldest first, as `Event.as_context`), the context and limits, what comes of it
+    # (None: it waits on). Its waits are indexed rows (storage/event_waits.py).
+    arrived: Callable[[StepRecord, list[dict[str, Any]], Callable[[], dict[str, Any]], Limits],
+                      Outcome | None] | None = None
     # The config keys rendered when an attempt starts; None: all of them.
     renders: frozenset[str] | None = None
     # The config key holding an inner step definition (spec.py parses it as a step), if any.
@@ -362,6 +422,8 @@ KINDS: dict[StepKind, Kind] = {e.kind: e for e in (
     Kind(StepKind.NOOP, Start.ENGINE, frozenset({"output"}), run=_noop),
     Kind(StepKind.MAP, Start.FAN_OUT, frozenset({"items", "max_parallel", "tolerate_failures", "step"}),
          _check_map, run=_map, renders=frozenset({"items"}), inner="step"),
+    Kind(StepKind.WAIT_EVENT, Start.ENGINE, frozenset({"event", "key", "match", "timeout_seconds"}),
+         _check_wait_event, run=_wait_event, arrived=_event_arrived),
 )}
 
 # The kinds external workers lease (on their step's queue), as opposed to an engine executor.

@@ -52,6 +52,8 @@ class Links:
     children: dict[str, RunRecord] = field(default_factory=dict)
     # For a child run: whether its parent step still waits for it (running, with its id).
     parent_waits: bool = True
+    # Events that arrived for its waiting wait_event steps, by step id, oldest first.
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 S = StepStatus
 # Step statuses whose `due_at` is a deadline the planner fires: a delay or approval timeout
@@ -134,12 +136,17 @@ class _Pass:
             self.finish_run(RunStatus.CANCELED, PARENT_GONE, "")
             return
         children = self.links.children if self.links is not None else {}
+        arrivals = self.links.events if self.links is not None else {}
         # Deadlines and expired leases fire whatever the run is doing (a run resumed into
-        # pending may still have an attempt running); so does a child run's end.
+        # pending may still have an attempt running); so does a child run's end, and the
+        # arrival of an event a step waits for.
         for step in self.steps:
             child = children.get(step.id) if step.status == S.RUNNING else None
+            arrived = arrivals.get(step.id) if step.status == S.WAITING else None
             if child is not None and child.status in FINAL_RUN:
                 self.child_ended(step, child)
+            elif arrived and self.event_arrived(step, arrived):
+                continue  # completed (or failed by its `match`) by an event it waited for
             elif step.status in TIMED_STEP and step.due_at is not None and step.due_at <= self.now:
                 self.timer_due(step)
             elif step.lease_expires_at is not None and step.lease_expires_at <= self.now:
@@ -338,6 +345,21 @@ class _Pass:
             self.fail(step, self.spec.step(step.step_ref),
                       f"child run {child.id} {child.status}" + (f": {why}" if why else ""))
         self.moved(step)
+
+    def event_arrived(self, step: StepRecord, arrived: list[dict[str, Any]]) -> bool:
+        """Events arrived for a waiting step: True when one completed it (or its `match` failed
+        it); False when it waits on."""
+        judge = kind_of(step.kind).arrived
+        assert judge is not None  # events are loaded only for kinds that wait for them
+        outcome = judge(step, arrived, self.context, self.limits)
+        if isinstance(outcome, Done):
+            self.complete(step, outcome.output)
+        elif isinstance(outcome, Failed):
+            self.fail(step, self.spec.step(step.step_ref), outcome.error)
+        else:
+            return False
+        self.moved(step)
+        return True
 
     def complete(self, step: StepRecord, output: dict[str, Any]) -> None:
         complete_step(self.c, step, self.spec.step(step.step_ref), output, self.limits)

@@ -92,12 +92,21 @@ class Events:
                 current = await repo.current_versions(wf.id for wf in listening)
                 if any(current.get(wf.id) != (wf.version_id, False) for wf in listening):
                     continue  # updated or archived since it was read: build again
+                # The key's lock orders this with steps starting to wait for it: a wait
+                # registered before is read here; one registered after finds the event.
+                await repo.lock_event_key([(project, name, key)])
+                waiting = await repo.waiting_runs(project, name, key, event.received_at)
+                recorded = replace(recorded, resumed=len(waiting))
                 if not await repo.insert_event(recorded):
                     earlier = await repo.get_event(project, recorded.id)
                     assert earlier is not None  # the row that refused the insert is there
                     return _repeated(earlier, event)
                 await creation.insert(repo, runs, [])
+                # The waiting runs look at it on their next pass, under their own locks.
+                await repo.signal(waiting, event.received_at)
             self.runner.after_commit([n.changes for n in runs])
+            if waiting:
+                self.runner.nudge()
             return recorded
         raise ConveyorError(ErrorKind.ABORTED, "CONCURRENT_CHANGE",
                             "the workflows listening to this event kept changing; publish it again")

@@ -30,7 +30,7 @@ from conveyor.domain.planner import DEFAULT_LIMITS, ENGINE, Links, advance, fail
 from conveyor.domain.records import RunRecord, StepRecord
 from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus
-from conveyor.engine import children
+from conveyor.engine import children, event_waits
 from conveyor.engine.background import Background
 from conveyor.engine.clock import Clock
 from conveyor.engine.metrics import Metrics
@@ -104,6 +104,7 @@ class Runner:
         capped = await self.capped(repo, runs)
         may_start = await self._slots(repo, [r for r in runs if r.status == RunStatus.PENDING], capped, now)
         related = await children.links(repo, runs, steps)
+        await event_waits.attach(repo, runs, steps, related)
         planned = await self.offload.run(self._plan_all, runs, steps, specs, may_start, related, now)
         units = [c if c is not None else await self._unplannable(repo, run.id, now)
                  for run, c in zip(runs, planned, strict=True)]
@@ -215,6 +216,11 @@ class Runner:
         if at is not None and (self._next is None or at < self._next):
             self._wakeup.set()
         self.publish(units)
+
+    def nudge(self) -> None:
+        """Work was left for the runner outside any unit (the signals a published event left
+        for waiting runs): look now."""
+        self._wakeup.set()
 
     def publish(self, units: Sequence[Changes]) -> None:
         """After commit: fire the change feed's keys of these units in this process (watchers

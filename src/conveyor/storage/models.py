@@ -478,3 +478,28 @@ class EventListenerRow(Base):
 
     # Replaced per workflow on update and archive.
     __table_args__ = (Index("ix_event_listeners_workflow", "workflow_id"),)
+
+
+class EventWaitRow(Base):
+    """A step's wait for an event (SPEC §9, domain/event_waits.py): `active` while the step
+    waits; kept after, so a step that waits again takes only events after the one it consumed
+    (`after_at`, `after_id`). Deleted with its run."""
+
+    __tablename__ = "event_waits"
+    step_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.id"))
+    project_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean)
+    # Events received before its run was created are not for it.
+    since: Mapped[datetime]
+    after_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    after_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    __table_args__ = (
+        # A publish finds the waits of its (project, name, key).
+        Index("ix_event_waits_key", "project_id", "name", "key", "active"),
+        # Retention deletes a run's waits with it.
+        Index("ix_event_waits_run", "run_id"),
+    )

@@ -45,6 +45,7 @@ from conveyor.domain.errors import (
     invalid,
     not_found,
 )
+from conveyor.domain.event_waits import wait_changes
 from conveyor.domain.feed import Key, keys_of
 from conveyor.domain.records import (
     EventRecord,
@@ -60,6 +61,7 @@ from conveyor.domain.spec import WorkflowSpec
 from conveyor.domain.states import RunStatus, StepStatus
 from conveyor.storage.access import AccessStatements
 from conveyor.storage.db import json_text
+from conveyor.storage.event_waits import EventWaitStatements
 from conveyor.storage.events import EventStatements
 from conveyor.storage.feed import CHANNEL, payloads
 from conveyor.storage.models import (
@@ -219,8 +221,8 @@ def _sqlite_select(table: Table, names: tuple[str, ...], where: str) -> tuple[st
 Q = TypeVar("Q", bound=Select[Any])
 
 
-class Repository(AccessStatements, EventStatements, NotificationStatements, RunChangeStatements,
-                 RetentionStatements, SecretStatements, VersionStatements):
+class Repository(AccessStatements, EventStatements, EventWaitStatements, NotificationStatements,
+                 RunChangeStatements, RetentionStatements, SecretStatements, VersionStatements):
     """Statements over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: AsyncConnection, dialect: str) -> None:
@@ -407,6 +409,11 @@ class Repository(AccessStatements, EventStatements, NotificationStatements, RunC
         await self.record_changes(status_changes(runs, ()))
         # Notifications of the runs' first events, in the same transaction (domain/notifications.py).
         await self.insert_outbox(outbox_of_new_runs(runs, steps, events))
+        # Steps that wait for an event from the start (SPEC §9), and their runs if it is there.
+        by_id = {r.id: r for r in runs}
+        arrived = await self.record_event_waits(
+            wait_changes((by_id[s.workflow_run_id], s, None) for s in steps))
+        await self.signal(arrived, runs[0].created_at)
 
     async def _insert(self, table: Table, names: list[str], records: Sequence[Any]) -> None:
         """INSERT one row per record (a dataclass, or a dict of these names). On SQLite the
@@ -877,7 +884,11 @@ class Repository(AccessStatements, EventStatements, NotificationStatements, RunC
                 raise ConcurrentChange("run_events: seq taken concurrently") from e
             # The notifications these events cause, committed or rolled back with them.
             await self.insert_outbox(outbox_of_units(units))
-        await self.signal({r for u in units for r in u.signals}, units[0].now)
+        # Steps that started or stopped waiting for an event (SPEC §9); a new wait whose event
+        # is already there signals its own run.
+        arrived = await self.record_event_waits(wait_changes(
+            (u.run, s, u.step_fences[s.id].status) for u in units for s in u.steps.values()))
+        await self.signal({r for u in units for r in u.signals} | arrived, units[0].now)
         await self.record_changes(status_changes((), units))
         await self.notify(keys_of(units))
 

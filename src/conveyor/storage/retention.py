@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.domain.errors import ConcurrentChange
 from conveyor.storage.models import (
     AuditRow,
+    EventWaitRow,
     NotificationRow,
     RunEventRow,
     RunRow,
@@ -49,6 +50,7 @@ _OF_RUN: tuple[tuple[str, Table, str], ...] = (
     ("tags", cast(Table, RunTagRow.__table__), "run_id"),
     ("notifications", cast(Table, NotificationRow.__table__), "run_id"),  # ix_notification_outbox_run
     ("wakeups", cast(Table, RunWakeupRow.__table__), "run_id"),
+    ("event_waits", cast(Table, EventWaitRow.__table__), "run_id"),  # ix_event_waits_run
 )
 # Run ids bound per statement: far below both databases' bound-parameter caps (~32k).
 _IDS_PER_STATEMENT = 1000
