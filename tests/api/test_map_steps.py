@@ -3,10 +3,13 @@ listed by `parent_ref`, one item steered by its ref `ref[i]`."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from conveyor.v1 import resources_pb2 as pb
 from conveyor.v1 import step_runs_service_pb2 as steps_pb
+from conveyor.v1 import workflow_runs_service_pb2 as runs_pb
 from tests.api.support import Api, failure, listed
 
 STEP = pb.StepStatus
@@ -75,3 +78,26 @@ async def test_a_map_step_in_a_definition_is_checked_whole(api: Api) -> None:
         "steps[0].config.items", "steps[0].config.max_parallel", "steps[0].config.bogus",
         "steps[0].config.step.ref", "steps[0].config.step.kind", "steps[0].config.step.config.items",
         "steps[0].config.step.config.step"}
+
+
+async def test_a_run_watch_shows_map_progress_and_each_item_change(api: Api) -> None:
+    wf = await api.create_workflow(review_each(3))
+    run = await api.trigger(wf.id)
+    await api.engine.tick()
+    call = api.runs.WatchWorkflowRun(runs_pb.WatchWorkflowRunRequest(workflow_run_id=run.id))
+    stream = call.__aiter__()
+    try:
+        first = await anext(stream)
+        steps = {s.step_ref: s for s in first.snapshot.steps}
+        assert (steps["each"].progress.total, steps["each"].progress.running) == (3, 2)
+        assert [steps[f"each[{i}]"].map_index for i in range(3)] == [0, 1, 2]
+        await api.steps.ApproveStep(steps_pb.ApproveStepRequest(workflow_run_id=run.id, step_ref="each[0]"))
+        seen = []
+        async with asyncio.timeout(10):
+            while len(seen) < 1:
+                item = await anext(stream)
+                if item.HasField("event") and item.event.step_ref.startswith("each["):
+                    seen.append((item.event.step_ref, item.event.status))
+        assert seen == [("each[0]", "completed")]  # one event per item state change
+    finally:
+        call.cancel()

@@ -30,7 +30,8 @@ def record(event: str, ctx: Context, **extra: Any) -> None:
 def ctx_fields(ctx: Context) -> dict[str, Any]:
     return {"attempt": ctx.attempt, "max_attempts": ctx.max_attempts, "step_ref": ctx.step_ref,
             "run_id": ctx.run_id, "task_id": ctx.task_id, "queue": ctx.queue, "payload": ctx.payload,
-            "project_id": ctx.project_id, "worker_id": ctx.worker_id, "cancelled": ctx.cancelled}
+            "project_id": ctx.project_id, "worker_id": ctx.worker_id, "cancelled": ctx.cancelled,
+            "item": ctx.item, "index": ctx.index}
 
 
 @task(queue="sdk-async")

@@ -277,3 +277,20 @@ async def test_a_server_restart_mid_task_spends_no_attempt(
     events = await client.events(run_id)
     assert run["status"] == "completed", [(e["type"], e.get("message")) for e in events]
     assert not [e for e in events if e.get("status") == "failed"]
+
+
+async def test_a_map_item_s_handler_sees_its_item_and_index(client: Client, workers: WorkerFactory) -> None:
+    items = [{"name": "a", "n": 1}, "b", 3, None]
+    await client.create_workflow({"name": "fan", "steps": [
+        {"ref": "plain", "kind": "task", "queue": "sdk-async", "config": {"mode": "echo"}},
+        {"ref": "each", "kind": "map", "depends_on": ["plain"], "config": {"items": items, "step": {
+            "kind": "task", "queue": "sdk-async", "config": {"mode": "echo", "file": "{{ item }}"}}}}]})
+    await workers()
+    run_id = await client.trigger("fan", {})
+    run = await client.wait_run(run_id, "completed", "failed")
+    assert run["status"] == "completed", run
+    steps = await client.steps(run_id)
+    assert (steps["plain"]["output"]["ctx"]["item"], steps["plain"]["output"]["ctx"]["index"]) == (None, None)
+    seen = [(out["ctx"]["step_ref"], out["ctx"]["item"], out["ctx"]["index"], out["input"]["file"])
+            for out in steps["each"]["output"]["items"]]
+    assert seen == [(f"each[{i}]", item, i, item) for i, item in enumerate(items)]

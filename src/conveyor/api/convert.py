@@ -246,6 +246,9 @@ def task_to_proto(lease: Lease) -> pb.Task:
                    timeout_seconds=lease.spec.timeout_seconds)
     _set_struct(task.config, lease.config)
     _set_struct(task.payload, run.payload)
+    if lease.index is not None:
+        task.index = lease.index
+        json_format.ParseDict(lease.item, task.item)
     _set_time(task.lease_expires_at, step.lease_expires_at)
     return task
 

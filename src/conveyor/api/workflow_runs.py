@@ -16,6 +16,7 @@ import grpc
 from conveyor.api import convert
 from conveyor.api.caller import caller_from
 from conveyor.api.errors import stream_error
+from conveyor.domain.fanout import progress_of
 from conveyor.domain.records import EventRecord, RunRecord
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Heartbeat, Snapshot
@@ -151,8 +152,10 @@ class WorkflowRunsServicer(runs_grpc.WorkflowRunsServiceServicer):
             try:
                 async for item in items:
                     if isinstance(item, Snapshot):
-                        snapshot = runs_pb.RunSnapshot(run=self._run(item.run), seq=item.seq,
-                                                       steps=[convert.step_to_proto(s) for s in item.steps])
+                        progress = progress_of(item.steps)  # a map's, from its items among them
+                        snapshot = runs_pb.RunSnapshot(
+                            run=self._run(item.run), seq=item.seq,
+                            steps=[convert.step_to_proto(s, progress.get(s.id)) for s in item.steps])
                         yield runs_pb.WatchWorkflowRunResponse(snapshot=snapshot)
                     elif isinstance(item, Heartbeat):
                         yield runs_pb.WatchWorkflowRunResponse(heartbeat=convert.heartbeat_to_proto(item.at))

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from conveyor.domain.changes import Changes
-from conveyor.domain.kinds import Done, Failed, map_parallel
+from conveyor.domain.kinds import Done, Failed, Start, kind_of, map_parallel
 from conveyor.domain.records import StepRecord
 from conveyor.domain.spec import StepSpec
 from conveyor.domain.states import UNFINISHED_STEP, StepStatus
@@ -35,6 +35,16 @@ def item_ref(map_ref: str, index: int) -> str:
 def items_of(map_step: StepRecord) -> list[Any]:
     """The items the map's current attempt spread (its rendered `items`)."""
     return list((map_step.input or {}).get("items") or [])
+
+
+def item_of(steps: Iterable[StepRecord], step: StepRecord) -> tuple[Any, int | None]:
+    """A map item's (element, index) among `steps` (its run's); (None, None) for other steps."""
+    if not step.parent_step_id:
+        return None, None
+    parent = next(s for s in steps if s.id == step.parent_step_id)
+    index = step.map_index or 0
+    items = items_of(parent)
+    return (items[index] if index < len(items) else None), index
 
 
 def item_context(base: Mapping[str, Any], map_step: StepRecord, item: StepRecord) -> dict[str, Any]:
@@ -111,6 +121,18 @@ def gather(map_step: StepRecord, config: Mapping[str, Any],
 def room(map_step: StepRecord, config: Mapping[str, Any], busy: int) -> bool:
     """Whether another of the map's items may take a slot while `busy` of them hold one."""
     return busy < map_parallel(config)
+
+
+def progress_of(steps: Iterable[StepRecord]) -> dict[str, dict[str, int]]:
+    """The progress of each map step among `steps` (a run's steps, its items among them), by
+    the map's id."""
+    steps = list(steps)
+    maps = {s.id: s for s in steps if kind_of(s.kind).start is Start.FAN_OUT}
+    items: dict[str, list[tuple[int | None, str]]] = {i: [] for i in maps}
+    for s in steps:
+        if s.parent_step_id in items:
+            items[s.parent_step_id].append((s.map_index, s.status))
+    return {i: progress(maps[i], items[i]) for i in maps}
 
 
 def progress(map_step: StepRecord, items: Iterable[tuple[int | None, str]]) -> dict[str, int]:

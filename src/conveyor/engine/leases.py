@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.domain import fanout
 from conveyor.domain.changes import Changes
 from conveyor.domain.errors import (
     ConcurrentChange,
@@ -75,6 +76,9 @@ class Lease:
     step: StepRecord
     spec: StepSpec
     config: dict[str, Any]
+    # A map's item: its element and index (SPEC §2.1); None for any other step.
+    item: Any = None
+    index: int | None = None
 
 
 class Leases:
@@ -153,7 +157,8 @@ class Leases:
                     config = start_leased(c, steps[run.id], step, step_spec, holder, new_id(), until,
                                           self.limits, found.get(run.project_id))
                     if config is not None:
-                        leases.append(Lease(run, step, step_spec, config))
+                        item = fanout.item_of(steps[run.id], step)
+                        leases.append(Lease(run, step, step_spec, config, *item))
                 c.actor = ENGINE
                 plan(c, steps[run.id], spec, limits=self.limits)  # a failed template may end the run
                 units.append(c)
@@ -416,7 +421,7 @@ class Leases:
                     config = start_leased(c, steps, step, step_spec, demand.worker_id, new_id(),
                                           now + timedelta(seconds=demand.lease_seconds), self.limits, secrets)
                     if config is not None:
-                        h.leases.append(Lease(c.run, step, step_spec, config))
+                        h.leases.append(Lease(c.run, step, step_spec, config, *fanout.item_of(steps, step)))
                     h.left -= 1
                     c.actor = ENGINE
                     started = True

@@ -71,7 +71,7 @@ class Context:
 
     def __init__(self, *, task_id: str, attempt: int, max_attempts: int, step_ref: str, run_id: str,
                  queue: str, project_id: str, payload: dict[str, Any], timeout_seconds: int,
-                 worker_id: str) -> None:
+                 worker_id: str, item: Any = None, index: int | None = None) -> None:
         self.task_id = task_id
         self.attempt = attempt
         self.max_attempts = max_attempts
@@ -83,6 +83,10 @@ class Context:
         # The attempt's time limit in seconds (0: none); the server enforces it and revokes.
         self.timeout_seconds = timeout_seconds
         self.worker_id = worker_id
+        # A map's item (SPEC §2.1): its element of the map's items and its index; None for a
+        # task that is no map item.
+        self.item = item
+        self.index = index
         self.logger: logging.LoggerAdapter[logging.Logger] = _TaskLogger(
             logging.getLogger("conveyor.sdk.handler"),
             {"task_id": task_id, "attempt": attempt, "step_ref": step_ref, "run_id": run_id})

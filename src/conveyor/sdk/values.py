@@ -34,6 +34,11 @@ def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
     return result
 
 
+def value_to_python(message: struct_pb2.Value) -> Any:
+    """A Value as a plain JSON value (integral numbers as ints)."""
+    return _plain(json_format.MessageToDict(message))
+
+
 def result_to_struct(value: Any) -> struct_pb2.Struct:
     """A handler's return value as the step's output object.
 

@@ -56,7 +56,7 @@ from google.rpc import error_details_pb2, status_pb2
 from conveyor.sdk.errors import NonRetryableError, RetryAfter
 from conveyor.sdk.task import Context, TaskDefinition
 from conveyor.sdk.threads import DaemonThreads
-from conveyor.sdk.values import result_to_struct, struct_to_dict
+from conveyor.sdk.values import result_to_struct, struct_to_dict, value_to_python
 from conveyor.v1 import resources_pb2
 from conveyor.v1 import workers_service_pb2 as workers_pb
 from conveyor.v1 import workers_service_pb2_grpc as workers_grpc
@@ -445,7 +445,9 @@ class Worker:
                       step_ref=task.step_ref, run_id=task.workflow_run_id,
                       queue=task.queue or lane.definition.queue,
                       project_id=task.project_id or self.project_id, payload=struct_to_dict(task.payload),
-                      timeout_seconds=task.timeout_seconds, worker_id=self.worker_id)
+                      timeout_seconds=task.timeout_seconds, worker_id=self.worker_id,
+                      item=value_to_python(task.item) if task.HasField("index") else None,
+                      index=task.index if task.HasField("index") else None)
         attempt = _Attempt(task=task, ctx=ctx, lane=lane, stream=stream)
         stream.in_flight += 1
         self._attempts[key] = attempt
