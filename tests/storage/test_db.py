@@ -57,7 +57,7 @@ async def test_sqlite_pragmas(database: Database) -> None:
         "journal_mode": "wal",
         "synchronous": 1,  # NORMAL
         "foreign_keys": 1,
-        "cache_size": -16000,
+        "cache_size": -4000,
         "temp_store": 2,  # MEMORY
         "journal_size_limit": 64 * 1024 * 1024,
     }

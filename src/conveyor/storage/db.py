@@ -63,10 +63,11 @@ _SQLITE_PRAGMAS: tuple[tuple[str, object], ...] = (
     ("synchronous", "NORMAL"),
     # SQLite ignores FOREIGN KEY clauses unless this is on, per connection.
     ("foreign_keys", "ON"),
-    # The writer's page cache: 16 MiB (negative = KiB; SQLite's default is 2 MiB) keeps the write
-    # path's hot indexes in memory. Readers keep the default (below): the OS page cache serves
-    # them, and five 32 MiB caches grew the server's memory by 5 MiB a minute (bench/soak.py).
-    ("cache_size", -16000),
+    # The writer's page cache: 4 MiB (negative = KiB; SQLite's default is 2 MiB), readers the
+    # default (below); the OS page cache serves the rest. Each connection's cache fills as the
+    # database grows: in a 10-minute bench/soak.py, five 32 MiB caches grew the server's memory
+    # by 5 MiB a minute, a 16 MiB writer's by 18 %, a 4 MiB one's by 8 %.
+    ("cache_size", -4000),
     # Temporary b-trees of sorts and GROUP BYs stay in memory instead of temp files.
     ("temp_store", "MEMORY"),
     # After a checkpoint the WAL file is truncated back to 64 MiB instead of keeping its peak size.
