@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-sqlite test-postgres proto lint bench clean
+.PHONY: install run test test-sqlite test-postgres test-slow test-slow-sqlite test-slow-postgres proto lint bench clean
 
 install: $(STAMP)
 
@@ -27,17 +27,28 @@ proto:
 run: install
 	$(BIN)/conveyor serve
 
-# Lint, then the whole suite on SQLite and on PostgreSQL (a fresh database per test) side by
-# side: each waits on its database and child processes much of the time, so together they take
-# little more than the longer one (each one's output is shown whole when it ends).
+# Lint, then the suite on SQLite and on PostgreSQL (a fresh database per test) side by side:
+# each waits on its database and child processes much of the time, so together they take little
+# more than the longer one (each one's output is shown whole when it ends). The tests marked
+# `slow` (the engine's model tests, SIGKILL and outage fault injection, replicas under load) are
+# `make test-slow`, CI's second step, so that `make test` stays well under ten minutes.
 test: lint
 	$(MAKE) -j2 --output-sync=target test-sqlite test-postgres
 
 test-sqlite: install
-	$(BIN)/pytest -m "not postgresql_only"
+	$(BIN)/pytest -m "not slow and not postgresql_only"
 
 test-postgres: install
-	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not sqlite_only and not client_only and not browser"
+	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "not slow and not sqlite_only and not client_only and not browser"
+
+test-slow:
+	$(MAKE) -j2 --output-sync=target test-slow-sqlite test-slow-postgres
+
+test-slow-sqlite: install
+	$(BIN)/pytest -m "slow and not postgresql_only"
+
+test-slow-postgres: install
+	CONVEYOR_TEST_DB=postgresql $(BIN)/pytest -m "slow and not sqlite_only and not client_only and not browser"
 
 lint: install
 	$(BIN)/buf lint

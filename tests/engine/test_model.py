@@ -1213,11 +1213,13 @@ def pg_template() -> Iterator[None]:
         asyncio.run(drop_database(name))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_engine_model(pg_template: None) -> None:
     run_state_machine_as_test(EngineMachine, settings=_settings())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_engine_model_leases(pg_template: None) -> None:
     run_state_machine_as_test(LeaseMachine, settings=_settings())
