@@ -74,10 +74,18 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> ConveyorError:
     return ConveyorError(ErrorKind.UNAVAILABLE, reason, message)
 
 
+# The database aborted a transaction that conflicted with another (PostgreSQL: a deadlock, a
+# serialization failure): UNAVAILABLE to the client, who may retry, but no outage: the same
+# requests in smaller transactions get through.
+TRANSACTION_CONFLICT = "TRANSACTION_CONFLICT"
+
+
 def is_outage(error: BaseException) -> bool:
-    """True for an UNAVAILABLE error (the Store's answer when the database is gone or locked):
-    it is the database's trouble, not one request's, so a batch meeting it fails as a batch."""
-    return isinstance(error, ConveyorError) and error.kind is ErrorKind.UNAVAILABLE
+    """True for an UNAVAILABLE error (the Store's answer when the database is gone or locked),
+    a transaction conflict excepted: it is the database's trouble, not one request's, so a
+    batch meeting it fails as a batch."""
+    return (isinstance(error, ConveyorError) and error.kind is ErrorKind.UNAVAILABLE
+            and error.reason != TRANSACTION_CONFLICT)
 
 
 def overloaded(reason: str, message: str, retry_after_seconds: int = 1) -> ConveyorError:

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from conveyor.domain.errors import ConveyorError, invalid, unavailable
+from conveyor.domain.errors import TRANSACTION_CONFLICT, ConveyorError, invalid, unavailable
 from conveyor.domain.feed import Key
 from conveyor.storage.db import Database
 from conveyor.storage.feed import PgListener
@@ -30,14 +30,19 @@ logger = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
 VALUE_REFUSED = "VALUE_REFUSED"
 UNAVAILABLE_MESSAGE = "the database is temporarily unavailable; retry the request"
+CONFLICT_MESSAGE = "the request conflicted with another one in the database; retry the request"
 
 # SQLite primary result codes (the low byte of sqlite3.Error.sqlite_errorcode): another
 # connection holds a lock we waited busy_timeout for.
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
-# PostgreSQL SQLSTATEs worth a retry: the whole class 08 (connection exception), and these.
-_PG_RETRYABLE_STATES = frozenset({
+# PostgreSQL SQLSTATEs of a transaction aborted in a conflict with another: worth a retry, and
+# no outage (TRANSACTION_CONFLICT: a batch meeting one is replayed in smaller transactions).
+_PG_CONFLICT_STATES = frozenset({
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
+})
+# PostgreSQL SQLSTATEs worth a retry: the whole class 08 (connection exception), and these.
+_PG_RETRYABLE_STATES = _PG_CONFLICT_STATES | frozenset({
     "53300",  # too_many_connections
     "57P01",  # admin_shutdown (pg_terminate_backend, a fast shutdown)
     "57P02",  # crash_shutdown
@@ -71,6 +76,18 @@ def is_refused_value(error: BaseException) -> bool:
         state = getattr(seen, "sqlstate", None)
         if isinstance(state, str) and state:
             return state.startswith("22")
+        seen = seen.__cause__ if seen.__cause__ is not seen else None
+    return False
+
+
+def is_conflict(error: BaseException) -> bool:
+    """True when PostgreSQL aborted the transaction in a conflict with another (a deadlock, a
+    serialization failure)."""
+    seen: BaseException | None = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state in _PG_CONFLICT_STATES
         seen = seen.__cause__ if seen.__cause__ is not seen else None
     return False
 
@@ -112,6 +129,9 @@ async def _translated() -> AsyncIterator[None]:
             raise
         # One line, no traceback: a locked or restarting database can fail many requests at once.
         first_line = next(iter(str(e).splitlines()), "")
+        if is_conflict(e):
+            logger.info("transaction conflict: %s: %s", type(e).__name__, first_line)
+            raise unavailable(CONFLICT_MESSAGE, TRANSACTION_CONFLICT) from e
         logger.warning("database unavailable: %s: %s", type(e).__name__, first_line)
         raise unavailable(UNAVAILABLE_MESSAGE, DATABASE_UNAVAILABLE) from e
 
