@@ -11,6 +11,7 @@ from conveyor.engine.facade import Engine
 from conveyor.settings import Settings
 from conveyor.storage.db import Database
 from conveyor.storage.store import SqlStore
+from tests.engine.test_notify import make_engine
 from tests.engine.test_races import Pair, _install_cap_audit
 
 
@@ -39,3 +40,14 @@ async def replicas(database: Database, clock: ManualClock) -> AsyncIterator[list
             await engine.stop()
         for db in dbs:
             await db.dispose()
+
+
+@pytest.fixture
+async def eng(database: Database, clock: ManualClock) -> AsyncIterator[Engine]:
+    """An engine whose notifier signs and delivers quickly to the tests' local receivers
+    (test_notify.make_engine); tests drive it with run_once and ticks."""
+    engine = make_engine(database, clock)
+    try:
+        yield engine
+    finally:
+        await engine.stop()

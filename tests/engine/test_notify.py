@@ -76,15 +76,6 @@ def make_engine(database: Database, clock: ManualClock, **settings: Any) -> Engi
     return Engine(SqlStore(database), Settings(db_url=str(database.url), **{**base, **settings}), clock)
 
 
-@pytest.fixture
-async def eng(database: Database, clock: ManualClock) -> AsyncIterator[Engine]:
-    engine = make_engine(database, clock)
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
 async def outbox_count(engine: Engine) -> int:
     async with engine.store.read() as repo:
         return int((await repo.conn.execute(select(func.count()).select_from(outbox_t))).scalar_one())  # type: ignore[attr-defined]

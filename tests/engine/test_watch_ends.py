@@ -16,27 +16,15 @@ import pytest
 from conveyor.domain.feed import run_key
 from conveyor.domain.records import Caller, EventRecord
 from conveyor.engine import tails
-from conveyor.engine.clock import ManualClock
 from conveyor.engine.facade import Engine
 from conveyor.engine.watch import Snapshot, Watches, WatchItem
-from conveyor.storage.db import Database
 from tests.engine.test_engine import events_of, trigger, wf
-from tests.engine.test_notify import Receiver, make_engine, receiver  # noqa: F401  (the fixture)
+from tests.engine.test_notify import Receiver, receiver  # noqa: F401  (the fixture)
 from tests.engine.test_tails import _joined
 
 ME = Caller("tester")
 # What follows the final event in the histories below, oldest first.
 TRAILING = ["notification.delivered", "run.comment", "run.retried"]
-
-
-@pytest.fixture
-async def eng(database: Database, clock: ManualClock) -> AsyncIterator[Engine]:
-    """An engine whose notifier can sign deliveries (tests drive it with run_once)."""
-    engine = make_engine(database, clock)
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 async def _gated_run(engine: Engine, hook: Receiver) -> str:

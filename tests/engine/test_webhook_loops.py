@@ -21,30 +21,13 @@ from conveyor.domain.records import RunQuery
 from conveyor.domain.states import RunStatus
 from conveyor.engine.clock import ManualClock
 from conveyor.engine.facade import Engine
-from conveyor.settings import Settings
 from conveyor.storage.db import Database
-from conveyor.storage.store import SqlStore
 from tests.engine.test_engine import ME, events_of, noop, trigger, wf
+from tests.engine.test_notify import SECRET, make_engine
 
-SECRET = "loop-secret"
 OWN = "http://127.0.0.1:8080"  # Settings' default REST address: the engine's own
 NOTIFIED = "notification."
 COMPLETED = "run.completed"
-
-
-def make_engine(database: Database, clock: ManualClock, **settings: Any) -> Engine:
-    base: dict[str, Any] = {"notify_secret": SECRET, "http_allow": ("127.0.0.1",),
-                            "notify_initial_backoff_seconds": 1.0, "notify_timeout_seconds": 5.0}
-    return Engine(SqlStore(database), Settings(db_url=str(database.url), **{**base, **settings}), clock)
-
-
-@pytest.fixture
-async def eng(database: Database, clock: ManualClock) -> AsyncIterator[Engine]:
-    engine = make_engine(database, clock)
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 async def hooked(engine: Engine, name: str) -> str:
